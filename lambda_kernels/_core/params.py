@@ -1,0 +1,35 @@
+"""Frozen option bundles that travel through autograd as one argument (backward returns `(*grads, None)`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# trace style codes as the kernels see them (tl.constexpr)
+TRACE_CODES = {None: 0, "recent": 1, "both": 2}
+
+
+def _log2(a: float) -> float:
+    return math.log2(a) if a > 0 else float("-inf")
+
+
+@dataclass(frozen=True)
+class TraceParams:
+    """Decay a = γ·λ of the trace and its style code (0 none, 1 recent, 2 both)."""
+
+    a: float
+    style: int
+
+    @property
+    def log2a(self) -> float:
+        return _log2(self.a)
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """Every non-tensor option of the clipped GRPO-λ objective, as plain Python floats (fp32 in kernels)."""
+
+    trace: TraceParams
+    adv_clamp_min: float | None
+    epsilon_low: float
+    epsilon_high: float
+    beta: float

@@ -1,0 +1,233 @@
+"""Public functions: docstrings, validation of user input, and dispatch between Triton kernels and PyTorch.
+
+Every function validates once, here, before any kernel runs; `impl` selects "triton" (compiled on CUDA, interpreted
+on CPU under TRITON_INTERPRET=1), "torch" (the reference in `lambda_kernels.reference`) or "auto" (Triton when it
+can run on the tensors' device, torch otherwise).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._core import checks
+from ._core.normalizers import LOSS_TYPES, row_scales
+from ._core.params import TRACE_CODES, ObjectiveParams, TraceParams
+from ._core.runtime import resolve_impl
+
+TRACE_STYLES = ("recent", "both")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4):
+    """Group-relative advantages `Â_i = (r_i − mean_group r) / (std + eps)` → fp32 `[B]`.
+
+    Args:
+        rewards: `[B]` floating, one scalar reward per completion. Groups are consecutive blocks of `group_size`
+            rows (TRL's layout: the G completions of one prompt are adjacent).
+        group_size: completions per prompt (G); must divide B.
+        scale: "group" (divide by the group's unbiased std), "batch" (by the std of the whole batch, TRL's
+            `scale_rewards="batch"`) or "none" (no division, Dr.GRPO).
+        eps: added to the std before dividing.
+
+    A group whose rewards are all equal gets advantage exactly 0. This op is O(B) and runs in PyTorch on any device.
+    """
+    op = "group_advantages"
+    checks.float_tensor(op, "rewards", rewards, ndim=1)
+    checks.positive_int(op, "group_size", group_size)
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"{op}: `rewards` length must be a multiple of `group_size` = {group_size}; got {rewards.shape[0]}. "
+            "Each prompt needs exactly group_size completions, stored consecutively."
+        )
+    checks.choice(op, "scale", scale, ADVANTAGE_SCALES)
+    checks.non_negative(op, "eps", eps)
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"{op}: `rewards` must be finite; got NaN or inf. Drop or replace failed rewards first.")
+    return reference.group_advantages(rewards, group_size, scale=scale, eps=eps)
+
+
+def _check_trace_args(op: str, lam, gamma, style, *, allow_none: bool = False) -> TraceParams:
+    lam = checks.unit_interval(op, "lam", lam)
+    gamma = checks.unit_interval(op, "gamma", gamma)
+    options = TRACE_STYLES + ((None,) if allow_none else ())
+    checks.choice(op, "trace" if allow_none else "style", style, options)
+    return TraceParams(a=gamma * lam, style=TRACE_CODES[style])
+
+
+def _check_row_tensor(op: str, name: str, t, shape, hint: str = "") -> torch.Tensor:
+    checks.float_tensor(op, name, t)
+    checks.same_shape(op, name, t, shape, hint)
+    return t
+
+
+def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: float = 1.0, style: str = "both",
+                 impl: str = "auto") -> torch.Tensor:
+    """Eligibility trace `z_t = Σ_{j≤t} w(t, j)·m_j·x_j` of each row → fp32 `[B, T]`, differentiable in `x`.
+
+    Weights (a = γ·λ, `w(t, t) = 1`): "recent" `w = a^(t−j)`; "both" `w = max(a^(t−j), a^j)` (GRPO-λ's Eq. 2).
+    Forward is a causal scan, backward a reverse scan, both O(T). Masked positions contribute 0 but keep counting
+    time (they do not reset the trace). See `lambda_kernels/ops/lambda_trace/README.md` for the maths.
+
+    Args:
+        x: `[B, T]` floating (fp16/bf16/fp32/fp64); the gradient comes back in x's dtype.
+        mask: `[B, T]` bool/int/float.
+        lam, gamma: in [0, 1].
+        style: "recent" or "both".
+        impl: "auto" | "triton" | "torch".
+    """
+    op = "lambda_trace"
+    checks.float_tensor(op, "x", x, ndim=2)
+    checks.mask_tensor(op, "mask", mask, x.shape)
+    params = _check_trace_args(op, lam, gamma, style)
+    device = checks.same_device(op, [("x", x), ("mask", mask)])
+    if resolve_impl(op, impl, device) == "torch":
+        return reference.lambda_trace(x, mask, lam=lam, gamma=gamma, style=style).to(torch.float32)
+    from .ops.lambda_trace.function import LambdaTraceFunction
+
+    return LambdaTraceFunction.apply(x, mask, params)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
+        impl: str = "auto"):
+    """Generalised advantage estimation → `(advantages, returns)`, fp32 `[B, T]` each (no gradient).
+
+    `δ_t = r_t + γ·V_next − V_t`, `A_t = δ_t + γλ·A_next`, `returns = A + V`, computed as one reverse scan per row.
+    Mask semantics: masked positions neither emit (A and returns are 0 there) nor break the recursion (the state
+    passes through them: "next" means the next *valid* token); the value after the last valid token is 0.
+    verl's estimator is a Python loop over T; this is one kernel launch.
+    """
+    op = "gae"
+    checks.float_tensor(op, "rewards", rewards, ndim=2)
+    _check_row_tensor(op, "values", values, rewards.shape)
+    checks.mask_tensor(op, "mask", mask, rewards.shape)
+    gamma = checks.unit_interval(op, "gamma", gamma)
+    lam = checks.unit_interval(op, "lam", lam)
+    device = checks.same_device(op, [("rewards", rewards), ("values", values), ("mask", mask)])
+    if resolve_impl(op, impl, device) == "torch":
+        adv, ret = reference.gae(rewards.detach(), values.detach(), mask, gamma=gamma, lam=lam)
+        return adv.to(torch.float32), ret.to(torch.float32)
+    from .ops.gae.launch import gae_forward
+
+    return gae_forward(rewards.detach(), values.detach(), mask, gamma, lam)
+
+
+def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask, ref_logprobs, trace,
+                         lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
+                         max_completion_length, num_items_in_batch) -> ObjectiveParams:
+    """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
+
+    `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
+    """
+    B, T = shape
+    if old_logprobs is not None:
+        _check_row_tensor(op, "old_logprobs", old_logprobs, (B, T))
+    checks.float_tensor(op, "advantages", advantages, ndim=(1, 2))
+    if advantages.dim() == 1:
+        checks.same_shape(op, "advantages", advantages, (B,), "Pass one advantage per sequence [B] or per token [B, T].")
+    else:
+        checks.same_shape(op, "advantages", advantages, (B, T), "Pass one advantage per sequence [B] or per token [B, T].")
+    checks.mask_tensor(op, "mask", mask, (B, T))
+    beta = checks.non_negative(op, "beta", beta)
+    if ref_logprobs is not None:
+        _check_row_tensor(op, "ref_logprobs", ref_logprobs, (B, T))
+    elif beta > 0:
+        raise ValueError(f"{op}: `ref_logprobs` is required when beta > 0; got None with beta = {beta}. "
+                         "Compute the reference model's log-probs, or set beta=0.")
+    params_trace = _check_trace_args(op, lam, gamma, trace, allow_none=True)
+    clamp = checks.finite_number(op, "adv_clamp_min", adv_clamp_min, allow_none=True)
+    eps_low = checks.non_negative(op, "epsilon_low", epsilon_low)
+    eps_high = eps_low if epsilon_high is None else checks.non_negative(op, "epsilon_high", epsilon_high)
+    checks.choice(op, "loss_type", loss_type, LOSS_TYPES)
+    checks.positive_int(op, "max_completion_length", max_completion_length, allow_none=True)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"{op}: `num_items_in_batch` must be a number or a 1-element tensor; "
+                                 f"got shape {list(num_items_in_batch.shape)}.")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
+                or not num_items_in_batch > 0:
+            raise ValueError(f"{op}: `num_items_in_batch` must be a positive number or None; got {num_items_in_batch!r}.")
+    checks.same_device(op, [lead, ("old_logprobs", old_logprobs),
+                            ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
+    return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
+                           beta=beta)
+
+
+def grpo_lambda_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
+    ref_logprobs: torch.Tensor | None = None, trace: str | None = "both", lam: float = 0.99, gamma: float = 1.0,
+    adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
+    beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
+    num_items_in_batch=None, impl: str = "auto",
+):
+    """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
+
+    Per token: `L = −min(ρ̃·Â, clip(ρ̃, 1−ε_low, 1+ε_high)·Â) + β·kl`, with the traced ratio
+    `ρ̃_t = exp(z_t)`, `z = lambda_trace(m·(ℓ − ℓ_old))` (trace=None: `z = m·(ℓ − ℓ_old)`, plain GRPO exactly),
+    `Â = max(advantages, adv_clamp_min)` and the k3 KL `exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1` on the untraced
+    log-probs; then aggregated by `loss_type`:
+
+    - "dapo":    Σ m·L / N, N = `num_items_in_batch` if given (e.g. over gradient accumulation), else Σ m;
+    - "bnpo":    Σ m·L / max(Σ m, 1) over this batch;
+    - "grpo":    mean over sequences of Σ_t m·L / max(Σ_t m, 1);
+    - "dr_grpo": Σ m·L / (B · max_completion_length), max_completion_length defaulting to T.
+
+    Args:
+        logprobs: `[B, T]` log-probs of the current policy (differentiable; any float dtype).
+        old_logprobs: `[B, T]` of the sampling policy, or None for on-policy (ℓ_old = ℓ.detach(): ratios are 1 and
+            the gradient is GRPO's with the per-token advantages of the trace).
+        advantages: `[B]` (one per sequence) or `[B, T]` (per token).
+        mask: `[B, T]` bool/int/float loss mask.
+        ref_logprobs: `[B, T]` of the frozen reference model; required when beta > 0.
+        trace: None (plain GRPO), "recent" or "both". lam, gamma: the trace decay a = γ·λ, each in [0, 1].
+        adv_clamp_min: clamp advantages from below (the paper uses −0.1 with a trace); None = no clamp.
+        epsilon_low, epsilon_high: clip range; epsilon_high=None means epsilon_low.
+        beta: KL coefficient. loss_type, max_completion_length, num_items_in_batch: the aggregation above.
+        impl: "auto" | "triton" | "torch".
+
+    Returns:
+        loss: fp32 scalar. metrics: detached fp32 scalars "clip_ratio/low_mean", "clip_ratio/high_mean",
+        "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0), masked means over tokens.
+    """
+    op = "grpo_lambda_loss"
+    checks.float_tensor(op, "logprobs", logprobs, ndim=2)
+    params = check_objective_args(
+        op, logprobs.shape, ("logprobs", logprobs), old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+        ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    if resolve_impl(op, impl, logprobs.device) == "torch":
+        return reference.grpo_lambda_loss(
+            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
+            adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+            loss_type=loss_type, max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch)
+    from .ops.objective.function import grpo_lambda_objective
+
+    mask_f = mask.to(torch.float32)
+    scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
+    return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask_f, ref_logprobs, scales, params)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
+                    temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
+    """fp32 log-probs `log softmax((hidden·weightᵀ + bias)/temperature)[targets]` with the shape of `targets`.
+
+    PROVISIONAL: the torch oracle only; the fused Triton path (issue 3) replaces this body.
+    """
+    return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                     return_entropy=return_entropy)
+
+
+def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None,
+                           ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
+                           adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
+                           max_completion_length=None, num_items_in_batch=None, return_entropy=False,
+                           impl="auto"):
+    """GRPO-λ loss from hidden states and the LM head. PROVISIONAL: the torch oracle only (issue 3 replaces it)."""
+    return reference.fused_grpo_lambda_loss(
+        hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, bias=bias, temperature=temperature, trace=trace, lam=lam, gamma=gamma,
+        adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+        loss_type=loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        return_entropy=return_entropy)

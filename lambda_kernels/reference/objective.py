@@ -1,0 +1,64 @@
+"""GRPO / GRPO-λ token objective in plain PyTorch, written from grpo_lambda.md §2–3 (autograd does the backward)."""
+import torch
+
+from ._dtype import compute_dtype
+from .trace import trace_scan
+
+
+def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
+    """n_{i,t}: the weight of token (i, t) in the aggregated loss (TRL's loss types)."""
+    B, T = m.shape
+    if loss_type == "dapo":
+        n_items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
+        return m / n_items.clamp(min=1.0 if num_items_in_batch is None else 1e-12)
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if loss_type == "grpo":
+        return m / m.sum(dim=1, keepdim=True).clamp(min=1.0) / B
+    if loss_type == "dr_grpo":
+        return m / (B * (T if max_completion_length is None else max_completion_length))
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def grpo_lambda_loss(
+    logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
+    adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
+    max_completion_length=None, num_items_in_batch=None,
+):
+    """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
+    dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
+    lp = logprobs.to(dt)
+    old = lp.detach() if old_logprobs is None else old_logprobs.to(dt)
+    m = mask.to(dt)
+    B, T = lp.shape
+    adv = advantages.to(dt)
+    adv = adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv
+    if adv_clamp_min is not None:
+        adv = adv.clamp(min=adv_clamp_min)
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    delta = m * (lp - old)
+    z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
+    ratio = torch.exp(z)
+    clipped = ratio.clamp(1 - epsilon_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if beta > 0:
+        d_ref = ref_logprobs.to(dt) - lp
+        kl = torch.exp(d_ref) - d_ref - 1
+        per_token = per_token + beta * kl
+    loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()
+
+    with torch.no_grad():
+        count = m.sum().clamp(min=1.0)
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(dt)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(dt)
+        metrics = {
+            "clip_ratio/low_mean": (m * low).sum() / count,
+            "clip_ratio/high_mean": (m * high).sum() / count,
+            "clip_ratio/region_mean": (m * torch.maximum(low, high)).sum() / count,
+            "ratio_mean": (m * ratio).sum() / count,
+        }
+        if beta > 0:
+            metrics["kl"] = (m * kl).sum() / count
+        metrics = {k: v.detach().to(torch.float32) for k, v in metrics.items()}
+    return loss.to(torch.float32) if dt != torch.float64 else loss, metrics
