@@ -9,7 +9,8 @@ TRACE_CODES = {None: 0, "recent": 1, "both": 2}
 
 
 def _log2(a: float) -> float:
-    return math.log2(a) if a > 0 else float("-inf")
+    # finite stand-in for log2(0): 2^(−1000·k) underflows to 0 in fp32 for k ≥ 1, and 0·(−1000) avoids inf·0 = NaN
+    return max(math.log2(a), -1000.0) if a > 0 else -1000.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,20 @@
+"""autograd.Function for the λ-trace: forward causal scan, backward reverse scan."""
+import torch
+
+from ..._core.params import TraceParams
+from .launch import trace_backward, trace_forward
+
+
+class LambdaTraceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, params: TraceParams):
+        ctx.save_for_backward(mask)
+        ctx.params = params
+        ctx.x_dtype = x.dtype
+        return trace_forward(x, mask, params)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        (mask,) = ctx.saved_tensors
+        grad_x = trace_backward(grad_z.to(torch.float32), mask, ctx.params, out_dtype=ctx.x_dtype)
+        return grad_x, None, None

@@ -1,0 +1,48 @@
+"""Allocation, grid and launch of the λ-trace kernels."""
+from __future__ import annotations
+
+import torch
+
+from ..._core.params import TraceParams
+from ..._core.tuning import scan_config
+from .kernels import lambda_trace_bwd_kernel, lambda_trace_fwd_kernel
+
+
+def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A contiguous mask the kernels can load: bool is reinterpreted as uint8 (no copy)."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def scratch_for(params: TraceParams, B: int, T: int, device) -> torch.Tensor:
+    """Per-row fp32 scratch [B, 2, T] that the "both" closed form reads back at other time steps."""
+    if params.style == 2:
+        return torch.empty((B, 2, T), dtype=torch.float32, device=device)
+    return torch.empty((1,), dtype=torch.float32, device=device)
+
+
+def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
+    """z [B, T] fp32 = the trace of m·x."""
+    x = x.contiguous()
+    B, T = x.shape
+    z = torch.empty((B, T), dtype=torch.float32, device=x.device)
+    if B == 0 or T == 0:
+        return z
+    block, warps = scan_config(T)
+    lambda_trace_fwd_kernel[(B,)](x, kernel_mask(mask), z, scratch_for(params, B, T, x.device), T, params.a,
+                                  params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
+    return z
+
+
+def trace_backward(grad_z: torch.Tensor, mask: torch.Tensor, params: TraceParams,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """grad_x [B, T] (out_dtype) with grad_x_j = m_j·Σ_{t≥j} w(t, j)·grad_z_t."""
+    grad_z = grad_z.contiguous()
+    B, T = grad_z.shape
+    gx = torch.empty((B, T), dtype=out_dtype, device=grad_z.device)
+    if B == 0 or T == 0:
+        return gx
+    block, warps = scan_config(T)
+    lambda_trace_bwd_kernel[(B,)](grad_z, kernel_mask(mask), gx, scratch_for(params, B, T, grad_z.device), T,
+                                  params.a, params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
+    return gx

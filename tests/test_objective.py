@@ -1,0 +1,252 @@
+import itertools
+
+import pytest
+import torch
+
+import lambda_kernels as lk
+from lambda_kernels import reference as R
+
+from ._helpers import poisoned_outputs, random_mask
+
+TRACES = [None, "recent", "both"]
+LOSS_TYPES = ["dapo", "bnpo", "grpo", "dr_grpo"]
+
+
+def make_batch(B, T, *, seed=0, dtype=torch.float64, spread=0.3, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = lp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = lp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = random_mask(B, T, seed=seed)
+    to = dict(device=device, dtype=dtype)
+    return lp.to(**to).requires_grad_(), old.to(**to), adv.to(**to), mask.to(device), ref.to(**to)
+
+
+def run_both(lp, old, adv, mask, **kw):
+    """(loss, grad, metrics) from the kernels and from the reference on the same inputs."""
+    with poisoned_outputs():
+        loss, metrics = lk.grpo_lambda_loss(lp, old, adv, mask, impl="triton", **kw)
+        (grad,) = torch.autograd.grad(loss, lp)
+    lp_ref = lp.detach().cpu().double().requires_grad_()
+    cpu = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
+    kw_ref = dict(kw, ref_logprobs=cpu(kw.get("ref_logprobs")))
+    loss_ref, metrics_ref = R.grpo_lambda_loss(lp_ref, cpu(old), cpu(adv), mask.cpu(), **kw_ref)
+    (grad_ref,) = torch.autograd.grad(loss_ref, lp_ref)
+    return (loss, grad, metrics), (loss_ref, grad_ref, metrics_ref)
+
+
+def assert_matches(ours, ref, atol=1e-5):
+    loss, grad, metrics = ours
+    loss_ref, grad_ref, metrics_ref = ref
+    assert loss.dtype == torch.float32
+    assert set(metrics) == set(metrics_ref)
+    torch.testing.assert_close(loss.double().cpu(), loss_ref, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), grad_ref, atol=atol, rtol=1e-4)
+    for k in metrics_ref:
+        assert metrics[k].dtype == torch.float32 and not metrics[k].requires_grad
+        torch.testing.assert_close(metrics[k].double().cpu(), metrics_ref[k].double(), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trace, loss_type, on_policy, per_token, beta",
+                         list(itertools.product(TRACES, LOSS_TYPES, [False, True], [False, True], [0.0, 0.04])))
+def test_matches_reference(trace, loss_type, on_policy, per_token, beta, device):
+    B, T = 5, 29
+    lp, old, adv, mask, ref = make_batch(B, T, seed=hash((trace, loss_type)) % 1000, device=device)
+    mask[2] = False  # an all-masked row
+    if per_token:
+        adv = torch.randn(B, T, dtype=torch.float64, device=device)
+    kw = dict(ref_logprobs=ref, trace=trace, lam=0.95, gamma=0.99, beta=beta, loss_type=loss_type,
+              adv_clamp_min=-0.1 if trace else None, epsilon_high=0.28, max_completion_length=40)
+    ours, expected = run_both(lp, None if on_policy else old, adv, mask, **kw)
+    assert_matches(ours, expected)
+    assert (ours[1][2] == 0).all()
+
+
+@pytest.mark.parametrize("trace", ["recent", "both"])
+def test_long_row_and_t1(trace, device):
+    lp, old, adv, mask, ref = make_batch(2, 3001, seed=1, spread=0.01, device=device)
+    ours, expected = run_both(lp, old, adv, mask, ref_logprobs=ref, trace=trace, lam=0.99, beta=0.1)
+    assert_matches(ours, expected, atol=2e-5)
+    lp, old, adv, mask, ref = make_batch(3, 1, seed=2, device=device)
+    ours, expected = run_both(lp, old, adv, mask, ref_logprobs=ref, trace=trace, beta=0.1)
+    assert_matches(ours, expected)
+
+
+def trl_grpo_loss(lp, old, adv, mask, eps_low, eps_high):
+    """TRL's token-level (dapo/bnpo) GRPO loss, written out: the trace=None contract."""
+    ratio = torch.exp(lp - old)
+    a = adv.unsqueeze(1)
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def test_trace_none_is_plain_grpo(device):
+    lp, old, adv, mask, _ = make_batch(4, 33, seed=5, device=device)
+    loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, epsilon_low=0.2, epsilon_high=0.28)
+    (grad,) = torch.autograd.grad(loss, lp)
+    lp2 = lp.detach().clone().requires_grad_()
+    loss2 = trl_grpo_loss(lp2, old, adv, mask.double(), 0.2, 0.28)
+    (grad2,) = torch.autograd.grad(loss2, lp2)
+    torch.testing.assert_close(loss.double(), loss2.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, grad2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trace", ["recent", "both"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_on_policy_gradient_is_grpo_with_scanned_advantages(trace, loss_type, device):
+    """On-policy, ∂L/∂ℓ_j = −m_j Σ_{t≥j} w(t, j) n_t Â^c_t: GRPO with per-token advantages from the reverse scan."""
+    B, T, a, clamp = 4, 24, 0.9, -0.1
+    lp, _, adv, mask, _ = make_batch(B, T, seed=7, device=device)
+    loss, metrics = lk.grpo_lambda_loss(lp, None, adv, mask, trace=trace, lam=a, adv_clamp_min=clamp,
+                                        loss_type=loss_type)
+    (grad,) = torch.autograd.grad(loss, lp)
+    # n_t from a trace=None GRPO run with unit advantages: ∂L/∂ℓ_t = −n_t
+    lp_n = lp.detach().clone().requires_grad_()
+    (neg_n,) = torch.autograd.grad(
+        lk.grpo_lambda_loss(lp_n, None, torch.ones_like(adv), mask, trace=None, loss_type=loss_type)[0], lp_n)
+    n = -neg_n
+    W = R.trace_weight_matrix(T, a, trace).to(device)
+    c = n * adv.clamp(min=clamp).unsqueeze(1)
+    scanned = (c @ W) * mask  # Σ_{t≥j} w(t, j)·n_t·Â_t
+    torch.testing.assert_close(grad, -scanned, atol=1e-6, rtol=1e-5)
+    # the same gradient from plain GRPO with per-token advantages A^eff = scanned / n on valid tokens
+    a_eff = torch.where(n > 0, scanned / n.clamp(min=1e-30), torch.zeros((), dtype=n.dtype, device=device))
+    lp2 = lp.detach().clone().requires_grad_()
+    loss2, _ = lk.grpo_lambda_loss(lp2, None, a_eff, mask, trace=None, loss_type=loss_type)
+    (grad2,) = torch.autograd.grad(loss2, lp2)
+    torch.testing.assert_close(grad, grad2, atol=1e-6, rtol=1e-5)
+    assert metrics["ratio_mean"].item() == 1.0 and metrics["clip_ratio/region_mean"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("dapo", lambda m, B, L: 1.0),
+    ("bnpo", lambda m, B, L: 1.0),
+    ("grpo", lambda m, B, L: (m.sum(1) > 0).double().sum() / B),
+    ("dr_grpo", lambda m, B, L: m.sum() / (B * L)),
+])
+@pytest.mark.parametrize("max_len", [None, 50])
+def test_normalisers(loss_type, expected, max_len, device):
+    """With on-policy ratios and unit advantages every token's loss is −1, so −loss is Σ n: the normaliser."""
+    B, T = 4, 30
+    mask = random_mask(B, T, seed=3).to(device)
+    mask[3] = False
+    lp = torch.zeros(B, T, device=device, requires_grad=True)
+    loss, _ = lk.grpo_lambda_loss(lp, None, torch.ones(B, device=device), mask, trace=None, loss_type=loss_type,
+                                  max_completion_length=max_len)
+    L = T if max_len is None else max_len
+    torch.testing.assert_close(-loss.double().cpu(), torch.as_tensor(expected(mask.cpu(), B, L), dtype=torch.float64))
+
+
+def test_dapo_num_items_in_batch(device):
+    mask = random_mask(3, 20, seed=4).to(device)
+    lp = torch.zeros(3, 20, device=device, requires_grad=True)
+    n_items = 4 * mask.sum().item()
+    for value in (n_items, torch.tensor(n_items, device=device)):
+        loss, _ = lk.grpo_lambda_loss(lp, None, torch.ones(3, device=device), mask, trace=None,
+                                      num_items_in_batch=value)
+        assert abs(loss.item() + 0.25) < 1e-6
+
+
+@pytest.mark.parametrize("log_ratio, adv, clipped, which", [
+    (0.4, 1.0, True, "high"),    # ρ = 1.49 > 1.28 with Â > 0: clipped, no gradient
+    (0.4, -1.0, False, None),    # ρ above the range but Â < 0: the unclipped branch is the minimum
+    (-0.4, -1.0, True, "low"),   # ρ = 0.67 < 0.8 with Â < 0: clipped
+    (-0.4, 1.0, False, None),    # ρ below the range but Â > 0: not clipped
+    (0.1, 1.0, False, None),     # inside the range
+])
+def test_clipping_fires_in_the_advantage_direction(log_ratio, adv, clipped, which, device):
+    B, T = 1, 6
+    lp = torch.full((B, T), -1.0, device=device, requires_grad=True)
+    old = lp.detach() - log_ratio
+    loss, metrics = lk.grpo_lambda_loss(lp, old, torch.full((B,), adv, device=device), torch.ones(B, T, device=device),
+                                        trace=None, epsilon_low=0.2, epsilon_high=0.28)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert bool((grad == 0).all()) == clipped
+    assert metrics["clip_ratio/region_mean"].item() == float(clipped)
+    assert metrics["clip_ratio/high_mean"].item() == float(which == "high")
+    assert metrics["clip_ratio/low_mean"].item() == float(which == "low")
+
+
+def test_trace_clipping_uses_traced_ratio(device):
+    """With a trace, small per-token log-ratios accumulate: later tokens clip although each Δ is inside the range."""
+    T = 40
+    lp = torch.full((1, T), -1.0, device=device, requires_grad=True)
+    old = lp.detach() - 0.05
+    loss, metrics = lk.grpo_lambda_loss(lp, old, torch.ones(1, device=device), torch.ones(1, T, device=device),
+                                        trace="recent", lam=0.99)
+    assert 0 < metrics["clip_ratio/high_mean"].item() < 1
+    loss_none, metrics_none = lk.grpo_lambda_loss(lp, old, torch.ones(1, device=device),
+                                                  torch.ones(1, T, device=device), trace=None)
+    assert metrics_none["clip_ratio/high_mean"].item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_fp32_math(dtype, device):
+    lp, old, adv, mask, ref = make_batch(3, 40, seed=9, device=device, dtype=dtype)
+    loss, metrics = lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.05, trace="both")
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad.dtype == dtype and loss.dtype == torch.float32
+    loss_ref, _ = R.grpo_lambda_loss(lp.detach().double(), old.double(), adv.double(), mask,
+                                     ref_logprobs=ref.double(), beta=0.05, trace="both")
+    torch.testing.assert_close(loss.double().cpu(), loss_ref.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_module_and_impls_agree(device):
+    lp, old, adv, mask, ref = make_batch(3, 25, seed=11, device=device, dtype=torch.float32)
+    module = lk.GRPOLambdaLoss(trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.01)
+    loss_module, _ = module(lp, old, adv, mask, ref_logprobs=ref)
+    loss_torch, _ = lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, trace="both", lam=0.99,
+                                        adv_clamp_min=-0.1, beta=0.01, impl="torch")
+    torch.testing.assert_close(loss_module, loss_torch, atol=1e-6, rtol=1e-5)
+    assert "trace='both'" in repr(module)
+
+
+def test_no_gradient_to_constants(device):
+    lp, old, adv, mask, ref = make_batch(2, 10, device=device)
+    old.requires_grad_()
+    adv.requires_grad_()
+    loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.1, impl="triton")
+    assert torch.autograd.grad(loss, [old, adv], allow_unused=True) == (None, None)
+
+
+def test_no_grad_forward(device):
+    lp, old, adv, mask, ref = make_batch(2, 10, device=device)
+    with torch.no_grad():
+        loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask)
+    ref_loss, _ = R.grpo_lambda_loss(lp.detach(), old, adv, mask)
+    torch.testing.assert_close(loss.double(), ref_loss.double().to(loss.device), atol=1e-6, rtol=1e-5)
+
+
+def bad_call(**overrides):
+    B, T = 2, 5
+    args = dict(logprobs=torch.randn(B, T), old_logprobs=torch.randn(B, T), advantages=torch.randn(B),
+                mask=torch.ones(B, T))
+    kw = {k: overrides.pop(k) for k in list(overrides) if k not in args}
+    args.update(overrides)
+    return lk.grpo_lambda_loss(args["logprobs"], args["old_logprobs"], args["advantages"], args["mask"], **kw)
+
+
+@pytest.mark.parametrize("overrides, exc, match", [
+    (dict(logprobs=torch.randn(2, 5, 1)), ValueError, r"grpo_lambda_loss: `logprobs` must be 2-D; got shape \[2, 5, 1\]"),
+    (dict(old_logprobs=torch.randn(2, 4)), ValueError, r"`old_logprobs` must have shape \[2, 5\]; got \[2, 4\]"),
+    (dict(advantages=torch.randn(3)), ValueError, r"`advantages` must have shape \[2\]; got \[3\]\. Pass one advantage"),
+    (dict(mask=torch.ones(2, 6)), ValueError, r"`mask` must have shape \[2, 5\]"),
+    (dict(logprobs=torch.ones(2, 5, dtype=torch.long)), TypeError, r"`logprobs` must be a floating tensor"),
+    (dict(mask=torch.ones(2, 5, dtype=torch.complex64)), TypeError, r"`mask` must be bool, integer or floating"),
+    (dict(old_logprobs=torch.randn(2, 5, device="meta")), ValueError, r"one device"),
+    (dict(lam=-0.5), ValueError, r"`lam` must be a number in \[0, 1\]; got -0.5"),
+    (dict(gamma=2), ValueError, r"`gamma` must be a number in \[0, 1\]; got 2"),
+    (dict(trace="forward"), ValueError, r"`trace` must be one of \('recent', 'both', None\)"),
+    (dict(loss_type="sequence"), ValueError, r"`loss_type` must be one of \('dapo', 'bnpo', 'grpo', 'dr_grpo'\)"),
+    (dict(beta=0.1), ValueError, r"`ref_logprobs` is required when beta > 0"),
+    (dict(beta=-1.0), ValueError, r"`beta` must be a finite number >= 0"),
+    (dict(epsilon_low=-0.1), ValueError, r"`epsilon_low` must be a finite number >= 0"),
+    (dict(max_completion_length=0), ValueError, r"`max_completion_length` must be a positive integer"),
+    (dict(num_items_in_batch=0), ValueError, r"`num_items_in_batch` must be a positive number"),
+    (dict(adv_clamp_min=float("nan")), ValueError, r"`adv_clamp_min` must be a finite number or None"),
+    (dict(impl="fast"), ValueError, r"`impl` must be one of \('auto', 'triton', 'torch'\)"),
+])
+def test_bad_input(overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        bad_call(**overrides)
