@@ -11,7 +11,7 @@ STYLES = ["recent", "both"]
 
 def matrix_trace(x, m, a, style):
     """The O(T²) definition z = W·(m·x), in float64."""
-    W = R.trace_weight_matrix(x.shape[1], a, style)
+    W = R.trace_weight_matrix(x.shape[1], a, style).to(x.device)
     return (x.double() * m.double()) @ W.T
 
 

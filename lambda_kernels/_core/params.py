@@ -34,3 +34,5 @@ class ObjectiveParams:
     epsilon_low: float
     epsilon_high: float
     beta: float
+    loss_type: str = "dapo"
+    max_completion_length: int | None = None

@@ -4,35 +4,35 @@ from __future__ import annotations
 import torch
 
 from ..._core.params import ObjectiveParams
-from .launch import METRIC_COLUMNS, objective_backward, objective_forward
+from .launch import METRIC_OUTPUTS, objective_backward, objective_forward
 
-_METRIC_NAMES = tuple(METRIC_COLUMNS) + ("kl",)
+_METRIC_NAMES = tuple(METRIC_OUTPUTS) + ("kl",)
 
 
 class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lp, old, adv, mask_f, ref, scales, params: ObjectiveParams):
+    def forward(ctx, lp, old, adv, mask, ref, num_items_in_batch, params: ObjectiveParams):
         need_grad = ctx.needs_input_grad[0]
-        loss, metrics, coef = objective_forward(lp, old, adv, mask_f, ref, scales, params, need_grad)
-        outs = tuple(metrics.get(name, torch.zeros((), device=lp.device)) for name in _METRIC_NAMES)
+        loss, metrics, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch)
+        outs = tuple(metrics.get(name, loss.new_zeros(())) for name in _METRIC_NAMES)
         ctx.mark_non_differentiable(*outs)
         if need_grad:
-            ctx.save_for_backward(coef, lp, ref, mask_f, scales)
+            ctx.save_for_backward(lp, ref, *saved)
         ctx.params = params
         ctx.lp_dtype = lp.dtype
         return (loss,) + outs
 
     @staticmethod
     def backward(ctx, grad_loss, *_metric_grads):
-        coef, lp, ref, mask_f, scales = ctx.saved_tensors
-        grad_lp = objective_backward(grad_loss, coef, lp, ref, mask_f, scales, ctx.params, ctx.lp_dtype)
+        lp, ref, *saved = ctx.saved_tensors
+        grad_lp = objective_backward(grad_loss, saved, lp, ref, ctx.params, ctx.lp_dtype)
         return grad_lp, None, None, None, None, None, None
 
 
-def grpo_lambda_objective(lp, old, adv, mask_f, ref, scales, params: ObjectiveParams):
+def grpo_lambda_objective(lp, old, adv, mask, ref, params: ObjectiveParams, num_items_in_batch=None):
     """(loss, metrics) through the kernels; no gradient flows to old, adv, ref (they are constants of the loss)."""
     old = None if old is None else old.detach()
     ref = None if ref is None else ref.detach()
-    loss, *values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask_f, ref, scales, params)
+    loss, *values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, num_items_in_batch, params)
     metrics = {name: v for name, v in zip(_METRIC_NAMES, values) if name != "kl" or params.beta > 0}
     return loss, metrics

@@ -4,29 +4,35 @@ import triton.language as tl
 
 from ..scan_helpers import trace_backward_block, trace_forward_block
 
-# columns of the per-row statistics written by the forward kernel
-STAT_LOSS, STAT_KL, STAT_LOW, STAT_HIGH, STAT_REGION, STAT_RATIO = 0, 1, 2, 3, 4, 5
+# columns of the per-row statistics written by the forward kernel (all sums over the row's tokens, unscaled)
+STAT_LOSS, STAT_KL, STAT_LOW, STAT_HIGH, STAT_RATIO, STAT_COUNT = 0, 1, 2, 3, 4, 5
 N_STATS = 8
+# outputs of the finalize kernel
+OUT_LOSS, OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL = 0, 1, 2, 3, 4, 5
+N_OUT = 8
+# loss_type codes
+LOSS_DAPO, LOSS_BNPO, LOSS_GRPO, LOSS_DR_GRPO = 0, 1, 2, 3
 
 
 @triton.jit(do_not_specialize=["T"])
-def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, scale_ptr, coef_ptr, stats_ptr, scratch_ptr,
+def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, stats_ptr, scratch_ptr,
                          T, a, log2a, clamp_min, ratio_low, ratio_high, beta,
                          STYLE: tl.constexpr, ON_POLICY: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
                          HAS_CLAMP: tl.constexpr, HAS_KL: tl.constexpr, NEED_GRAD: tl.constexpr,
                          BLOCK_T: tl.constexpr):
-    """Per row i: Σ_t n_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))).
+    """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))).
 
+    The aggregation scale of the row is not known yet (it may need the whole batch's Σm): the finalize kernel
+    applies it to the row sums, the backward kernel to the coefficients.
     lp, old, ref [B, T] any float (old unused when ON_POLICY, ref unless HAS_KL); adv [B] or [B, T] (ADV_PER_TOKEN);
-    mask [B, T] fp32; scale [B] fp32 (n_t = m_t·scale_i); coef [B, T] fp32 out (NEED_GRAD): ∂loss/∂z_t of the
-    clipped term; stats [B, N_STATS] fp32 out (loss, Σm·kl, low/high/region clipped counts, Σm·ρ̃);
-    scratch [B, 2, T] fp32 (STYLE 2). Grid (B,).
+    mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the clipped term;
+    stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
+    Grid (B,).
     """
     i_b = tl.program_id(0).to(tl.int64)
     row = i_b * T
     scratch_f = scratch_ptr + 2 * row
     scratch_p = scratch_f + T
-    scale = tl.load(scale_ptr + i_b)
     carry_f = tl.full((), 0.0, tl.float32)
     carry_p = tl.full((), 0.0, tl.float32)
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
@@ -34,10 +40,11 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, scale_ptr,
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
     acc_high = tl.zeros((BLOCK_T,), tl.float32)
     acc_ratio = tl.zeros((BLOCK_T,), tl.float32)
+    acc_count = tl.zeros((BLOCK_T,), tl.float32)
     for t0 in range(0, T, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
         m_t = o_t < T
-        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0.0)
+        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
         b_valid = b_m != 0
         b_lp = tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
         if ON_POLICY:
@@ -62,43 +69,93 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, scale_ptr,
             b_kl = tl.exp(b_dr) - b_dr - 1.0
             b_tok += beta * b_kl
             acc_kl += tl.where(b_valid, b_m * b_kl, 0.0)
-        b_n = b_m * scale
-        acc_loss += tl.where(b_valid, b_n * b_tok, 0.0)
+        acc_loss += tl.where(b_valid, b_m * b_tok, 0.0)
         b_low = b_valid & (b_ratio < ratio_low) & (b_adv < 0)
         b_high = b_valid & (b_ratio > ratio_high) & (b_adv > 0)
         acc_low += tl.where(b_low, b_m, 0.0)
         acc_high += tl.where(b_high, b_m, 0.0)
         acc_ratio += tl.where(b_valid, b_m * b_ratio, 0.0)
+        acc_count += b_m
         if NEED_GRAD:
             # d(−min(ρ̃Â, clip(ρ̃)Â))/dz = −Â·ρ̃ where the unclipped branch is active, 0 where clipping fired
-            b_c = tl.where(b_valid & ~(b_low | b_high), -b_n * b_adv * b_ratio, 0.0)
+            b_c = tl.where(b_valid & ~(b_low | b_high), -b_m * b_adv * b_ratio, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)
-    stats = stats_ptr + i_b * 8
-    tl.store(stats + 0, tl.sum(acc_loss, axis=0))
-    tl.store(stats + 1, tl.sum(acc_kl, axis=0))
-    low = tl.sum(acc_low, axis=0)
-    high = tl.sum(acc_high, axis=0)
-    tl.store(stats + 2, low)
-    tl.store(stats + 3, high)
-    tl.store(stats + 4, low + high)  # a token cannot be clipped low and high at once (signs of Â differ)
-    tl.store(stats + 5, tl.sum(acc_ratio, axis=0))
+    o_s = tl.arange(0, 8)
+    stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
+    stats += tl.where(o_s == 1, tl.sum(acc_kl, axis=0), 0.0)
+    stats += tl.where(o_s == 2, tl.sum(acc_low, axis=0), 0.0)
+    stats += tl.where(o_s == 3, tl.sum(acc_high, axis=0), 0.0)
+    stats += tl.where(o_s == 4, tl.sum(acc_ratio, axis=0), 0.0)
+    stats += tl.where(o_s == 5, tl.sum(acc_count, axis=0), 0.0)
+    tl.store(stats_ptr + i_b * 8 + o_s, stats)
+
+
+@triton.jit
+def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, B, num_items, inv_b_len,
+                              LOSS_TYPE: tl.constexpr, NUM_ITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Aggregation: the row scales s_i of `loss_type`, the loss Σ_i s_i·(Σ_t m·L)_i and the token-mean metrics.
+
+    stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
+    0: none); scale [B] fp32 out; out [N_OUT] fp32 out (loss, low, high, region, ratio, kl). `inv_b_len` is
+    1/(B·max_completion_length) for dr_grpo. Grid (1,): B is small and this replaces a dozen tiny torch ops.
+    """
+    o_b = tl.arange(0, BLOCK_B)
+    tot = tl.zeros((8,), tl.float32)
+    o_s = tl.arange(0, 8)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + o_b
+        block = tl.load(stats_ptr + rows[:, None] * 8 + o_s[None, :], mask=(rows < B)[:, None], other=0.0)
+        tot += tl.sum(block, axis=0)
+    count = tl.sum(tl.where(o_s == 5, tot, 0.0), axis=0)
+    inv_count = 1.0 / tl.maximum(count, 1.0)
+    if LOSS_TYPE == 0:
+        if NUM_ITEMS == 2:
+            row_scale = 1.0 / tl.maximum(tl.load(num_items_ptr).to(tl.float32), 1e-12)
+        elif NUM_ITEMS == 1:
+            row_scale = 1.0 / num_items
+        else:
+            row_scale = inv_count
+    elif LOSS_TYPE == 1:
+        row_scale = inv_count
+    else:
+        row_scale = inv_b_len
+    loss_acc = tl.zeros((BLOCK_B,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + o_b
+        in_b = rows < B
+        loss_rows = tl.load(stats_ptr + rows * 8 + 0, mask=in_b, other=0.0)
+        if LOSS_TYPE == 2:
+            count_rows = tl.load(stats_ptr + rows * 8 + 5, mask=in_b, other=1.0)
+            scales = 1.0 / (B * tl.maximum(count_rows, 1.0))
+        else:
+            scales = tl.zeros((BLOCK_B,), tl.float32) + row_scale
+        tl.store(scale_ptr + rows, scales, mask=in_b)
+        loss_acc += tl.where(in_b, scales * loss_rows, 0.0)
+    low = tl.sum(tl.where(o_s == 2, tot, 0.0), axis=0)
+    high = tl.sum(tl.where(o_s == 3, tot, 0.0), axis=0)
+    out = tl.where(o_s == 0, tl.sum(loss_acc, axis=0), 0.0)
+    out += tl.where(o_s == 1, low * inv_count, 0.0)
+    out += tl.where(o_s == 2, high * inv_count, 0.0)
+    out += tl.where(o_s == 3, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
+    out += tl.where(o_s == 4, tl.sum(tl.where(o_s == 4, tot, 0.0), axis=0) * inv_count, 0.0)
+    out += tl.where(o_s == 5, tl.sum(tl.where(o_s == 1, tot, 0.0), axis=0) * inv_count, 0.0)
+    tl.store(out_ptr + o_s, out)
 
 
 @triton.jit(do_not_specialize=["T"])
 def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_ptr, glp_ptr, scratch_ptr,
                          T, a, log2a, beta,
                          STYLE: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_T: tl.constexpr):
-    """∂loss/∂ℓ_j = g_out·(m_j·Σ_{t≥j} w(t, j)·coef_t + β·n_j·(1 − exp(ℓ_ref,j − ℓ_j))), rows walked right to left.
+    """∂loss/∂ℓ_j = g_out·s_i·m_j·(Σ_{t≥j} w(t, j)·coef_t + β·(1 − exp(ℓ_ref,j − ℓ_j))), rows walked right to left.
 
-    coef [B, T] fp32 (from the forward), lp, ref [B, T] any float (ref only when HAS_KL), mask [B, T] fp32,
-    scale [B] fp32, gout [] fp32, glp [B, T] out (lp's dtype), scratch [B, 2, T] fp32 (STYLE 2). Grid (B,).
+    coef [B, T] fp32 (forward), lp, ref [B, T] any float (ref only when HAS_KL), mask [B, T], scale [B] fp32
+    (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch [B, 2, T] fp32 (STYLE 2). Grid (B,).
     """
     i_b = tl.program_id(0).to(tl.int64)
     row = i_b * T
     scratch_r = scratch_ptr + 2 * row
     scratch_s = scratch_r + T
-    g_out = tl.load(gout_ptr).to(tl.float32)
-    scale = tl.load(scale_ptr + i_b)
+    row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
     carry_r = tl.full((), 0.0, tl.float32)
     carry_s = tl.full((), 0.0, tl.float32)
     n_blocks = tl.cdiv(T, BLOCK_T)
@@ -109,11 +166,10 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_pt
         b_c = tl.load(coef_ptr + row + o_t, mask=m_t, other=0.0)
         b_g, carry_r, carry_s = trace_backward_block(b_c, o_t, m_t, carry_r, carry_s, scratch_r, scratch_s,
                                                      a, log2a, T, STYLE)
-        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0.0)
-        b_grad = b_m * b_g
+        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
         if HAS_KL:
             b_lp = tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
             b_ref = tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
-            b_grad += beta * b_m * scale * (1.0 - tl.exp(b_ref - b_lp))
-        b_grad = tl.where(b_m != 0, b_grad, 0.0) * g_out
+            b_g += beta * (1.0 - tl.exp(b_ref - b_lp))
+        b_grad = tl.where(b_m != 0, row_scale * b_m * b_g, 0.0)
         tl.store(glp_ptr + row + o_t, b_grad.to(glp_ptr.dtype.element_ty), mask=m_t)

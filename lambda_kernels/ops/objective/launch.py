@@ -1,55 +1,69 @@
-"""Allocation, grid and launch of the objective kernels, plus the on-policy per-token gradient."""
+"""Allocation, grid and launch of the objective kernels, plus the on-policy per-token gradient.
+
+A forward is two launches (the row kernel, then a one-program finalize kernel that applies the aggregation and
+forms the metrics); a backward is one. No host sync anywhere.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..._core.params import ObjectiveParams
 from ..._core.tuning import scan_config
-from ..lambda_trace.launch import scratch_for, trace_backward
-from .kernels import N_STATS, STAT_HIGH, STAT_KL, STAT_LOSS, STAT_LOW, STAT_RATIO, STAT_REGION, objective_bwd_kernel, \
-    objective_fwd_kernel
+from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
+from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_KL, OUT_LOSS, OUT_LOW, OUT_RATIO, OUT_REGION, \
+    objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
 
-METRIC_COLUMNS = {"clip_ratio/low_mean": STAT_LOW, "clip_ratio/high_mean": STAT_HIGH,
-                  "clip_ratio/region_mean": STAT_REGION, "ratio_mean": STAT_RATIO}
+LOSS_CODES = {"dapo": 0, "bnpo": 1, "grpo": 2, "dr_grpo": 3}
+METRIC_OUTPUTS = {"clip_ratio/low_mean": OUT_LOW, "clip_ratio/high_mean": OUT_HIGH,
+                  "clip_ratio/region_mean": OUT_REGION, "ratio_mean": OUT_RATIO}
 
 
 def _placeholder(device) -> torch.Tensor:
     return torch.empty((1,), dtype=torch.float32, device=device)
 
 
-def objective_forward(lp, old, adv, mask_f, ref, scales, params: ObjectiveParams, need_grad: bool):
-    """(loss 0-d fp32, metrics {name: 0-d fp32}, coef [B, T] fp32 or None).
+def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_grad: bool, num_items_in_batch=None):
+    """(loss 0-d fp32, metrics {name: 0-d fp32}, saved) where `saved` feeds `objective_backward` (None without grad).
 
-    lp/old/ref [B, T] (old None = on-policy; ref may be None when beta = 0), adv [B] or [B, T], mask_f fp32 [B, T],
-    scales [B] fp32 from `row_scales`. `coef` is what `objective_backward` scans.
+    lp/old/ref [B, T] any float (old None = on-policy; ref may be None when beta = 0), adv [B] or [B, T], mask
+    [B, T] bool/int/float, num_items_in_batch None, a number or a 1-element tensor (dapo's denominator).
     """
     lp = lp.contiguous()
     B, T = lp.shape
     device = lp.device
-    stats = torch.zeros((B, N_STATS), dtype=torch.float32, device=device)
-    coef = torch.empty((B, T), dtype=torch.float32, device=device) if need_grad else None
     has_kl = params.beta > 0
-    if B > 0 and T > 0:
+    stats = torch.empty((B, N_STATS), dtype=torch.float32, device=device)
+    coef = torch.empty((B, T), dtype=torch.float32, device=device) if need_grad else None
+    scales = torch.empty((B,), dtype=torch.float32, device=device)
+    out = torch.zeros((N_OUT,), dtype=torch.float32, device=device)
+    mask_k = kernel_mask(mask)
+    if B > 0:
         block, warps = scan_config(T)
         objective_fwd_kernel[(B,)](
-            lp, lp if old is None else old.contiguous(), adv.contiguous(), mask_f.contiguous(),
-            ref.contiguous() if has_kl else lp, scales, coef if need_grad else _placeholder(device), stats,
-            scratch_for(params.trace, B, T, device), T, params.trace.a, params.trace.log2a,
-            0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
+            lp, lp if old is None else old.contiguous(), adv.contiguous(), mask_k, ref.contiguous() if has_kl else lp,
+            coef if need_grad else _placeholder(device), stats, scratch_for(params.trace, B, T, device), T,
+            params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
             1.0 - params.epsilon_low, 1.0 + params.epsilon_high, params.beta,
             STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
             HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=has_kl, NEED_GRAD=need_grad,
             BLOCK_T=block, num_warps=warps)
-    totals = stats.sum(dim=0)
-    count = mask_f.sum().clamp(min=1.0)
-    metrics = {name: totals[col] / count for name, col in METRIC_COLUMNS.items()}
+        items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
+        length = T if params.max_completion_length is None else params.max_completion_length
+        objective_finalize_kernel[(1,)](
+            stats, num_items_in_batch.reshape(1) if items_is_tensor else _placeholder(device), scales, out, B,
+            float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
+            1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
+            NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
+            BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
+    metrics = {name: out[i] for name, i in METRIC_OUTPUTS.items()}
     if has_kl:
-        metrics["kl"] = totals[STAT_KL] / count
-    return totals[STAT_LOSS], metrics, coef
+        metrics["kl"] = out[OUT_KL]
+    return out[OUT_LOSS], metrics, ((coef, scales, mask_k) if need_grad else None)
 
 
-def objective_backward(grad_out, coef, lp, ref, mask_f, scales, params: ObjectiveParams, out_dtype) -> torch.Tensor:
+def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
     """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included."""
+    coef, scales, mask_k = saved
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
     if B == 0 or T == 0:
@@ -57,7 +71,7 @@ def objective_backward(grad_out, coef, lp, ref, mask_f, scales, params: Objectiv
     has_kl = params.beta > 0
     block, warps = scan_config(T)
     objective_bwd_kernel[(B,)](
-        coef, lp.contiguous(), ref.contiguous() if has_kl else lp, mask_f.contiguous(), scales,
+        coef, lp.contiguous(), ref.contiguous() if has_kl else lp, mask_k, scales,
         grad_out.reshape(1).to(torch.float32), grad, scratch_for(params.trace, B, T, coef.device), T,
         params.trace.a, params.trace.log2a, params.beta,
         STYLE=params.trace.style, HAS_KL=has_kl, BLOCK_T=block, num_warps=warps)
@@ -67,8 +81,9 @@ def objective_backward(grad_out, coef, lp, ref, mask_f, scales, params: Objectiv
 def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams) -> torch.Tensor:
     """On-policy ∂loss/∂ℓ [B, T] fp32 without the KL term: −m_j·Σ_{t≥j} w(t, j)·n_t·Â_t (grpo_lambda.md §5).
 
-    With ℓ_old = ℓ the traced ratio is 1 everywhere, which no clip range with ε ≥ 0 clips, so the coefficient of
-    every token is −n_t·Â_t and the gradient is one reverse scan; it does not depend on the log-probs.
+    `scales` [B] from `lambda_kernels._core.normalizers.row_scales` (n_t = m_t·s_i). With ℓ_old = ℓ the traced
+    ratio is 1 everywhere, which no clip range with ε ≥ 0 clips, so every token's coefficient is −n_t·Â_t and the
+    gradient is one reverse scan; it does not depend on the log-probs.
     """
     a = adv.to(torch.float32)
     a = a.unsqueeze(1) if a.dim() == 1 else a
