@@ -250,3 +250,15 @@ def bad_call(**overrides):
 def test_bad_input(overrides, exc, match):
     with pytest.raises(exc, match=match):
         bad_call(**overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trace", ["recent", "both"])
+def test_65536_token_row_on_gpu(trace):
+    lp, old, adv, mask, ref = make_batch(1, 65536, seed=3, spread=0.001)
+    kw = dict(ref_logprobs=ref, trace=trace, lam=0.99, beta=0.04, adv_clamp_min=-0.1)
+    loss, metrics = lk.grpo_lambda_loss(lp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), **{**kw, "ref_logprobs": ref.cuda()})
+    loss_ref, metrics_ref = R.grpo_lambda_loss(lp, old, adv, mask, **kw)
+    torch.testing.assert_close(loss.cpu().double(), loss_ref.detach(), atol=1e-4, rtol=1e-4)
+    for k in metrics_ref:
+        torch.testing.assert_close(metrics[k].cpu().double(), metrics_ref[k].double(), atol=1e-4, rtol=1e-4)

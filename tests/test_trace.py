@@ -129,3 +129,21 @@ def test_bad_tensors():
         lk.lambda_trace(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5), lam=0.9)
     with pytest.raises(ValueError, match=r"all tensors must be on one device"):
         lk.lambda_trace(torch.randn(2, 5), torch.ones(2, 5, device="meta"), lam=0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("style", STYLES)
+def test_65536_token_row_on_gpu(style):
+    """One 65,536-token sequence (32 blocks of carried state) against the float64 loop reference on the CPU."""
+    T = 65536
+    x = torch.randn(2, T, dtype=torch.float64)
+    m = random_mask(2, T, seed=5)
+    xg = x.cuda().requires_grad_()
+    z = lk.lambda_trace(xg, m.cuda(), lam=0.999, style=style)
+    gz = torch.randn(2, T, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(z, xg, gz.float().cuda())
+    x_ref = x.clone().requires_grad_()
+    z_ref = R.lambda_trace(x_ref, m, lam=0.999, style=style)
+    (gx_ref,) = torch.autograd.grad(z_ref, x_ref, gz)
+    torch.testing.assert_close(z.cpu().double(), z_ref.detach(), atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(gx.cpu(), gx_ref, atol=2e-3, rtol=1e-4)

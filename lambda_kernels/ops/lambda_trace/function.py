@@ -11,10 +11,13 @@ class LambdaTraceFunction(torch.autograd.Function):
         ctx.save_for_backward(mask)
         ctx.params = params
         ctx.x_dtype = x.dtype
+        ctx.set_materialize_grads(False)
         return trace_forward(x, mask, params)
 
     @staticmethod
     def backward(ctx, grad_z):
         (mask,) = ctx.saved_tensors
+        if grad_z is None:
+            return None, None, None
         grad_x = trace_backward(grad_z.to(torch.float32), mask, ctx.params, out_dtype=ctx.x_dtype)
         return grad_x, None, None

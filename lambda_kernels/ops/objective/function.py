@@ -14,8 +14,10 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     def forward(ctx, lp, old, adv, mask, ref, num_items_in_batch, params: ObjectiveParams):
         need_grad = ctx.needs_input_grad[0]
         loss, metrics, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch)
-        outs = tuple(metrics.get(name, loss.new_zeros(())) for name in _METRIC_NAMES)
+        outs = tuple(metrics[name] for name in _METRIC_NAMES)  # "kl" is 0 when beta = 0 (dropped by the caller)
         ctx.mark_non_differentiable(*outs)
+        # the metrics get no gradient: don't let autograd fill zero tensors for them on every backward
+        ctx.set_materialize_grads(False)
         if need_grad:
             ctx.save_for_backward(lp, ref, *saved)
         ctx.params = params
@@ -25,6 +27,8 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_metric_grads):
         lp, ref, *saved = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 7
         grad_lp = objective_backward(grad_loss, saved, lp, ref, ctx.params, ctx.lp_dtype)
         return grad_lp, None, None, None, None, None, None
 

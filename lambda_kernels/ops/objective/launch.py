@@ -23,7 +23,7 @@ def _placeholder(device) -> torch.Tensor:
 
 
 def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_grad: bool, num_items_in_batch=None):
-    """(loss 0-d fp32, metrics {name: 0-d fp32}, saved) where `saved` feeds `objective_backward` (None without grad).
+    """(loss 0-d fp32, metrics {name: 0-d fp32, "kl" included}, saved), `saved` feeding `objective_backward`.
 
     lp/old/ref [B, T] any float (old None = on-policy; ref may be None when beta = 0), adv [B] or [B, T], mask
     [B, T] bool/int/float, num_items_in_batch None, a number or a 1-element tensor (dapo's denominator).
@@ -56,8 +56,7 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
             BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
     metrics = {name: out[i] for name, i in METRIC_OUTPUTS.items()}
-    if has_kl:
-        metrics["kl"] = out[OUT_KL]
+    metrics["kl"] = out[OUT_KL]  # 0 when beta = 0; callers report it only when beta > 0
     return out[OUT_LOSS], metrics, ((coef, scales, mask_k) if need_grad else None)
 
 
