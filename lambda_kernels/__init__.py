@@ -7,7 +7,7 @@ from .functional import (
     lambda_trace,
     linear_logprobs,
 )
-from .nn import GRPOLambdaLoss
+from .nn import FusedGRPOLambdaLoss, GRPOLambdaLoss
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,5 @@ __all__ = [
     "GRPOLambdaLoss",
     "linear_logprobs",
     "fused_grpo_lambda_loss",
+    "FusedGRPOLambdaLoss",
 ]

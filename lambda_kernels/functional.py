@@ -6,6 +6,8 @@ can run on the tensors' device, torch otherwise).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -150,7 +152,7 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     checks.same_device(op, [lead, ("old_logprobs", old_logprobs),
                             ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
-                           beta=beta)
+                           beta=beta, loss_type=loss_type, max_completion_length=max_completion_length)
 
 
 def grpo_lambda_loss(
@@ -204,19 +206,95 @@ def grpo_lambda_loss(
             num_items_in_batch=num_items_in_batch)
     from .ops.objective.function import grpo_lambda_objective
 
-    mask_f = mask.to(torch.float32)
-    scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
-    return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask_f, ref_logprobs, scales, params)
+    return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask, ref_logprobs, params, num_items_in_batch)
+
+
+def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
+    """Shared validation of (hidden, weight, bias, temperature); returns 1/temperature."""
+    H = hidden.shape[-1]
+    checks.float_tensor(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"{op}: `weight` must have shape [V, H] with H = {H} (hidden's last dim); "
+                         f"got {list(weight.shape)}.")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: `weight` must have at least one row (V >= 1); got {list(weight.shape)}.")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: `weight` must have the dtype of `hidden` ({hidden.dtype}); got {weight.dtype}. "
+                        "Cast one of them, e.g. weight.to(hidden.dtype).")
+    if bias is not None:
+        checks.float_tensor(op, "bias", bias)
+        checks.same_shape(op, "bias", bias, (weight.shape[0],), "One bias per vocabulary entry.")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{op}: `bias` must have the dtype of `hidden` ({hidden.dtype}); got {bias.dtype}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(float(temperature)) or not float(temperature) > 0:
+        raise ValueError(f"{op}: `temperature` must be a finite number > 0; got {temperature!r}.")
+    return 1.0 / float(temperature)
+
+
+def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -> None:
+    """Token ids in [0, V) (where mask != 0): one host sync for the min and max, done before any kernel runs."""
+    if ids.numel() == 0:
+        return
+    vals = ids if mask is None else torch.where(mask != 0, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
+    lo, hi = torch.stack(list(torch.aminmax(vals))).tolist()
+    if lo < 0 or hi >= V:
+        where = "" if mask is None else " at unmasked positions"
+        raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max {hi}. "
+                         "Replace padding/ignore ids (e.g. -100) by a valid id; masked positions are never read.")
+
+
+def _check_ids_dtype(op: str, name: str, ids) -> None:
+    checks.tensor(op, name, ids)
+    if ids.dtype not in checks.INT_DTYPES:
+        raise TypeError(f"{op}: `{name}` must be an int64 or int32 tensor of token ids; got {ids.dtype}.")
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
                     temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
-    """fp32 log-probs `log softmax((hidden·weightᵀ + bias)/temperature)[targets]` with the shape of `targets`.
+    """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits.
 
-    PROVISIONAL: the torch oracle only; the fused Triton path (issue 3) replaces this body.
+    Computed chunk by chunk over the tokens (cuBLAS GEMMs with fp32 output, a Triton row kernel for the
+    log-sum-exp), so at most one chunk of fp32 logits exists at a time: ≤ 1 GiB by default, set with the environment
+    variable LAMBDA_KERNELS_LOGITS_BUDGET (bytes, or e.g. "256M", "2G"). Backward recomputes each chunk's logits
+    from the saved log-sum-exp: dX, dW (accumulated in fp32 across chunks) and dbias, exact.
+
+    Under `torch.no_grad()` this is the fast path for old-policy and reference log-probs; its values are
+    bit-identical to the differentiable call on the same inputs (same chunks, same kernels), so on-policy ratios
+    exp(ℓ − ℓ_old) are exactly 1.
+
+    Args:
+        hidden: `[..., H]` float (fp16/bf16/fp32/fp64): the states that predict `targets` (already shifted).
+        weight: `[V, H]` LM head in nn.Linear layout, same dtype as hidden (may be tied to the embeddings).
+        targets: `[...]` = hidden's leading shape, int64/int32 token ids in [0, V) (checked: one host sync).
+        bias: optional `[V]`, same dtype as hidden.
+        temperature: finite > 0; the distribution is softmax(logits / temperature).
+        return_entropy: also return the entropy of that tempered distribution (differentiable too).
+        impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else torch), "triton", or "torch" (the
+            same chunked pipeline with PyTorch row operations: memory-safe on CPU).
+
+    Returns:
+        fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]
+        (fp64 for fp64 inputs). Differentiable w.r.t. hidden, weight and bias.
     """
-    return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                     return_entropy=return_entropy)
+    op = "linear_logprobs"
+    checks.float_tensor(op, "hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: `hidden` must have shape [..., H]; got a 0-d tensor.")
+    inv_t = _check_lm_head(op, hidden, weight, bias, temperature)
+    _check_ids_dtype(op, "targets", targets)
+    checks.same_shape(op, "targets", targets, hidden.shape[:-1],
+                      "targets must have hidden's leading shape [...]. Did you forget to shift targets by one?")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"{op}: `return_entropy` must be a bool; got {type(return_entropy).__name__}.")
+    device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)])
+    rows_impl = resolve_impl(op, impl, device)
+    _check_token_ids(op, "targets", targets, weight.shape[0])
+    from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
+
+    lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
+                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl))
+    return (lp, ent) if return_entropy else lp
 
 
 def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None,
@@ -224,10 +302,73 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
                            impl="auto"):
-    """GRPO-λ loss from hidden states and the LM head. PROVISIONAL: the torch oracle only (issue 3 replaces it)."""
-    return reference.fused_grpo_lambda_loss(
-        hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, bias=bias, temperature=temperature, trace=trace, lam=lam, gamma=gamma,
-        adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
-        loss_type=loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        return_entropy=return_entropy)
+    """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
+
+    Same value, gradients and metrics as
+    `grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids, ...), old_logprobs, advantages,
+    completion_mask, ...)` (see those two functions for the maths and every option), without ever holding more
+    than one chunk of logits (LAMBDA_KERNELS_LOGITS_BUDGET, default 1 GiB):
+
+    - on-policy (`old_logprobs=None`, one optimiser step per rollout) the token gradient is known before the
+      log-probs, so each chunk's logits are produced once and turned into their gradient in place: ≈ 6·N·H·V FLOPs,
+      the cost of the forward and backward GEMMs alone;
+    - off-policy the log-probs of whole sequences are needed first: a second pass recomputes the logits (8·N·H·V).
+
+    Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
+    gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and
+    bias (advantages, old_logprobs, ref_logprobs are constants).
+
+    Args:
+        hidden: `[B, T, H]` float, **already aligned with completion_ids**: hidden[:, t] is the state that predicts
+            completion_ids[:, t]. The caller shifts: with a prompt of length P and full-sequence states `h`,
+            pass `h[:, P - 1:-1]`.
+        weight: `[V, H]` LM head (nn.Linear layout, same dtype as hidden; may be tied to the embeddings).
+        completion_ids: `[B, T]` int64/int32 token ids, in [0, V) at unmasked positions (masked ones are not read).
+        completion_mask: `[B, T]` bool/int/float loss mask.
+        advantages: `[B]` or `[B, T]`.
+        old_logprobs: `[B, T]` of the sampling policy, or None for on-policy (the fast single-pass path).
+        ref_logprobs: `[B, T]` of the reference model; required when beta > 0.
+        bias: optional `[V]`. temperature: finite > 0, the logits are divided by it (as in sampling).
+        trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
+        num_items_in_batch: as in `grpo_lambda_loss`.
+        return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
+        impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
+            objective: the CPU fallback).
+
+    Returns:
+        loss: fp32 scalar. metrics: detached fp32 scalars, as grpo_lambda_loss's, plus "entropy" when asked.
+    """
+    op = "fused_grpo_lambda_loss"
+    checks.float_tensor(op, "hidden", hidden, ndim=3)
+    _check_ids_dtype(op, "completion_ids", completion_ids)
+    if completion_ids.dim() != 2:
+        raise ValueError(f"{op}: `completion_ids` must be 2-D [B, T]; got shape {list(completion_ids.shape)}.")
+    B, T = completion_ids.shape
+    if tuple(hidden.shape[:2]) != (B, T):
+        raise ValueError(
+            f"{op}: `hidden` must have shape [B, T, H] = [{B}, {T}, H] to match `completion_ids` [{B}, {T}]; "
+            f"got {list(hidden.shape)}. hidden[:, t] must be the state that predicts completion_ids[:, t]: shift by "
+            "one and drop the prompt yourself, e.g. hidden = last_hidden_state[:, P - 1:-1] for a prompt of length P.")
+    inv_t = _check_lm_head(op, hidden, weight, bias, temperature)
+    checks.mask_tensor(op, "completion_mask", completion_mask, (B, T))
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"{op}: `return_entropy` must be a bool; got {type(return_entropy).__name__}.")
+    params = check_objective_args(
+        op, (B, T), ("hidden", hidden), old_logprobs=old_logprobs, advantages=advantages, mask=completion_mask,
+        ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
+                                     ("bias", bias)])
+    rows_impl = resolve_impl(op, impl, device)
+    _check_token_ids(op, "completion_ids", completion_ids, weight.shape[0], completion_mask)
+    from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
+    from .ops.fused_loss.launch import KernelObjective, ReferenceObjective
+
+    mask_f = completion_mask.to(torch.float32)
+    scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
+    objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
+    fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
+                              with_entropy=return_entropy, rows_impl=rows_impl)
+    return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
+                                   ref_logprobs, scales, fparams)

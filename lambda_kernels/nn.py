@@ -29,3 +29,36 @@ class GRPOLambdaLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedGRPOLambdaLoss(torch.nn.Module):
+    """GRPO-λ loss straight from the last hidden states and the LM head; see `fused_grpo_lambda_loss`.
+
+    The module holds the hyper-parameters only; the LM head is passed at call time (so a head tied to the
+    embeddings, or gathered by FSDP/ZeRO-3 around the call, is used as is).
+
+    Example:
+        >>> loss_fn = FusedGRPOLambdaLoss(trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.001)
+        >>> h = model.model(input_ids).last_hidden_state[:, P - 1:-1]      # aligned with completion_ids
+        >>> loss, metrics = loss_fn(h, model.lm_head.weight, completion_ids, completion_mask, advantages,
+        ...                         ref_logprobs=ref)
+    """
+
+    def __init__(self, *, trace: str | None = "both", lam: float = 0.99, gamma: float = 1.0,
+                 adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
+                 beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
+                 temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.options = dict(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
+                            epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+                            max_completion_length=max_completion_length, temperature=temperature,
+                            return_entropy=return_entropy, impl=impl)
+
+    def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
+                ref_logprobs=None, bias=None, num_items_in_batch=None):
+        return F.fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages,
+                                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
+                                        num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,305 @@
+"""The fused GRPO-λ loss from hidden states: ours against what users would run instead, at real model shapes.
+
+Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an LM head [V, H], bf16):
+  ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None): one pass, ≈ 6·N·H·V FLOPs
+  ours_off       the same off-policy (old_logprobs given): two passes, ≈ 8·N·H·V FLOPs
+  ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
+  naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
+  compiled       `naive` under torch.compile
+  liger / cce    Liger's LigerFusedLinearGRPOLoss and CCE's linear_cross_entropy, when importable
+Ours runs GRPO-λ (trace="both", λ = 0.99, clamp −0.1, β = 0.04 k3 KL); the baselines run plain GRPO with the same
+KL (they have no trace), so ours does strictly more work.
+
+Each case: a correctness check first (ours against the fp32 reference on two sequences of the same H and V), then
+the median time (`triton.testing.do_bench`), the peak memory above inputs and gradients, and the time over the FLOP
+floor 6·N·H·V (2·N·H·V for log-probs) at the bf16 matmul rate measured in the same run on 8192³, with N = B·T
+(the anchors' convention; padding included) and, for ours, also over the floor of the unmasked tokens only.
+
+Run `pytest benchmarks/bench_fused_loss.py` (GPU cases skip on CPU; the smoke case runs in the interpreter), or
+`python -m benchmarks.bench_fused_loss` for the table.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import lambda_kernels as lk
+from lambda_kernels import reference as R
+
+from .harness import ceilings, do_bench
+
+# (name, B, T, H, V): the issue's shapes, ~30% padding in the mask
+SHAPES = [
+    ("qwen2.5-1.5b", 8, 1024, 1536, 151936),
+    ("qwen2.5-7b", 8, 1024, 3584, 152064),
+    ("llama3.1-8b", 16, 1024, 4096, 128256),
+    ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
+]
+OURS = ["ours_on", "ours_off", "ours_logprobs"]
+BASELINES = ["naive", "compiled", "liger", "cce"]
+LOSS_OPTIONS = dict(trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.04, loss_type="dapo")
+BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
+
+
+def make_inputs(B, T, H, V, device, dtype=torch.bfloat16, pad=0.3, seed=0) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = (torch.randn(B, T, H, device=device, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, H, device=device, generator=g) / H**0.5).to(dtype)
+    ids = torch.randint(0, V, (B, T), device=device, generator=g)
+    if B > 1:  # right padding, lengths uniform in [1 − 2·pad, 1]·T: ≈ pad of the tokens are padding
+        lengths = (T * (1 - 2 * pad * torch.rand(B, device=device, generator=g))).long().clamp(min=1)
+        lengths[0] = T
+    else:
+        lengths = torch.full((1,), int(T * (1 - pad)), device=device)
+    mask = torch.arange(T, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    adv = torch.randn(B, device=device, generator=g)
+    with torch.no_grad():
+        lp = lk.linear_logprobs(hidden, weight, ids)
+    noise = torch.randn(B, T, device=device, generator=g)
+    return dict(hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), ids=ids, mask=mask, adv=adv,
+                old=lp + 0.01 * noise, ref=lp - 0.01 * noise)
+
+
+def grpo_from_logp(lp, old, ref, adv, mask, beta=0.04, eps=0.2):
+    """Plain GRPO with the k3 KL, the anchors' baseline objective."""
+    ratio = torch.exp(lp - old)
+    a = adv.unsqueeze(-1)
+    per_tok = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    per_tok = per_tok + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+    m = mask.to(per_tok.dtype)
+    return (per_tok * m).sum() / m.sum().clamp(min=1)
+
+
+def naive_loss(h, w, ids, mask, adv, old, ref):
+    logits = (h @ w.t()).float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return grpo_from_logp(lp, old, ref, adv, mask)
+
+
+_COMPILED = None
+
+
+def _baseline_fn(provider):
+    global _COMPILED
+    if provider == "naive":
+        return naive_loss
+    if provider == "compiled":
+        if _COMPILED is None:
+            _COMPILED = torch.compile(naive_loss)
+        return _COMPILED
+    if provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        lig = LigerFusedLinearGRPOLoss(beta=0.04, compiled=True, use_ref_model=True, loss_type="dapo",
+                                       epsilon_low=0.2, epsilon_high=0.2)
+
+        def liger_loss(h, w, ids, mask, adv, old, ref):
+            out = lig(h, w, ids, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            return out[0] if isinstance(out, tuple) else out
+        return liger_loss
+    if provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce_loss(h, w, ids, mask, adv, old, ref):
+            nll = linear_cross_entropy(h, w, ids, reduction="none", filter_eps=None)  # exact (no gradient filter)
+            return grpo_from_logp(-nll.float(), old, ref, adv, mask)
+        return cce_loss
+    raise KeyError(provider)
+
+
+def make_step(provider: str, inp: dict):
+    """A zero-argument callable: one forward+backward (forward only for ours_logprobs), grads reset first."""
+    h, w = inp["hidden"], inp["weight"]
+    args = (inp["ids"], inp["mask"], inp["adv"])
+    if provider == "ours_logprobs":
+        def step():
+            with torch.no_grad():
+                return lk.linear_logprobs(h, w, inp["ids"])
+        return step
+    if provider in ("ours_on", "ours_off"):
+        old = inp["old"] if provider == "ours_off" else None
+
+        def step():
+            h.grad = w.grad = None
+            loss, _ = lk.fused_grpo_lambda_loss(h, w, *args, old_logprobs=old, ref_logprobs=inp["ref"],
+                                                **LOSS_OPTIONS)
+            loss.backward()
+            return loss
+        return step
+    fn = _baseline_fn(provider)
+
+    def step():
+        h.grad = w.grad = None
+        loss = fn(h, w, inp["ids"], inp["mask"], inp["adv"], inp["old"], inp["ref"])
+        loss.backward()
+        return loss
+    return step
+
+
+def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
+    """Ours (on- and off-policy) against the fp32 reference on the first `rows` × `tokens`: relative errors."""
+    sub = {k: (v[:rows, :tokens].detach() if k != "weight" and v.dim() >= 2 else v[:rows].detach())
+           for k, v in inp.items() if k != "weight"}
+    h = sub["hidden"].clone().requires_grad_()
+    w = inp["weight"].detach().clone().requires_grad_()
+    out = {}
+    for name, old in (("on", None), ("off", sub["old"])):
+        kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS)
+        loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        loss_r, _ = R.fused_grpo_lambda_loss(h32, w32, sub["ids"], sub["mask"], sub["adv"], **kw)
+        gh_r, gw_r = torch.autograd.grad(loss_r, (h32, w32))
+        out[name] = max(abs(loss.item() - loss_r.item()) / max(abs(loss_r.item()), 1e-6),
+                        ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
+                        ((gw.float() - gw_r).norm() / gw_r.norm()).item())
+    return out
+
+
+def peak_extra_gib(step, inp) -> float:
+    """Peak memory of one step above what is live before it, less the gradients it leaves (the anchors' "extra")."""
+    step()
+    torch.cuda.synchronize()
+    h, w = inp["hidden"], inp["weight"]
+    h.grad = w.grad = None
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (h, w) if t.grad is not None)
+    return (torch.cuda.max_memory_allocated() - base - grads) / 2**30
+
+
+def provider_available(provider: str) -> bool:
+    try:
+        if provider == "liger":
+            import liger_kernel.chunked_loss  # noqa: F401
+        elif provider == "cce":
+            import cut_cross_entropy  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def run_case(shape: str, provider: str, inp: dict | None = None) -> dict:
+    name, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
+    N = B * T
+    row = dict(shape=shape, provider=provider, B=B, T=T, H=H, V=V)
+    if provider in BASELINES and N * V > BASELINE_MAX_LOGITS:
+        return {**row, "error": "not run: full logits would not fit"}
+    if not provider_available(provider):
+        return {**row, "error": "not importable"}
+    inp = make_inputs(B, T, H, V, "cuda") if inp is None else inp
+    n_valid = int(inp["mask"].sum())
+    rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
+    flops = (2 if provider == "ours_logprobs" else 6) * H * V
+    try:
+        step = make_step(provider, inp)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        extra = peak_extra_gib(step, inp)
+        ms = do_bench(step, warmup=50, rep=400)
+    except Exception as e:  # a baseline that crashes (OOM, dynamo) is a finding, not a failure of the run
+        torch.cuda.empty_cache()
+        return {**row, "error": f"{type(e).__name__}: {e}"[:200]}
+    floor = flops * N / rate * 1e3
+    return {**row, "ms": ms, "first_call_s": first_s, "peak_extra_gib": extra, "floor_ms": floor,
+            "over_floor": ms / floor, "valid_frac": n_valid / N,
+            "over_floor_valid": ms / (flops * n_valid / rate * 1e3) if n_valid else None}
+
+
+def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
+    """All shapes × providers; stops starting new cases once `time_budget_s` is spent. Prints one line per case."""
+    t_start = time.perf_counter()
+    rows = []
+    for shape, B, T, H, V in SHAPES:
+        if shapes and shape not in shapes:
+            continue
+        inp = make_inputs(B, T, H, V, "cuda")
+        err = check_correct(inp)
+        print(f"# {shape}: correctness (max rel err vs fp32 reference) on {err['on']:.2e} off {err['off']:.2e}",
+              flush=True)
+        for provider in OURS + BASELINES:
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                rows.append(dict(shape=shape, provider=provider, error="not run: time budget spent"))
+                continue
+            row = run_case(shape, provider, inp)
+            if provider in OURS:
+                row["check_rel_err"] = err["off" if provider == "ours_off" else "on"]
+            rows.append(row)
+            print(format_row(row), flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['shape']:18s} {r['provider']:14s} {r['error']}"
+    valid = "" if r.get("over_floor_valid") is None or r["provider"] not in OURS else \
+        f" (×{r['over_floor_valid']:.2f} of the unmasked floor)"
+    return (f"{r['shape']:18s} {r['provider']:14s} {r['ms']:9.2f} ms  extra {r['peak_extra_gib']:6.2f} GiB  "
+            f"floor {r['floor_ms']:7.2f} ms  ×{r['over_floor']:.2f}{valid}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| shape | provider | ms | extra GiB | floor ms | × floor (N=B·T) | × floor (unmasked) | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['provider']} | | | | | | {r['error']} |")
+            continue
+        valid = "" if r.get("over_floor_valid") is None or r["provider"] not in OURS else f"{r['over_floor_valid']:.2f}"
+        note = f"check rel err {r['check_rel_err']:.1e}" if "check_rel_err" in r else ""
+        lines.append(f"| {r['shape']} | {r['provider']} | {r['ms']:.2f} | {r['peak_extra_gib']:.2f} | "
+                     f"{r['floor_ms']:.2f} | {r['over_floor']:.2f} | {valid} | {note} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ pytest
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [s[0] for s in SHAPES])
+@pytest.mark.parametrize("provider", OURS + BASELINES)
+def test_fused_loss_benchmarks(benchmark, shape, provider):
+    if not provider_available(provider):
+        pytest.skip(f"{provider} is not installed")
+    _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
+    if provider in BASELINES and B * T * V > BASELINE_MAX_LOGITS:
+        pytest.skip("full logits would not fit")
+    inp = make_inputs(B, T, H, V, "cuda")
+    if provider in OURS:
+        err = check_correct(inp)
+        assert max(err.values()) < 3e-2, err
+    row = run_case(shape, provider, inp)
+    benchmark.extra_info.update(row)
+    step = make_step(provider, inp)
+
+    def run():
+        step()
+        torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", OURS + ["naive"])
+def test_smoke_interpreter(benchmark, provider, monkeypatch):
+    """CPU smoke case: the benchmark code paths run (kernels interpreted, tiny shapes); timings mean nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU present: the real cases run instead")
+    monkeypatch.setenv("LAMBDA_KERNELS_LOGITS_BUDGET", str(4 * 123 * 8))
+    inp = make_inputs(2, 12, 24, 123, "cpu", dtype=torch.float32)
+    err = check_correct(inp)
+    assert max(err.values()) < 1e-4, err
+    step = make_step(provider, inp)
+    benchmark.pedantic(step, rounds=1, iterations=1)
+
+
+if __name__ == "__main__":
+    print(ceilings())
+    for line in markdown_table(main(shapes=os.environ.get("SHAPES", "").split(",") if os.environ.get("SHAPES") else None)).splitlines():
+        print(line)

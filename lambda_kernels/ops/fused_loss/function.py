@@ -1,0 +1,64 @@
+"""autograd.Function for the fused loss: every gradient is computed in the forward (for grad_output = 1) and the
+backward only scales it, so no logits or log-probs are kept between forward and backward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .launch import fused_loss_forward, metric_names
+
+
+@dataclass(frozen=True)
+class FusedLossParams:
+    """Non-tensor options: the objective (kernel or reference, holding ObjectiveParams), β, 1/temperature, entropy
+    metric on/off and the row backend."""
+
+    objective: Any
+    beta: float
+    inv_temperature: float
+    with_entropy: bool
+    rows_impl: str  # "triton" | "torch"
+
+
+def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
+    return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
+                              beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
+                              rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2])
+
+
+class FusedGRPOLambdaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams):
+        needs = tuple(ctx.needs_input_grad[:3])
+        loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params, needs)
+        values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
+        ctx.mark_non_differentiable(values)
+        ctx.save_for_backward(dx, dw, db)
+        return loss, values
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        # The stored gradients are scaled in place (they are ours, and memory is the point); a second backward
+        # through a retained graph fails autograd's version check instead of silently scaling twice.
+        dx, dw, db = ctx.saved_tensors
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
+                 for g in (dx, dw, db)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+@torch.compiler.disable
+def fused_grpo_lambda_apply(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams):
+    """(loss, metrics dict); gradients flow to hidden, weight and bias only (the other inputs are constants)."""
+    old = None if old is None else old.detach()
+    ref = None if ref is None else ref.detach()
+    adv = adv.detach()
+    tracked = [hidden, weight] + ([bias] if bias is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        loss, values = FusedGRPOLambdaFunction.apply(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params)
+        metrics = dict(zip(metric_names(params.beta, params.with_entropy), values.unbind(0)))
+        return loss, metrics
+    loss, metrics, _ = _run(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), ids, mask_f,
+                            adv, old, ref, scales, params, (False, False, False))
+    return loss, metrics

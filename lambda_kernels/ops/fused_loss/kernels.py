@@ -1,0 +1,35 @@
+"""On-policy row kernel of the fused loss: log-prob and the logits' gradient of each row in one program.
+
+On-policy the objective's per-token gradient is known before the log-probs (grpo_lambda.md §5), except the KL
+term β·n·(1 − exp(ℓ_ref − ℓ)), which only needs this token's ℓ: so each program computes ℓ (same helper as the
+log-prob kernel, hence bit-identical), completes its token gradient and overwrites the row with dlogits.
+"""
+import triton
+import triton.language as tl
+
+from ..linear_logprobs.kernels import row_dlogits_store, row_stats
+
+
+@triton.jit(do_not_specialize=["V", "stride_l", "stride_dl"])
+def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, dl_ptr,
+                         stride_l, stride_dl, V, inv_t, beta,
+                         HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, WITH_ENT: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+    """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature.
+
+    logits [M, V] fp32 (stride stride_l); dl (stride stride_dl, the GEMM input dtype) may alias logits;
+    targets [M] int; g0, n, ref [M] fp32 (n, ref only with HAS_KL); outputs lp [M] fp32, ent [M] fp32 (WITH_ENT).
+    Grid (M,).
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + i_r).to(tl.int64)
+    row_ptr = logits_ptr + i_r * stride_l
+    lse, lp, ent = row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_V)
+    tl.store(lp_ptr + i_r, lp)
+    if WITH_ENT:
+        tl.store(ent_ptr + i_r, ent)
+    g = tl.load(g0_ptr + i_r)
+    if HAS_KL:
+        g += beta * tl.load(n_ptr + i_r) * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp))
+    row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t,
+                      HAS_BIAS, False, BLOCK_V)

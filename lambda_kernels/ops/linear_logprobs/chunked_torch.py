@@ -1,0 +1,47 @@
+"""Row operations on one logits chunk in plain PyTorch: the `impl="torch"` twin of kernels.py.
+
+Same contract as the Triton kernels (fp32 in, fp32 statistics out, dlogits written into `dl`), used by the same
+chunk pipeline in launch.py, so CPU users without Triton never hold more than one chunk of logits either. Temporaries
+are a few chunk-sized fp32 tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _tempered(logits: torch.Tensor, bias, inv_t: float) -> torch.Tensor:
+    z = logits if bias is None else logits + bias.to(torch.float32)
+    return z * inv_t
+
+
+def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
+    """Fill lp, lse (and ent when not None) [M] fp32 from logits [M, V] fp32."""
+    z = _tempered(logits, bias, inv_t)
+    row_lse = torch.logsumexp(z, dim=1)
+    lse.copy_(row_lse)
+    lp.copy_((z.gather(1, tgt.long().unsqueeze(1)).squeeze(1) - row_lse).clamp(max=0.0))
+    if ent is not None:
+        logp = z - row_lse.unsqueeze(1)
+        h = -(logp.exp() * logp).sum(dim=1)
+        ent.copy_(h.clamp(min=0.0, max=math.log(logits.shape[1])))
+
+
+def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
+    """dl [M, V] (may alias logits) ← (g_lp·(onehot − p) − g_ent·p·(log p + H)) / temperature."""
+    logp = _tempered(logits, bias, inv_t) - lse.unsqueeze(1)
+    p = logp.exp()
+    dz = -g_lp.unsqueeze(1) * p
+    dz.scatter_add_(1, tgt.long().unsqueeze(1), g_lp.unsqueeze(1))
+    if g_ent is not None:
+        dz -= g_ent.unsqueeze(1) * p * (logp + ent.unsqueeze(1))
+    dl.copy_(dz * inv_t)
+
+
+def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl):
+    """Log-probs (and entropy), then dlogits for g = g0 + β·n·(1 − exp(ref − ℓ)) (KL only when ref is given)."""
+    lse = torch.empty_like(lp)
+    logprob_rows(logits, bias, tgt, inv_t, lp, lse, ent)
+    g = g0 if ref is None else g0 + beta * n * (1.0 - torch.exp(ref - lp))
+    dlogits_rows(logits, bias, tgt, lse, None, g, None, inv_t, dl)

@@ -1,0 +1,124 @@
+"""Row kernels on a materialised fp32 logits chunk: log-sum-exp, target log-prob, entropy, and dlogits in place.
+
+The GEMMs around them (logits = X·Wᵀ, dX = D·W, dW += Dᵀ·X) are cuBLAS calls in launch.py; these kernels do the
+row-wise work, one program per row, looping over the vocabulary in tiles of BLOCK_V with an online log-sum-exp.
+The two `@triton.jit` helpers `row_stats` and `row_dlogits_store` are the only copies of that arithmetic: the
+log-prob kernel here and the on-policy kernel of `ops/fused_loss` both call them, so their log-probs are
+bit-identical for the same logits.
+
+Notation per row: x_v the logit (+ bias), z_v = x_v / temperature, lse = log Σ_v exp z_v, ℓ = min(z_target − lse, 0),
+p_v = exp(z_v − lse), entropy H = −Σ p log p = log s − t / s with s = Σ e^(z−m), t = Σ e^(z−m)·(z − m) for the
+running max m (no cancellation against m).
+"""
+import triton
+import triton.language as tl
+
+@triton.jit
+def online_lse_update(b_z, m_v, m, s, t, WITH_T: tl.constexpr):
+    """One tile of the online log-sum-exp: (m, s[, t]) ← the same over the union with tile b_z (masked by m_v).
+
+    m: running max (scalar fp32), s = Σ exp(z − m), t = Σ exp(z − m)·(z − m) (only when WITH_T).
+    """
+    m_new = tl.maximum(m, tl.max(tl.where(m_v, b_z, float("-inf")), 0))
+    alpha = tl.exp(m - m_new)
+    b_d = tl.where(m_v, b_z - m_new, 0.0)
+    b_e = tl.where(m_v, tl.exp(b_d), 0.0)
+    if WITH_T:
+        t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 0)  # -inf logits: 0, not NaN
+    s = s * alpha + tl.sum(b_e, 0)
+    return m_new, s, t
+
+
+@triton.jit
+def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """(lse, ℓ, H) of one row of logits at `row_ptr` (fp32, V contiguous values); H is 0 unless WITH_ENT.
+
+    ℓ is clamped to ≤ 0 and H to [0, log V] (rounding can step over either bound by an ulp).
+    """
+    # a finite start for the running max (−3e38, not −inf): (m − m_new)·s stays 0·finite = 0, never −inf·0 = NaN
+    m = tl.full((), -3.0e38, tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    t = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        m, s, t = online_lse_update(b_x * inv_t, m_v, m, s, t, WITH_ENT)
+    log_s = tl.log(s)
+    lse = m + log_s
+    m_t = (tgt >= 0) & (tgt < V)
+    x_t = tl.load(row_ptr + tgt, mask=m_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x_t += tl.load(bias_ptr + tgt, mask=m_t, other=0.0).to(tl.float32)
+    lp = tl.minimum(x_t * inv_t - lse, 0.0)
+    ent = tl.full((), 0.0, tl.float32)
+    if WITH_ENT:
+        ent = tl.minimum(tl.maximum(log_s - t / s, 0.0), tl.log(V.to(tl.float32)))
+    return lse, lp, ent
+
+
+@triton.jit
+def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent, V, inv_t,
+                      HAS_BIAS: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dlogits_v = (g_lp·(1[v = target] − p_v) − g_ent·p_v·(log p_v + H)) / temperature, stored at dl_row_ptr.
+
+    dl_row_ptr may alias row_ptr (fp32 in place) or its first half (a 2-byte dtype written over the fp32 row it
+    was read from). A 2-byte store at index v touches the fp32 element v/2, which another warp of this program
+    loads, in this tile (v0 = 0) or an earlier one: the barrier after each tile's loads orders every warp's loads
+    of the tile before any warp's stores, and barriers of earlier tiles cover the earlier elements.
+    """
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.debug_barrier()
+        b_lp = b_x * inv_t - lse
+        b_p = tl.exp(b_lp)
+        b_dz = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
+        if WITH_ENT_GRAD:
+            b_dz -= g_ent * b_p * (b_lp + ent)
+        tl.store(dl_row_ptr + o_v, (b_dz * inv_t).to(dl_row_ptr.dtype.element_ty), mask=m_v)
+
+
+@triton.jit(do_not_specialize=["V", "stride_l"])
+def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr, stride_l, V, inv_t,
+                        HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """ℓ_r = log softmax(x_r / temperature)[target_r], lse_r and (WITH_ENT) entropy H_r of each row r.
+
+    logits [M, V] fp32 (row stride stride_l), bias [V] (HAS_BIAS), targets [M] int32/int64 (already checked to
+    lie in [0, V)), lp/lse/ent [M] fp32. Grid (M,).
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + i_r).to(tl.int64)
+    lse, lp, ent = row_stats(logits_ptr + i_r * stride_l, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_V)
+    tl.store(lp_ptr + i_r, lp)
+    tl.store(lse_ptr + i_r, lse)
+    if WITH_ENT:
+        tl.store(ent_ptr + i_r, ent)
+
+
+@triton.jit(do_not_specialize=["V", "stride_l", "stride_dl"])
+def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
+                        stride_l, stride_dl, V, inv_t,
+                        HAS_BIAS: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Backward of (ℓ, H) through the softmax: dlogits_r = ∂(Σ g_lp·ℓ + g_ent·H)/∂x_r, written over the logits.
+
+    logits [M, V] fp32 (stride stride_l); dl [M, V] (stride stride_dl) the GEMM input dtype, may alias logits;
+    lse, ent, g_lp, g_ent [M] fp32; targets [M] int. Grid (M,).
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + i_r).to(tl.int64)
+    lse = tl.load(lse_ptr + i_r)
+    g_lp = tl.load(glp_ptr + i_r)
+    ent = tl.full((), 0.0, tl.float32)
+    g_ent = tl.full((), 0.0, tl.float32)
+    if WITH_ENT_GRAD:
+        ent = tl.load(ent_ptr + i_r)
+        g_ent = tl.load(gent_ptr + i_r)
+    row_dlogits_store(logits_ptr + i_r * stride_l, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, ent, g_lp, g_ent,
+                      V, inv_t, HAS_BIAS, WITH_ENT_GRAD, BLOCK_V)
