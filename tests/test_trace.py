@@ -35,7 +35,7 @@ def test_both_weight_rows():
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("T", [1, 2, 17, 259])
+@pytest.mark.parametrize("T", [1, 2, 17, 259, 700])
 @pytest.mark.parametrize("lam, gamma", [(0.99, 1.0), (0.7, 0.9), (0.0, 1.0), (1.0, 1.0)])
 def test_matches_matrix_form_fwd_bwd(style, T, lam, gamma, device):
     B = 3
@@ -64,8 +64,11 @@ def test_reference_matches_matrix_form(style):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_long_row_blocked_scan(style, device):
-    """A few thousand tokens: several blocks with carried state (block is 256 in the interpreter)."""
+@pytest.mark.parametrize("chunked", ["0", "1"])
+def test_long_row_blocked_scan(style, chunked, device, monkeypatch):
+    """A few thousand tokens: one program walking blocks with carried state, or one program per chunk with the
+    carries folded from chunk summaries (block is 256 in the interpreter)."""
+    monkeypatch.setenv("LAMBDA_KERNELS_CHUNKED_SCAN", chunked)
     B, T = 2, 3001
     x = torch.randn(B, T, dtype=torch.float64, device=device, requires_grad=True)
     m = random_mask(B, T, seed=1).to(device)

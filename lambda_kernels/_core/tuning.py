@@ -24,3 +24,18 @@ def scan_config(T: int) -> tuple[int, int]:
         cap = int(os.environ.get("LAMBDA_KERNELS_SCAN_BLOCK", DEFAULT_SCAN_BLOCK))
     block = min(max(triton.next_power_of_2(max(T, 1)), 16), cap)
     return block, (4 if block <= 512 else 8 if block <= 2048 else 16)
+
+
+# Below this many rows, a row longer than one block is split over a (chunks, B) grid (two launches) instead of one
+# program per row walking its blocks in series: few long rows would leave most SMs idle. LAMBDA_KERNELS_CHUNKED_SCAN
+# = "0" / "1" forces either path (tests cover both).
+CHUNKED_SCAN_MAX_ROWS = 32
+
+
+def use_chunked_scan(B: int, T: int, block: int) -> bool:
+    if T <= block:
+        return False
+    forced = os.environ.get("LAMBDA_KERNELS_CHUNKED_SCAN", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return B < CHUNKED_SCAN_MAX_ROWS

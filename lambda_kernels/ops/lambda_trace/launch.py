@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..._core.params import TraceParams
-from ..._core.tuning import scan_config
+from ..._core.tuning import scan_config, use_chunked_scan
+from .chunked_kernels import trace_chunk_apply_kernel, trace_chunk_local_kernel
 from .kernels import lambda_trace_bwd_kernel, lambda_trace_fwd_kernel
 
 
@@ -21,6 +22,22 @@ def scratch_for(params: TraceParams, B: int, T: int, device) -> torch.Tensor:
     return torch.empty((1,), dtype=torch.float32, device=device)
 
 
+def _chunked(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out: torch.Tensor, block: int, warps: int,
+             reverse: bool) -> torch.Tensor:
+    """Two launches over a (chunks, B) grid: local scans and summaries, then carries folded in (chunked_kernels)."""
+    B, T = inp.shape
+    n_chunks = -(-T // block)
+    summary = torch.empty((B, n_chunks, 2), dtype=torch.float32, device=inp.device)
+    scratch = scratch_for(params, B, T, inp.device)
+    mask_k = kernel_mask(mask)
+    common = dict(STYLE=params.style, REVERSE=reverse, BLOCK_T=block, num_warps=warps)
+    trace_chunk_local_kernel[(n_chunks, B)](inp, mask_k, summary, scratch, T, n_chunks, params.a, params.log2a,
+                                            **common)
+    trace_chunk_apply_kernel[(n_chunks, B)](inp, mask_k, summary, scratch, out, T, n_chunks, params.a,
+                                            params.log2a, **common)
+    return out
+
+
 def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
     """z [B, T] fp32 = the trace of m·x."""
     x = x.contiguous()
@@ -29,6 +46,8 @@ def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> t
     if B == 0 or T == 0:
         return z
     block, warps = scan_config(T)
+    if params.style != 0 and use_chunked_scan(B, T, block):
+        return _chunked(x, mask, params, z, block, warps, reverse=False)
     lambda_trace_fwd_kernel[(B,)](x, kernel_mask(mask), z, scratch_for(params, B, T, x.device), T, params.a,
                                   params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
     return z
@@ -43,6 +62,8 @@ def trace_backward(grad_z: torch.Tensor, mask: torch.Tensor, params: TraceParams
     if B == 0 or T == 0:
         return gx
     block, warps = scan_config(T)
+    if params.style != 0 and use_chunked_scan(B, T, block):
+        return _chunked(grad_z, mask, params, gx, block, warps, reverse=True)
     lambda_trace_bwd_kernel[(B,)](grad_z, kernel_mask(mask), gx, scratch_for(params, B, T, grad_z.device), T,
                                   params.a, params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
     return gx
