@@ -24,7 +24,7 @@ def make(B, T, seed=0):
     return torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("T", [1, 2, 31, 300])
+@pytest.mark.parametrize("T", [1, 2, 31, 300, 700])
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 0.0), (1.0, 1.0)])
 def test_matches_reference_with_holes(T, gamma, lam, device):
     r, v = make(4, T, seed=T)
@@ -73,7 +73,9 @@ def test_masked_positions_pass_state_through(device):
     assert (adv[0, ~keep] == 0).all() and (ret[0, ~keep] == 0).all()
 
 
-def test_all_masked_row_and_long_row(device):
+@pytest.mark.parametrize("chunked", ["0", "1"])
+def test_all_masked_row_and_long_row(chunked, device, monkeypatch):
+    monkeypatch.setenv("LAMBDA_KERNELS_CHUNKED_SCAN", chunked)
     r, v = make(2, 3001)
     m = random_mask(2, 3001, seed=3)
     m[1] = False
