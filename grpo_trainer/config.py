@@ -1,0 +1,390 @@
+"""Every trainer option in one dataclass: defaults, help text, YAML loading, `--key value` overrides, validation.
+
+The defaults ARE the embedded offline job (`grpo-lambda train` with no arguments): a tiny Llama trained from
+scratch on the shipped arithmetic task, warmed up by a short supervised phase, then trained with GRPO-λ.
+Option names follow TRL's GRPOConfig where TRL has the option.
+
+Validation errors read ``<option> must be ...; got .... [hint]`` and are raised as `ConfigError` at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+TRAIN, EVAL = "train", "evaluate"
+BOTH = (TRAIN, EVAL)
+
+ALGORITHMS = ("grpo", "grpo_lambda")
+TRACES = ("recent", "both")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPLS = ("auto", "torch", "triton")
+MODEL_ARCHS = ("llama", "qwen2")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """An invalid option, reported at start-up before any work is done."""
+
+
+def opt(default, help: str, commands=BOTH, group: str = "run"):
+    """A dataclass field carrying its help text, the sub-commands it applies to and its help group."""
+    kw = {"default_factory": (lambda d=default: list(d))} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "commands": commands, "group": group}, **kw)
+
+
+@dataclass
+class GRPOLambdaConfig:
+    # ---- model
+    model_name_or_path: Optional[str] = opt(
+        None, "A Hugging Face model folder/name to train (or, for `evaluate`, the checkpoint to score). "
+              "None builds the tiny model below from scratch, with a character tokenizer made locally.",
+        group="model")
+    model_arch: str = opt("llama", f"Architecture of the model built from scratch: one of {MODEL_ARCHS}.",
+                          TRAIN, "model")
+    hidden_size: int = opt(128, "Hidden size of the model built from scratch.", TRAIN, "model")
+    intermediate_size: int = opt(512, "MLP size of the model built from scratch.", TRAIN, "model")
+    num_hidden_layers: int = opt(4, "Layers of the model built from scratch.", TRAIN, "model")
+    num_attention_heads: int = opt(4, "Attention heads of the model built from scratch (must divide hidden_size).",
+                                   TRAIN, "model")
+    # ---- data
+    dataset: str = opt("arithmetic", "Training data: 'arithmetic' (the shipped generator), a path to a .jsonl file "
+                                     "with prompt/answer columns, or 'hf:NAME[:CONFIG][@SPLIT]' (needs `datasets`).",
+                       group="data")
+    eval_dataset: Optional[str] = opt(None, "Held-out data in the same forms; None splits `eval_size` rows off "
+                                            "`dataset` (arithmetic: problems never seen in training).", group="data")
+    prompt_column: str = opt("prompt", "Column holding the prompt text.", group="data")
+    answer_column: str = opt("answer", "Column holding the reference answer (passed to rewards as `answer`).",
+                             group="data")
+    arithmetic_max_operand: int = opt(29, "Arithmetic task: operands are drawn from 0..N.", group="data")
+    arithmetic_ops: str = opt("+-", "Arithmetic task: operators to use, a subset of '+-*' (a-b keeps a >= b).",
+                              group="data")
+    eval_size: int = opt(300, "Number of held-out problems scored before and after RL (and by `evaluate`).",
+                         group="data")
+    # ---- rewards
+    reward_funcs: list = opt(["arithmetic", "format"], "Reward functions, by registry name (arithmetic, math, "
+                                                       "format) or dotted path 'pkg.module:func' / 'pkg.module.func'.",
+                             TRAIN, "rewards")
+    reward_weights: Optional[list] = opt([1.0, 0.1], "One weight per reward function (None: all 1.0).", TRAIN,
+                                         "rewards")
+    eval_reward: str = opt("auto", "Reward that defines accuracy in evaluation (a 0/1 function); 'auto' picks "
+                                   "'arithmetic' for the arithmetic task and 'math' otherwise.", group="rewards")
+    # ---- generation
+    num_generations: int = opt(8, "Completions sampled per prompt (the group size G, >= 2).", TRAIN, "generation")
+    per_device_train_batch_size: int = opt(128, "Completions per optimisation micro-batch.", TRAIN, "generation")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimiser update.", TRAIN,
+                                           "generation")
+    generation_batch_size: Optional[int] = opt(
+        None, "Completions generated per step (a multiple of num_generations); None = "
+              "per_device_train_batch_size x gradient_accumulation_steps.", TRAIN, "generation")
+    max_prompt_length: int = opt(64, "Prompts are truncated from the left to this many tokens.", group="generation")
+    max_completion_length: int = opt(8, "Maximum generated tokens per completion.", group="generation")
+    temperature: float = opt(1.0, "Sampling temperature in training (the log-probs use the same one).", TRAIN,
+                             "generation")
+    top_p: float = opt(1.0, "Nucleus sampling in training, in (0, 1].", TRAIN, "generation")
+    use_vllm: bool = opt(False, "Generate with vLLM (optional extra `lambda-kernels[vllm]`, GPU only).", TRAIN,
+                         "generation")
+    # ---- algorithm
+    algorithm: str = opt("grpo_lambda", f"One of {ALGORITHMS}; 'grpo' ignores trace/lam/gamma/adv_clamp_min.",
+                         TRAIN, "algorithm")
+    trace: str = opt("both", f"GRPO-λ eligibility trace: one of {TRACES}.", TRAIN, "algorithm")
+    lam: float = opt(0.99, "Trace λ in [0, 1].", TRAIN, "algorithm")
+    gamma: float = opt(1.0, "Discount γ in [0, 1] (the trace decays by γ·λ per token).", TRAIN, "algorithm")
+    adv_clamp_min: Optional[float] = opt(-0.1, "Clamp advantages from below (the paper's -0.1); None = no clamp.",
+                                         TRAIN, "algorithm")
+    beta: float = opt(0.001, "KL coefficient (k3 estimator); > 0 loads a frozen reference model, 0 loads none.",
+                      TRAIN, "algorithm")
+    epsilon: float = opt(0.2, "Lower clip range ε of the ratio.", TRAIN, "algorithm")
+    epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon).", TRAIN, "algorithm")
+    loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")
+    scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
+    num_iterations: int = opt(1, "Optimisation passes over each rollout (1 = on-policy).", TRAIN, "algorithm")
+    mask_truncated_completions: bool = opt(False, "Exclude completions cut at max_completion_length from the loss.",
+                                           TRAIN, "algorithm")
+    dynamic_sampling: bool = opt(False, "Drop groups whose rewards are all equal (no learning signal).", TRAIN,
+                                 "algorithm")
+    impl: str = opt("auto", f"Loss kernels: one of {IMPLS} ('auto' = Triton on GPU or under "
+                            "TRITON_INTERPRET=1, PyTorch otherwise).", TRAIN, "algorithm")
+    # ---- optimisation
+    learning_rate: float = opt(3e-4, "AdamW learning rate of the RL phase (> 0).", TRAIN, "optimisation")
+    lr_scheduler_type: str = opt("constant_with_warmup", f"One of {SCHEDULERS}.", TRAIN, "optimisation")
+    warmup_ratio: float = opt(0.05, "Fraction of updates spent warming the learning rate up, in [0, 1).", TRAIN,
+                              "optimisation")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", TRAIN, "optimisation")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = no clipping).", TRAIN, "optimisation")
+    max_steps: int = opt(250, "RL steps (one rollout each, then num_iterations updates).", TRAIN, "optimisation")
+    # ---- supervised warm-up
+    sft_warmup_steps: int = opt(800, "Supervised steps on (prompt, answer) before RL (0 = none).", TRAIN, "warm-up")
+    sft_learning_rate: float = opt(3e-3, "AdamW learning rate of the warm-up.", TRAIN, "warm-up")
+    sft_batch_size: int = opt(64, "Examples per warm-up step.", TRAIN, "warm-up")
+    # ---- evaluation
+    eval_samples: int = opt(4, "pass@1 is averaged over this many samples per problem (0 = greedy only).",
+                            group="evaluation")
+    eval_temperature: float = opt(0.6, "Sampling temperature of pass@1.", group="evaluation")
+    eval_top_p: float = opt(0.95, "Nucleus sampling of pass@1.", group="evaluation")
+    eval_batch_size: int = opt(256, "Prompts per generate call in evaluation.", group="evaluation")
+    # ---- run
+    output_dir: str = opt("outputs/grpo-lambda", "Output folder (metrics, plot, checkpoints, final model). A new "
+                                                  "run (no --resume) refuses a folder holding an earlier run's "
+                                                  "checkpoints or metrics unless overwrite_output_dir is true.")
+    overwrite_output_dir: bool = opt(False, "Let a new run replace the metrics.jsonl and checkpoints/ of an earlier "
+                                            "run in output_dir.", TRAIN)
+    seed: int = opt(42, "Seed of the model init, the data split and order, and sampling.")
+    save_steps: int = opt(50, "Checkpoint every k steps (0 = never).", TRAIN)
+    save_total_limit: int = opt(2, "Checkpoints kept (the oldest are deleted; 0 = keep all).", TRAIN)
+    resume: Optional[str] = opt(None, "Resume from a checkpoint folder, or 'latest' in output_dir/checkpoints.",
+                                TRAIN)
+    logging_steps: int = opt(10, "With disable_tqdm, print a metrics line every k steps.", TRAIN)
+    disable_tqdm: bool = opt(False, "Print plain lines instead of a progress bar.")
+    num_threads: int = opt(0, "torch CPU threads (0 = torch's default).")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def effective_generation_batch_size(self) -> int:
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.effective_generation_batch_size // self.num_generations
+
+    @property
+    def loss_trace(self) -> Optional[str]:
+        return self.trace if self.algorithm == "grpo_lambda" else None
+
+    @property
+    def loss_adv_clamp_min(self) -> Optional[float]:
+        return self.adv_clamp_min if self.algorithm == "grpo_lambda" else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, command: str = TRAIN) -> "GRPOLambdaConfig":
+        """Check every option once; raise ConfigError naming the option, what is valid, and what was given."""
+        _choice("model_arch", self.model_arch, MODEL_ARCHS)
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_prompt_length", "max_completion_length", "eval_batch_size", "eval_size"):
+            _positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size must be a multiple of num_attention_heads = {self.num_attention_heads}; "
+                              f"got {self.hidden_size}.")
+        _positive_int("arithmetic_max_operand", self.arithmetic_max_operand)
+        if not self.arithmetic_ops or set(self.arithmetic_ops) - set("+-*"):
+            raise ConfigError(f"arithmetic_ops must be a non-empty subset of '+-*'; got {self.arithmetic_ops!r}.")
+        _non_negative_int("eval_samples", self.eval_samples)
+        _positive_number("eval_temperature", self.eval_temperature)
+        _unit_open_closed("eval_top_p", self.eval_top_p)
+        _non_negative_int("num_threads", self.num_threads)
+        if command == EVAL:
+            if self.model_name_or_path is None:
+                raise ConfigError("model_name_or_path must name the checkpoint to evaluate; got None. "
+                                  "Pass e.g. --model_name_or_path outputs/grpo-lambda/final")
+            return self
+
+        # rollout shape
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ConfigError(f"num_generations must be an integer >= 2 (group-relative advantages need at least "
+                              f"two completions per prompt); got {self.num_generations!r}.")
+        _positive_int("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.generation_batch_size is not None:
+            _positive_int("generation_batch_size", self.generation_batch_size)
+        gbs = self.effective_generation_batch_size
+        if gbs % self.num_generations:
+            valid = [k * self.num_generations for k in range(1, 5)]
+            raise ConfigError(
+                f"generation batch size (per_device_train_batch_size x gradient_accumulation_steps, or "
+                f"generation_batch_size) must be divisible by num_generations = {self.num_generations}; got {gbs}. "
+                f"Valid sizes are multiples of {self.num_generations}, e.g. {valid}.")
+        _positive_number("temperature", self.temperature)
+        _unit_open_closed("top_p", self.top_p)
+        # algorithm
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        _choice("trace", self.trace, TRACES)
+        _unit_closed("lam", self.lam)
+        _unit_closed("gamma", self.gamma)
+        if self.adv_clamp_min is not None:
+            _finite("adv_clamp_min", self.adv_clamp_min)
+        _non_negative("beta", self.beta)
+        _non_negative("epsilon", self.epsilon)
+        if self.epsilon_high is not None:
+            _non_negative("epsilon_high", self.epsilon_high)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _positive_int("num_iterations", self.num_iterations)
+        _choice("impl", self.impl, IMPLS)
+        # optimisation
+        if not _is_number(self.learning_rate) or not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ConfigError(f"learning_rate must be a finite number > 0; got {self.learning_rate!r}. "
+                              "Typical values: 1e-6 to 1e-5 for pretrained models, 1e-4 to 1e-3 for the tiny default.")
+        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}.")
+        _non_negative("weight_decay", self.weight_decay)
+        _non_negative("max_grad_norm", self.max_grad_norm)
+        _positive_int("max_steps", self.max_steps)
+        _non_negative_int("sft_warmup_steps", self.sft_warmup_steps)
+        _positive_number("sft_learning_rate", self.sft_learning_rate)
+        _positive_int("sft_batch_size", self.sft_batch_size)
+        _non_negative_int("save_steps", self.save_steps)
+        _non_negative_int("save_total_limit", self.save_total_limit)
+        _positive_int("logging_steps", self.logging_steps)
+        # rewards
+        if not isinstance(self.reward_funcs, list) or not self.reward_funcs:
+            raise ConfigError(f"reward_funcs must be a non-empty list of reward names; got {self.reward_funcs!r}.")
+        if self.reward_weights is not None:
+            if not isinstance(self.reward_weights, list) or len(self.reward_weights) != len(self.reward_funcs):
+                raise ConfigError(
+                    f"reward_weights must have one weight per reward function ({len(self.reward_funcs)}: "
+                    f"{self.reward_funcs}); got {self.reward_weights!r}. Pass None for all 1.0.")
+            for w in self.reward_weights:
+                _finite("reward_weights", w)
+        if self.use_vllm:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError("use_vllm must be false when vllm is not installed; got true. "
+                                  "Install it with `pip install 'lambda-kernels[vllm]'` (GPU only).")
+        return self
+
+
+# ---------------------------------------------------------------------- checks
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _choice(name, v, options):
+    if v not in options:
+        close = difflib.get_close_matches(str(v), [str(o) for o in options], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} must be one of {list(options)}; got {v!r}.{hint}")
+
+
+def _positive_int(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{name} must be an integer >= 1; got {v!r}.")
+
+
+def _non_negative_int(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{name} must be an integer >= 0; got {v!r}.")
+
+
+def _finite(name, v):
+    if not _is_number(v) or not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number; got {v!r}.")
+
+
+def _non_negative(name, v):
+    if not _is_number(v) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0; got {v!r}.")
+
+
+def _positive_number(name, v):
+    if not _is_number(v) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0; got {v!r}.")
+
+
+def _unit_closed(name, v):
+    if not _is_number(v) or not 0 <= v <= 1:
+        raise ConfigError(f"{name} must be in [0, 1]; got {v!r}.")
+
+
+def _unit_open_closed(name, v):
+    if not _is_number(v) or not 0 < v <= 1:
+        raise ConfigError(f"{name} must be in (0, 1]; got {v!r}.")
+
+
+# ---------------------------------------------------------------------- parsing
+FIELDS = {f.name: f for f in dataclasses.fields(GRPOLambdaConfig)}
+_HINTS = typing.get_type_hints(GRPOLambdaConfig)
+
+
+def _base_type(name: str):
+    """(type, optional) of a field: Optional[X] -> (X, True)."""
+    tp = _HINTS[name]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the option's type; ConfigError if it cannot be."""
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, list(FIELDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else " Run `grpo-lambda train --help` for the list."
+        raise ConfigError(f"unknown option {name!r}.{hint}")
+    tp, optional = _base_type(name)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~"))):
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "yes", "1", "on"):
+                return True
+            if s in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is list:
+            if isinstance(value, str):
+                s = value.strip()
+                value = yaml.safe_load(s) if s.startswith("[") else [v.strip() for v in s.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            value = list(value)
+            if name == "reward_weights":
+                value = [float(v) for v in value]
+            else:
+                value = [str(v) for v in value]
+            return value
+        return str(value)
+    except (TypeError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number", list: "a list (a,b or [a, b])",
+                str: "a string"}[tp]
+        raise ConfigError(f"{name} must be {want}{' or none' if optional else ''}; got {value!r}.") from None
+
+
+def load_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config must be an existing YAML file; got {str(path)!r} (not found).")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config must hold a mapping of option: value; got {type(data).__name__} in {path}.")
+    return data
+
+
+def build_config(yaml_path=None, overrides: Optional[dict] = None, command: str = TRAIN) -> GRPOLambdaConfig:
+    """Defaults <- YAML file <- overrides (keys may use dashes), coerced and validated."""
+    values: dict = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    for k, v in (overrides or {}).items():
+        values[k.replace("-", "_")] = v
+    kwargs = {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in values.items()}
+    return GRPOLambdaConfig(**kwargs).validate(command)

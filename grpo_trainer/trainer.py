@@ -1,0 +1,333 @@
+"""The GRPO / GRPO-λ training loop, built only on lambda_kernels' public API.
+
+One step: prompts → G completions each (a GenerationBackend) → rewards (weighted sum of reward functions) →
+`group_advantages` (optionally dropping groups with equal rewards) → old / reference log-probs under no_grad via
+`linear_logprobs` on hidden states → `num_iterations` updates, each over gradient-accumulated micro-batches of
+`fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
+A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from lambda_kernels import fused_grpo_lambda_loss, group_advantages, linear_logprobs
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, GRPOLambdaConfig
+from .data import PromptSampler, load_datasets
+from .evaluate import evaluate_rows, format_result
+from .generation import HFGenerationBackend, VLLMGenerationBackend
+from .model import completion_hidden, lm_head, load_policy, quiet_transformers, save_pretrained
+from .plot import plot_reward_curve
+from .rewards import RewardSet
+from .warmup import sft_warmup
+
+
+@dataclass
+class Batch:
+    """Rows of one rollout, laid out for the loss (see generation.Generation)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    attention_mask: torch.Tensor    # completion tokens up to and including EOS
+    loss_mask: torch.Tensor         # attention_mask, minus truncated rows if mask_truncated_completions
+    advantages: torch.Tensor        # [B] fp32
+
+    def __len__(self):
+        return self.prompt_ids.shape[0]
+
+    def select(self, idx) -> "Batch":
+        return Batch(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                        self.attention_mask, self.loss_mask, self.advantages)))
+
+
+def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
+                num_items_in_batch=None, impl: str | None = None):
+    """The GRPO(-λ) loss of `model` on `batch` from hidden states and the LM head → (loss, metrics)."""
+    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.attention_mask)
+    weight, bias = lm_head(model)
+    return fused_grpo_lambda_loss(
+        hidden, weight, batch.completion_ids, batch.loss_mask, batch.advantages, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, bias=bias, temperature=cfg.temperature, trace=cfg.loss_trace, lam=cfg.lam,
+        gamma=cfg.gamma, adv_clamp_min=cfg.loss_adv_clamp_min, epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+        max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
+        return_entropy=True, impl=cfg.impl if impl is None else impl)
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch: Batch, cfg: GRPOLambdaConfig) -> torch.Tensor:
+    """Per-token log-probs [B, T] of the completions under `model` (no grad), in micro-batches."""
+    out = []
+    weight, bias = lm_head(model)
+    for s in range(0, len(batch), cfg.per_device_train_batch_size):
+        mb = batch.select(slice(s, s + cfg.per_device_train_batch_size))
+        hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.attention_mask)
+        out.append(linear_logprobs(hidden, weight, mb.completion_ids, bias=bias, temperature=cfg.temperature,
+                                   impl=cfg.impl))
+    return torch.cat(out)
+
+
+def _finite_or_none(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+class GRPOLambdaTrainer:
+    """Holds the model(s), optimiser, data and output folder; `train()` runs the loop."""
+
+    def __init__(self, cfg: GRPOLambdaConfig, backend_factory=None):
+        """`backend_factory(model, tokenizer, cfg) -> GenerationBackend` plugs in another generation backend."""
+        self.cfg = cfg.validate("train")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        # Everything that can be wrong with the configuration fails here, before any model work.
+        self.rewards = RewardSet(cfg.reward_funcs, cfg.reward_weights)
+        self.train_rows, self.eval_rows = load_datasets(cfg)
+        self.resume_path = ckpt.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
+
+        self.metrics_path = self.out / "metrics.jsonl"
+        earlier_run = self.metrics_path.exists() or ckpt.checkpoint_root(self.out).exists()
+        if self.resume_path is None and earlier_run and not cfg.overwrite_output_dir:
+            # never delete an interrupted run's checkpoints because --resume was forgotten
+            raise ConfigError(
+                f"output_dir {str(self.out)!r} already holds an earlier run (metrics.jsonl or checkpoints/); got no "
+                "--resume. Pass --resume latest to continue it, --overwrite_output_dir true to start over there, "
+                "or choose another --output_dir.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume_path is None:  # a new run owns the folder's run files
+            shutil.rmtree(ckpt.checkpoint_root(self.out), ignore_errors=True)
+            self.metrics_path.unlink(missing_ok=True)
+        else:
+            self._warn_config_changes()
+        cfg.save_yaml(self.out / "config.yaml")
+
+        self.model, self.tokenizer = load_policy(cfg, path=str(self.resume_path) if self.resume_path else None)
+        self.model.train()
+        self.backend = backend_factory(self.model, self.tokenizer, cfg) if backend_factory else self._make_backend()
+        self.sampler = PromptSampler(len(self.train_rows), cfg.seed)
+        self.updates_per_step = cfg.num_iterations
+        total_updates = cfg.max_steps * self.updates_per_step
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=math.ceil(cfg.warmup_ratio * total_updates),
+                                       num_training_steps=total_updates)
+        self.ref_model = None
+        self.start_step = 0
+        self.eval_before: dict | None = None
+
+    # ------------------------------------------------------------------ set-up pieces
+    def _make_backend(self):
+        cfg = self.cfg
+        if cfg.use_vllm:
+            init = self.out / "vllm_init"
+            save_pretrained(self.model, self.tokenizer, init)
+            return VLLMGenerationBackend(str(init), self.tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                         max_completion_length=cfg.max_completion_length)
+        return HFGenerationBackend(self.model, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                   max_completion_length=cfg.max_completion_length)
+
+    def _warn_config_changes(self):
+        saved = self.out / "config.yaml"
+        if not saved.is_file():
+            return
+        import yaml
+
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = [k for k, v in self.cfg.to_dict().items() if k != "resume" and k in before and before[k] != v]
+        if changed:
+            self._print(f"warning: resuming with options that differ from the interrupted run: {changed}; "
+                        "the continuation will not reproduce an uninterrupted run")
+
+    def _load_reference(self):
+        """The frozen policy at the start of RL: the warm-up result, else the initial model."""
+        cfg = self.cfg
+        if self.resume_path is None:
+            ref = copy.deepcopy(self.model)
+        elif cfg.sft_warmup_steps > 0:
+            ref, _ = load_policy(cfg, path=str(self.out / "sft_model"))
+        else:
+            ref, _ = load_policy(cfg)
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _prepare(self):
+        """Warm-up + evaluation before RL on a new run; optimizer/scheduler/RNG/sampler state on a resume."""
+        cfg = self.cfg
+        if self.resume_path is None:
+            if cfg.sft_warmup_steps > 0:
+                sft_warmup(self.model, self.tokenizer, self.train_rows, cfg)
+                save_pretrained(self.model, self.tokenizer, self.out / "sft_model")
+            self.eval_before = evaluate_rows(self.backend, self.eval_rows, cfg)
+            self._print(f"before RL: {format_result(self.eval_before)}")
+        else:
+            state = ckpt.load_training_state(self.resume_path, self.optimizer, self.scheduler)
+            self.sampler.load_state_dict(state["sampler"])
+            self.start_step, self.eval_before = state["step"], state["eval_before"]
+            self._truncate_metrics(self.start_step)
+            self._print(f"resumed from {self.resume_path} at step {self.start_step}")
+        if cfg.beta > 0:
+            self.ref_model = self._load_reference()
+
+    def _truncate_metrics(self, step: int):
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _print(self, msg: str):
+        tqdm.write(msg)
+
+    # ------------------------------------------------------------------ one RL step
+    def rl_step(self, step: int) -> dict:
+        """Generate, score, and apply `num_iterations` updates; return the step's metrics (TRL names)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        rows = [self.train_rows[i] for i in self.sampler.next_indices(cfg.prompts_per_step)]
+        gen = self.backend.generate([r["prompt"] for r in rows], G, temperature=cfg.temperature, top_p=cfg.top_p)
+        rep_rows = [r for r in rows for _ in range(G)]
+        rewards, per_func = self.rewards([r["prompt"] for r in rep_rows], gen.texts, rep_rows)
+        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)
+
+        group_std = rewards.view(-1, G).std(dim=1)
+        zero_std = rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)
+        lengths = gen.completion_mask.sum(1).float()
+        metrics = {"step": step + 1, "reward": rewards.mean().item(), "reward_std": group_std.mean().item()}
+        for name, col in zip(self.rewards.short_names, per_func.T):
+            metrics[f"rewards/{name}/mean"] = _finite_or_none(torch.nanmean(col))
+        metrics.update({"frac_reward_zero_std": zero_std.float().mean().item(),
+                        "completions/mean_length": lengths.mean().item(),
+                        "completions/clipped_ratio": gen.truncated.float().mean().item()})
+
+        loss_mask = gen.completion_mask.clone()
+        if cfg.mask_truncated_completions:
+            loss_mask[gen.truncated] = 0
+        batch = Batch(gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask, loss_mask,
+                      advantages)
+        if cfg.dynamic_sampling:
+            batch = batch.select((~zero_std).repeat_interleave(G).nonzero().squeeze(1))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
+        update = self._update(batch) if len(batch) else {"loss": None, "grad_norm": None, "skipped": 0}
+        metrics.update(update)
+        metrics["learning_rate"] = lr
+        self.backend.sync_weights(self.model)
+        metrics["step_time"] = time.perf_counter() - t0
+        return metrics
+
+    def _update(self, batch: Batch) -> dict:
+        cfg, model = self.cfg, self.model
+        old_logprobs = batch_logprobs(model, batch, cfg) if cfg.num_iterations > 1 else None  # None: on-policy
+        ref_logprobs = batch_logprobs(self.ref_model, batch, cfg) if self.ref_model is not None else None
+        mbs = cfg.per_device_train_batch_size
+        chunks = [slice(s, s + mbs) for s in range(0, len(batch), mbs)]
+        num_items = batch.loss_mask.sum().clamp(min=1) if cfg.loss_type == "dapo" else None
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        skipped = 0
+
+        def add(key, value):
+            if value is not None and math.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            finite, loss_total = True, 0.0
+            for sl in chunks:
+                loss, m = policy_loss(
+                    model, batch.select(sl), cfg, num_items_in_batch=num_items,
+                    old_logprobs=None if old_logprobs is None else old_logprobs[sl],
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl])
+                if cfg.loss_type != "dapo":  # dapo is already normalised over the whole batch by num_items
+                    loss = loss / len(chunks)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                loss_total += loss.item()
+                for k, v in m.items():
+                    add(k, v.item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")) if finite else None
+            if not finite or not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)  # never let a NaN/inf reach the weights
+                skipped += 1
+                self._print(f"non-finite {'loss' if not finite else 'gradient'}: update skipped, weights unchanged")
+            else:
+                self.optimizer.step()
+                self.scheduler.step()  # like AMP's skipped steps, a skipped update does not advance the schedule
+                add("loss", loss_total)
+                add("grad_norm", grad_norm.item())
+            self.optimizer.zero_grad(set_to_none=True)
+
+        out = {k: sums[k] / counts[k] for k in sums}
+        out.setdefault("loss", None)
+        out.setdefault("grad_norm", None)
+        out.pop("ratio_mean", None)
+        out["skipped"] = skipped
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._prepare()
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc=f"{cfg.algorithm}", disable=cfg.disable_tqdm,
+                   dynamic_ncols=True)
+        with open(self.metrics_path, "a") as log:
+            for step in range(self.start_step, cfg.max_steps):
+                metrics = self.rl_step(step)
+                log.write(json.dumps({k: (_finite_or_none(v) if isinstance(v, float) else v)
+                                      for k, v in metrics.items()}) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}",
+                                kl=f"{metrics['kl']:.4f}" if metrics.get("kl") is not None else "-",
+                                step_time=f"{metrics['step_time']:.2f}s")
+                if cfg.disable_tqdm and ((step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps):
+                    self._print(json.dumps(metrics))
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                    ckpt.save_checkpoint(self.out, step + 1, self.model, self.tokenizer, self.optimizer,
+                                         self.scheduler, {"sampler": self.sampler.state_dict(),
+                                                          "eval_before": self.eval_before},
+                                         cfg.save_total_limit)
+        bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        save_pretrained(self.model, self.tokenizer, self.out / "final")
+        plot_reward_curve(self.metrics_path, self.out / "reward_curve.png",
+                          title=f"{cfg.algorithm} (trace={cfg.loss_trace}, λ={cfg.lam})")
+        self.model.eval()
+        after = evaluate_rows(self.backend, self.eval_rows, cfg)
+        summary = {"before_rl": self.eval_before, "after_rl": after}
+        (self.out / "eval_results.json").write_text(json.dumps(summary, indent=1))
+        self._print(f"before RL: {format_result(self.eval_before)}")
+        self._print(f"after RL:  {format_result(after)}")
+        return summary
+
+
+def train(cfg: GRPOLambdaConfig) -> dict:
+    """Run a full training job (`grpo-lambda train`); returns {'before_rl': ..., 'after_rl': ...}."""
+    with quiet_transformers():
+        return GRPOLambdaTrainer(cfg).train()

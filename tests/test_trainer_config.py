@@ -1,0 +1,154 @@
+"""grpo_trainer configuration: defaults, YAML + overrides, the CLI's help, and every start-up error message."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_trainer import cli
+from grpo_trainer.config import FIELDS, ConfigError, GRPOLambdaConfig, build_config
+from grpo_trainer.trainer import GRPOLambdaTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate_and_match_shipped_yaml():
+    cfg = GRPOLambdaConfig().validate()
+    shipped = build_config(ROOT / "grpo_trainer" / "configs" / "default.yaml")
+    assert shipped == cfg
+    assert cfg.algorithm == "grpo_lambda" and cfg.trace == "both" and cfg.lam == 0.99 and cfg.adv_clamp_min == -0.1
+    assert cfg.impl == "auto"
+
+
+def test_baseline_yaml_is_plain_grpo():
+    cfg = build_config(ROOT / "grpo_trainer" / "configs" / "grpo_baseline.yaml")
+    assert cfg.algorithm == "grpo" and cfg.loss_trace is None and cfg.loss_adv_clamp_min is None
+
+
+def test_yaml_then_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("learning_rate: 1e-3\nnum_generations: 4\nreward_funcs: [arithmetic]\nreward_weights: null\n")
+    cfg = build_config(y, {"num-generations": "2", "beta": "0", "adv_clamp_min": "none", "dynamic_sampling": "true",
+                           "reward_funcs": "arithmetic,format"})
+    assert cfg.learning_rate == 1e-3 and cfg.num_generations == 2 and cfg.beta == 0.0
+    assert cfg.adv_clamp_min is None and cfg.dynamic_sampling is True
+    assert cfg.reward_funcs == ["arithmetic", "format"] and cfg.reward_weights is None
+
+
+def test_help_lists_every_option_with_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, f in FIELDS.items():
+        if "train" in f.metadata["commands"]:
+            assert f"--{name}" in text, name
+    assert text.count("(default:") >= sum("train" in f.metadata["commands"] for f in FIELDS.values())
+    assert "(default: grpo_lambda)" in text and "(default: 0.99)" in text and "(default: -0.1)" in text
+
+
+def test_evaluate_help_and_missing_model(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--eval_samples" in out and "--num_generations" not in out
+    assert cli.main(["evaluate"]) == 2
+    assert "model_name_or_path must name the checkpoint" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "grpo_trainer", "train", "--num_generations", "1"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 2
+    assert "num_generations must be an integer >= 2" in r.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"per_device_train_batch_size": 10, "num_generations": 4}, r"must be divisible by num_generations = 4; got 10"),
+    ({"generation_batch_size": 30, "num_generations": 8}, r"divisible by num_generations = 8; got 30.*e\.g\. \[8, 16"),
+    ({"num_generations": 1}, r"num_generations must be an integer >= 2.*got 1"),
+    ({"learning_rate": -1e-4}, r"learning_rate must be a finite number > 0; got -0\.0001"),
+    ({"loss_type": "dapp"}, r"loss_type must be one of \['dapo', 'bnpo', 'grpo', 'dr_grpo'\]; got 'dapp'\. "
+                            r"Did you mean 'dapo'\?"),
+    ({"algorithm": "ppo"}, r"algorithm must be one of \['grpo', 'grpo_lambda'\]; got 'ppo'"),
+    ({"trace": "all"}, r"trace must be one of \['recent', 'both'\]"),
+    ({"lam": 1.5}, r"lam must be in \[0, 1\]; got 1\.5"),
+    ({"beta": -0.1}, r"beta must be a finite number >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"temperature": 0}, r"temperature must be a finite number > 0"),
+    ({"impl": "cuda"}, r"impl must be one of \['auto', 'torch', 'triton'\]"),
+    ({"reward_weights": [1.0]}, r"reward_weights must have one weight per reward function \(2"),
+    ({"hidden_size": 30, "num_attention_heads": 4}, r"hidden_size must be a multiple of num_attention_heads = 4"),
+    ({"max_steps": 0}, r"max_steps must be an integer >= 1; got 0"),
+    ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(GRPOLambdaConfig(), **overrides).validate()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_generations": "two"}, r"num_generations must be an integer; got 'two'"),
+    ({"learning_rate": "fast"}, r"learning_rate must be a number; got 'fast'"),
+    ({"dynamic_sampling": "maybe"}, r"dynamic_sampling must be true or false; got 'maybe'"),
+    ({"num_generation": "4"}, r"unknown option 'num_generation'\. Did you mean 'num_generations'\?"),
+])
+def test_override_parse_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, overrides)
+
+
+def test_cli_reports_config_error(capsys):
+    assert cli.main(["train", "--per-device-train-batch-size", "10", "--num_generations", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "divisible by num_generations = 4" in err
+
+
+def _start(tmp_path, **kw):
+    cfg = dataclasses.replace(GRPOLambdaConfig(), output_dir=str(tmp_path / "out"), **kw)
+    return GRPOLambdaTrainer(cfg)
+
+
+def test_unknown_reward_fails_at_startup(tmp_path):
+    with pytest.raises(ConfigError, match=r"reward_funcs entries must be one of \['arithmetic', 'format', 'math'\].*"
+                                          r"got 'exact'"):
+        _start(tmp_path, reward_funcs=["exact"], reward_weights=None)
+    with pytest.raises(ConfigError, match=r"reward_funcs entry 'no_such_pkg\.fn' must be importable"):
+        _start(tmp_path, reward_funcs=["no_such_pkg.fn"], reward_weights=None)
+    assert not (tmp_path / "out").exists()  # nothing written before validation passed
+
+
+def test_missing_dataset_column_fails_at_startup(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1=", "answer": "2"}\n' * 10)
+    with pytest.raises(ConfigError, match=r"prompt_column must name a column of dataset .*got 'prompt'.*"
+                                          r"columns: \['answer', 'question'\]"):
+        _start(tmp_path, dataset=str(data))
+    with pytest.raises(ConfigError, match=r"dataset must be 'arithmetic', an existing \.jsonl file"):
+        _start(tmp_path, dataset=str(tmp_path / "missing.jsonl"))
+
+
+def test_resume_without_checkpoint_fails_at_startup(tmp_path):
+    with pytest.raises(ConfigError, match=r"resume must point to a checkpoint; got 'latest' but .* holds none"):
+        _start(tmp_path, resume="latest")
+    with pytest.raises(ConfigError, match=r"resume must be 'latest' or a checkpoint folder"):
+        _start(tmp_path, resume=str(tmp_path))
+
+
+def test_optional_backends_fail_clearly_when_missing(tmp_path):
+    import importlib.util
+
+    from grpo_trainer.data import load_rows
+    from grpo_trainer.generation import VLLMGenerationBackend
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"use_vllm must be false when vllm is not installed.*"
+                                              r"lambda-kernels\[vllm\]"):
+            dataclasses.replace(GRPOLambdaConfig(), use_vllm=True).validate()
+        with pytest.raises(RuntimeError, match=r"use_vllm=True needs vLLM"):
+            VLLMGenerationBackend("x", None, max_prompt_length=8, max_completion_length=8)
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(RuntimeError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
+            load_rows("hf:openai/gsm8k:main@train")
