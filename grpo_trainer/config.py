@@ -28,6 +28,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,10 @@ class GRPOLambdaConfig:
     logging_steps: int = opt(10, "With disable_tqdm, print a metrics line every k steps.", TRAIN)
     disable_tqdm: bool = opt(False, "Print plain lines instead of a progress bar.")
     num_threads: int = opt(0, "torch CPU threads (0 = torch's default).")
+    device: str = opt("auto", "Where the model runs: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or "
+                              "'cuda:N'.")
+    model_dtype: str = opt("float32", f"Dtype of the model's weights: one of {MODEL_DTYPES} (bfloat16 for real "
+                                      "models on GPUs; the loss computes in fp32 inside either way).", group="model")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -170,6 +175,23 @@ class GRPOLambdaConfig:
     def save_yaml(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def torch_device(self):
+        """The torch.device of `device` ("auto": CUDA when available); ConfigError if it cannot be used here."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}.") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}.")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} needs CUDA, which this machine lacks; got no CUDA device. "
+                              "Use --device cpu (or auto).")
+        return dev
+
     # ------------------------------------------------------------------ validation
     def validate(self, command: str = TRAIN) -> "GRPOLambdaConfig":
         """Check every option once; raise ConfigError naming the option, what is valid, and what was given."""
@@ -187,6 +209,8 @@ class GRPOLambdaConfig:
         _positive_number("eval_temperature", self.eval_temperature)
         _unit_open_closed("eval_top_p", self.eval_top_p)
         _non_negative_int("num_threads", self.num_threads)
+        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        self.torch_device()
         if command == EVAL:
             if self.model_name_or_path is None:
                 raise ConfigError("model_name_or_path must name the checkpoint to evaluate; got None. "

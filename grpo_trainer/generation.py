@@ -60,6 +60,7 @@ class HFGenerationBackend:
 
         tok = self.tokenizer
         prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, self.max_prompt_length)
+        prompt_ids, prompt_mask = prompt_ids.to(self.model.device), prompt_mask.to(self.model.device)
         prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         gen_cfg = GenerationConfig(

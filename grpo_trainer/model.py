@@ -89,7 +89,7 @@ def load_policy(cfg: GRPOLambdaConfig, path: str | None = None):
             tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), cfg)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     check_supported(model)
-    return model, tokenizer
+    return model.to(device=cfg.torch_device(), dtype=getattr(torch, cfg.model_dtype)), tokenizer
 
 
 def check_supported(model) -> None:

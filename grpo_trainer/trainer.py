@@ -46,6 +46,10 @@ class Batch:
     def __len__(self):
         return self.prompt_ids.shape[0]
 
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                               self.attention_mask, self.loss_mask, self.advantages)))
+
     def select(self, idx) -> "Batch":
         return Batch(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
                                         self.attention_mask, self.loss_mask, self.advantages)))
@@ -223,9 +227,9 @@ class GRPOLambdaTrainer:
         if cfg.mask_truncated_completions:
             loss_mask[gen.truncated] = 0
         batch = Batch(gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask, loss_mask,
-                      advantages)
+                      advantages).to(self.model.device)  # rewards and advantages are computed on the CPU
         if cfg.dynamic_sampling:
-            batch = batch.select((~zero_std).repeat_interleave(G).nonzero().squeeze(1))
+            batch = batch.select((~zero_std).repeat_interleave(G).nonzero().squeeze(1).to(self.model.device))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         update = self._update(batch) if len(batch) else {"loss": None, "grad_norm": None, "skipped": 0}
         metrics.update(update)

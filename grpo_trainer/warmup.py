@@ -31,6 +31,7 @@ def encode_answers(tokenizer, answers: list[str]):
 def sft_loss(model, tokenizer, rows: list[dict], cfg: GRPOLambdaConfig, impl: str = "auto") -> torch.Tensor:
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
     ids, mask = encode_answers(tokenizer, [r["answer"] for r in rows])
+    prompt_ids, prompt_mask, ids, mask = (t.to(model.device) for t in (prompt_ids, prompt_mask, ids, mask))
     hidden = completion_hidden(model, prompt_ids, prompt_mask, ids, mask)
     weight, bias = lm_head(model)
     logp = linear_logprobs(hidden, weight, ids, bias=bias, impl=impl)

@@ -152,3 +152,17 @@ def test_optional_backends_fail_clearly_when_missing(tmp_path):
     if importlib.util.find_spec("datasets") is None:
         with pytest.raises(RuntimeError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
             load_rows("hf:openai/gsm8k:main@train")
+
+
+def test_device_and_dtype_options():
+    import torch
+
+    assert GRPOLambdaConfig(device="cpu").torch_device() == torch.device("cpu")
+    assert GRPOLambdaConfig().torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"):
+        GRPOLambdaConfig(device="tpu").validate("train")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device 'cuda' needs CUDA.*--device cpu"):
+            GRPOLambdaConfig(device="cuda").validate("train")
+    with pytest.raises(ConfigError, match=r"model_dtype must be one of"):
+        GRPOLambdaConfig(model_dtype="int8").validate("train")
