@@ -95,12 +95,14 @@ def providers_for(op: str, T: int) -> list[str]:
 
 
 def check_correct(op: str, inp: dict) -> float:
-    """Max abs difference of our result against an independent implementation (dense matrix or the loop)."""
+    """Max abs difference of our result against an independent implementation (dense matrix or the loop), relative
+    to the largest magnitude of the reference (the "both" gradient reaches ~T at early tokens)."""
     ours = make_fn(op, "lambda_kernels", inp)()
     other = "torch_dense" if op.startswith("trace") else "torch_loop"
     theirs = make_fn(op, other, inp)()
     ours, theirs = (ours if isinstance(ours, tuple) else (ours,)), (theirs if isinstance(theirs, tuple) else (theirs,))
-    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs))
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+               for a, b in zip(ours, theirs))
 
 
 def floor_ms(op: str, inp: dict) -> float:
@@ -141,7 +143,7 @@ def test_scan_benchmarks(benchmark, op, provider, B, T):
     inp = make_inputs(B, T, "cuda")
     if provider == "lambda_kernels":
         err = check_correct(op, make_inputs(min(B, 2), T, "cuda"))
-        assert err < 1e-2, f"{op}: max abs error {err} against the independent implementation"
+        assert err < 1e-4, f"{op}: relative error {err} against the independent implementation"
     row = run_case(op, provider, B, T)
     benchmark.extra_info.update(row)
     benchmark.pedantic(sync_call(make_fn(op, provider, inp)), rounds=3 if provider == "torch_loop" else 20,

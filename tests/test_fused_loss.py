@@ -356,5 +356,7 @@ def test_hidden_sliced_from_full_sequence(device):
     loss_r, _ = R.fused_grpo_lambda_loss(h64[:, P - 1:-1], w.detach().double(), ids, mask, adv, trace="recent",
                                          lam=0.9)
     (gh_r,) = torch.autograd.grad(loss_r, h64)
-    torch.testing.assert_close(gh.double(), gh_r, rtol=1e-5, atol=1e-8)
+    # cuBLAS sums fp32 GEMMs in another order than the CPU: on CUDA the bound is relative to the gradient's scale
+    atol = 1e-6 * gh_r.abs().max().item() if device.type == "cuda" else 1e-8
+    torch.testing.assert_close(gh.double(), gh_r, rtol=1e-5, atol=atol)
     assert (gh[:, :P - 1] == 0).all() and (gh[:, -1] == 0).all()

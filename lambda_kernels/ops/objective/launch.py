@@ -48,9 +48,11 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
             HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=has_kl, NEED_GRAD=need_grad,
             BLOCK_T=block, num_warps=warps)
         items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
+        if items_is_tensor:  # e.g. a CPU count from a trainer's gradient accumulation: read it where the kernel runs
+            num_items_in_batch = num_items_in_batch.reshape(1).to(device=device, dtype=torch.float32)
         length = T if params.max_completion_length is None else params.max_completion_length
         objective_finalize_kernel[(1,)](
-            stats, num_items_in_batch.reshape(1) if items_is_tensor else _placeholder(device), scales, out, B,
+            stats, num_items_in_batch if items_is_tensor else _placeholder(device), scales, out, B,
             float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
             1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
