@@ -7,11 +7,8 @@ from ..scan_helpers import _linear_combine, decayed_scan, pick
 
 
 @triton.jit
-def _gae_block(r_ptr, v_ptr, mask_ptr, adv_ptr, ret_ptr, row, t0, T, gamma, gamma_lam, carry_nv, carry_a,
-               BLOCK_T: tl.constexpr):
-    """Advantages and returns of steps [t0, t0 + BLOCK_T) given the state just after the block; returns the state
-    at t0 (next valid value, advantage)."""
-    o_t = t0 + tl.arange(0, BLOCK_T)
+def _gae_load(r_ptr, v_ptr, mask_ptr, row, o_t, T):
+    """(in-row mask, r, V, valid, valid at t+1, V at t+1) of a block of steps, fp32 / bool."""
     m_t = o_t < T
     m_next = (o_t + 1) < T
     b_r = tl.load(r_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
@@ -19,6 +16,16 @@ def _gae_block(r_ptr, v_ptr, mask_ptr, adv_ptr, ret_ptr, row, t0, T, gamma, gamm
     b_valid = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32) != 0
     b_valid_next = tl.load(mask_ptr + row + o_t + 1, mask=m_next, other=0).to(tl.float32) != 0
     b_v_next = tl.load(v_ptr + row + o_t + 1, mask=m_next, other=0.0).to(tl.float32)
+    return m_t, b_r, b_v, b_valid, b_valid_next, b_v_next
+
+
+@triton.jit
+def _gae_block(r_ptr, v_ptr, mask_ptr, adv_ptr, ret_ptr, row, t0, T, gamma, gamma_lam, carry_nv, carry_a,
+               BLOCK_T: tl.constexpr):
+    """Advantages and returns of steps [t0, t0 + BLOCK_T) given the state just after the block; returns the state
+    at t0 (next valid value, advantage)."""
+    o_t = t0 + tl.arange(0, BLOCK_T)
+    m_t, b_r, b_v, b_valid, b_valid_next, b_v_next = _gae_load(r_ptr, v_ptr, mask_ptr, row, o_t, T)
     b_nv = decayed_scan(tl.where(b_valid_next, b_v_next, 0.0), tl.where(b_valid_next, 0.0, 1.0), carry_nv, True)
     b_delta = b_r + gamma * b_nv - b_v
     b_a = decayed_scan(tl.where(b_valid, b_delta, 0.0), tl.where(b_valid, gamma_lam, 1.0), carry_a, True)
@@ -60,13 +67,7 @@ def gae_chunk_local_kernel(r_ptr, v_ptr, mask_ptr, summary_ptr, T, n_chunks, gam
     row = i_b * T
     t0 = i_c * BLOCK_T
     o_t = t0 + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    m_next = (o_t + 1) < T
-    b_r = tl.load(r_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
-    b_v = tl.load(v_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
-    b_valid = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32) != 0
-    b_valid_next = tl.load(mask_ptr + row + o_t + 1, mask=m_next, other=0).to(tl.float32) != 0
-    b_v_next = tl.load(v_ptr + row + o_t + 1, mask=m_next, other=0.0).to(tl.float32)
+    m_t, b_r, b_v, b_valid, b_valid_next, b_v_next = _gae_load(r_ptr, v_ptr, mask_ptr, row, o_t, T)
     b_d1, b_nv = tl.associative_scan((tl.where(b_valid_next, 0.0, 1.0), tl.where(b_valid_next, b_v_next, 0.0)), 0,
                                      _linear_combine, reverse=True)
     b_delta = b_r + gamma * b_nv - b_v

@@ -30,6 +30,15 @@ def online_lse_update(b_z, m_v, m, s, t, WITH_T: tl.constexpr):
 
 
 @triton.jit
+def load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS: tl.constexpr):
+    """Logits (+ bias) of one row at vocabulary indices o_v (masked by m_v), in fp32."""
+    b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+    return b_x
+
+
+@triton.jit
 def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
               BLOCK_V: tl.constexpr):
     """(lse, ℓ, H) of one row of logits at `row_ptr` (fp32, V contiguous values); H is 0 unless WITH_ENT.
@@ -43,16 +52,12 @@ def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS)
         m, s, t = online_lse_update(b_x * inv_t, m_v, m, s, t, WITH_ENT)
     log_s = tl.log(s)
     lse = m + log_s
     m_t = (tgt >= 0) & (tgt < V)
-    x_t = tl.load(row_ptr + tgt, mask=m_t, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x_t += tl.load(bias_ptr + tgt, mask=m_t, other=0.0).to(tl.float32)
+    x_t = load_logits(row_ptr, bias_ptr, tgt, m_t, HAS_BIAS)
     lp = tl.minimum(x_t * inv_t - lse, 0.0)
     ent = tl.full((), 0.0, tl.float32)
     if WITH_ENT:
@@ -73,9 +78,7 @@ def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent,
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS)
         tl.debug_barrier()
         b_lp = b_x * inv_t - lse
         b_p = tl.exp(b_lp)
