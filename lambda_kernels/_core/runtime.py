@@ -42,8 +42,3 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> str:
             "Use impl='auto' or impl='torch' to fall back to PyTorch."
         )
     return "triton"
-
-
-def dot_precision() -> str:
-    """Triton `input_precision` for fp32 dots: exact IEEE (the GPU default is tf32)."""
-    return "ieee"

@@ -4,14 +4,13 @@ import triton.language as tl
 
 from ..scan_helpers import trace_backward_block, trace_forward_block
 
-# columns of the per-row statistics written by the forward kernel (all sums over the row's tokens, unscaled)
-STAT_LOSS, STAT_KL, STAT_LOW, STAT_HIGH, STAT_RATIO, STAT_COUNT = 0, 1, 2, 3, 4, 5
+# Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
+# 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
 N_STATS = 8
 # outputs of the finalize kernel
 OUT_LOSS, OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL = 0, 1, 2, 3, 4, 5
 N_OUT = 8
-# loss_type codes
-LOSS_DAPO, LOSS_BNPO, LOSS_GRPO, LOSS_DR_GRPO = 0, 1, 2, 3
+# LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo)
 
 
 @triton.jit(do_not_specialize=["T"])

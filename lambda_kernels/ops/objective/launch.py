@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from ..._core.normalizers import LOSS_TYPES
 from ..._core.params import ObjectiveParams
 from ..._core.tuning import scan_config
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
 from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_KL, OUT_LOSS, OUT_LOW, OUT_RATIO, OUT_REGION, \
     objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
 
-LOSS_CODES = {"dapo": 0, "bnpo": 1, "grpo": 2, "dr_grpo": 3}
+LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}  # the finalize kernel's LOSS_TYPE
 METRIC_OUTPUTS = {"clip_ratio/low_mean": OUT_LOW, "clip_ratio/high_mean": OUT_HIGH,
                   "clip_ratio/region_mean": OUT_REGION, "ratio_mean": OUT_RATIO}
 
