@@ -3,6 +3,8 @@
 Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an LM head [V, H], bf16):
   ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None): one pass, ≈ 6·N·H·V FLOPs
   ours_off       the same off-policy (old_logprobs given): two passes, ≈ 8·N·H·V FLOPs
+  ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G: the vocab plan at these shapes (workspace ≤ 1 GiB,
+                 accumulators included), ≈ 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
   compiled       `naive` under torch.compile
@@ -20,6 +22,7 @@ Run `pytest benchmarks/bench_fused_loss.py` (GPU cases skip on CPU; the smoke ca
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -38,7 +41,8 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_logprobs"]
+OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs"]
+MEMORY_BUDGET = {"ours_on_1g": "1G"}  # LAMBDA_KERNELS_MEMORY_BUDGET per provider (unset for the others)
 BASELINES = ["naive", "compiled", "liger", "cce"]
 LOSS_OPTIONS = dict(trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.04, loss_type="dapo")
 BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
@@ -110,6 +114,24 @@ def _baseline_fn(provider):
     raise KeyError(provider)
 
 
+@contextlib.contextmanager
+def memory_budget(value: str | None):
+    """LAMBDA_KERNELS_MEMORY_BUDGET set to `value` (None: unset) inside the block, restored after it."""
+    key = "LAMBDA_KERNELS_MEMORY_BUDGET"
+    before = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def make_step(provider: str, inp: dict):
     """A zero-argument callable: one forward+backward (forward only for ours_logprobs), grads reset first."""
     h, w = inp["hidden"], inp["weight"]
@@ -119,14 +141,15 @@ def make_step(provider: str, inp: dict):
             with torch.no_grad():
                 return lk.linear_logprobs(h, w, inp["ids"])
         return step
-    if provider in ("ours_on", "ours_off"):
+    if provider in ("ours_on", "ours_off", "ours_on_1g"):
         old = inp["old"] if provider == "ours_off" else None
 
         def step():
             h.grad = w.grad = None
-            loss, _ = lk.fused_grpo_lambda_loss(h, w, *args, old_logprobs=old, ref_logprobs=inp["ref"],
-                                                **LOSS_OPTIONS)
-            loss.backward()
+            with memory_budget(MEMORY_BUDGET.get(provider)):
+                loss, _ = lk.fused_grpo_lambda_loss(h, w, *args, old_logprobs=old, ref_logprobs=inp["ref"],
+                                                    **LOSS_OPTIONS)
+                loss.backward()
             return loss
         return step
     fn = _baseline_fn(provider)
@@ -140,16 +163,18 @@ def make_step(provider: str, inp: dict):
 
 
 def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
-    """Ours (on- and off-policy) against the fp32 reference on the first `rows` × `tokens`: relative errors."""
+    """Ours (on-, off-policy, on-policy under a memory budget) against the fp32 reference on the first
+    `rows` × `tokens`: relative errors."""
     sub = {k: (v[:rows, :tokens].detach() if k != "weight" and v.dim() >= 2 else v[:rows].detach())
            for k, v in inp.items() if k != "weight"}
     h = sub["hidden"].clone().requires_grad_()
     w = inp["weight"].detach().clone().requires_grad_()
     out = {}
-    for name, old in (("on", None), ("off", sub["old"])):
+    for name, old, budget in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "1G")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS)
-        loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
-        gh, gw = torch.autograd.grad(loss, (h, w))
+        with memory_budget(budget):
+            loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
+            gh, gw = torch.autograd.grad(loss, (h, w))
         h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
         loss_r, _ = R.fused_grpo_lambda_loss(h32, w32, sub["ids"], sub["mask"], sub["adv"], **kw)
         gh_r, gw_r = torch.autograd.grad(loss_r, (h32, w32))
@@ -223,15 +248,15 @@ def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
             continue
         inp = make_inputs(B, T, H, V, "cuda")
         err = check_correct(inp)
-        print(f"# {shape}: correctness (max rel err vs fp32 reference) on {err['on']:.2e} off {err['off']:.2e}",
-              flush=True)
+        print(f"# {shape}: correctness (max rel err vs fp32 reference) on {err['on']:.2e} off {err['off']:.2e} "
+              f"on_1g {err['on_1g']:.2e}", flush=True)
         for provider in OURS + BASELINES:
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 rows.append(dict(shape=shape, provider=provider, error="not run: time budget spent"))
                 continue
             row = run_case(shape, provider, inp)
             if provider in OURS:
-                row["check_rel_err"] = err["off" if provider == "ours_off" else "on"]
+                row["check_rel_err"] = err[{"ours_off": "off", "ours_on_1g": "on_1g"}.get(provider, "on")]
             rows.append(row)
             print(format_row(row), flush=True)
         del inp

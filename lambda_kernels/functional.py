@@ -259,6 +259,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     variable LAMBDA_KERNELS_LOGITS_BUDGET (bytes, or e.g. "256M", "2G"). Backward recomputes each chunk's logits
     from the saved log-sum-exp: dX, dW (accumulated in fp32 across chunks) and dbias, exact.
 
+    Memory: a bf16/fp16 head that is trained also needs its fp32 dW sum, 4·V·H bytes (2.0 GiB at V152064, H3584).
+    Set LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") to bound *all* the workspace, accumulators included: when the
+    fp32 sum does not fit, the backward runs over slabs of the vocabulary instead (each slab's dW complete in one
+    GEMM over the rows, an fp32 accumulator of one slab, plus an fp32 dX sum of 4·N·H bytes). The results are the
+    same to fp32 rounding; see `ops/linear_logprobs/plan.py` for the plans.
+
     Under `torch.no_grad()` this is the fast path for old-policy and reference log-probs; its values are
     bit-identical to the differentiable call on the same inputs (same chunks, same kernels), so on-policy ratios
     exp(ℓ − ℓ_old) are exactly 1.
@@ -313,6 +319,10 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
       log-probs, so each chunk's logits are produced once and turned into their gradient in place: ≈ 6·N·H·V FLOPs,
       the cost of the forward and backward GEMMs alone;
     - off-policy the log-probs of whole sequences are needed first: a second pass recomputes the logits (8·N·H·V).
+
+    A trained bf16/fp16 head adds its fp32 dW sum (4·V·H bytes) to the logits chunk. LAMBDA_KERNELS_MEMORY_BUDGET
+    (e.g. "1G") bounds the whole workspace instead: when the fp32 sum does not fit, the gradient pass runs over
+    vocabulary slabs after a log-prob pass (8·N·H·V FLOPs, on-policy too), same results to fp32 rounding.
 
     Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
     gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and

@@ -1,9 +1,10 @@
 """The fused GRPO-λ loss from hidden states: rows of the masked tokens only, one pass on-policy, two off-policy.
 
-On-policy (old_logprobs None), per chunk: logits → `onpolicy_rows_kernel` (ℓ, H, dlogits in place) → dX, dW GEMMs:
-6·N·H·V FLOPs, every gradient ready at the end of the forward. Off-policy: pass 1 computes ℓ for all tokens
-(`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes each chunk's logits and turns them into
-dlogits (`logprobs_backward`): 8·N·H·V FLOPs.
+On-policy (old_logprobs None) in the token plan (`linear_logprobs/plan.py`), per chunk: logits →
+`onpolicy_rows_kernel` (ℓ, H, dlogits in place) → dX, dW GEMMs: 6·N·H·V FLOPs, every gradient ready at the end of
+the forward. Off-policy, or under a memory budget that only the vocab plan meets: pass 1 computes ℓ for all tokens
+(`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes the logits and turns them into dlogits
+(`logprobs_backward`, either plan): 8·N·H·V FLOPs.
 
 Padding costs nothing: tokens with mask 0 carry zero weight in the loss and zero gradient, so their rows are dropped
 before the GEMMs (one host sync to count them) and their grad_hidden rows are zero.
@@ -15,7 +16,8 @@ import torch
 from ... import reference
 from ..._core.params import TRACE_CODES, ObjectiveParams
 from ..linear_logprobs import chunked_torch
-from ..linear_logprobs.launch import grad_pipeline, logprobs_backward, logprobs_forward, row_config, stats_dtype
+from ..linear_logprobs.launch import grad_pipeline, logprobs_backward, logprobs_forward, plan_for, row_config, \
+    stats_dtype
 from .kernels import onpolicy_rows_kernel
 
 OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
@@ -110,7 +112,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     need_grad = need_dx or need_dw or need_db
     has_kl = beta > 0
 
-    if old is None and need_grad:  # on-policy: one pass, gradients formed with the logits
+    plan = plan_for(x, weight, need_dx, need_dw) if need_grad else None
+    if old is None and need_grad and plan.kind == "tokens":  # on-policy: one pass, gradients formed with the logits
         g0 = objective.onpolicy_grad(adv, mask_f, scales).to(sdt).reshape(-1)
         g0 = (g0 if all_valid else g0.index_select(0, valid)).contiguous()
         n_v = ref_v = None
@@ -128,10 +131,10 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
                           None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                           None if ent_v is None else ent_v[sl], dl)
 
-        dx_v, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db)
+        dx_v, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows)
         lp_full = _scatter_logprobs(lp_v, valid, all_valid, ref, (B, T), sdt, device)
         loss, metrics, _ = objective.evaluate(lp_full, None, adv, mask_f, ref, need_grad=False)
-    else:  # off-policy (or no gradient): log-probs of every token first
+    else:  # off-policy, the vocab plan, or no gradient: log-probs of every token first
         lp_v, lse_v, ent_v = logprobs_forward(x, weight, bias, tgt, inv_t, with_entropy, rows_impl)
         lp_full = _scatter_logprobs(lp_v, valid, all_valid, ref, (B, T), sdt, device)
         loss, metrics, g = objective.evaluate(lp_full, old, adv, mask_f, ref, need_grad)

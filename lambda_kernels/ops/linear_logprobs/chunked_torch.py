@@ -29,11 +29,16 @@ def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
 
 
 def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
-    """dl [M, V] (may alias logits) ← (g_lp·(onehot − p) − g_ent·p·(log p + H)) / temperature."""
+    """dl [M, V] (may alias logits) ← (g_lp·(onehot − p) − g_ent·p·(log p + H)) / temperature.
+
+    A target outside [0, V) adds no one-hot term: a vocabulary slab holds the targets of only some rows.
+    """
     logp = _tempered(logits, bias, inv_t) - lse.unsqueeze(1)
     p = logp.exp()
     dz = -g_lp.unsqueeze(1) * p
-    dz.scatter_add_(1, tgt.long().unsqueeze(1), g_lp.unsqueeze(1))
+    t = tgt.long()
+    in_slab = (t >= 0) & (t < logits.shape[1])
+    dz.scatter_add_(1, t.clamp(0, logits.shape[1] - 1).unsqueeze(1), (g_lp * in_slab).unsqueeze(1))
     if g_ent is not None:
         dz -= g_ent.unsqueeze(1) * p * (logp + ent.unsqueeze(1))
     dl.copy_(dz * inv_t)

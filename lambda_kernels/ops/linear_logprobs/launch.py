@@ -13,8 +13,6 @@ Only one logits chunk exists at a time. dlogits in bf16/fp16 are written into th
 """
 from __future__ import annotations
 
-import os
-import re
 from typing import Callable
 
 import torch
@@ -22,40 +20,9 @@ import triton
 
 from ..._core.runtime import interpreter_enabled
 from . import chunked_torch
+from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
-
-BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
-DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
-
-
-def logits_budget_bytes() -> int:
-    """Bytes of fp32 logits one chunk may hold: env LAMBDA_KERNELS_LOGITS_BUDGET ("1G", "256M", "65536"), else 1 GiB."""
-    raw = os.environ.get(BUDGET_ENV, "").strip()
-    if not raw:
-        return DEFAULT_BUDGET
-    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(i?[bB])?", raw)
-    if match is None:
-        raise RuntimeError(f"{BUDGET_ENV} must be a byte count such as 1073741824, 512M or 1G; got {raw!r}.")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
-
-def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
-    """Rows per chunk: as many as the budget allows (multiples of 128 once ≥ 256, for cuBLAS), balanced over N.
-
-    Depends only on (N, V, budget), so the grad and no-grad paths cut the same chunks (same GEMM shapes).
-    """
-    budget = logits_budget_bytes() if budget is None else budget
-    rows = max(1, budget // (4 * max(V, 1)))
-    if rows >= 256:
-        rows = rows // 128 * 128
-    if N <= rows:
-        return max(N, 1)
-    n_chunks = -(-N // rows)
-    balanced = -(-N // n_chunks)
-    if rows >= 256:
-        balanced = -(-balanced // 128) * 128
-    return min(rows, balanced)
+from .plan import BUDGET_ENV, MEMORY_BUDGET_ENV, GradPlan, chunk_rows, grad_plan, logits_budget_bytes  # noqa: F401
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -63,106 +30,6 @@ def row_config(V: int) -> tuple[int, int]:
     cap = 2048 if interpreter_enabled() else 4096
     block = min(max(triton.next_power_of_2(V), 16), cap)
     return block, (8 if block >= 2048 else 4)
-
-
-# ---------------------------------------------------------------------------------------------------- GEMMs
-_CUDA_CAPS: dict[str, dict[str, bool]] = {}
-
-
-def cuda_gemm_caps(device) -> dict[str, bool]:
-    """Which fp32-output half-precision GEMM forms this CUDA build supports, probed once per device on tiny inputs.
-
-    mm_out:    torch.mm(a, b, out_dtype=float32, out=buf)            (writes the logits chunk in place)
-    mm:        torch.mm(a, b, out_dtype=float32)                     (torch >= 2.11 on CUDA)
-    addmm_acc: torch.addmm(acc, a, b, out_dtype=float32, out=acc)    (dW accumulated in place, fp32)
-    """
-    key = str(device)
-    if key not in _CUDA_CAPS:
-        g = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(64, 48, device=device, generator=g).to(torch.bfloat16)
-        b = torch.randn(48, 32, device=device, generator=g).to(torch.bfloat16)
-        want = a.float() @ b.float()
-        caps = {}
-        for name, fn in [
-            ("mm_out", lambda: torch.mm(a, b, out_dtype=torch.float32,
-                                        out=torch.empty(64, 32, device=device))),
-            ("mm", lambda: torch.mm(a, b, out_dtype=torch.float32)),
-            ("addmm_acc", lambda: (lambda acc: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) - want)(
-                torch.ones(64, 32, device=device))),
-        ]:
-            try:
-                got = fn()
-                ref = torch.ones_like(want) if name == "addmm_acc" else want
-                caps[name] = got.dtype == torch.float32 and bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3))
-            except (RuntimeError, TypeError):
-                caps[name] = False
-        _CUDA_CAPS[key] = caps
-    return _CUDA_CAPS[key]
-
-
-class Gemm:
-    """The three LM-head GEMMs for one call, with fp32 output/accumulation wherever it matters.
-
-    native: fp32/fp64 anywhere, and bf16/fp16 on CUDA (fp32-output GEMMs from half inputs, see `cuda_gemm_caps`).
-    upcast: bf16/fp16 on CPU (the interpreter and the torch fallback), where half-input/fp32-output GEMMs do not
-    exist: operands are upcast to fp32 (the weight once per call).
-    """
-
-    SLAB_BYTES = 64 << 20  # temporaries of the fallbacks for CUDA builds without the fused forms
-
-    def __init__(self, weight: torch.Tensor):
-        self.dtype = weight.dtype
-        self.half = weight.dtype not in (torch.float32, torch.float64)
-        self.native = not self.half or weight.is_cuda
-        self.weight = weight if self.native else weight.to(torch.float32)
-        self.caps = cuda_gemm_caps(weight.device) if self.half and self.native else {}
-
-    def _slabs(self, n_rows: int, row_bytes: int):
-        step = max(1, self.SLAB_BYTES // max(row_bytes, 1))
-        for v0 in range(0, n_rows, step):
-            yield slice(v0, min(v0 + step, n_rows))
-
-    def logits(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out [m, V] fp32 ← x·Wᵀ."""
-        w = self.weight
-        if not self.half:
-            torch.mm(x.to(out.dtype), w.t().to(out.dtype), out=out)
-        elif not self.native:
-            torch.mm(x.to(torch.float32), w.t(), out=out)
-        elif self.caps["mm_out"]:
-            torch.mm(x, w.t(), out_dtype=torch.float32, out=out)
-        elif self.caps["mm"]:
-            for sl in self._slabs(w.shape[0], 4 * x.shape[0]):
-                out[:, sl].copy_(torch.mm(x, w[sl].t(), out_dtype=torch.float32))
-        else:  # exact but slow: fp32 GEMM per vocabulary slab
-            xf = x.to(torch.float32)
-            for sl in self._slabs(w.shape[0], 4 * (x.shape[0] + w.shape[1])):
-                torch.mm(xf, w[sl].to(torch.float32).t(), out=out[:, sl])
-
-    def dx(self, d: torch.Tensor, out: torch.Tensor) -> None:
-        """out [m, H] (hidden's dtype) ← D·W (one GEMM over V, fp32 accumulation inside it)."""
-        if self.native:
-            if out.dtype == d.dtype == self.weight.dtype:
-                torch.mm(d, self.weight, out=out)
-            else:
-                out.copy_(torch.mm(d.to(self.weight.dtype), self.weight))
-        else:
-            out.copy_(torch.mm(d.to(torch.float32), self.weight))
-
-    def dw_accumulate(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
-        """acc [V, H] fp32 (fp64 for fp64) += Dᵀ·x."""
-        if not self.half:
-            acc.addmm_(d.t().to(acc.dtype), x.to(acc.dtype))
-        elif not self.native:
-            acc.addmm_(d.t().to(torch.float32), x.to(torch.float32))
-        elif self.caps["addmm_acc"]:
-            torch.addmm(acc, d.t(), x, out_dtype=torch.float32, out=acc)
-        else:  # fp32-output GEMM per vocabulary slab, then add (bounded temporary)
-            for sl in self._slabs(acc.shape[0], 4 * acc.shape[1]):
-                if self.caps["mm"]:
-                    acc[sl].add_(torch.mm(d[:, sl].t(), x, out_dtype=torch.float32))
-                else:
-                    acc[sl].addmm_(d[:, sl].t().to(torch.float32), x.to(torch.float32))
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -205,14 +72,9 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def _chunks(N: int, V: int):
-    M = chunk_rows(N, V)
-    for r0 in range(0, N, M):
-        yield slice(r0, min(r0 + M, N))
-
-
-def _logits_buffer(N: int, V: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty((min(chunk_rows(N, V), N), V), dtype=stats_dtype(x), device=x.device)
+def _pieces(total: int, size: int):
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
 
 
 def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str):
@@ -225,19 +87,28 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     if N == 0:
         return lp, lse, ent
     gemm = Gemm(weight)
-    buf = _logits_buffer(N, V, x)
-    for sl in _chunks(N, V):
+    rows = chunk_rows(N, V)
+    buf = torch.empty((min(rows, N), V), dtype=sdt, device=x.device)
+    for sl in _pieces(N, rows):
         logits = buf[: sl.stop - sl.start]
         gemm.logits(x[sl], logits)
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp[sl], lse[sl], None if ent is None else ent[sl])
     return lp, lse, ent
 
 
+def plan_for(x, weight, need_dx: bool, need_dw: bool) -> GradPlan:
+    """The gradient plan (`plan.grad_plan`) of a pass over x [N, H] and weight [V, H]."""
+    half = weight.dtype not in (torch.float32, torch.float64)
+    return grad_plan(x.shape[0], weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
+                     dx_accumulator=need_dx and half)
+
+
 RowGradFn = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
 
-def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool):
-    """For each chunk: logits, then `row_fn(rows, logits, dl)` writes the chunk's dlogits into dl, then the GEMMs.
+def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool, rows: int):
+    """The token plan: per chunk of `rows` rows, logits, then `row_fn(rows, logits, dl)` writes the chunk's dlogits
+    into dl, then the GEMMs.
 
     Returns (dX [N, H] in x's dtype, dW [V, H] in weight's dtype, db [V] in bias's dtype), None where not needed.
     The dW accumulator is fp32 (fp64 for fp64): it is the returned grad itself for an fp32 weight, an extra
@@ -250,8 +121,8 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
     if N > 0:
         gemm = Gemm(weight)
-        buf = _logits_buffer(N, V, x)
-        for sl in _chunks(N, V):
+        buf = torch.empty((min(rows, N), V), dtype=sdt, device=x.device)
+        for sl in _pieces(N, rows):
             logits = buf[: sl.stop - sl.start]
             gemm.logits(x[sl], logits)
             dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
@@ -263,22 +134,71 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             if need_db:
                 db += dl.sum(dim=0, dtype=sdt)
         del buf, logits, dl  # the logits chunk is gone before the dW cast below allocates the weight-dtype grad
-    if need_dw and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    if need_db and db.dtype != bias.dtype:
-        db = db.to(bias.dtype)
-    return dx, dw, db
+    return dx, _cast(dw, weight), _cast(db, bias)
+
+
+def vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str, plan: GradPlan,
+                        need_dx: bool, need_dw: bool, need_db: bool):
+    """The vocab plan: for each slab of `plan.cols` vocabulary rows, every row's logits of the slab (in pieces of
+    `plan.rows`), their dlogits from the known lse (and H), then dX += D·W_slab and dW_slab = Σ Dᵀ·X.
+
+    A slab's dW is final after its rows: the fp32 accumulator is one slab (none for an fp32 head, which sums into
+    its gradient), cast into the weight-dtype gradient slab by slab. dX is summed over slabs in fp32 (in place for
+    an fp32 x). Same returns as `grad_pipeline`.
+    """
+    N, H = x.shape
+    V = weight.shape[0]
+    sdt = stats_dtype(x)
+    half = weight.dtype not in (torch.float32, torch.float64)
+    dx_acc = torch.zeros((N, H), dtype=sdt, device=x.device) if need_dx else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
+    slab_acc = torch.empty((plan.cols, H), dtype=sdt, device=weight.device) if need_dw and half else None
+    db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
+    buf = torch.empty((plan.rows * plan.cols,), dtype=sdt, device=x.device)
+    for sv in _pieces(V, plan.cols):
+        gemm = Gemm(weight[sv])
+        cols = sv.stop - sv.start
+        tgt_in_slab = tgt - sv.start  # the one-hot term lands only on rows whose target lies in this slab
+        bias_slab = None if bias is None else bias[sv]
+        acc = None
+        if need_dw:
+            acc = dw[sv] if slab_acc is None else slab_acc[:cols]
+            acc.zero_()
+        for sl in _pieces(N, plan.rows):
+            logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
+            gemm.logits(x[sl], logits)
+            dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
+            dlogits_rows(rows_impl, logits, bias_slab, tgt_in_slab[sl], lse[sl], None if ent is None else ent[sl],
+                         g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
+            if need_dx:
+                gemm.dx_accumulate(dx_acc[sl], dl)
+            if need_dw:
+                gemm.dw_accumulate(acc, dl, x[sl])
+            if need_db:
+                db[sv] += dl.sum(dim=0, dtype=sdt)
+        if slab_acc is not None:
+            dw[sv].copy_(acc)
+    del buf
+    return _cast(dx_acc, x), dw, _cast(db, bias)
+
+
+def _cast(grad, like):
+    return grad if grad is None or grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
                       need_dx: bool, need_dw: bool, need_db: bool):
-    """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing each chunk's logits."""
+    """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits."""
     sdt = stats_dtype(x)
     g_lp = g_lp.to(sdt).contiguous()
     g_ent = None if g_ent is None else g_ent.to(sdt).contiguous()
+    plan = plan_for(x, weight, need_dx, need_dw)
+    if plan.kind == "vocab":
+        return vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t, rows_impl, plan,
+                                   need_dx, need_dw, need_db)
 
     def row_fn(sl, logits, dl):
         dlogits_rows(rows_impl, logits, bias, tgt[sl], lse[sl], None if ent is None else ent[sl], g_lp[sl],
                      None if g_ent is None else g_ent[sl], inv_t, dl)
 
-    return grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db)
+    return grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows)

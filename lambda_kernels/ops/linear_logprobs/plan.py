@@ -1,0 +1,132 @@
+"""How a call cuts its work into pieces that fit the memory budgets: token chunks, or vocabulary slabs.
+
+Two budgets, read from the environment on every call ("1G", "256M", "65536"):
+
+    LAMBDA_KERNELS_LOGITS_BUDGET   bytes of one fp32 logits chunk (default 1 GiB)
+    LAMBDA_KERNELS_MEMORY_BUDGET   bytes of all the workspace of a call: logits chunks *and* fp32 accumulators
+                                   (default: unset, no cap beyond the logits budget)
+
+Gradient plans (the forward-only log-prob pass is always token chunks):
+
+    tokens  chunks of M rows, logits [M, V] each; dX of a chunk is one GEMM over V; dW += Dᵀ·X_c across chunks in
+            fp32, which for a bf16/fp16 head is a 4·V·H accumulator beside the chunk (2.0 GiB at H3584, V152064).
+            On-policy this is one pass: 6·N·H·V FLOPs.
+    vocab   the log-sum-exp of every row first (the forward pass), then slabs of C vocabulary rows, logits [N, C]
+            for all rows (or [M, C] pieces): dW of a slab is complete after its rows, so the fp32 accumulator is one
+            slab (4·C·H); dX is summed over slabs in fp32 (4·N·H for a bf16/fp16 hidden). 8·N·H·V FLOPs.
+
+Why both: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
+the whole vocabulary. Summing dW over rows in fp32 therefore costs either an fp32 accumulator of the whole head
+(tokens) or a second pass over the logits (vocab); no order of the work avoids both. Without a memory budget the
+faster token plan runs; with one, the token plan runs when its accumulator and a chunk of at least
+TOKEN_PLAN_MIN_ROWS rows fit, the vocab plan otherwise.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
+MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
+DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
+TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
+MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
+
+
+def _parse_bytes(name: str, raw: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(i?[bB])?", raw)
+    if match is None:
+        raise RuntimeError(f"{name} must be a byte count such as 1073741824, 512M or 1G; got {raw!r}.")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+def logits_budget_bytes() -> int:
+    """Bytes of fp32 logits one chunk may hold: env LAMBDA_KERNELS_LOGITS_BUDGET, else 1 GiB."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    return _parse_bytes(BUDGET_ENV, raw) if raw else DEFAULT_BUDGET
+
+
+def memory_budget_bytes() -> int | None:
+    """Bytes of workspace (logits and accumulators) a call may hold: env LAMBDA_KERNELS_MEMORY_BUDGET, else None."""
+    raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    return _parse_bytes(MEMORY_BUDGET_ENV, raw) if raw else None
+
+
+def forward_budget_bytes() -> int:
+    """The logits chunk of a forward (log-prob) pass: the logits budget, capped by the memory budget."""
+    memory = memory_budget_bytes()
+    logits = logits_budget_bytes()
+    return logits if memory is None else min(logits, memory)
+
+
+def split_size(total: int, cap: int) -> int:
+    """Size of the equal parts that cut `total` into as few pieces of ≤ `cap` as possible.
+
+    Multiples of 128 once the cap is ≥ 256 (cuBLAS tiles); balanced, so the last piece is not a sliver.
+    """
+    cap = max(1, cap)
+    if cap >= 256:
+        cap = cap // 128 * 128
+    if total <= cap:
+        return max(total, 1)
+    n_parts = -(-total // cap)
+    size = -(-total // n_parts)
+    if cap >= 256:
+        size = -(-size // 128) * 128
+    return min(cap, size)
+
+
+def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
+    """Rows per fp32 logits chunk [rows, V] within `budget` bytes (default `forward_budget_bytes()`).
+
+    Depends only on (N, V, budget), so the grad and no-grad log-prob passes cut the same chunks (same GEMM shapes,
+    bit-identical log-probs).
+    """
+    budget = forward_budget_bytes() if budget is None else budget
+    return split_size(N, budget // (4 * max(V, 1)))
+
+
+@dataclass(frozen=True)
+class GradPlan:
+    """kind "tokens": chunks of `rows` rows over the whole vocabulary (cols = V); "vocab": slabs of `cols`
+    vocabulary rows, each over the rows in pieces of `rows` (rows = N when a slab of all rows fits)."""
+
+    kind: str
+    rows: int
+    cols: int
+
+    def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
+        """fp32 bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside)."""
+        logits = 4 * self.rows * self.cols
+        if self.kind == "tokens":
+            return logits + (4 * V * H if dw_accumulator else 0)
+        return logits + (4 * self.cols * H if dw_accumulator else 0) + (4 * N * H if dx_accumulator else 0)
+
+
+def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool) -> GradPlan:
+    """The plan of a gradient pass over N rows, a [V, H] head.
+
+    dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
+    dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces).
+    """
+    memory = memory_budget_bytes()
+    logits = logits_budget_bytes()
+    acc = 4 * V * H if dw_accumulator else 0
+    if memory is None:
+        return GradPlan("tokens", chunk_rows(N, V, logits), V)
+    if acc + 4 * V * min(N, TOKEN_PLAN_MIN_ROWS) <= memory:
+        return GradPlan("tokens", chunk_rows(N, V, min(logits, memory - acc)), V)
+    return _vocab_plan(N, V, H, memory, dw_accumulator, dx_accumulator)
+
+
+def _vocab_plan(N: int, V: int, H: int, memory: int, dw_accumulator: bool, dx_accumulator: bool) -> GradPlan:
+    room = max(memory - (4 * N * H if dx_accumulator else 0), 0) // 4  # fp32 elements left for logits + slab acc
+    acc_cols = H if dw_accumulator else 0  # fp32 elements of the slab accumulator per vocabulary row
+    cols_all_rows = room // (max(N, 1) + acc_cols)
+    if cols_all_rows >= min(V, MIN_SLAB_COLS):
+        return GradPlan("vocab", max(N, 1), split_size(V, cols_all_rows))
+    # Not even a thin slab of every row fits: thin slabs, and rows in pieces (one row at least, whatever the budget).
+    cols = min(V, MIN_SLAB_COLS)
+    return GradPlan("vocab", split_size(N, (room - cols * acc_cols) // cols), cols)

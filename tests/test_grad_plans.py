@@ -1,0 +1,206 @@
+"""The memory budget and the two gradient plans (token chunks, vocabulary slabs): which plan runs, what it holds,
+and that the vocab plan's values and gradients match the oracles as the token plan's do."""
+import pytest
+import torch
+
+import lambda_kernels as lk
+from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
+from lambda_kernels.ops.linear_logprobs import launch, plan
+
+from ._helpers import poisoned_outputs
+from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
+from .test_linear_logprobs import grads_of, make_inputs, oracle, upstream
+
+IMPLS = ["triton", "torch"]
+GiB = 1 << 30
+# (N, V, H) of the issue's shapes, N = the real tokens of B·T with ~30% padding
+SHAPES = {"qwen2.5-1.5b": (5734, 151936, 1536), "qwen2.5-7b": (5734, 152064, 3584),
+          "llama3.1-8b": (11469, 128256, 4096), "1.5b-65k-row": (65536, 151936, 1536)}
+
+
+def _plan(N, V, H, half=True, dw=True, dx=True):
+    return plan.grad_plan(N, V, H, dw_accumulator=dw and half, dx_accumulator=dx and half)
+
+
+def _workspace(p, N, V, H, half=True, dw=True, dx=True):
+    return p.workspace_bytes(N, V, H, dw and half, dx and half)
+
+
+# ------------------------------------------------------------------------------------------------ plan choice
+def test_without_memory_budget_the_token_plan_runs(monkeypatch):
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    for N, V, H in SHAPES.values():
+        p = _plan(N, V, H)
+        assert p.kind == "tokens" and p.cols == V
+        assert 4 * p.rows * V <= GiB  # only the logits chunk is bounded; the fp32 dW accumulator comes on top
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_one_gib_memory_budget_holds_at_the_issue_shapes(shape, monkeypatch):
+    """bf16 head and hidden with every gradient: the workspace, accumulators included, stays within 1 GiB."""
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
+    N, V, H = SHAPES[shape]
+    p = _plan(N, V, H)
+    assert p.kind == "vocab"  # 4·V·H alone is 0.87–2.0 GiB at these shapes
+    assert _workspace(p, N, V, H) <= GiB
+    assert p.rows == N and p.cols % 128 == 0 and p.cols >= 2048  # GEMMs stay large
+    assert plan.chunk_rows(N, V) * V * 4 <= GiB  # the forward pass's chunk too
+
+
+def test_token_plan_when_the_accumulator_fits_or_is_not_needed(monkeypatch):
+    N, V, H = SHAPES["qwen2.5-7b"]
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "4G")
+    p = _plan(N, V, H)
+    assert p.kind == "tokens" and _workspace(p, N, V, H) <= 4 * GiB
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
+    for kwargs in [dict(half=False), dict(dw=False)]:  # fp32 head: the accumulator is the grad; frozen head: none
+        p = _plan(N, V, H, **kwargs)
+        assert p.kind == "tokens" and _workspace(p, N, V, H, **kwargs) <= GiB
+
+
+def test_tiny_budget_cuts_rows_too_and_never_returns_an_empty_plan(monkeypatch):
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * 128 * 10))
+    p = _plan(50, 300, 40, half=False)
+    assert (p.kind, p.cols, p.rows) == ("vocab", 128, 10)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1")  # below any plan: the smallest one
+    p = _plan(500, 300, 40)
+    assert p.kind == "vocab" and p.cols == 128 and p.rows == 1
+    p = _plan(0, 300, 40)
+    assert p.rows >= 1 and p.cols >= 1
+
+
+def test_budget_strings(monkeypatch):
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "512M")
+    assert plan.memory_budget_bytes() == 512 << 20
+    monkeypatch.setenv(plan.BUDGET_ENV, "1G")
+    assert plan.forward_budget_bytes() == 512 << 20  # the memory budget caps the forward chunk too
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "half a gig")
+    with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_MEMORY_BUDGET must be a byte count"):
+        plan.memory_budget_bytes()
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV)
+    assert plan.memory_budget_bytes() is None
+
+
+@pytest.mark.parametrize("total, cap, size", [(10, 100, 10), (300, 128, 100), (1000, 300, 256), (5734, 26000, 5734),
+                                              (152064, 26000, 25344), (0, 5, 1)])
+def test_split_size(total, cap, size):
+    assert plan.split_size(total, cap) == size
+
+
+# ------------------------------------------------------------------------------------ the vocab plan's numbers
+@pytest.fixture
+def vocab_plan(monkeypatch):
+    """Force the vocab plan with slabs of `cols` vocabulary rows over pieces of `rows` rows (fp32 operands)."""
+    def set_plan(rows, cols, N):
+        budget = 4 * rows * cols if rows < N else 4 * N * cols
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget))
+        monkeypatch.setattr(plan, "MIN_SLAB_COLS", cols)
+    return set_plan
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rows, cols", [(37, 130), (9, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_vocab_plan_linear_logprobs_matches_fp64_oracle(impl, rows, cols, bias, device, vocab_plan):
+    N, H, V = 37, 40, 300
+    vocab_plan(rows, cols, N)
+    x, w, b, t = make_inputs(N, H, V, device=device, bias=bias)
+    t[:3] = torch.tensor([0, V - 1, cols])  # targets at both ends and at a slab boundary
+    p = launch.plan_for(x, w, True, True)
+    assert p.kind == "vocab" and p.rows <= rows and p.cols <= cols < V  # sizes are balanced, never above
+    lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.7, return_entropy=True, impl=impl)
+    lp_ref, ent_ref, leaves = oracle(x, w, b, t, 0.7)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
+    g_lp, g_ent = upstream(N, device=device)
+    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
+    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
+    for name, a, e in zip(["hidden", "weight", "bias"], got, want):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max().item() + 1e-7, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, device, monkeypatch):
+    """fp16 head and hidden: slab-sized fp32 accumulators only, errors no worse than PyTorch in fp16."""
+    N, H, V = 40, 40, 300
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * (N + H) * 128 + 4 * N * H))  # slabs of 128, all rows
+    x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
+    acc_shapes = []
+    original = gemm_mod.Gemm.dw_accumulate
+
+    def spy(self, acc, d, x_c):
+        acc_shapes.append(tuple(acc.shape))
+        return original(self, acc, d, x_c)
+
+    monkeypatch.setattr(gemm_mod.Gemm, "dw_accumulate", spy)
+    lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.8, return_entropy=True, impl=impl)
+    g_lp, g_ent = upstream(N, device=device)
+    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
+    assert acc_shapes and all(rows <= 128 and cols == H for rows, cols in acc_shapes)
+    assert all(g.dtype == torch.float16 for g in got)
+    lp_ref, ent_ref, leaves = oracle(x, w, b, t, 0.8)
+    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
+    xh, wh, bh = (v.detach().clone().requires_grad_() for v in (x, w, b))
+    lsm = torch.log_softmax((xh @ wh.t() + bh).float() / 0.8, -1)
+    lp_n, ent_n = lsm.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    naive = grads_of(lp_n, ent_n, g_lp, g_ent, (xh, wh, bh))
+    for a, n, e in list(zip(got, naive, want)):
+        err = (a.double() - e).abs().max().item()
+        err_naive = (n.double() - e).abs().max().item()
+        assert err <= 1.05 * err_naive + 1e-3 * e.abs().max().item() + 1e-6, (err, err_naive)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_plan_never_exceeds_its_pieces(impl, device, vocab_plan, monkeypatch):
+    """Forward chunks and backward slabs: no logits GEMM writes more than the budget allows."""
+    N, H, V = 37, 40, 300
+    vocab_plan(9, 64, N)
+    seen = []
+    original = gemm_mod.Gemm.logits
+
+    def spy(self, x, out):
+        seen.append(tuple(out.shape))
+        return original(self, x, out)
+
+    monkeypatch.setattr(gemm_mod.Gemm, "logits", spy)
+    x, w, b, t = make_inputs(N, H, V, device=device)
+    lk.linear_logprobs(x, w, t, bias=b, impl=impl).sum().backward()
+    budget = plan.memory_budget_bytes()
+    assert seen and all(4 * r * c <= budget for r, c in seen)
+    assert sum(c for r, c in seen if c < V) == V * -(-N // 9)  # every slab of every piece of rows, once
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_plan_keeps_logprobs_bit_identical_and_fp64(impl, device, vocab_plan):
+    vocab_plan(37, 130, 37)
+    x, w, b, t = make_inputs(37, 40, 300, device=device)
+    lp = lk.linear_logprobs(x, w, t, bias=b, impl=impl)
+    with torch.no_grad():
+        assert torch.equal(lk.linear_logprobs(x, w, t, bias=b, impl=impl), lp.detach())
+    x64, w64, b64 = (v.detach().double().requires_grad_() for v in (x, w, b))
+    lp64 = lk.linear_logprobs(x64, w64, t, bias=b64, impl=impl)
+    got = torch.autograd.grad(lp64.sum(), (x64, w64, b64))
+    _, _, leaves = oracle(x, w, b, t, 1.0)
+    lp_r = lk.reference.linear_logprobs(*leaves[:2], t, bias=leaves[2])
+    want = torch.autograd.grad(lp_r.sum(), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- the fused loss
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("trace", [None, "both"])
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_fused_loss_under_the_vocab_plan_matches_reference(impl, trace, on_policy, device, vocab_plan):
+    hidden, weight, b, ids, mask, adv = make_batch(V=300, device=device, seed=11)
+    vocab_plan(8, 100, 3 * 17)
+    old = None if on_policy else perturbed_old(hidden, weight, b, ids, 0.9)
+    with torch.no_grad():
+        ref = lk.reference.linear_logprobs(hidden.double(), weight.double(), ids, bias=b.double()).float() - 0.05
+    kw = dict(old_logprobs=old, ref_logprobs=ref, temperature=0.9, trace=trace, lam=0.9, beta=0.04,
+              adv_clamp_min=-0.1 if trace else None, loss_type="dapo", return_entropy=True)
+    with poisoned_outputs():
+        loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
+        grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw))
+    assert (metrics["ratio_mean"] == 1) == on_policy
