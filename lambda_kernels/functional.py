@@ -318,11 +318,13 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     - on-policy (`old_logprobs=None`, one optimiser step per rollout) the token gradient is known before the
       log-probs, so each chunk's logits are produced once and turned into their gradient in place: ≈ 6·N·H·V FLOPs,
       the cost of the forward and backward GEMMs alone;
-    - off-policy the log-probs of whole sequences are needed first: a second pass recomputes the logits (8·N·H·V).
+    - off-policy the log-probs of whole sequences are needed first: when every sequence fits a chunk of logits,
+      chunks hold whole sequences and the objective runs on each chunk's rows (rows do not interact), again one
+      pass (6·N·H·V); a longer sequence (e.g. 65,536 tokens) takes a second pass that recomputes the logits.
 
     A trained bf16/fp16 head adds its fp32 dW sum (4·V·H bytes) to the logits chunk. LAMBDA_KERNELS_MEMORY_BUDGET
     (e.g. "1G") bounds the whole workspace instead: when the fp32 sum does not fit, the gradient pass runs over
-    vocabulary slabs after a log-prob pass (8·N·H·V FLOPs, on-policy too), same results to fp32 rounding.
+    vocabulary slabs after a log-prob pass (8·N·H·V FLOPs, on- and off-policy), same results to fp32 rounding.
 
     Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
     gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and
@@ -373,7 +375,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     rows_impl = resolve_impl(op, impl, device)
     _check_token_ids(op, "completion_ids", completion_ids, weight.shape[0], completion_mask)
     from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
-    from .ops.fused_loss.launch import KernelObjective, ReferenceObjective
+    from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
     mask_f = completion_mask.to(torch.float32)
     scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)

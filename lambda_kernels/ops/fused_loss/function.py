@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .launch import fused_loss_forward, metric_names
+from .launch import fused_loss_forward
+from .objectives import metric_names
 
 
 @dataclass(frozen=True)

@@ -1,79 +1,29 @@
-"""The fused GRPO-λ loss from hidden states: rows of the masked tokens only, one pass on-policy, two off-policy.
+"""The fused GRPO-λ loss from hidden states: rows of the masked tokens only, one pass wherever the maths allows.
 
-On-policy (old_logprobs None) in the token plan (`linear_logprobs/plan.py`), per chunk: logits →
-`onpolicy_rows_kernel` (ℓ, H, dlogits in place) → dX, dW GEMMs: 6·N·H·V FLOPs, every gradient ready at the end of
-the forward. Off-policy, or under a memory budget that only the vocab plan meets: pass 1 computes ℓ for all tokens
-(`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes the logits and turns them into dlogits
-(`logprobs_backward`, either plan): 8·N·H·V FLOPs.
+Three strategies, chosen per call (`fused_loss_forward`):
 
-Padding costs nothing: tokens with mask 0 carry zero weight in the loss and zero gradient, so their rows are dropped
-before the GEMMs (one host sync to count them) and their grad_hidden rows are zero.
+* on-policy (old_logprobs None), token plan: per chunk, logits → `onpolicy_rows_kernel` (ℓ, H, dlogits in place) →
+  dX, dW GEMMs. The token gradient is known before the log-probs (grpo_lambda.md §5): 6·N·H·V FLOPs.
+* off-policy, token plan, every sequence fits a chunk: chunks hold whole sequences; per chunk, logits → ℓ and lse
+  (`logprob_rows`) → the objective on those rows alone gives ∂loss/∂ℓ (rows do not interact, the normalisers are
+  known from the mask) → dlogits over the same logits → GEMMs. Also 6·N·H·V FLOPs.
+* otherwise (a sequence longer than a chunk, or the vocab plan under a memory budget): pass 1 computes ℓ for all
+  tokens (`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes the logits
+  (`logprobs_backward`, token or vocab plan): 8·N·H·V FLOPs.
+
+Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
+carry zero weight and zero gradient, so their rows are dropped before the GEMMs (one host sync to count them) and
+their grad_hidden rows are zero.
 """
 from __future__ import annotations
 
 import torch
 
-from ... import reference
-from ..._core.params import TRACE_CODES, ObjectiveParams
 from ..linear_logprobs import chunked_torch
-from ..linear_logprobs.launch import grad_pipeline, logprobs_backward, logprobs_forward, plan_for, row_config, \
-    stats_dtype
+from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
+    logprobs_forward, plan_for, row_config, stats_dtype
 from .kernels import onpolicy_rows_kernel
-
-OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
-
-
-def metric_names(beta: float, with_entropy: bool) -> tuple[str, ...]:
-    return OBJECTIVE_METRICS + (("kl",) if beta > 0 else ()) + (("entropy",) if with_entropy else ())
-
-
-class KernelObjective:
-    """The token objective through the core kernels (`ops/objective`)."""
-
-    def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
-        self.params = params
-        self.num_items_in_batch = num_items_in_batch
-
-    def onpolicy_grad(self, adv, mask_f, scales):
-        from ..objective.launch import onpolicy_token_grad
-
-        return onpolicy_token_grad(adv, mask_f, scales, self.params)
-
-    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
-        from ..objective.launch import objective_backward, objective_forward
-
-        loss, metrics, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
-                                                 self.num_items_in_batch)
-        grad = None
-        if need_grad:
-            one = torch.ones((), dtype=torch.float32, device=lp.device)
-            grad = objective_backward(one, saved, lp, ref, self.params, torch.float32)
-        return loss, metrics, grad
-
-
-class ReferenceObjective:
-    """The token objective through `lambda_kernels.reference` and autograd (the `impl="torch"` path)."""
-
-    def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
-        style = {code: name for name, code in TRACE_CODES.items()}[params.trace.style]
-        self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
-                            epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
-                            loss_type=params.loss_type, max_completion_length=params.max_completion_length,
-                            num_items_in_batch=num_items_in_batch)
-
-    def onpolicy_grad(self, adv, mask_f, scales):
-        lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)
-        with torch.enable_grad():
-            loss, _ = reference.grpo_lambda_loss(lp, None, adv, mask_f, **{**self.options, "beta": 0.0})
-            return torch.autograd.grad(loss, lp)[0]
-
-    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
-        leaf = lp.detach().requires_grad_(need_grad)
-        with torch.enable_grad():
-            loss, metrics = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, **self.options)
-            grad = torch.autograd.grad(loss, leaf)[0] if need_grad else None
-        return loss.detach(), metrics, grad
-
+from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl) -> None:
     """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)), written into dl."""
@@ -94,10 +44,10 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
                        need_db: bool):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
-    hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale.
+    hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
+    objective: `objectives.KernelObjective` or `ReferenceObjective`.
     """
     B, T, H = hidden.shape
-    device = hidden.device
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
     valid = (flat_mask != 0).nonzero().squeeze(1)  # one host sync: the number of real tokens
@@ -106,44 +56,21 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     tgt = ids.reshape(-1)
     if not all_valid:
         x, tgt = x.index_select(0, valid), tgt.index_select(0, valid)
-    x = x.contiguous()
-    tgt = tgt.contiguous()
-    Nv = x.shape[0]
+    batch = _Batch(x.contiguous(), tgt.contiguous(), valid, all_valid, (B, T), mask_f, adv, old, ref, scales, sdt)
     need_grad = need_dx or need_dw or need_db
-    has_kl = beta > 0
+    gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db)
 
-    plan = plan_for(x, weight, need_dx, need_dw) if need_grad else None
-    if old is None and need_grad and plan.kind == "tokens":  # on-policy: one pass, gradients formed with the logits
-        g0 = objective.onpolicy_grad(adv, mask_f, scales).to(sdt).reshape(-1)
-        g0 = (g0 if all_valid else g0.index_select(0, valid)).contiguous()
-        n_v = ref_v = None
-        if has_kl:
-            n_v = (mask_f * scales.unsqueeze(1)).reshape(-1).to(sdt)
-            ref_v = ref.reshape(-1).to(sdt)
-            if not all_valid:
-                n_v, ref_v = n_v.index_select(0, valid), ref_v.index_select(0, valid)
-            n_v, ref_v = n_v.contiguous(), ref_v.contiguous()
-        lp_v = torch.empty((Nv,), dtype=sdt, device=device)
-        ent_v = torch.empty((Nv,), dtype=sdt, device=device) if with_entropy else None
-
-        def row_fn(sl, logits, dl):
-            onpolicy_rows(rows_impl, logits, bias, tgt[sl], g0[sl], None if n_v is None else n_v[sl],
-                          None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
-                          None if ent_v is None else ent_v[sl], dl)
-
-        dx_v, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows)
-        lp_full = _scatter_logprobs(lp_v, valid, all_valid, ref, (B, T), sdt, device)
-        loss, metrics, _ = objective.evaluate(lp_full, None, adv, mask_f, ref, need_grad=False)
-    else:  # off-policy, the vocab plan, or no gradient: log-probs of every token first
-        lp_v, lse_v, ent_v = logprobs_forward(x, weight, bias, tgt, inv_t, with_entropy, rows_impl)
-        lp_full = _scatter_logprobs(lp_v, valid, all_valid, ref, (B, T), sdt, device)
-        loss, metrics, g = objective.evaluate(lp_full, old, adv, mask_f, ref, need_grad)
-        dx_v = dw = db = None
-        if need_grad:
-            g_v = g.reshape(-1)
-            g_v = g_v if all_valid else g_v.index_select(0, valid)
-            dx_v, dw, db = logprobs_backward(x, weight, bias, tgt, lse_v, None, g_v, None, inv_t, rows_impl,
-                                             need_dx, need_dw, need_db)
+    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad else None
+    sequences = whole_sequence_pieces(mask_f, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
+        else None
+    if plan and plan.kind == "tokens" and old is None:
+        lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan.rows)
+    elif sequences is not None:
+        lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences)
+    else:
+        lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args)
+    # loss and metrics of the whole batch (the passes above may have evaluated the objective on pieces of it)
+    loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False)
 
     metrics = dict(metrics)
     if with_entropy:
@@ -154,10 +81,99 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
         if all_valid:
             dx = dx_v.reshape(B, T, H)
         else:
-            dx = torch.zeros((B * T, H), dtype=hidden.dtype, device=device).index_copy_(0, valid, dx_v)
+            dx = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device).index_copy_(0, valid, dx_v)
             dx = dx.reshape(B, T, H)
     loss = loss.to(torch.float32) if loss.dtype != torch.float64 else loss
     return loss, {k: metrics[k].detach().to(torch.float32) for k in metric_names(beta, with_entropy)}, (dx, dw, db)
+
+
+class _Batch:
+    """The real tokens of a [B, T] batch (x, tgt: rows of `valid` in order) and the per-token inputs of the loss."""
+
+    def __init__(self, x, tgt, valid, all_valid, shape, mask_f, adv, old, ref, scales, sdt):
+        self.x, self.tgt, self.valid, self.all_valid, self.shape = x, tgt, valid, all_valid, shape
+        self.mask_f, self.adv, self.old, self.ref, self.scales, self.sdt = mask_f, adv, old, ref, scales, sdt
+
+    def real(self, full: torch.Tensor) -> torch.Tensor:
+        """[B, T] → the values at the real tokens, [N′] contiguous."""
+        flat = full.reshape(-1)
+        return (flat if self.all_valid else flat.index_select(0, self.valid)).contiguous()
+
+    def full_logprobs(self, lp_v: torch.Tensor) -> torch.Tensor:
+        return _scatter_logprobs(lp_v, self.valid, self.all_valid, self.ref, self.shape, self.sdt, lp_v.device)
+
+    def empty(self, with_it: bool = True):
+        return torch.empty((self.x.shape[0],), dtype=self.sdt, device=self.x.device) if with_it else None
+
+
+def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+                       need_dx, need_dw, need_db, rows: int):
+    g0 = batch.real(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales).to(batch.sdt))
+    n_v = ref_v = None
+    if beta > 0:
+        n_v = batch.real((batch.mask_f * batch.scales.unsqueeze(1)).to(batch.sdt))
+        ref_v = batch.real(batch.ref.to(batch.sdt))
+    lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
+    tgt = batch.tgt
+
+    def row_fn(sl, logits, dl):
+        onpolicy_rows(rows_impl, logits, bias, tgt[sl], g0[sl], None if n_v is None else n_v[sl],
+                      None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
+                      None if ent_v is None else ent_v[sl], dl)
+
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows)
+
+
+def whole_sequence_pieces(mask_f, max_tokens: int):
+    """Consecutive sequences packed into chunks of ≤ max_tokens real tokens: [(rows, tokens)] slices (of the batch
+    rows and of the real tokens in order), or None when one sequence alone has more. One host sync."""
+    counts = (mask_f != 0).sum(dim=1).tolist()
+    if max(counts, default=0) > max_tokens:
+        return None
+    pieces, b0, t0, n = [], 0, 0, 0
+    for b, c in enumerate(counts):
+        if n + c > max_tokens:
+            pieces.append((slice(b0, b), slice(t0, t0 + n)))
+            b0, t0, n = b, t0 + n, 0
+        n += c
+    pieces.append((slice(b0, len(counts)), slice(t0, t0 + n)))
+    return [p for p in pieces if p[1].stop > p[1].start]
+
+
+def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+                        need_dx, need_dw, need_db, sequences):
+    B, T = batch.shape
+    lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
+    rows_of = {tokens.start: rows for rows, tokens in sequences}
+    tgt, old, ref = batch.tgt, batch.old, batch.ref
+    positions = torch.arange(B * T, device=batch.x.device) if batch.all_valid else batch.valid
+
+    def row_fn(sl, logits, dl):
+        logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
+        rows = rows_of[sl.start]
+        local = positions[sl] - rows.start * T  # the chunk's tokens within its block of rows
+        lp_block = (ref[rows].to(batch.sdt).clone() if ref is not None else
+                    torch.zeros((rows.stop - rows.start, T), dtype=batch.sdt, device=lp_v.device))
+        lp_block.view(-1).index_copy_(0, local, lp_v[sl])
+        g = objective.rows_grad(lp_block, old[rows], batch.adv[rows], batch.mask_f[rows],
+                                None if ref is None else ref[rows], batch.scales[rows])
+        g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
+        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, inv_t, dl)
+
+    pieces = [tokens for _, tokens in sequences]
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces)
+
+
+def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+                need_dx, need_dw, need_db):
+    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl)
+    grads = (None, None, None)
+    if need_dx or need_dw or need_db:
+        _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
+                                     need_grad=True)
+        grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
+                                  rows_impl, need_dx, need_dw, need_db)
+    return lp_v, ent_v, grads
 
 
 def _scatter_logprobs(lp_v, valid, all_valid, ref, shape, dtype, device):

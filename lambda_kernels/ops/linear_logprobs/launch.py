@@ -72,9 +72,8 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def _pieces(total: int, size: int):
-    for start in range(0, total, size):
-        yield slice(start, min(start + size, total))
+def _pieces(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str):
@@ -106,9 +105,10 @@ def plan_for(x, weight, need_dx: bool, need_dw: bool) -> GradPlan:
 RowGradFn = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
 
-def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool, rows: int):
-    """The token plan: per chunk of `rows` rows, logits, then `row_fn(rows, logits, dl)` writes the chunk's dlogits
-    into dl, then the GEMMs.
+def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
+                  pieces: int | list[slice]):
+    """The token plan: per chunk of rows (`pieces`: slices of the rows in order, or a chunk size), logits, then
+    `row_fn(rows, logits, dl)` writes the chunk's dlogits into dl, then the GEMMs.
 
     Returns (dX [N, H] in x's dtype, dW [V, H] in weight's dtype, db [V] in bias's dtype), None where not needed.
     The dW accumulator is fp32 (fp64 for fp64): it is the returned grad itself for an fp32 weight, an extra
@@ -119,10 +119,11 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     dx = torch.empty_like(x) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=sdt, device=weight.device) if need_dw else None
     db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
+    pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
     if N > 0:
         gemm = Gemm(weight)
-        buf = torch.empty((min(rows, N), V), dtype=sdt, device=x.device)
-        for sl in _pieces(N, rows):
+        buf = torch.empty((max(sl.stop - sl.start for sl in pieces), V), dtype=sdt, device=x.device)
+        for sl in pieces:
             logits = buf[: sl.stop - sl.start]
             gemm.logits(x[sl], logits)
             dl = dlogits_view(logits, x.dtype if gemm.half else sdt)

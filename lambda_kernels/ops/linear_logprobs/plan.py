@@ -91,11 +91,15 @@ def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
 @dataclass(frozen=True)
 class GradPlan:
     """kind "tokens": chunks of `rows` rows over the whole vocabulary (cols = V); "vocab": slabs of `cols`
-    vocabulary rows, each over the rows in pieces of `rows` (rows = N when a slab of all rows fits)."""
+    vocabulary rows, each over the rows in pieces of `rows` (rows = N when a slab of all rows fits).
+
+    max_rows: the most rows a chunk may hold (`rows` is that, balanced over N); chunks cut along sequences use it.
+    """
 
     kind: str
     rows: int
     cols: int
+    max_rows: int = 0
 
     def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
         """fp32 bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside)."""
@@ -114,10 +118,9 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
     acc = 4 * V * H if dw_accumulator else 0
-    if memory is None:
-        return GradPlan("tokens", chunk_rows(N, V, logits), V)
-    if acc + 4 * V * min(N, TOKEN_PLAN_MIN_ROWS) <= memory:
-        return GradPlan("tokens", chunk_rows(N, V, min(logits, memory - acc)), V)
+    if memory is None or acc + 4 * V * min(N, TOKEN_PLAN_MIN_ROWS) <= memory:
+        budget = logits if memory is None else min(logits, memory - acc)
+        return GradPlan("tokens", chunk_rows(N, V, budget), V, max_rows=max(1, budget // (4 * max(V, 1))))
     return _vocab_plan(N, V, H, memory, dw_accumulator, dx_accumulator)
 
 

@@ -32,22 +32,13 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
     lp = lp.contiguous()
     B, T = lp.shape
     device = lp.device
-    has_kl = params.beta > 0
     stats = torch.empty((B, N_STATS), dtype=torch.float32, device=device)
     coef = torch.empty((B, T), dtype=torch.float32, device=device) if need_grad else None
     scales = torch.empty((B,), dtype=torch.float32, device=device)
     out = torch.zeros((N_OUT,), dtype=torch.float32, device=device)
     mask_k = kernel_mask(mask)
     if B > 0:
-        block, warps = scan_config(T)
-        objective_fwd_kernel[(B,)](
-            lp, lp if old is None else old.contiguous(), adv.contiguous(), mask_k, ref.contiguous() if has_kl else lp,
-            coef if need_grad else _placeholder(device), stats, scratch_for(params.trace, B, T, device), T,
-            params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
-            1.0 - params.epsilon_low, 1.0 + params.epsilon_high, params.beta,
-            STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
-            HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=has_kl, NEED_GRAD=need_grad,
-            BLOCK_T=block, num_warps=warps)
+        _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
         items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
         if items_is_tensor:  # e.g. a CPU count from a trainer's gradient accumulation: read it where the kernel runs
             num_items_in_batch = num_items_in_batch.reshape(1).to(device=device, dtype=torch.float32)
@@ -63,9 +54,22 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
     return out[OUT_LOSS], metrics, ((coef, scales, mask_k) if need_grad else None)
 
 
-def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
-    """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included."""
-    coef, scales, mask_k = saved
+def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coef, stats) -> None:
+    """The row kernel: per-row sums into stats [B, N_STATS], and (coef not None) the clipped term's coefficients."""
+    B, T = lp.shape
+    block, warps = scan_config(T)
+    objective_fwd_kernel[(B,)](
+        lp, lp if old is None else old.contiguous(), adv.contiguous(), mask_k,
+        ref.contiguous() if params.beta > 0 else lp, _placeholder(lp.device) if coef is None else coef, stats,
+        scratch_for(params.trace, B, T, lp.device), T,
+        params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
+        1.0 - params.epsilon_low, 1.0 + params.epsilon_high, params.beta,
+        STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
+        HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=params.beta > 0, NEED_GRAD=coef is not None,
+        BLOCK_T=block, num_warps=warps)
+
+
+def _launch_backward_rows(coef, lp, ref, mask_k, scales, grad_out, params: ObjectiveParams, out_dtype):
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
     if B == 0 or T == 0:
@@ -78,6 +82,32 @@ def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dt
         params.trace.a, params.trace.log2a, params.beta,
         STYLE=params.trace.style, HAS_KL=has_kl, BLOCK_T=block, num_warps=warps)
     return grad
+
+
+def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
+    """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included."""
+    coef, scales, mask_k = saved
+    return _launch_backward_rows(coef, lp, ref, mask_k, scales, grad_out, params, out_dtype)
+
+
+def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams) -> torch.Tensor:
+    """∂loss/∂ℓ [b, T] fp32 of some rows of a batch, given their aggregation scales (`row_scales` of the whole batch).
+
+    Rows do not interact in the objective (the trace runs along a row, the clip and KL per token, and the
+    normalisers depend only on the mask), so the gradient of a block of rows needs only those rows: this is what lets
+    the fused loss form an off-policy gradient chunk by chunk. lp/old/ref/mask [b, T], adv [b] or [b, T], scales [b].
+    """
+    b, T = lp.shape
+    coef = torch.empty((b, T), dtype=torch.float32, device=lp.device)
+    if b == 0 or T == 0:
+        return coef
+    lp = lp.contiguous()
+    mask_k = kernel_mask(mask)
+    stats = torch.empty((b, N_STATS), dtype=torch.float32, device=lp.device)
+    _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
+    one = torch.ones((1,), dtype=torch.float32, device=lp.device)
+    return _launch_backward_rows(coef, lp, ref, mask_k, scales.to(torch.float32).contiguous(), one, params,
+                                 torch.float32)
 
 
 def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""The token objective seen by the fused loss: the same maths through the core kernels or through the reference.
+
+Three questions the fused passes ask of it:
+  onpolicy_grad  ∂loss/∂ℓ [B, T] when ℓ_old = ℓ, without the KL term (it does not depend on ℓ; grpo_lambda.md §5)
+  rows_grad      ∂loss/∂ℓ of a block of rows from their ℓ alone (rows do not interact; the normalisers are given)
+  evaluate       loss, metrics (and optionally ∂loss/∂ℓ) of the whole batch
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import reference
+from ..._core.params import TRACE_CODES, ObjectiveParams
+
+OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
+
+
+def metric_names(beta: float, with_entropy: bool) -> tuple[str, ...]:
+    return OBJECTIVE_METRICS + (("kl",) if beta > 0 else ()) + (("entropy",) if with_entropy else ())
+
+
+class KernelObjective:
+    """The token objective through the core kernels (`ops/objective`)."""
+
+    def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
+        self.params = params
+        self.num_items_in_batch = num_items_in_batch
+
+    def onpolicy_grad(self, adv, mask_f, scales):
+        from ..objective.launch import onpolicy_token_grad
+
+        return onpolicy_token_grad(adv, mask_f, scales, self.params)
+
+    def rows_grad(self, lp, old, adv, mask_f, ref, scales):
+        from ..objective.launch import objective_rows_grad
+
+        return objective_rows_grad(lp, old, adv, mask_f, ref, scales, self.params)
+
+    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
+        from ..objective.launch import objective_backward, objective_forward
+
+        loss, metrics, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
+                                                 self.num_items_in_batch)
+        grad = None
+        if need_grad:
+            one = torch.ones((), dtype=torch.float32, device=lp.device)
+            grad = objective_backward(one, saved, lp, ref, self.params, torch.float32)
+        return loss, metrics, grad
+
+
+class ReferenceObjective:
+    """The token objective through `lambda_kernels.reference` and autograd (the `impl="torch"` path)."""
+
+    def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
+        style = {code: name for name, code in TRACE_CODES.items()}[params.trace.style]
+        self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
+                            epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
+                            loss_type=params.loss_type, max_completion_length=params.max_completion_length,
+                            num_items_in_batch=num_items_in_batch)
+
+    def onpolicy_grad(self, adv, mask_f, scales):
+        lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)
+        with torch.enable_grad():
+            loss, _ = reference.grpo_lambda_loss(lp, None, adv, mask_f, **{**self.options, "beta": 0.0})
+            return torch.autograd.grad(loss, lp)[0]
+
+    def rows_grad(self, lp, old, adv, mask_f, ref, scales):
+        # dr_grpo with max_completion_length = T weighs every token 1/(b·T): undo that, apply the batch's scales
+        b, T = lp.shape
+        leaf = lp.detach().requires_grad_(True)
+        options = {**self.options, "loss_type": "dr_grpo", "max_completion_length": T, "num_items_in_batch": None}
+        with torch.enable_grad():
+            loss, _ = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, **options)
+            grad = torch.autograd.grad(loss, leaf)[0]
+        return grad * (scales.to(grad.dtype) * (b * T)).unsqueeze(1)
+
+    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
+        leaf = lp.detach().requires_grad_(need_grad)
+        with torch.enable_grad():
+            loss, metrics = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, **self.options)
+            grad = torch.autograd.grad(loss, leaf)[0] if need_grad else None
+        return loss.detach(), metrics, grad
