@@ -6,6 +6,7 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G: the vocab plan at these shapes (workspace ≤ 1 GiB,
                  accumulators included), ≈ 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
+  ours_logprobs_triton  the same with LAMBDA_KERNELS_LOGPROBS_GEMM=triton (GEMM with a log-sum-exp epilogue)
   naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
   compiled       `naive` under torch.compile
   liger / cce    Liger's LigerFusedLinearGRPOLoss and CCE's linear_cross_entropy, when importable
@@ -41,8 +42,12 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs"]
-MEMORY_BUDGET = {"ours_on_1g": "1G"}  # LAMBDA_KERNELS_MEMORY_BUDGET per provider (unset for the others)
+OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_triton"]
+LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_triton")  # forward only: floor 2·N·H·V
+# environment per provider (the library reads these on every call); every other provider runs with them unset
+PROVIDER_ENV = {"ours_on_1g": {"LAMBDA_KERNELS_MEMORY_BUDGET": "1G"},
+                "ours_logprobs_triton": {"LAMBDA_KERNELS_LOGPROBS_GEMM": "triton"}}
+ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 BASELINES = ["naive", "compiled", "liger", "cce"]
 LOSS_OPTIONS = dict(trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.04, loss_type="dapo")
 BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
@@ -115,30 +120,29 @@ def _baseline_fn(provider):
 
 
 @contextlib.contextmanager
-def memory_budget(value: str | None):
-    """LAMBDA_KERNELS_MEMORY_BUDGET set to `value` (None: unset) inside the block, restored after it."""
-    key = "LAMBDA_KERNELS_MEMORY_BUDGET"
-    before = os.environ.get(key)
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
+def provider_env(provider: str | None):
+    """The provider's PROVIDER_ENV set (and the other keys unset) inside the block, the environment restored after."""
+    before = {k: os.environ.get(k) for k in ENV_KEYS}
+    for k in ENV_KEYS:
+        os.environ.pop(k, None)
+    os.environ.update(PROVIDER_ENV.get(provider, {}))
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_step(provider: str, inp: dict):
     """A zero-argument callable: one forward+backward (forward only for ours_logprobs), grads reset first."""
     h, w = inp["hidden"], inp["weight"]
     args = (inp["ids"], inp["mask"], inp["adv"])
-    if provider == "ours_logprobs":
+    if provider in LOGPROBS_ONLY:
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), provider_env(provider):
                 return lk.linear_logprobs(h, w, inp["ids"])
         return step
     if provider in ("ours_on", "ours_off", "ours_on_1g"):
@@ -146,7 +150,7 @@ def make_step(provider: str, inp: dict):
 
         def step():
             h.grad = w.grad = None
-            with memory_budget(MEMORY_BUDGET.get(provider)):
+            with provider_env(provider):
                 loss, _ = lk.fused_grpo_lambda_loss(h, w, *args, old_logprobs=old, ref_logprobs=inp["ref"],
                                                     **LOSS_OPTIONS)
                 loss.backward()
@@ -163,16 +167,16 @@ def make_step(provider: str, inp: dict):
 
 
 def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
-    """Ours (on-, off-policy, on-policy under a memory budget) against the fp32 reference on the first
-    `rows` × `tokens`: relative errors."""
+    """Ours (on-, off-policy, on-policy under a memory budget; both log-prob GEMMs) against the fp32 reference on
+    the first `rows` × `tokens`: relative errors (loss and grads; log-probs, relative to their norm)."""
     sub = {k: (v[:rows, :tokens].detach() if k != "weight" and v.dim() >= 2 else v[:rows].detach())
            for k, v in inp.items() if k != "weight"}
     h = sub["hidden"].clone().requires_grad_()
     w = inp["weight"].detach().clone().requires_grad_()
     out = {}
-    for name, old, budget in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "1G")):
+    for name, old, provider in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "ours_on_1g")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS)
-        with memory_budget(budget):
+        with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
             gh, gw = torch.autograd.grad(loss, (h, w))
         h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -181,6 +185,12 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
         out[name] = max(abs(loss.item() - loss_r.item()) / max(abs(loss_r.item()), 1e-6),
                         ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
                         ((gw.float() - gw_r).norm() / gw_r.norm()).item())
+    with torch.no_grad():
+        lp_r = R.linear_logprobs(h.detach().float(), w.detach().float(), sub["ids"])
+        for name in LOGPROBS_ONLY:
+            with provider_env(name):
+                lp = lk.linear_logprobs(h.detach(), w.detach(), sub["ids"])
+            out[name.replace("ours_", "")] = ((lp - lp_r).norm() / lp_r.norm()).item()
     return out
 
 
@@ -221,7 +231,7 @@ def run_case(shape: str, provider: str, inp: dict | None = None) -> dict:
     inp = make_inputs(B, T, H, V, "cuda") if inp is None else inp
     n_valid = int(inp["mask"].sum())
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
-    flops = (2 if provider == "ours_logprobs" else 6) * H * V
+    flops = (2 if provider in LOGPROBS_ONLY else 6) * H * V
     try:
         step = make_step(provider, inp)
         t0 = time.perf_counter()
@@ -248,15 +258,15 @@ def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
             continue
         inp = make_inputs(B, T, H, V, "cuda")
         err = check_correct(inp)
-        print(f"# {shape}: correctness (max rel err vs fp32 reference) on {err['on']:.2e} off {err['off']:.2e} "
-              f"on_1g {err['on_1g']:.2e}", flush=True)
+        print(f"# {shape}: correctness (rel err vs fp32 reference) "
+              + " ".join(f"{k} {v:.2e}" for k, v in err.items()), flush=True)
         for provider in OURS + BASELINES:
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 rows.append(dict(shape=shape, provider=provider, error="not run: time budget spent"))
                 continue
             row = run_case(shape, provider, inp)
             if provider in OURS:
-                row["check_rel_err"] = err[{"ours_off": "off", "ours_on_1g": "on_1g"}.get(provider, "on")]
+                row["check_rel_err"] = err[provider.replace("ours_", "")]
             rows.append(row)
             print(format_row(row), flush=True)
         del inp

@@ -1,4 +1,5 @@
-"""One-command GPU check: ceilings, the GPU test subset, the fused-loss benchmarks (+ the scan benchmarks if present).
+"""One-command GPU check: ceilings, the GPU test subset, the fused-loss benchmarks, the tile configurations of the
+Triton log-sum-exp GEMM (+ the scan benchmarks if present).
 
     PYTHONPATH=. python benchmarks/gpu_check.py            # < 5 minutes on an H100, compile time included
 
@@ -55,6 +56,21 @@ def run_gpu_tests() -> dict:
         return dict(rc=124, summary=f"timed out after {TEST_TIMEOUT:.0f} s", failures=[], tail=out[-4000:])
 
 
+def run_stage(results: dict, name: str, fn, min_left: float) -> list:
+    """fn()'s rows, or [] with the reason in results["stages"][name] (time budget spent, or the exception)."""
+    if BUDGET - elapsed() < min_left:
+        results["stages"][name] = "not run: time budget spent"
+        return []
+    try:
+        rows = fn()
+        results["stages"][name] = "ok"
+        return rows
+    except Exception as e:
+        traceback.print_exc()
+        results["stages"][name] = f"{type(e).__name__}: {e}"
+        return []
+
+
 def main() -> int:
     results: dict = {"stages": {}}
     if not torch.cuda.is_available():
@@ -77,35 +93,26 @@ def main() -> int:
     for line in results["tests"]["failures"]:
         log("  ", line)
 
-    fused_rows = []
-    try:
+    def fused_loss():
         from benchmarks import bench_fused_loss
 
         shapes = os.environ.get("SHAPES")
-        remaining = BUDGET - elapsed() - (40 if (ROOT / "benchmarks" / "bench_scans.py").exists() else 5)
-        fused_rows = bench_fused_loss.main(time_budget_s=max(remaining, 30),
-                                           shapes=shapes.split(",") if shapes else None)
-        results["stages"]["fused_loss"] = "ok"
-    except Exception as e:
-        traceback.print_exc()
-        results["stages"]["fused_loss"] = f"{type(e).__name__}: {e}"
-    results["fused_loss"] = fused_rows
+        return bench_fused_loss.main(time_budget_s=max(BUDGET - elapsed() - 85, 30),
+                                     shapes=shapes.split(",") if shapes else None)
 
-    scan_rows = []
-    # hook: the scan/objective benchmarks (benchmarks/bench_scans.py::main), if present and time is left
-    if (ROOT / "benchmarks" / "bench_scans.py").exists():
-        if BUDGET - elapsed() > 25:
-            try:
-                from benchmarks import bench_scans
+    def lse_gemm():
+        from benchmarks import bench_lse_gemm
 
-                scan_rows = bench_scans.main() if hasattr(bench_scans, "main") else []
-                results["stages"]["scans"] = "ok"
-            except Exception as e:
-                traceback.print_exc()
-                results["stages"]["scans"] = f"{type(e).__name__}: {e}"
-        else:
-            results["stages"]["scans"] = "not run: time budget spent"
-    results["scans"] = scan_rows
+        return bench_lse_gemm.main(time_budget_s=max(BUDGET - elapsed() - 40, 10))
+
+    def scans():
+        from benchmarks import bench_scans
+
+        return bench_scans.main()
+
+    # the time each later stage is left (seconds) before it starts: fused 0, LSE GEMM configs 30, scans 25
+    for name, fn, min_left in [("fused_loss", fused_loss, 0), ("lse_gemm", lse_gemm, 30), ("scans", scans, 25)]:
+        results[name] = run_stage(results, name, fn, min_left)
     results["total_s"] = elapsed()
     write_results(results)
     log("done")
@@ -145,6 +152,12 @@ def write_results(results: dict) -> None:
         f"not run: {results['stages'].get('fused_loss')}",
         "",
     ]
+    if results.get("lse_gemm"):
+        from benchmarks.bench_lse_gemm import markdown_table as lse_table
+
+        lines += ["## Log-prob pass: cuBLAS + row kernel vs the Triton log-sum-exp GEMM (no grad, bf16)", "",
+                  "Floor = 2·N·H·V at the measured matmul rate, N = B·T (padding included: linear_logprobs does not "
+                  "skip it).", "", lse_table(results["lse_gemm"]), ""]
     if results.get("scans"):
         lines += ["## Scans and objective (benchmarks/bench_scans.py)", "", "| op | provider | B | T | ms | graph ms | "
                   "floor ms | × floor |", "|---|---|---|---|---|---|---|---|"]

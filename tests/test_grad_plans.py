@@ -9,7 +9,7 @@ from lambda_kernels.ops.linear_logprobs import launch, plan
 
 from ._helpers import poisoned_outputs
 from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
-from .test_linear_logprobs import grads_of, make_inputs, oracle, upstream
+from .test_linear_logprobs import assert_fp32_matches_oracle, grads_of, make_inputs, oracle, upstream
 
 IMPLS = ["triton", "torch"]
 GiB = 1 << 30
@@ -109,14 +109,7 @@ def test_vocab_plan_linear_logprobs_matches_fp64_oracle(impl, rows, cols, bias, 
     p = launch.plan_for(x, w, True, True)
     assert p.kind == "vocab" and p.rows <= rows and p.cols <= cols < V  # sizes are balanced, never above
     lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.7, return_entropy=True, impl=impl)
-    lp_ref, ent_ref, leaves = oracle(x, w, b, t, 0.7)
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
-    g_lp, g_ent = upstream(N, device=device)
-    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
-    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
-    for name, a, e in zip(["hidden", "weight", "bias"], got, want):
-        assert a.dtype == torch.float32, name
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max().item() + 1e-7, msg=name)
+    assert_fp32_matches_oracle(lp, ent, x, w, b, t, 0.7)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

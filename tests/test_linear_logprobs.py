@@ -42,6 +42,20 @@ def oracle(x, w, b, t, temperature):
     return lp, ent, (x64, w64, b64)
 
 
+def assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature):
+    """fp32 log-probs, entropy and every gradient (hidden, weight, bias) within fp32 tolerance of the fp64 oracle."""
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == t.shape
+    lp_ref, ent_ref, leaves = oracle(x, w, b, t, temperature)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
+    g_lp, g_ent = upstream(t.shape[0], device=x.device)
+    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
+    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
+    for name, a, e in zip(["hidden", "weight", "bias"], got, want):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max().item() + 1e-7, msg=name)
+
+
 @pytest.fixture
 def small_budget(monkeypatch):
     """Chunks of 7 rows at V = 123, so every test crosses chunk boundaries."""
@@ -58,16 +72,7 @@ def test_fp32_matches_fp64_oracle(impl, N, H, V, temperature, bias, device, smal
     small_budget(V)
     x, w, b, t = make_inputs(N, H, V, device=device, bias=bias)
     lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=temperature, return_entropy=True, impl=impl)
-    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == t.shape
-    lp_ref, ent_ref, leaves = oracle(x, w, b, t, temperature)
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
-    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
-    g_lp, g_ent = upstream(N, device=device)
-    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
-    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
-    for name, a, e in zip(["hidden", "weight", "bias"], got, want):
-        assert a.dtype == torch.float32, name
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max().item() + 1e-7, msg=name)
+    assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -338,3 +343,24 @@ def test_fp64_inputs_give_fp64_and_match(device):
     want = torch.autograd.grad(lp_r.sum() + ent_r.sum(), (x, w, b))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_inf_logits_give_finite_entropy_and_gradients(impl, device):
+    """A −inf bias (banned tokens): p = 0 there, so p·log p and its gradient are 0, not NaN (every path)."""
+    N, H, V = 12, 16, 150
+    x, w, _, t = make_inputs(N, H, V, device=device, bias=False)
+    b = torch.zeros(V, device=device)
+    b[40:90] = float("-inf")
+    b.requires_grad_()
+    t = t % 40
+    lp, ent = lk.linear_logprobs(x, w, t, bias=b, return_entropy=True, impl=impl)
+    g_lp, g_ent = upstream(N, device=device)
+    got = grads_of(lp, ent, g_lp, g_ent, (x, w))
+    lp_ref, ent_ref, (x64, w64, _) = oracle(x, w, b, t, 1.0)
+    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), (x64, w64))
+    assert torch.isfinite(ent_ref).all() and all(torch.isfinite(e).all() for e in want)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)

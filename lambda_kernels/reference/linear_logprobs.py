@@ -15,7 +15,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # p·log p is 0 at a −inf logit (a banned token): a finite stand-in for log p keeps value and gradient NaN-free
+    finite_logp = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros((), dtype=logp_all.dtype))
+    entropy = -(logp_all.exp() * finite_logp).sum(-1)
     return logp, entropy
 
 

@@ -11,6 +11,11 @@ import math
 import torch
 
 
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    """log p with −inf (p = 0, a −inf logit) replaced by 0, so that p·log p is 0 there, not NaN."""
+    return torch.where(torch.isfinite(logp), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
+
 def _tempered(logits: torch.Tensor, bias, inv_t: float) -> torch.Tensor:
     z = logits if bias is None else logits + bias.to(torch.float32)
     return z * inv_t
@@ -24,7 +29,7 @@ def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
     lp.copy_((z.gather(1, tgt.long().unsqueeze(1)).squeeze(1) - row_lse).clamp(max=0.0))
     if ent is not None:
         logp = z - row_lse.unsqueeze(1)
-        h = -(logp.exp() * logp).sum(dim=1)
+        h = -(logp.exp() * _finite(logp)).sum(dim=1)
         ent.copy_(h.clamp(min=0.0, max=math.log(logits.shape[1])))
 
 
@@ -40,7 +45,7 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
     in_slab = (t >= 0) & (t < logits.shape[1])
     dz.scatter_add_(1, t.clamp(0, logits.shape[1] - 1).unsqueeze(1), (g_lp * in_slab).unsqueeze(1))
     if g_ent is not None:
-        dz -= g_ent.unsqueeze(1) * p * (logp + ent.unsqueeze(1))
+        dz -= g_ent.unsqueeze(1) * p * (_finite(logp) + ent.unsqueeze(1))
     dl.copy_(dz * inv_t)
 
 

@@ -84,7 +84,7 @@ def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent,
         b_p = tl.exp(b_lp)
         b_dz = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
         if WITH_ENT_GRAD:
-            b_dz -= g_ent * b_p * (b_lp + ent)
+            b_dz -= tl.where(b_p > 0, g_ent * b_p * (b_lp + ent), 0.0)  # p = 0 at a −inf logit: 0, not NaN
         tl.store(dl_row_ptr + o_v, (b_dz * inv_t).to(dl_row_ptr.dtype.element_ty), mask=m_v)
 
 

@@ -22,6 +22,7 @@ from ..._core.runtime import interpreter_enabled
 from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
+from .lse_gemm import lse_gemm_logprobs, use_lse_gemm
 from .plan import BUDGET_ENV, MEMORY_BUDGET_ENV, GradPlan, chunk_rows, grad_plan, logits_budget_bytes  # noqa: F401
 
 
@@ -84,6 +85,9 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     lse = torch.empty((N,), dtype=sdt, device=x.device)
     ent = torch.empty((N,), dtype=sdt, device=x.device) if with_ent else None
     if N == 0:
+        return lp, lse, ent
+    if use_lse_gemm(x, weight, rows_impl):
+        lse_gemm_logprobs(x, weight, bias, tgt, inv_t, lp, lse, ent)
         return lp, lse, ent
     gemm = Gemm(weight)
     rows = chunk_rows(N, V)

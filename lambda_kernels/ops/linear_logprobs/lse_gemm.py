@@ -1,0 +1,91 @@
+"""When and how the log-prob pass uses the Triton GEMM with the log-sum-exp epilogue (`lse_gemm_kernels.py`).
+
+Opt-in, environment variables read on every call:
+
+    LAMBDA_KERNELS_LOGPROBS_GEMM     "cublas" (default): fp32 logits chunks from cuBLAS, then the row kernel
+                                     "triton": `lse_gemm_tiles_kernel` + `lse_gemm_merge_kernel`, no logits in memory
+    LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for the tiles kernel
+
+It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
+exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad and no-grad log-probs stay
+bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves).
+Not the default until measured on a GPU: see benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from ..._core.runtime import interpreter_enabled
+from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_tiles_kernel
+from .plan import forward_budget_bytes, split_size
+
+GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
+CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
+GEMM_CHOICES = ("cublas", "triton")
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): a [128, 128] fp32 accumulator over 8 warps leaves
+# registers for the epilogue; 4 stages of 64-deep bf16 tiles take 128 KB of shared memory.
+GPU_CONFIG = (128, 128, 64, 8, 8, 4)
+INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
+MERGE_BLOCK = 256
+
+
+def logprobs_gemm() -> str:
+    raw = os.environ.get(GEMM_ENV, "").strip().lower() or "cublas"
+    if raw not in GEMM_CHOICES:
+        raise RuntimeError(f"{GEMM_ENV} must be one of {', '.join(GEMM_CHOICES)}; got {raw!r}.")
+    return raw
+
+
+def tile_config() -> tuple[int, int, int, int, int, int]:
+    raw = os.environ.get(CONFIG_ENV, "").strip()
+    if not raw:
+        return INTERPRETER_CONFIG if interpreter_enabled() else GPU_CONFIG
+    try:
+        values = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 6 or any(v <= 0 for v in values) or any(v & (v - 1) for v in values[:3]):
+        raise RuntimeError(f"{CONFIG_ENV} must be six positive integers BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,"
+                           f"num_stages (blocks powers of two), e.g. 128,128,64,8,8,4; got {raw!r}.")
+    return values
+
+
+def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
+    """Whether this log-prob pass takes the Triton GEMM: opted in, Triton rows, a half-precision head, unit
+    stride along H (a strided head stays on cuBLAS rather than being copied)."""
+    return (logprobs_gemm() == "triton" and rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16)
+            and weight.stride(1) == 1)
+
+
+def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent) -> None:
+    """lp, lse (and ent when not None) [N] fp32 of x [N, H] against weight [V, H], without logits in memory.
+
+    The tiles' partial statistics (12 bytes per row and tile column) are bounded by the forward budget: rows are
+    processed in pieces when N is large.
+    """
+    N, K = x.shape
+    V = weight.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    block_m, block_n, block_k, group_m, warps, stages = tile_config()
+    n_v = triton.cdiv(V, block_n)
+    rows = split_size(N, max(block_m, forward_budget_bytes() // (12 * n_v)))
+    part = torch.empty((3, n_v, min(rows, N)), dtype=torch.float32, device=x.device)
+    zt = torch.empty((min(rows, N),), dtype=torch.float32, device=x.device)
+    with_ent = ent is not None
+    for r0 in range(0, N, rows):
+        sl = slice(r0, min(r0 + rows, N))
+        m = sl.stop - sl.start
+        grid = (triton.cdiv(m, block_m) * n_v,)
+        lse_gemm_tiles_kernel[grid](
+            x[sl], weight, weight if bias is None else bias, tgt[sl], part, zt, m, V, K, x.stride(0),
+            weight.stride(0), part.stride(0), part.stride(1), inv_t,
+            HAS_BIAS=bias is not None, WITH_ENT=with_ent, EVEN_K=K % block_k == 0, UPCAST=interpreter_enabled(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps,
+            num_stages=stages)
+        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
+            part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
+            math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)

@@ -1,0 +1,112 @@
+"""Log-probs straight from the GEMM: logits tiles reduced to per-row log-sum-exp statistics in the epilogue.
+
+The cuBLAS path writes each chunk of fp32 logits to memory and reads it back (4·V bytes per token each way, 1.3–1.8×
+the 2·N·H·V floor on an H100). Here every program computes one [BLOCK_M, BLOCK_N] tile of X·Wᵀ with fp32
+accumulation and keeps only, per row, the tile's max m, s = Σ e^(z−m) and (WITH_ENT) t = Σ e^(z−m)·(z−m), plus the
+target's logit when the target falls in the tile: 12 bytes per row per tile instead of 4·BLOCK_N. A second kernel
+merges the tiles of each row (the same algebra as `kernels.online_lse_update`).
+
+Tiles are visited in groups of GROUP_M row blocks (the Triton matmul tutorial's order), so that a column of W tiles
+is reused from L2 by the row blocks that run together.
+
+The interpreter computes bf16 dots on raw bits: UPCAST (set only under the interpreter) casts operands to fp32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["M", "V", "K", "stride_x", "stride_w", "stride_stat", "stride_col"])
+def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
+                          stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
+                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One tile of z = (X·Wᵀ + b)·inv_t → per-row (m, s, t) of the tile into part[0..2, tile column, row], and z at
+    the target into zt[row] for the one tile column that holds it.
+
+    x [M, K] (row stride stride_x), w [V, K] (stride_w), bias [V], tgt [M] int in [0, V), part [3, n_tiles_v, ≥M]
+    fp32 (strides stride_stat, stride_col, 1), zt [M] fp32. Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
+    """
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_v = tl.cdiv(V, BLOCK_N)
+    per_group = GROUP_M * n_v
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    i_m = first_m + (pid % per_group) % group_rows
+    i_v = (pid % per_group) // group_rows
+
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_v = (i_v * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_v = o_v < V
+    p_x = x_ptr + o_m[:, None] * stride_x + o_k[None, :]
+    p_w = w_ptr + o_v[None, :] * stride_w + o_k[:, None]  # [BLOCK_K, BLOCK_N]: Wᵀ tile, K contiguous
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_x = tl.load(p_x, mask=m_m[:, None], other=0.0)
+            b_w = tl.load(p_w, mask=m_v[None, :], other=0.0)
+        else:
+            m_k = (k0 + o_k) < K
+            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        if UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        acc = tl.dot(b_x, b_w, acc)
+        p_x += BLOCK_K
+        p_w += BLOCK_K
+
+    b_z = acc
+    if HAS_BIAS:
+        b_z += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_z = tl.where(m_v[None, :], b_z * inv_t, float("-inf"))
+    b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a tile of −inf logits (a −inf bias)
+    b_d = tl.where(m_v[None, :], b_z - b_max[:, None], 0.0)  # 0, not −inf, past V: no 0·(−inf) below
+    b_e = tl.where(m_v[None, :], tl.exp(b_d), 0.0)
+    p_part = part_ptr + i_v * stride_col + o_m
+    tl.store(p_part, b_max, mask=m_m)
+    tl.store(p_part + stride_stat, tl.sum(b_e, 1), mask=m_m)
+    if WITH_ENT:
+        tl.store(p_part + 2 * stride_stat, tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1), mask=m_m)  # −inf logits
+
+    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
+    in_tile = m_m & (tgt >= i_v * BLOCK_N) & (tgt < i_v * BLOCK_N + BLOCK_N)
+    b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
+    tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
+
+
+@triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])
+def lse_gemm_merge_kernel(part_ptr, zt_ptr, lp_ptr, lse_ptr, ent_ptr, M, n_v, stride_stat, stride_col, log_v,
+                          WITH_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: merge the tiles' (m, s, t) into lse and H; ℓ = min(z_target − lse, 0), H clamped to [0, log V].
+
+    part [3, n_v, ≥M] fp32 (strides stride_stat, stride_col, 1), zt [M]; lp, lse, ent [M] fp32.
+    Grid (cdiv(M, BLOCK),).
+    """
+    o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_m = o_m < M
+    m = tl.full((BLOCK,), -3.0e38, tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    t = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n_v):
+        p = part_ptr + i * stride_col + o_m
+        m_i = tl.load(p, mask=m_m, other=0.0)
+        s_i = tl.load(p + stride_stat, mask=m_m, other=0.0)
+        m_new = tl.maximum(m, m_i)
+        alpha = tl.exp(m - m_new)
+        beta = tl.exp(m_i - m_new)
+        if WITH_ENT:
+            t_i = tl.load(p + 2 * stride_stat, mask=m_m, other=0.0)
+            t = alpha * (t + (m - m_new) * s) + beta * (t_i + (m_i - m_new) * s_i)
+        s = alpha * s + beta * s_i
+        m = m_new
+    s = tl.where(m_m, s, 1.0)  # rows past M: nothing is stored, keep them finite
+    log_s = tl.log(s)
+    lse = m + log_s
+    zt = tl.load(zt_ptr + o_m, mask=m_m, other=0.0)
+    tl.store(lp_ptr + o_m, tl.minimum(zt - lse, 0.0), mask=m_m)
+    tl.store(lse_ptr + o_m, lse, mask=m_m)
+    if WITH_ENT:
+        tl.store(ent_ptr + o_m, tl.minimum(tl.maximum(log_s - t / s, 0.0), log_v), mask=m_m)
