@@ -1,0 +1,80 @@
+"""What the LM-head paths hold at once, measured on the CPU with a dispatch-mode tracker (tests/_memory.py): the
+logits chunk (or the vocab plan's workspace) plus per-token vectors, never a [tokens × vocab] or [V, H] temporary.
+
+fp32 operands: an fp32 head needs no separate dW accumulator, so the bounds below are the logits budgets alone.
+The Triton rows are checked (the interpreter's own numpy buffers are outside torch and not counted); the PyTorch
+fallback rows hold a few chunk-sized temporaries more, bounded here too."""
+import pytest
+import torch
+
+import lambda_kernels as lk
+from lambda_kernels.ops.linear_logprobs import plan
+
+from ._memory import PeakNewBytes
+
+B, T, H, V = 4, 50, 32, 2000
+CHUNK_ROWS = 60
+SLACK = 128 * B * T + 8192  # per-token vectors (ℓ, lse, gradients of ℓ, indices) and 0-d results
+TORCH_ROWS_TEMPORARIES = 6  # chunk-sized fp32 temporaries of chunked_torch's row operations, at most
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 30:] = False
+    mask[3, 10:] = False
+    adv = torch.randn(B, generator=g)
+    with torch.no_grad():
+        old = lk.linear_logprobs(hidden, weight, ids) + 0.1 * torch.randn(B, T, generator=g)
+    return hidden, weight, ids, mask, adv, old
+
+
+@pytest.fixture
+def budgets(monkeypatch):
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * CHUNK_ROWS))
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+
+    def set_memory(nbytes):
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(nbytes))
+    return set_memory
+
+
+def _bound(impl: str, workspace: int) -> int:
+    return (workspace if impl == "triton" else TORCH_ROWS_TEMPORARIES * workspace) + SLACK
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets):
+    hidden, weight, ids, _, _, _ = _inputs()
+    x = hidden.reshape(-1, H).requires_grad_(with_grad)
+    w = weight.clone().requires_grad_(with_grad)
+    with PeakNewBytes() as mem:
+        lp = lk.linear_logprobs(x, w, ids.reshape(-1), impl=impl)
+        if with_grad:
+            lp.sum().backward()
+    outputs = lp.numel() * 4 + (x.grad.numel() * 4 + w.grad.numel() * 4 if with_grad else 0)
+    assert mem.peak - outputs <= _bound(impl, 4 * V * CHUNK_ROWS), (mem.peak, outputs)
+    assert mem.peak - outputs >= 4 * V * plan.chunk_rows(B * T, V)  # the tracker does see the (balanced) chunk
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("policy", ["on", "off"])
+def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets):
+    """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET small
+    enough for the vocab plan: the budget, the log-prob pass included."""
+    hidden, weight, ids, mask, adv, old = _inputs()
+    for memory_budget in (None, 4 * 200 * 300):
+        if memory_budget is not None:
+            budgets(memory_budget)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with PeakNewBytes() as mem:
+            loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old if policy == "off" else None,
+                                                trace="both", lam=0.9, impl=impl)
+            loss.backward()
+        extra = mem.peak - (h.grad.numel() + w.grad.numel()) * 4
+        workspace = 4 * V * CHUNK_ROWS if memory_budget is None else memory_budget
+        assert extra <= _bound(impl, workspace), (memory_budget, extra, workspace)
