@@ -58,15 +58,46 @@ def test_token_plan_when_the_accumulator_fits_or_is_not_needed(monkeypatch):
         assert p.kind == "tokens" and _workspace(p, N, V, H, **kwargs) <= GiB
 
 
-def test_tiny_budget_cuts_rows_too_and_never_returns_an_empty_plan(monkeypatch):
+def test_small_budgets_pick_a_sane_plan(monkeypatch):
+    # no accumulator (fp32 or frozen head): short token chunks, within the budget
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * 128 * 10))
     p = _plan(50, 300, 40, half=False)
-    assert (p.kind, p.cols, p.rows) == ("vocab", 128, 10)
-    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1")  # below any plan: the smallest one
+    assert (p.kind, p.rows, p.max_rows) == ("tokens", 4, 4)  # ⌊5120 B / (4 B · 300)⌋ rows
+    N, V, H = SHAPES["qwen2.5-7b"]
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "64M")
+    p = _plan(N, V, H, dw=False)
+    assert p.kind == "tokens" and p.rows >= 100 and _workspace(p, N, V, H, dw=False) <= 64 << 20
+    # budgets no plan can meet (the fp32 dX sum alone is over them): slabs over pieces of ≥ 256 rows, not 1
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
+    p = _plan(65536, 128256, 4096)  # Llama-3.1-8B head, a 65,536-token row: 4·N·H = 1.0 GiB
+    assert p.kind == "vocab" and p.rows >= 256 and p.cols == 128
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1")
     p = _plan(500, 300, 40)
-    assert p.kind == "vocab" and p.cols == 128 and p.rows == 1
+    assert p.kind == "vocab" and p.cols == 128 and p.rows == 256  # 500 rows in two pieces (multiples of 128)
     p = _plan(0, 300, 40)
     assert p.rows >= 1 and p.cols >= 1
+
+
+def test_vocab_plan_slabs_respect_the_logits_budget(monkeypatch):
+    N, V, H = SHAPES["qwen2.5-7b"]
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
+    monkeypatch.setenv(plan.BUDGET_ENV, "64M")
+    p = _plan(N, V, H)
+    assert p.kind == "vocab" and 4 * p.rows * p.cols <= 64 << 20
+
+
+def test_forced_plans(monkeypatch):
+    N, V, H = SHAPES["qwen2.5-7b"]
+    monkeypatch.setenv(plan.PLAN_ENV, "vocab")
+    p = _plan(N, V, H)
+    assert p.kind == "vocab" and 4 * p.rows * p.cols <= GiB  # no memory budget: slabs within the logits budget
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
+    monkeypatch.setenv(plan.PLAN_ENV, "tokens")
+    p = _plan(N, V, H)
+    assert p.kind == "tokens" and p.rows >= 1024  # the accumulator is accepted; the chunk is the forward pass's
+    monkeypatch.setenv(plan.PLAN_ENV, "slabs")
+    with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_GRAD_PLAN must be one of auto, tokens, vocab"):
+        _plan(N, V, H)
 
 
 def test_budget_strings(monkeypatch):
@@ -93,8 +124,10 @@ def vocab_plan(monkeypatch):
     """Force the vocab plan with slabs of `cols` vocabulary rows over pieces of `rows` rows (fp32 operands)."""
     def set_plan(rows, cols, N):
         budget = 4 * rows * cols if rows < N else 4 * N * cols
+        monkeypatch.setenv(plan.PLAN_ENV, "vocab")
         monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget))
         monkeypatch.setattr(plan, "MIN_SLAB_COLS", cols)
+        monkeypatch.setattr(plan, "MIN_PIECE_ROWS", 1)
     return set_plan
 
 

@@ -125,6 +125,9 @@ def test_bad_settings(monkeypatch):
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, "128,100,64,8,8,4")
     with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_LSE_GEMM_CONFIG must be six positive integers"):
         lse_gemm.tile_config()
+    monkeypatch.setenv(lse_gemm.CONFIG_ENV, "128,8,64,8,8,4")  # below tl.dot's 16
+    with pytest.raises(RuntimeError, match="powers of two ≥ 16"):
+        lse_gemm.tile_config()
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, "64,64,32,4,4,2")
     assert lse_gemm.tile_config() == (64, 64, 32, 4, 4, 2)
 

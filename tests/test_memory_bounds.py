@@ -37,8 +37,9 @@ def budgets(monkeypatch):
     monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * CHUNK_ROWS))
     monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
 
-    def set_memory(nbytes):
+    def set_memory(nbytes, grad_plan="auto"):
         monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(nbytes))
+        monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
     return set_memory
 
 
@@ -64,12 +65,13 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("policy", ["on", "off"])
 def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets):
-    """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET small
-    enough for the vocab plan: the budget, the log-prob pass included."""
+    """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the
+    budget, with shorter token chunks (an fp32 head has no accumulator) or with the vocab plan (forced here, as a
+    bf16 head would choose it), the log-prob pass included."""
     hidden, weight, ids, mask, adv, old = _inputs()
-    for memory_budget in (None, 4 * 200 * 300):
+    for memory_budget, grad_plan in ((None, None), (4 * 200 * 300, "auto"), (4 * 200 * 300, "vocab")):
         if memory_budget is not None:
-            budgets(memory_budget)
+            budgets(memory_budget, grad_plan)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with PeakNewBytes() as mem:
             loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old if policy == "off" else None,

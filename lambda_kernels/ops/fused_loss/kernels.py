@@ -10,7 +10,7 @@ import triton.language as tl
 from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 
 
-@triton.jit(do_not_specialize=["V", "stride_l", "stride_dl"])
+@triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, dl_ptr,
                          stride_l, stride_dl, V, inv_t, beta,
                          HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, WITH_ENT: tl.constexpr,

@@ -88,7 +88,7 @@ def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent,
         tl.store(dl_row_ptr + o_v, (b_dz * inv_t).to(dl_row_ptr.dtype.element_ty), mask=m_v)
 
 
-@triton.jit(do_not_specialize=["V", "stride_l"])
+@triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads (checked in the PTX)
 def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr, stride_l, V, inv_t,
                         HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     """ℓ_r = log softmax(x_r / temperature)[target_r], lse_r and (WITH_ENT) entropy H_r of each row r.
@@ -105,7 +105,7 @@ def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr,
         tl.store(ent_ptr + i_r, ent)
 
 
-@triton.jit(do_not_specialize=["V", "stride_l", "stride_dl"])
+@triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
                         stride_l, stride_dl, V, inv_t,
                         HAS_BIAS: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):

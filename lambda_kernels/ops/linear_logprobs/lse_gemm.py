@@ -8,7 +8,9 @@ Opt-in, environment variables read on every call:
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
 exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad and no-grad log-probs stay
-bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves).
+bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves), so there
+the softmax uses cuBLAS logits with this kernel's lse (Σp = 1 to GEMM summation-order noise), and the one-pass fused
+losses compute ℓ with cuBLAS: old log-probs taken with this GEMM differ from them by that noise (bf16 dot order).
 Not the default until measured on a GPU: see benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -48,9 +50,10 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
         values = tuple(int(v) for v in raw.split(","))
     except ValueError:
         values = ()
-    if len(values) != 6 or any(v <= 0 for v in values) or any(v & (v - 1) for v in values[:3]):
+    if len(values) != 6 or any(v <= 0 for v in values) or any(v < 16 or v & (v - 1) for v in values[:3]):
         raise RuntimeError(f"{CONFIG_ENV} must be six positive integers BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,"
-                           f"num_stages (blocks powers of two), e.g. 128,128,64,8,8,4; got {raw!r}.")
+                           f"num_stages (blocks powers of two ≥ 16, tl.dot's minimum), e.g. 128,128,64,8,8,4; "
+                           f"got {raw!r}.")
     return values
 
 

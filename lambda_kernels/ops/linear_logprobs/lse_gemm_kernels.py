@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["M", "V", "K", "stride_x", "stride_w", "stride_stat", "stride_col"])
+# K and the row strides stay specialised: their divisibility by 16 is what lets Triton prove 16-byte aligned rows,
+# hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
+@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
                           stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -65,11 +67,12 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
     b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a tile of −inf logits (a −inf bias)
     b_d = tl.where(m_v[None, :], b_z - b_max[:, None], 0.0)  # 0, not −inf, past V: no 0·(−inf) below
     b_e = tl.where(m_v[None, :], tl.exp(b_d), 0.0)
-    p_part = part_ptr + i_v * stride_col + o_m
+    stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
+    p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
     tl.store(p_part, b_max, mask=m_m)
-    tl.store(p_part + stride_stat, tl.sum(b_e, 1), mask=m_m)
+    tl.store(p_part + stat, tl.sum(b_e, 1), mask=m_m)
     if WITH_ENT:
-        tl.store(p_part + 2 * stride_stat, tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1), mask=m_m)  # −inf logits
+        tl.store(p_part + 2 * stat, tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1), mask=m_m)  # −inf logits
 
     tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
     in_tile = m_m & (tgt >= i_v * BLOCK_N) & (tgt < i_v * BLOCK_N + BLOCK_N)
@@ -87,18 +90,20 @@ def lse_gemm_merge_kernel(part_ptr, zt_ptr, lp_ptr, lse_ptr, ent_ptr, M, n_v, st
     """
     o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m_m = o_m < M
+    stat = stride_stat.to(tl.int64)
+    col = stride_col.to(tl.int64)
     m = tl.full((BLOCK,), -3.0e38, tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     t = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, n_v):
-        p = part_ptr + i * stride_col + o_m
+        p = part_ptr + i * col + o_m
         m_i = tl.load(p, mask=m_m, other=0.0)
-        s_i = tl.load(p + stride_stat, mask=m_m, other=0.0)
+        s_i = tl.load(p + stat, mask=m_m, other=0.0)
         m_new = tl.maximum(m, m_i)
         alpha = tl.exp(m - m_new)
         beta = tl.exp(m_i - m_new)
         if WITH_ENT:
-            t_i = tl.load(p + 2 * stride_stat, mask=m_m, other=0.0)
+            t_i = tl.load(p + 2 * stat, mask=m_m, other=0.0)
             t = alpha * (t + (m - m_new) * s) + beta * (t_i + (m_i - m_new) * s_i)
         s = alpha * s + beta * s_i
         m = m_new

@@ -5,6 +5,10 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
     LAMBDA_KERNELS_LOGITS_BUDGET   bytes of one fp32 logits chunk (default 1 GiB)
     LAMBDA_KERNELS_MEMORY_BUDGET   bytes of all the workspace of a call: logits chunks *and* fp32 accumulators
                                    (default: unset, no cap beyond the logits budget)
+    LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" to force a plan
+
+Workspace counts fp32 buffers; fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`) a
+few chunk-sized temporaries more.
 
 Gradient plans (the forward-only log-prob pass is always token chunks):
 
@@ -30,8 +34,11 @@ from dataclasses import dataclass
 BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
 MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
+PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
+PLAN_CHOICES = ("auto", "tokens", "vocab")
 TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
+MIN_PIECE_ROWS = 256  # the vocab plan never cuts rows thinner (see _vocab_plan)
 
 
 def _parse_bytes(name: str, raw: str) -> int:
@@ -109,27 +116,50 @@ class GradPlan:
         return logits + (4 * self.cols * H if dw_accumulator else 0) + (4 * N * H if dx_accumulator else 0)
 
 
+def plan_choice() -> str:
+    """LAMBDA_KERNELS_GRAD_PLAN: "auto" (default: by the budgets), "tokens" or "vocab" (forced, e.g. to compare)."""
+    raw = os.environ.get(PLAN_ENV, "").strip().lower() or "auto"
+    if raw not in PLAN_CHOICES:
+        raise RuntimeError(f"{PLAN_ENV} must be one of {', '.join(PLAN_CHOICES)}; got {raw!r}.")
+    return raw
+
+
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
     dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces).
+    Auto: the token plan unless a memory budget is set that cannot hold its accumulator beside a chunk of
+    TOKEN_PLAN_MIN_ROWS rows (without an accumulator, any chunk of one row or more will do).
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
     acc = 4 * V * H if dw_accumulator else 0
-    if memory is None or acc + 4 * V * min(N, TOKEN_PLAN_MIN_ROWS) <= memory:
-        budget = logits if memory is None else min(logits, memory - acc)
-        return GradPlan("tokens", chunk_rows(N, V, budget), V, max_rows=max(1, budget // (4 * max(V, 1))))
-    return _vocab_plan(N, V, H, memory, dw_accumulator, dx_accumulator)
+    row = 4 * max(V, 1)
+    choice = plan_choice()
+    if choice == "auto":
+        fits = memory is None or memory - acc >= row * (1 if acc == 0 else min(N, TOKEN_PLAN_MIN_ROWS))
+        choice = "tokens" if fits else "vocab"
+        chunk = logits if memory is None else min(logits, memory - acc)
+    else:  # forced: the accumulator is accepted, the chunk is the forward pass's
+        chunk = forward_budget_bytes()
+    if choice == "tokens":
+        chunk = max(chunk, row)
+        return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=chunk // row)
+    return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
 
 
-def _vocab_plan(N: int, V: int, H: int, memory: int, dw_accumulator: bool, dx_accumulator: bool) -> GradPlan:
-    room = max(memory - (4 * N * H if dx_accumulator else 0), 0) // 4  # fp32 elements left for logits + slab acc
-    acc_cols = H if dw_accumulator else 0  # fp32 elements of the slab accumulator per vocabulary row
-    cols_all_rows = room // (max(N, 1) + acc_cols)
+def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accumulator: bool,
+                dx_accumulator: bool) -> GradPlan:
+    N = max(N, 1)
+    logits_room = logits // 4  # fp32 elements of one logits slab
+    room = logits_room if memory is None else max(memory - (4 * N * H if dx_accumulator else 0), 0) // 4
+    acc_cols = H if dw_accumulator and memory is not None else 0  # slab accumulator elements per vocabulary row
+    cols_all_rows = min(room // (N + acc_cols), logits_room // N)
     if cols_all_rows >= min(V, MIN_SLAB_COLS):
-        return GradPlan("vocab", max(N, 1), split_size(V, cols_all_rows))
-    # Not even a thin slab of every row fits: thin slabs, and rows in pieces (one row at least, whatever the budget).
+        return GradPlan("vocab", N, split_size(V, cols_all_rows))
+    # Not even a thin slab of every row fits: thin slabs, and rows in pieces of at least MIN_PIECE_ROWS. Below that
+    # the budget cannot be met anyway (the dX accumulator alone is over it) and GEMM launches would run to millions.
     cols = min(V, MIN_SLAB_COLS)
-    return GradPlan("vocab", split_size(N, (room - cols * acc_cols) // cols), cols)
+    rows_cap = min((room - cols * acc_cols) // cols, logits_room // cols)
+    return GradPlan("vocab", split_size(N, max(rows_cap, min(N, MIN_PIECE_ROWS))), cols)
