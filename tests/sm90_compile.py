@@ -1,0 +1,150 @@
+"""Compile every Triton kernel of the library for an H100 (sm_90) on a machine without a GPU, through the library's
+own launchers, and report what the compiler made of each: shared memory, registers, spills, vector accesses.
+
+The interpreter tests check what kernels compute, not whether they compile for a GPU; this does the second. A fake
+active driver gives Triton the sm_90 target, and every launch becomes a compile-only warm-up (nothing runs, so the
+outputs of the calls below are garbage and are not looked at). ptxas (shipped inside the triton wheel) assembles the
+PTX and reports registers and spills.
+
+    python tests/sm90_compile.py            # prints one JSON object; tests/test_sm90_compile.py checks it
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # JIT functions, not interpreted ones; before anything imports triton
+
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as triton_driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class Sm90Driver:
+    """Just enough of a CUDA driver for Triton to compile (never to launch) for an H100."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED = []
+
+
+def _compile_only(original):
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        COMPILED.append((self.fn.__name__, kernel))
+        return kernel
+    return run
+
+
+def scenarios():
+    """Representative calls: bf16 LM-head shapes with V and H divisible by 16, every objective/scan style."""
+    import lambda_kernels as lk
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 64, 256, 2048
+    hidden = torch.randn(B, T, H, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / 16).bfloat16().requires_grad_()
+    bias = torch.zeros(V).bfloat16().requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    adv = torch.randn(B, generator=g)
+    lp = -torch.rand(B, T, generator=g)
+    yield "linear_logprobs", lambda: lk.linear_logprobs(hidden, weight, ids, bias=bias, return_entropy=True)[1].sum()
+    for trace in (None, "recent", "both"):
+        yield f"fused on-policy {trace}", lambda trace=trace: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, trace=trace)[0]
+    yield "fused off-policy", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, old_logprobs=lp,
+                                                                 trace="both", loss_type="grpo")[0]
+    for loss_type in ("bnpo", "dr_grpo"):
+        yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
+            num_items_in_batch=torch.tensor(100.0), adv_clamp_min=-0.1)[0]
+    os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton"
+    yield "lse gemm", lambda: lk.linear_logprobs(hidden.detach(), weight.detach(), ids, bias=bias.detach(),
+                                                 return_entropy=True)[1].sum()
+    os.environ.pop("LAMBDA_KERNELS_LOGPROBS_GEMM")
+    x_long = torch.randn(2, 8192, generator=g).requires_grad_()
+    mask_long = torch.ones(2, 8192)
+    for style in ("recent", "both"):
+        yield f"trace {style} chunked", lambda style=style: lk.lambda_trace(
+            x_long, mask_long, lam=0.99, style=style).sum()
+        yield f"trace {style}", lambda style=style: lk.lambda_trace(
+            x_long[:, :1000].repeat(40, 1), mask_long[:, :1000].repeat(40, 1), lam=0.99, style=style).sum()
+    yield "gae chunked", lambda: lk.gae(torch.randn(2, 8192), torch.randn(2, 8192), mask_long, gamma=1.0, lam=0.95)
+    yield "gae", lambda: lk.gae(torch.randn(64, 1000), torch.randn(64, 1000), torch.ones(64, 1000), gamma=1.0,
+                                lam=0.95)
+
+
+def ptxas_report(ptx: str) -> dict:
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return dict(ptxas_rc=out.returncode, registers=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spills.group(1)) if spills else None)
+
+
+def _constants(kernel) -> dict:
+    """The kernel's constexpr arguments by name (Triton keys them by argument path)."""
+    src = getattr(kernel, "src", None)
+    if src is None:
+        return {}
+    names = src.fn.arg_names
+    return {names[k[0]] if isinstance(k, tuple) else str(k): v for k, v in src.constants.items()
+            if isinstance(v, (int, bool, str))}
+
+
+def main() -> dict:
+    triton_driver.set_active(Sm90Driver())
+    JITFunction.run = _compile_only(JITFunction.run)
+    import lambda_kernels.functional as functional
+
+    # CPU tensors would otherwise take the PyTorch path (no interpreter): send them to the Triton launchers
+    functional.resolve_impl = lambda op, impl, device: "torch" if impl == "torch" else "triton"
+    errors = {}
+    for name, call in scenarios():
+        try:
+            out = call()
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.backward()
+        except Exception as e:  # a kernel that does not compile: reported, the next scenario runs
+            errors[name] = f"{type(e).__name__}: {e}"[:500]
+    kernels, seen = [], set()
+    for name, kernel in COMPILED:
+        if id(kernel) in seen:
+            continue
+        seen.add(id(kernel))
+        ptx = kernel.asm["ptx"]
+        kernels.append(dict(
+            name=name, shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
+            num_stages=kernel.metadata.num_stages, constants=_constants(kernel), wgmma="warp_group_dot" in kernel.asm.get("ttgir", ""), cp_async="cp.async" in ptx,
+            vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)),
+            vector_stores=bool(re.search(r"st\.global(\.\w+)*\.v[248]", ptx)), **ptxas_report(ptx)))
+    return dict(triton=triton.__version__, errors=errors, kernels=kernels)
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), default=str))
