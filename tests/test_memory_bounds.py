@@ -18,7 +18,7 @@ SLACK = 128 * B * T + 8192  # per-token vectors (ℓ, lse, gradients of ℓ, ind
 TORCH_ROWS_TEMPORARIES = 6  # chunk-sized fp32 temporaries of chunked_torch's row operations, at most
 
 
-def _inputs(seed=0):
+def _inputs(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.2
@@ -27,8 +27,9 @@ def _inputs(seed=0):
     mask[1, 30:] = False
     mask[3, 10:] = False
     adv = torch.randn(B, generator=g)
+    hidden, weight, ids, mask, adv = (t.to(device) for t in (hidden, weight, ids, mask, adv))
     with torch.no_grad():
-        old = lk.linear_logprobs(hidden, weight, ids) + 0.1 * torch.randn(B, T, generator=g)
+        old = lk.linear_logprobs(hidden, weight, ids) + 0.1 * torch.randn(B, T, generator=g).to(device)
     return hidden, weight, ids, mask, adv, old
 
 
@@ -49,8 +50,8 @@ def _bound(impl: str, workspace: int) -> int:
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets):
-    hidden, weight, ids, _, _, _ = _inputs()
+def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
+    hidden, weight, ids, _, _, _ = _inputs(device)
     x = hidden.reshape(-1, H).requires_grad_(with_grad)
     w = weight.clone().requires_grad_(with_grad)
     with PeakNewBytes() as mem:
@@ -64,11 +65,11 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("policy", ["on", "off"])
-def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets):
+def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, device):
     """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the
     budget, with shorter token chunks (an fp32 head has no accumulator) or with the vocab plan (forced here, as a
     bf16 head would choose it), the log-prob pass included."""
-    hidden, weight, ids, mask, adv, old = _inputs()
+    hidden, weight, ids, mask, adv, old = _inputs(device)
     for memory_budget, grad_plan in ((None, None), (4 * 200 * 300, "auto"), (4 * 200 * 300, "vocab")):
         if memory_budget is not None:
             budgets(memory_budget, grad_plan)
