@@ -1,11 +1,11 @@
 """One-command GPU check: ceilings, the GPU test subset, the fused-loss benchmarks, the tile configurations of the
 Triton log-sum-exp GEMM (+ the scan benchmarks if present).
 
-    PYTHONPATH=. python benchmarks/gpu_check.py            # < 5 minutes on an H100, compile time included
+    PYTHONPATH=. python benchmarks/gpu_check.py            # < 6 minutes on an H100, compile time included
 
 Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/results.json. Every stage is guarded:
-a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 290),
-GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 120), SHAPES (comma-separated shape names to benchmark).
+a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
+GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
-BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "290"))
-TEST_TIMEOUT = float(os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "120"))
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))  # < 6 minutes with start-up
+TEST_TIMEOUT = float(os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "150"))
 
 
 def elapsed() -> float:
