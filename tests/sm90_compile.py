@@ -69,6 +69,16 @@ def scenarios():
     adv = torch.randn(B, generator=g)
     lp = -torch.rand(B, T, generator=g)
     yield "linear_logprobs", lambda: lk.linear_logprobs(hidden, weight, ids, bias=bias, return_entropy=True)[1].sum()
+    # the GPU row tile (4096) over several tiles with a partial last one; V not divisible by 16; V = 1 (Triton passes
+    # an int argument equal to 1 as a constant)
+    for v_odd in (8208, 5000, 1):
+        w_odd = (torch.randn(v_odd, H, generator=g) / 16).bfloat16().requires_grad_()
+        b_odd = torch.zeros(v_odd).bfloat16().requires_grad_()
+        ids_odd = ids % v_odd
+        yield f"linear_logprobs V={v_odd}", lambda w_odd=w_odd, b_odd=b_odd, ids_odd=ids_odd: lk.linear_logprobs(
+            hidden, w_odd, ids_odd, bias=b_odd, return_entropy=True)[1].sum()
+        yield f"fused on-policy V={v_odd}", lambda w_odd=w_odd, b_odd=b_odd, ids_odd=ids_odd: lk.fused_grpo_lambda_loss(
+            hidden, w_odd, ids_odd, mask, adv, bias=b_odd, ref_logprobs=lp, beta=0.04, return_entropy=True)[0]
     for trace in (None, "recent", "both"):
         yield f"fused on-policy {trace}", lambda trace=trace: lk.fused_grpo_lambda_loss(
             hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, trace=trace)[0]
@@ -141,8 +151,8 @@ def main() -> dict:
         kernels.append(dict(
             name=name, shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
             num_stages=kernel.metadata.num_stages, constants=_constants(kernel), wgmma="warp_group_dot" in kernel.asm.get("ttgir", ""), cp_async="cp.async" in ptx,
-            vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)),
-            vector_stores=bool(re.search(r"st\.global(\.\w+)*\.v[248]", ptx)), **ptxas_report(ptx)))
+            vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)),  # 16 bytes
+            vector_stores=bool(re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx)), **ptxas_report(ptx)))
     return dict(triton=triton.__version__, errors=errors, kernels=kernels)
 
 

@@ -27,7 +27,13 @@ def library_kernels() -> set:
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    # the library's own knobs from a developer's shell would change what compiles: run with the defaults
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_KERNELS_")}
+    env.update(TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,11 +51,14 @@ def test_every_kernel_compiles(report):
         assert k["shared"] <= SMEM_LIMIT, k
 
 
-def test_row_kernels_move_16_byte_vectors(report):
+def test_row_kernels_compile_at_the_gpu_tile_and_move_16_byte_vectors(report):
     rows = [k for k in report["kernels"] if k["name"] in ROW_KERNELS]
-    assert {k["name"] for k in rows} == ROW_KERNELS
-    assert all(k["vector_loads"] for k in rows)
-    assert all(k["vector_stores"] for k in rows if k["name"] != "logprob_rows_kernel")  # dlogits stores
+    assert {(k["name"], k["constants"]["BLOCK_V"]) for k in rows} >= {(name, 4096) for name in ROW_KERNELS}
+    wide = [k for k in rows if k["constants"]["BLOCK_V"] >= 2048]  # V = 2048, 8208 (V % 16 == 0) and 5000
+    assert any(k["vector_loads"] for k in wide) and not all(k["vector_loads"] for k in wide)  # 5000: no alignment
+    for name in ROW_KERNELS:  # with V divisible by 16, 16-byte logits loads (and dlogits stores)
+        assert any(k["vector_loads"] and (k["vector_stores"] or name == "logprob_rows_kernel")
+                   for k in rows if k["name"] == name), name
 
 
 def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):

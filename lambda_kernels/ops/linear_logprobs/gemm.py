@@ -95,10 +95,12 @@ class Gemm:
             acc.addmm_(d.to(torch.float32), w)
         elif self.caps["addmm_acc"]:
             torch.addmm(acc, d, w, out_dtype=torch.float32, out=acc)
-        elif self.caps["mm"]:
-            acc.add_(torch.mm(d, w, out_dtype=torch.float32))
-        else:
-            acc.addmm_(d.to(torch.float32), w.to(torch.float32))
+        else:  # fp32-output GEMM per slab of rows, then add (bounded temporary)
+            for sl in self._slabs(acc.shape[0], 4 * (acc.shape[1] + (0 if self.caps["mm"] else d.shape[1]))):
+                if self.caps["mm"]:
+                    acc[sl].add_(torch.mm(d[sl], w, out_dtype=torch.float32))
+                else:
+                    acc[sl].addmm_(d[sl].to(torch.float32), w.to(torch.float32))
 
     def dw_accumulate(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) += Dᵀ·x."""

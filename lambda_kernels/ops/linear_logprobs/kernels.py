@@ -61,7 +61,8 @@ def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT
     lp = tl.minimum(x_t * inv_t - lse, 0.0)
     ent = tl.full((), 0.0, tl.float32)
     if WITH_ENT:
-        ent = tl.minimum(tl.maximum(log_s - t / s, 0.0), tl.log(V.to(tl.float32)))
+        # tl.full, not V.to: Triton passes V = 1 as a Python int constant (V is specialised)
+        ent = tl.minimum(tl.maximum(log_s - t / s, 0.0), tl.log(tl.full((), V, tl.float32)))
     return lse, lp, ent
 
 

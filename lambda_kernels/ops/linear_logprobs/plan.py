@@ -7,8 +7,9 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
                                    (default: unset, no cap beyond the logits budget)
     LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" to force a plan
 
-Workspace counts fp32 buffers; fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`) a
-few chunk-sized temporaries more.
+Workspace counts the logits buffers and the fp32 dX/dW sums; besides them a call holds per-token vectors and the
+fp32 bias gradient sum (4·V bytes). fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`)
+a few chunk-sized temporaries more.
 
 Gradient plans (the forward-only log-prob pass is always token chunks):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
@@ -38,7 +40,6 @@ PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
 PLAN_CHOICES = ("auto", "tokens", "vocab")
 TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
-MIN_PIECE_ROWS = 256  # the vocab plan never cuts rows thinner (see _vocab_plan)
 
 
 def _parse_bytes(name: str, raw: str) -> int:
@@ -158,8 +159,13 @@ def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accu
     cols_all_rows = min(room // (N + acc_cols), logits_room // N)
     if cols_all_rows >= min(V, MIN_SLAB_COLS):
         return GradPlan("vocab", N, split_size(V, cols_all_rows))
-    # Not even a thin slab of every row fits: thin slabs, and rows in pieces of at least MIN_PIECE_ROWS. Below that
-    # the budget cannot be met anyway (the dX accumulator alone is over it) and GEMM launches would run to millions.
     cols = min(V, MIN_SLAB_COLS)
     rows_cap = min((room - cols * acc_cols) // cols, logits_room // cols)
-    return GradPlan("vocab", split_size(N, max(rows_cap, min(N, MIN_PIECE_ROWS))), cols)
+    if rows_cap >= 1:  # thin slabs, and the rows in pieces
+        return GradPlan("vocab", split_size(N, rows_cap), cols)
+    # No plan meets the budget (the fp32 dX sum, or one thin slab's accumulator, is over it on its own): say so, and
+    # take the efficient plan, all rows against slabs as wide as the logits budget allows.
+    warnings.warn(f"{MEMORY_BUDGET_ENV}={memory} bytes cannot hold the fp32 gradient sums of this call (N={N}, V={V}, "
+                  f"H={H}); running over it with vocabulary slabs of all rows. Raise the budget to remove this.",
+                  RuntimeWarning, stacklevel=4)
+    return GradPlan("vocab", N, split_size(V, max(logits_room // N, min(V, MIN_SLAB_COLS))))
