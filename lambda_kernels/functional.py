@@ -232,6 +232,20 @@ def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
     return 1.0 / float(temperature)
 
 
+def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
+    """The VocabShard of a vocabulary-parallel head, or None (one collective: every rank's row count)."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: `process_group` was given but torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first, or pass process_group=None for a whole head.")
+    from .ops.linear_logprobs.vocab_parallel import VocabShard
+
+    return VocabShard.of(process_group, weight.shape[0], device)
+
+
 def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -> None:
     """Token ids in [0, V) (where mask != 0): one host sync for the min and max, done before any kernel runs."""
     if ids.numel() == 0:
@@ -251,7 +265,8 @@ def _check_ids_dtype(op: str, name: str, ids) -> None:
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
-                    temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
+                    temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
+                    process_group=None):
     """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits.
 
     Computed chunk by chunk over the tokens (cuBLAS GEMMs with fp32 output, a Triton row kernel for the
@@ -278,6 +293,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return_entropy: also return the entropy of that tempered distribution (differentiable too).
         impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else torch), "triton", or "torch" (the
             same chunked pipeline with PyTorch row operations: memory-safe on CPU).
+        process_group: a vocabulary-parallel (tensor-parallel) head: `weight`/`bias` hold this rank's contiguous
+            block of vocabulary rows (ranks in order; blocks may differ in size), `hidden` and `targets` (global ids)
+            are the same on every rank. Results are the whole vocabulary's on every rank; the gradient of `hidden`
+            is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls.
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]
@@ -295,11 +314,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise TypeError(f"{op}: `return_entropy` must be a bool; got {type(return_entropy).__name__}.")
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
-    _check_token_ids(op, "targets", targets, weight.shape[0])
+    shard = _vocab_shard(op, process_group, weight, device)
+    _check_token_ids(op, "targets", targets, weight.shape[0] if shard is None else shard.vocab_size)
     from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
 
     lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
-                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl))
+                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard))
     return (lp, ent) if return_entropy else lp
 
 
@@ -307,7 +327,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           impl="auto"):
+                           impl="auto", process_group=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -373,7 +393,9 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
-    _check_token_ids(op, "completion_ids", completion_ids, weight.shape[0], completion_mask)
+    shard = _vocab_shard(op, process_group, weight, device)
+    _check_token_ids(op, "completion_ids", completion_ids, weight.shape[0] if shard is None else shard.vocab_size,
+                     completion_mask)
     from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
     from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
@@ -381,6 +403,6 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
     objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
     fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
-                              with_entropy=return_entropy, rows_impl=rows_impl)
+                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard)
     return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                    ref_logprobs, scales, fparams)

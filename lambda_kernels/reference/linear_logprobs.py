@@ -5,12 +5,21 @@ from ._dtype import compute_dtype
 from .objective import grpo_lambda_loss
 
 
-def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False):
-    """log softmax((hidden·weightᵀ + bias) / temperature)[targets], fp32 (fp64 for fp64 input), shape of targets."""
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
+                    process_group=None):
+    """log softmax((hidden·weightᵀ + bias) / temperature)[targets], fp32 (fp64 for fp64 input), shape of targets.
+
+    process_group: weight/bias are this rank's block of vocabulary rows; the logits of all ranks are gathered
+    (Megatron's column-parallel head: hidden's gradient summed over the group, each rank's rows its own).
+    """
     dt = compute_dtype(hidden, weight)
+    if process_group is not None:
+        hidden = _SumGradOverGroup.apply(hidden, process_group)
     logits = hidden.to(dt) @ weight.to(dt).t()
     if bias is not None:
         logits = logits + bias.to(dt)
+    if process_group is not None:
+        logits = _GatherVocab.apply(logits, process_group)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
@@ -25,10 +34,11 @@ def fused_grpo_lambda_loss(
     hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None, bias=None,
     temperature=1.0, trace="both", lam=0.99, gamma=1.0, adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None,
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
+    process_group=None,
 ):
     """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits."""
     out = linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy)
+                          return_entropy=return_entropy, process_group=process_group)
     logp, entropy = out if return_entropy else (out, None)
     loss, metrics = grpo_lambda_loss(
         logp, old_logprobs, advantages, completion_mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam,
@@ -38,3 +48,44 @@ def fused_grpo_lambda_loss(
         m = completion_mask.to(entropy.dtype)
         metrics["entropy"] = ((m * entropy.detach()).sum() / m.sum().clamp(min=1.0)).to(torch.float32)
     return loss, metrics
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; the gradient summed over the group (each rank's logits see only its vocabulary rows)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherVocab(torch.autograd.Function):
+    """[..., V_r] on each rank → [..., V] in rank order (blocks may differ in size); backward: this rank's block."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor(logits.shape[-1], dtype=torch.int64), group=group)
+        sizes = [int(s) for s in sizes]
+        padded = torch.nn.functional.pad(logits, (0, max(sizes) - logits.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        rank = dist.get_rank(group)
+        ctx.block = (sum(sizes[:rank]), sizes[rank])
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, size = ctx.block
+        return grad[..., start:start + size], None

@@ -21,12 +21,14 @@ class FusedLossParams:
     inv_temperature: float
     with_entropy: bool
     rows_impl: str  # "triton" | "torch"
+    shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
 
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
                               beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
-                              rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2])
+                              rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
+                              shard=params.shard)
 
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):

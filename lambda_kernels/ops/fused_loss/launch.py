@@ -41,11 +41,12 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
-                       need_db: bool):
+                       need_db: bool, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
-    objective: `objectives.KernelObjective` or `ReferenceObjective`.
+    objective: `objectives.KernelObjective` or `ReferenceObjective`. shard: a vocabulary-parallel head
+    (`linear_logprobs.vocab_parallel`): always the two passes, whose log-prob statistics are combined over the group.
     """
     B, T, H = hidden.shape
     sdt = stats_dtype(hidden)
@@ -60,7 +61,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     need_grad = need_dx or need_dw or need_db
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db)
 
-    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad else None
+    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
     sequences = whole_sequence_pieces(mask_f, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
         else None
     if plan and plan.kind == "tokens" and old is None:
@@ -68,7 +69,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     elif sequences is not None:
         lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences)
     else:
-        lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args)
+        lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args, shard=shard)
     # loss and metrics of the whole batch (the passes above may have evaluated the objective on pieces of it)
     loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False)
 
@@ -165,14 +166,14 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
 
 
 def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                need_dx, need_dw, need_db):
-    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl)
+                need_dx, need_dw, need_db, shard=None):
+    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl, shard)
     grads = (None, None, None)
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True)
         grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
-                                  rows_impl, need_dx, need_dw, need_db)
+                                  rows_impl, need_dx, need_dw, need_db, shard)
     return lp_v, ent_v, grads
 
 

@@ -26,7 +26,10 @@ def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
     z = _tempered(logits, bias, inv_t)
     row_lse = torch.logsumexp(z, dim=1)
     lse.copy_(row_lse)
-    lp.copy_((z.gather(1, tgt.long().unsqueeze(1)).squeeze(1) - row_lse).clamp(max=0.0))
+    # a target outside [0, V) (another rank's, in a vocabulary-parallel head) reads a clamped column: that ℓ is
+    # discarded by the caller, as the Triton kernel's masked load is
+    t = tgt.long().clamp(0, logits.shape[1] - 1)
+    lp.copy_((z.gather(1, t.unsqueeze(1)).squeeze(1) - row_lse).clamp(max=0.0))
     if ent is not None:
         logp = z - row_lse.unsqueeze(1)
         h = -(logp.exp() * _finite(logp)).sum(dim=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,13 +16,14 @@ class LinearLogprobsParams:
     inv_temperature: float
     return_entropy: bool
     rows_impl: str  # "triton" | "torch"
+    shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tgt, params: LinearLogprobsParams):
         lp, lse, ent = logprobs_forward(x, weight, bias, tgt, params.inv_temperature, params.return_entropy,
-                                        params.rows_impl)
+                                        params.rows_impl, params.shard)
         ctx.save_for_backward(x, weight, bias, tgt, lse, ent)
         ctx.params = params
         ctx.set_materialize_grads(False)
@@ -37,7 +39,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
         dx, dw, db = logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
-                                       params.rows_impl, need_dx, need_dw, need_db and bias is not None)
+                                       params.rows_impl, need_dx, need_dw, need_db and bias is not None,
+                                       params.shard)
         return dx, dw, db, None, None
 
 
@@ -54,6 +57,6 @@ def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsP
         lp, ent = out if params.return_entropy else (out, None)
     else:
         lp, _, ent = logprobs_forward(x.detach(), weight.detach(), None if bias is None else bias.detach(), tgt,
-                                      params.inv_temperature, params.return_entropy, params.rows_impl)
+                                      params.inv_temperature, params.return_entropy, params.rows_impl, params.shard)
     lp = lp.reshape(targets.shape)
     return lp, (None if ent is None else ent.reshape(targets.shape))

@@ -77,8 +77,15 @@ def _pieces(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str):
-    """(ℓ [N], lse [N], H [N] or None), fp32, from x [N, H], weight [V, H], tgt [N]; no gradient work."""
+def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None):
+    """(ℓ [N], lse [N], H [N] or None), fp32, from x [N, H], weight [V, H], tgt [N]; no gradient work.
+
+    shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
+    statistics returned are the whole vocabulary's (collectives over shard.group).
+    """
+    if shard is not None:
+        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt), inv_t, with_ent, rows_impl)
+        return shard.combine(lp_r, lse_r, ent_r, tgt)
     N, V = x.shape[0], weight.shape[0]
     sdt = stats_dtype(x)
     lp = torch.empty((N,), dtype=sdt, device=x.device)
@@ -110,17 +117,18 @@ RowGradFn = Callable[[slice, torch.Tensor, torch.Tensor], None]
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
-                  pieces: int | list[slice]):
+                  pieces: int | list[slice], fp32_dx: bool = False):
     """The token plan: per chunk of rows (`pieces`: slices of the rows in order, or a chunk size), logits, then
     `row_fn(rows, logits, dl)` writes the chunk's dlogits into dl, then the GEMMs.
 
-    Returns (dX [N, H] in x's dtype, dW [V, H] in weight's dtype, db [V] in bias's dtype), None where not needed.
-    The dW accumulator is fp32 (fp64 for fp64): it is the returned grad itself for an fp32 weight, an extra
-    4·V·H bytes for a half-precision one (cast at the end).
+    Returns (dX [N, H] in x's dtype, or fp32 with fp32_dx, dW [V, H] in weight's dtype, db [V] in bias's dtype),
+    None where not needed. The dW accumulator is fp32 (fp64 for fp64): it is the returned grad itself for an fp32
+    weight, an extra 4·V·H bytes for a half-precision one (cast at the end).
     """
     N, V = x.shape[0], weight.shape[0]
     sdt = stats_dtype(x)
-    dx = torch.empty_like(x) if need_dx else None
+    fp32_dx = fp32_dx and x.dtype != sdt
+    dx = None if not need_dx else torch.zeros(x.shape, dtype=sdt, device=x.device) if fp32_dx else torch.empty_like(x)
     dw = torch.zeros(weight.shape, dtype=sdt, device=weight.device) if need_dw else None
     db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
     pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
@@ -133,7 +141,10 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
             row_fn(sl, logits, dl)
             if need_dx:
-                gemm.dx(dl, dx[sl])
+                if fp32_dx:
+                    gemm.dx_accumulate(dx[sl], dl)
+                else:
+                    gemm.dx(dl, dx[sl])
             if need_dw:
                 gemm.dw_accumulate(dw, dl, x[sl])
             if need_db:
@@ -143,7 +154,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
 
 
 def vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str, plan: GradPlan,
-                        need_dx: bool, need_dw: bool, need_db: bool):
+                        need_dx: bool, need_dw: bool, need_db: bool, fp32_dx: bool = False):
     """The vocab plan: for each slab of `plan.cols` vocabulary rows, every row's logits of the slab (in pieces of
     `plan.rows`), their dlogits from the known lse (and H), then dX += D·W_slab and dW_slab = Σ Dᵀ·X.
 
@@ -184,7 +195,7 @@ def vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: floa
         if slab_acc is not None:
             dw[sv].copy_(acc)
     del buf
-    return _cast(dx_acc, x), dw, _cast(db, bias)
+    return (dx_acc if fp32_dx else _cast(dx_acc, x)), dw, _cast(db, bias)
 
 
 def _cast(grad, like):
@@ -192,18 +203,27 @@ def _cast(grad, like):
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
-                      need_dx: bool, need_dw: bool, need_db: bool):
-    """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits."""
+                      need_dx: bool, need_dw: bool, need_db: bool, shard=None):
+    """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits.
+
+    shard: a vocabulary-parallel head (lse and H are the whole vocabulary's): this rank's dW/db rows, and dX summed
+    over the group in fp32.
+    """
     sdt = stats_dtype(x)
     g_lp = g_lp.to(sdt).contiguous()
     g_ent = None if g_ent is None else g_ent.to(sdt).contiguous()
+    tgt = tgt if shard is None else shard.local_targets(tgt)
+    fp32_dx = shard is not None
     plan = plan_for(x, weight, need_dx, need_dw)
     if plan.kind == "vocab":
-        return vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t, rows_impl, plan,
-                                   need_dx, need_dw, need_db)
+        dx, dw, db = vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t, rows_impl, plan,
+                                         need_dx, need_dw, need_db, fp32_dx)
+    else:
+        def row_fn(sl, logits, dl):
+            dlogits_rows(rows_impl, logits, bias, tgt[sl], lse[sl], None if ent is None else ent[sl], g_lp[sl],
+                         None if g_ent is None else g_ent[sl], inv_t, dl)
 
-    def row_fn(sl, logits, dl):
-        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse[sl], None if ent is None else ent[sl], g_lp[sl],
-                     None if g_ent is None else g_ent[sl], inv_t, dl)
-
-    return grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows)
+        dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, fp32_dx)
+    if shard is not None and need_dx:
+        dx = _cast(shard.sum_partial_dx(dx), x)
+    return dx, dw, db

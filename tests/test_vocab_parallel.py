@@ -1,0 +1,136 @@
+"""Vocabulary-parallel heads (`process_group=`): two CPU processes (gloo) each hold a block of the head's rows (of
+unequal sizes); their log-probs, entropy, loss and metrics must match the whole head's fp64 oracle on both ranks
+(bit-identical between ranks), dX likewise, and the concatenated dW/db shards the oracle's."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lambda_kernels as lk
+from lambda_kernels import reference as R
+
+from .test_fused_loss import make_batch, perturbed_old
+from .test_linear_logprobs import make_inputs
+
+WORLD = 2
+V = 300
+SHARDS = [(0, 130), (130, 170)]  # (start, rows) per rank
+CASES = [  # (name, impl, extra options)
+    ("logprobs", "triton", {}), ("logprobs", "torch", {}), ("logprobs", "triton", {"memory": str(4 * 40 * 64)}),
+    ("fused_on", "triton", {}), ("fused_off", "triton", {}), ("fused_off", "torch", {}),
+]
+
+
+def _logprobs_inputs():
+    x, w, b, t = make_inputs(37, 24, V, seed=3)
+    g = torch.Generator().manual_seed(5)
+    return x.detach(), w.detach(), b.detach(), t, torch.randn(37, generator=g), torch.randn(37, generator=g)
+
+
+def _fused_inputs(off_policy: bool):
+    hidden, weight, b, ids, mask, adv = make_batch(B=3, T=9, H=24, V=V, seed=8)
+    old = perturbed_old(hidden, weight, b, ids, 0.9, scale=0.3) if off_policy else None
+    with torch.no_grad():
+        ref = R.linear_logprobs(hidden.double(), weight.double(), ids, bias=b.double()).float() - 0.05
+    kw = dict(old_logprobs=old, ref_logprobs=ref, temperature=0.9, trace="both", lam=0.9, beta=0.04,
+              adv_clamp_min=-0.1, return_entropy=True)
+    return hidden.detach(), weight.detach(), b.detach(), ids, mask, adv, kw
+
+
+def _run_case(case, rank, group):
+    name, impl, extra = case
+    start, rows = SHARDS[rank]
+    if "memory" in extra:  # the vocab plan on each shard
+        os.environ["LAMBDA_KERNELS_MEMORY_BUDGET"] = extra["memory"]
+        os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "vocab"
+    try:
+        if name == "logprobs":
+            x, w, b, t, g_lp, g_ent = _logprobs_inputs()
+            x = x.requires_grad_()
+            w_r, b_r = w[start:start + rows].clone().requires_grad_(), b[start:start + rows].clone().requires_grad_()
+            lp, ent = lk.linear_logprobs(x, w_r, t, bias=b_r, temperature=0.8, return_entropy=True, impl=impl,
+                                         process_group=group)
+            ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+            out = dict(lp=lp.detach(), ent=ent.detach(), dx=x.grad, dw=w_r.grad, db=b_r.grad)
+            # the reference's own vocabulary-parallel path (gathered logits), fp64
+            leaves = [v.detach().double().requires_grad_() for v in (x, w_r, b_r)]
+            lp64, ent64 = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.8,
+                                            return_entropy=True, process_group=group)
+            grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
+            return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
+        hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off")
+        h = hidden.requires_grad_()
+        w_r = weight[start:start + rows].clone().requires_grad_()
+        b_r = b[start:start + rows].clone().requires_grad_()
+        loss, metrics = lk.fused_grpo_lambda_loss(h, w_r, ids, mask, adv, bias=b_r, impl=impl, process_group=group,
+                                                  **kw)
+        loss.backward()
+        return dict(loss=loss.detach(), metrics=metrics, dx=h.grad, dw=w_r.grad, db=b_r.grad)
+    finally:
+        os.environ.pop("LAMBDA_KERNELS_MEMORY_BUDGET", None)
+        os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN", None)
+
+
+def _rank_main(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = [_run_case(case, rank, dist.group.WORLD) for case in CASES]
+        torch.save(results, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vocab_parallel")
+    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp / "out")), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"out.{rank}", weights_only=False) for rank in range(WORLD)]
+
+
+def _close(a, e, scale_tol=2e-5, name=""):
+    tol = scale_tol * (e.abs().max().item() + 1e-12)
+    err = (a.double() - e).abs().max().item()
+    assert err <= tol + 1e-7, (name, err, tol)
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(CASES) if c[0] == "logprobs"])
+def test_linear_logprobs_vocab_parallel(rank_results, index):
+    r0, r1 = rank_results[0][index], rank_results[1][index]
+    assert torch.equal(r0["lp"], r1["lp"]) and torch.equal(r0["ent"], r1["ent"]) and torch.equal(r0["dx"], r1["dx"])
+    x, w, b, t, g_lp, g_ent = _logprobs_inputs()
+    leaves = [v.double().requires_grad_() for v in (x, w, b)]
+    lp, ent = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.8, return_entropy=True)
+    dx, dw, db = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum(), leaves)
+    for ours, tol in [(r0, 2e-5), (r0["ref"], 1e-12)]:  # the kernels, and the reference's gathered-logits path
+        other = r1 if ours is r0 else r1["ref"]
+        _close(ours["lp"], lp.detach(), tol, name="lp")
+        _close(ours["ent"], ent.detach(), tol, name="ent")
+        _close(ours["dx"], dx, tol, name="dx")
+        _close(torch.cat([ours["dw"], other["dw"]]), dw, tol, name="dw")
+        _close(torch.cat([ours["db"], other["db"]]), db, tol, name="db")
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(CASES) if c[0].startswith("fused")])
+def test_fused_loss_vocab_parallel(rank_results, index):
+    r0, r1 = rank_results[0][index], rank_results[1][index]
+    assert torch.equal(r0["loss"], r1["loss"]) and torch.equal(r0["dx"], r1["dx"])
+    hidden, weight, b, ids, mask, adv, kw = _fused_inputs(CASES[index][0] == "fused_off")
+    leaves = [v.double().requires_grad_() for v in (hidden, weight, b)]
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss, metrics = R.fused_grpo_lambda_loss(leaves[0], leaves[1], ids, mask, adv.double(), bias=leaves[2], **kw)
+    dx, dw, db = torch.autograd.grad(loss, leaves)
+    _close(r0["loss"], loss.detach(), name="loss")
+    assert set(r0["metrics"]) == set(metrics)
+    for k in metrics:
+        _close(r0["metrics"][k], metrics[k].detach().double(), scale_tol=1e-4, name=k)
+    _close(r0["dx"], dx, name="dx")
+    _close(torch.cat([r0["dw"], r1["dw"]]), dw, name="dw")
+    _close(torch.cat([r0["db"], r1["db"]]), db, name="db")
+
+
+def test_process_group_without_distributed_is_a_clear_error():
+    x, w, b, t = make_inputs(4, 8, 20)
+    with pytest.raises(RuntimeError, match="`process_group` was given but torch.distributed is not initialised"):
+        lk.linear_logprobs(x, w, t, process_group=object())
