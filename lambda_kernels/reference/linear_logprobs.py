@@ -75,8 +75,8 @@ class _GatherVocab(torch.autograd.Function):
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
-        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor(logits.shape[-1], dtype=torch.int64), group=group)
+        sizes = [torch.zeros((), dtype=torch.int64, device=logits.device) for _ in range(world)]  # NCCL: on device
+        dist.all_gather(sizes, torch.tensor(logits.shape[-1], dtype=torch.int64, device=logits.device), group=group)
         sizes = [int(s) for s in sizes]
         padded = torch.nn.functional.pad(logits, (0, max(sizes) - logits.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(world)]
