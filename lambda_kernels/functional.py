@@ -296,7 +296,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         process_group: a vocabulary-parallel (tensor-parallel) head: `weight`/`bias` hold this rank's contiguous
             block of vocabulary rows (ranks in order; blocks may differ in size), `hidden` and `targets` (global ids)
             are the same on every rank. Results are the whole vocabulary's on every rank; the gradient of `hidden`
-            is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls.
+            is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls
+            with the same hidden/targets and runs the backward; an argument error raised on one rank only leaves
+            the others waiting in the first collective.
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]

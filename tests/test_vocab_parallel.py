@@ -19,14 +19,22 @@ V = 300
 SHARDS = [(0, 130), (130, 170)]  # (start, rows) per rank
 CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {}), ("logprobs", "torch", {}), ("logprobs", "triton", {"memory": str(4 * 40 * 64)}),
+    ("logprobs", "triton", {"temperature": 0.05, "inf_shard": True}),  # rank 1's logits all −inf (banned)
+    ("logprobs", "torch", {"temperature": 0.05, "inf_shard": True}),
+    ("logprobs", "triton", {"dtype": torch.float16}), ("logprobs", "triton", {"dtype": torch.float16, "gemm": True}),
     ("fused_on", "triton", {}), ("fused_off", "triton", {}), ("fused_off", "torch", {}),
 ]
 
 
-def _logprobs_inputs():
-    x, w, b, t = make_inputs(37, 24, V, seed=3)
+def _logprobs_inputs(extra):
+    x, w, b, t = make_inputs(37, 24, V, seed=3, dtype=extra.get("dtype", torch.float32))
+    x, w, b = x.detach(), w.detach(), b.detach()
+    if extra.get("inf_shard"):  # a −inf bias over rank 1's whole block: that shard drops out of every row
+        b = b.clone()
+        b[130:] = float("-inf")
+        t = t % 130
     g = torch.Generator().manual_seed(5)
-    return x.detach(), w.detach(), b.detach(), t, torch.randn(37, generator=g), torch.randn(37, generator=g)
+    return x, w, b, t, torch.randn(37, generator=g), torch.randn(37, generator=g)
 
 
 def _fused_inputs(off_policy: bool):
@@ -45,18 +53,21 @@ def _run_case(case, rank, group):
     if "memory" in extra:  # the vocab plan on each shard
         os.environ["LAMBDA_KERNELS_MEMORY_BUDGET"] = extra["memory"]
         os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "vocab"
+    if extra.get("gemm"):
+        os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton"
     try:
         if name == "logprobs":
-            x, w, b, t, g_lp, g_ent = _logprobs_inputs()
+            x, w, b, t, g_lp, g_ent = _logprobs_inputs(extra)
+            temperature = extra.get("temperature", 0.8)
             x = x.requires_grad_()
             w_r, b_r = w[start:start + rows].clone().requires_grad_(), b[start:start + rows].clone().requires_grad_()
-            lp, ent = lk.linear_logprobs(x, w_r, t, bias=b_r, temperature=0.8, return_entropy=True, impl=impl,
-                                         process_group=group)
+            lp, ent = lk.linear_logprobs(x, w_r, t, bias=b_r, temperature=temperature, return_entropy=True,
+                                         impl=impl, process_group=group)
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
             out = dict(lp=lp.detach(), ent=ent.detach(), dx=x.grad, dw=w_r.grad, db=b_r.grad)
             # the reference's own vocabulary-parallel path (gathered logits), fp64
             leaves = [v.detach().double().requires_grad_() for v in (x, w_r, b_r)]
-            lp64, ent64 = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.8,
+            lp64, ent64 = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
                                             return_entropy=True, process_group=group)
             grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
             return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
@@ -69,8 +80,8 @@ def _run_case(case, rank, group):
         loss.backward()
         return dict(loss=loss.detach(), metrics=metrics, dx=h.grad, dw=w_r.grad, db=b_r.grad)
     finally:
-        os.environ.pop("LAMBDA_KERNELS_MEMORY_BUDGET", None)
-        os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN", None)
+        for key in ("LAMBDA_KERNELS_MEMORY_BUDGET", "LAMBDA_KERNELS_GRAD_PLAN", "LAMBDA_KERNELS_LOGPROBS_GEMM"):
+            os.environ.pop(key, None)
 
 
 def _rank_main(rank, init_file, out_file):
@@ -99,10 +110,24 @@ def _close(a, e, scale_tol=2e-5, name=""):
 def test_linear_logprobs_vocab_parallel(rank_results, index):
     r0, r1 = rank_results[0][index], rank_results[1][index]
     assert torch.equal(r0["lp"], r1["lp"]) and torch.equal(r0["ent"], r1["ent"]) and torch.equal(r0["dx"], r1["dx"])
-    x, w, b, t, g_lp, g_ent = _logprobs_inputs()
+    _, impl, extra = CASES[index]
+    x, w, b, t, g_lp, g_ent = _logprobs_inputs(extra)
+    temperature = extra.get("temperature", 0.8)
     leaves = [v.double().requires_grad_() for v in (x, w, b)]
-    lp, ent = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.8, return_entropy=True)
+    lp, ent = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
+                                return_entropy=True)
     dx, dw, db = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum(), leaves)
+    assert all(torch.isfinite(v).all() for v in (lp, ent, dx, dw, db))
+    if "dtype" in extra:  # fp16: no worse than the whole head through the same kernels
+        xs, ws, bs = (v.clone().requires_grad_() for v in (x, w, b))
+        lp1, ent1 = lk.linear_logprobs(xs, ws, t, bias=bs, temperature=temperature, return_entropy=True, impl=impl)
+        whole = torch.autograd.grad((lp1 * g_lp).sum() + (ent1 * g_ent).sum(), (xs, ws, bs))
+        got = (r0["dx"], torch.cat([r0["dw"], r1["dw"]]), torch.cat([r0["db"], r1["db"]]))
+        for name, a, one, e in zip(["dx", "dw", "db"], got, whole, (dx, dw, db)):
+            err, err_whole = (a.double() - e).abs().max().item(), (one.double() - e).abs().max().item()
+            assert err <= 1.5 * err_whole + 1e-3 * e.abs().max().item(), (name, err, err_whole)
+        _close(r0["lp"], lp.detach(), 1e-3, name="lp")
+        return
     for ours, tol in [(r0, 2e-5), (r0["ref"], 1e-12)]:  # the kernels, and the reference's gathered-logits path
         other = r1 if ours is r0 else r1["ref"]
         _close(ours["lp"], lp.detach(), tol, name="lp")

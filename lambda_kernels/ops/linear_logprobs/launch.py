@@ -106,11 +106,11 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     return lp, lse, ent
 
 
-def plan_for(x, weight, need_dx: bool, need_dw: bool) -> GradPlan:
+def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False) -> GradPlan:
     """The gradient plan (`plan.grad_plan`) of a pass over x [N, H] and weight [V, H]."""
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0], weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
-                     dx_accumulator=need_dx and half)
+                     dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half)
 
 
 RowGradFn = Callable[[slice, torch.Tensor, torch.Tensor], None]
@@ -214,7 +214,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
     g_ent = None if g_ent is None else g_ent.to(sdt).contiguous()
     tgt = tgt if shard is None else shard.local_targets(tgt)
     fp32_dx = shard is not None
-    plan = plan_for(x, weight, need_dx, need_dw)
+    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx)
     if plan.kind == "vocab":
         dx, dw, db = vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t, rows_impl, plan,
                                          need_dx, need_dw, need_db, fp32_dx)

@@ -75,7 +75,7 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
         tl.store(p_part + 2 * stat, tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1), mask=m_m)  # −inf logits
 
     tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
-    in_tile = m_m & (tgt >= i_v * BLOCK_N) & (tgt < i_v * BLOCK_N + BLOCK_N)
+    in_tile = m_m & (tgt >= i_v * BLOCK_N) & (tgt < i_v * BLOCK_N + BLOCK_N) & (tgt < V)
     b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
     tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
 

@@ -125,17 +125,19 @@ def plan_choice() -> str:
     return raw
 
 
-def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool) -> GradPlan:
+def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
+              dx_sum_in_tokens: bool = False) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
-    dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces).
+    dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces);
+    dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks).
     Auto: the token plan unless a memory budget is set that cannot hold its accumulator beside a chunk of
     TOKEN_PLAN_MIN_ROWS rows (without an accumulator, any chunk of one row or more will do).
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
-    acc = 4 * V * H if dw_accumulator else 0
+    acc = (4 * V * H if dw_accumulator else 0) + (4 * N * H if dx_sum_in_tokens else 0)
     row = 4 * max(V, 1)
     choice = plan_choice()
     if choice == "auto":

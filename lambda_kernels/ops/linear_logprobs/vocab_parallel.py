@@ -1,13 +1,15 @@
 """Vocabulary-parallel LM heads (tensor parallelism): each rank holds a contiguous block of the head's rows.
 
 Per rank the usual pipeline runs on its shard (targets shifted by the shard's first id, so that only the owning
-rank sees a target), then three collectives over the group turn shard statistics into the whole vocabulary's:
+rank sees a target), then one all_gather of [3, N] (z_t or 0, lse_r, H_r) turns shard statistics into the whole
+vocabulary's:
 
-    lse   = log Σ_r exp(lse_r)                                   all_gather of lse_r [N]
-    z_t   = Σ_r [target in shard r] · (ℓ_r + lse_r)               all_reduce of [N]
-    H     = lse − Σ_r exp(lse_r − lse) · (lse_r − H_r)            all_gather of H_r [N] (with entropy)
+    lse   = log Σ_r exp(lse_r)
+    z_t   = Σ_r [target in shard r] · (ℓ_r + lse_r)
+    H     = Σ_r w_r · (H_r − log w_r),   w_r = exp(lse_r − lse)
 
-(E_p[z] over the vocabulary is the mixture of the shards' E_{p_r}[z] = lse_r − H_r with weights exp(lse_r − lse).)
+(p_v = w_r·p_v^(r) on shard r. Every term of H is ≥ 0, so nothing cancels at large logits or low temperature, and a
+shard whose logits are all −inf, w_r = 0, drops out.)
 The backward needs the global lse and H only: each rank forms its shard's dlogits (no one-hot outside it), its
 dW/db rows locally, and a partial dX in fp32 that one all_reduce sums.
 Collectives are the same on every rank and in the same order, so every rank gets bit-identical ℓ, H and loss.
@@ -47,19 +49,22 @@ class VocabShard:
 
     def combine(self, lp_r, lse_r, ent_r, tgt):
         """(ℓ, lse, H) over the whole vocabulary from this shard's (ℓ_r, lse_r, H_r) and the global targets."""
-        import torch.distributed as dist
-
+        zero = torch.zeros((), dtype=lp_r.dtype, device=lp_r.device)
         in_shard = (tgt >= self.start) & (tgt < self.start + self.size)
-        z_t = torch.where(in_shard, lp_r + lse_r, torch.zeros((), dtype=lp_r.dtype, device=lp_r.device))
-        dist.all_reduce(z_t, group=self.group)
-        lse_all = self._gather(lse_r)
+        # the owner's target logit; −inf when its whole shard is −inf for the row (ℓ_r + lse_r would be NaN)
+        owned = torch.where(torch.isfinite(lse_r), lp_r + lse_r, lse_r)
+        stats = [torch.where(in_shard, owned, zero), lse_r] + ([] if ent_r is None else [ent_r])
+        gathered = self._gather(torch.stack(stats))  # [ranks, 2 or 3, N]: one collective
+        z_t = gathered[:, 0].sum(dim=0)  # one rank holds the value, the others 0: exact
+        lse_all = gathered[:, 1]
         lse = torch.logsumexp(lse_all, dim=0)
         lp = (z_t - lse).clamp(max=0.0)
         ent = None
         if ent_r is not None:
-            weights = torch.exp(lse_all - lse)
-            mean_z = (weights * (lse_all - self._gather(ent_r))).sum(dim=0)
-            ent = (lse - mean_z).clamp(min=0.0, max=math.log(self.vocab_size))
+            log_w = lse_all - lse
+            w = torch.exp(log_w)
+            terms = torch.where(w > 0, w * (gathered[:, 2] - log_w), zero)
+            ent = terms.sum(dim=0).clamp(min=0.0, max=math.log(self.vocab_size))
         return lp, lse, ent
 
     def sum_partial_dx(self, dx_partial: torch.Tensor) -> torch.Tensor:
