@@ -6,8 +6,6 @@ can run on the tensors' device, torch otherwise).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import reference
@@ -226,10 +224,7 @@ def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
         checks.same_shape(op, "bias", bias, (weight.shape[0],), "One bias per vocabulary entry.")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"{op}: `bias` must have the dtype of `hidden` ({hidden.dtype}); got {bias.dtype}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(float(temperature)) or not float(temperature) > 0:
-        raise ValueError(f"{op}: `temperature` must be a finite number > 0; got {temperature!r}.")
-    return 1.0 / float(temperature)
+    return 1.0 / checks.positive_number(op, "temperature", temperature)
 
 
 def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
@@ -312,8 +307,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_ids_dtype(op, "targets", targets)
     checks.same_shape(op, "targets", targets, hidden.shape[:-1],
                       "targets must have hidden's leading shape [...]. Did you forget to shift targets by one?")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{op}: `return_entropy` must be a bool; got {type(return_entropy).__name__}.")
+    checks.flag(op, "return_entropy", return_entropy)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
@@ -385,8 +379,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
             "one and drop the prompt yourself, e.g. hidden = last_hidden_state[:, P - 1:-1] for a prompt of length P.")
     inv_t = _check_lm_head(op, hidden, weight, bias, temperature)
     checks.mask_tensor(op, "completion_mask", completion_mask, (B, T))
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{op}: `return_entropy` must be a bool; got {type(return_entropy).__name__}.")
+    checks.flag(op, "return_entropy", return_entropy)
     params = check_objective_args(
         op, (B, T), ("hidden", hidden), old_logprobs=old_logprobs, advantages=advantages, mask=completion_mask,
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,

@@ -7,7 +7,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
-from lambda_kernels.ops.linear_logprobs import launch
+from lambda_kernels.ops.linear_logprobs import plan
 
 from ._helpers import poisoned_outputs, random_mask
 
@@ -66,7 +66,7 @@ def assert_matches(loss, metrics, grads, ref, atol_loss=2e-6, rtol_grad=2e-5):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setenv(launch.BUDGET_ENV, str(4 * 123 * 8))  # 8 rows per chunk at V = 123
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * 123 * 8))  # 8 rows per chunk at V = 123
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,7 +8,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels.ops.fused_loss.launch import whole_sequence_pieces
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
-from lambda_kernels.ops.linear_logprobs import launch
+from lambda_kernels.ops.linear_logprobs import plan
 
 from ._helpers import poisoned_outputs
 from .test_fused_loss import LOSS_TYPES, assert_matches, make_batch, perturbed_old, reference_run
@@ -42,7 +42,7 @@ def logits_gemms(monkeypatch):
 
 
 def _chunk_budget(monkeypatch, rows, V=123):
-    monkeypatch.setenv(launch.BUDGET_ENV, str(4 * V * rows))
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * rows))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

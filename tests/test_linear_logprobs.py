@@ -6,7 +6,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
-from lambda_kernels.ops.linear_logprobs import launch
+from lambda_kernels.ops.linear_logprobs import launch, plan
 
 from ._helpers import poisoned_outputs
 
@@ -60,7 +60,7 @@ def assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature):
 def small_budget(monkeypatch):
     """Chunks of 7 rows at V = 123, so every test crosses chunk boundaries."""
     def set_rows(V, rows=7):
-        monkeypatch.setenv(launch.BUDGET_ENV, str(4 * V * rows))
+        monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * rows))
     return set_rows
 
 
@@ -118,7 +118,7 @@ def test_triton_and_torch_rows_agree_and_chunking_is_invisible(device, monkeypat
     x, w, b, t = make_inputs(61, 40, 123, device=device)
     outs = []
     for impl, rows in [("triton", 61), ("triton", 5), ("torch", 9), ("triton", 1)]:
-        monkeypatch.setenv(launch.BUDGET_ENV, str(4 * 123 * rows))
+        monkeypatch.setenv(plan.BUDGET_ENV, str(4 * 123 * rows))
         lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=1.3, return_entropy=True, impl=impl)
         outs.append((lp, ent, grads_of(lp, ent, *upstream(61, device=device), (x, w, b))))
     for lp, ent, gr in outs[1:]:
@@ -233,18 +233,18 @@ def test_empty_input(device):
 
 
 def test_chunk_rows_budget_and_grid_limits(monkeypatch):
-    assert launch.chunk_rows(8192, 152064) * 152064 * 4 <= 1 << 30
-    assert launch.chunk_rows(8192, 152064) % 128 == 0
-    assert launch.chunk_rows(65536, 129920) <= 65535  # grid x is one row per program
-    assert launch.chunk_rows(10, 123) == 10
-    monkeypatch.setenv(launch.BUDGET_ENV, "256M")
-    assert launch.logits_budget_bytes() == 256 << 20
-    assert launch.chunk_rows(100000, 152064) * 152064 * 4 <= 256 << 20
-    monkeypatch.setenv(launch.BUDGET_ENV, "1G")
-    assert launch.logits_budget_bytes() == 1 << 30
-    monkeypatch.setenv(launch.BUDGET_ENV, "lots")
+    assert plan.chunk_rows(8192, 152064) * 152064 * 4 <= 1 << 30
+    assert plan.chunk_rows(8192, 152064) % 128 == 0
+    assert plan.chunk_rows(65536, 129920) <= 65535  # grid x is one row per program
+    assert plan.chunk_rows(10, 123) == 10
+    monkeypatch.setenv(plan.BUDGET_ENV, "256M")
+    assert plan.logits_budget_bytes() == 256 << 20
+    assert plan.chunk_rows(100000, 152064) * 152064 * 4 <= 256 << 20
+    monkeypatch.setenv(plan.BUDGET_ENV, "1G")
+    assert plan.logits_budget_bytes() == 1 << 30
+    monkeypatch.setenv(plan.BUDGET_ENV, "lots")
     with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_LOGITS_BUDGET"):
-        launch.logits_budget_bytes()
+        plan.logits_budget_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -304,7 +304,7 @@ def test_gpu_dw_accumulates_in_fp32_across_chunks(monkeypatch):
     """Many chunks, bf16 weight: dW must match an fp32 oracle far better than bf16 accumulation would."""
     dev = "cuda"
     N, H, V = 4096, 128, 4096
-    monkeypatch.setenv(launch.BUDGET_ENV, str(4 * V * 128))  # 32 chunks
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * 128))  # 32 chunks
     x, w, b, t = make_inputs(N, H, V, dtype=torch.bfloat16, device=dev, bias=False)
     lp = lk.linear_logprobs(x, w, t)
     (gw,) = torch.autograd.grad(lp.sum(), w)
@@ -317,7 +317,7 @@ def test_gpu_dw_accumulates_in_fp32_across_chunks(monkeypatch):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_never_more_than_one_chunk_of_logits(impl, device, monkeypatch):
     """Every logits GEMM writes at most `budget` bytes: 37 rows at 7 rows per chunk = 6 chunks, forward and backward."""
-    monkeypatch.setenv(launch.BUDGET_ENV, str(4 * 123 * 7))
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * 123 * 7))
     seen = []
     original = launch.Gemm.logits
 

@@ -75,6 +75,18 @@ def non_negative(op: str, name: str, v) -> float:
     return float(v)
 
 
+def positive_number(op: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not float(v) > 0:
+        raise ValueError(f"{op}: `{name}` must be a finite number > 0; got {v!r}.")
+    return float(v)
+
+
+def flag(op: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: `{name}` must be a bool; got {type(v).__name__}.")
+    return v
+
+
 def finite_number(op: str, name: str, v, *, allow_none: bool = False) -> float | None:
     if v is None and allow_none:
         return None

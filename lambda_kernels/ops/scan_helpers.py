@@ -26,6 +26,17 @@ def decayed_scan(x, decay, carry, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def row_scan_start(scratch_ptr, T):
+    """A one-program-per-row scan's start (grid (B,), [B, T] tensors): (row index, offset of the row, its two
+    scratch rows of the [B, 2, T] scratch, two zero carries)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    row = i_b * T
+    scratch_1 = scratch_ptr + 2 * row
+    zero = tl.full((), 0.0, tl.float32)
+    return i_b, row, scratch_1, scratch_1 + T, zero, zero
+
+
+@triton.jit
 def pick(block, offs, idx):
     """The element of `block` at absolute offset `idx` (a scalar), as a scalar."""
     return tl.sum(tl.where(offs == idx, block, 0.0), axis=0)

@@ -117,7 +117,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
     tgt = batch.tgt
 
-    def row_fn(sl, logits, dl):
+    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], g0[sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl)
@@ -149,7 +149,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
     tgt, old, ref = batch.tgt, batch.old, batch.ref
     positions = torch.arange(B * T, device=batch.x.device) if batch.all_valid else batch.valid
 
-    def row_fn(sl, logits, dl):
+    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
         rows = rows_of[sl.start]
         local = positions[sl] - rows.start * T  # the chunk's tokens within its block of rows

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ..scan_helpers import trace_backward_block, trace_forward_block
+from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_block
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -13,12 +13,7 @@ def lambda_trace_fwd_kernel(x_ptr, mask_ptr, z_ptr, scratch_ptr, T, a, log2a,
     x [B, T] any float, mask [B, T] (uint8/int/float), z [B, T] fp32, scratch [B, 2, T] fp32 (STYLE 2 only);
     all contiguous. Grid (B,).
     """
-    i_b = tl.program_id(0).to(tl.int64)
-    row = i_b * T
-    scratch_f = scratch_ptr + 2 * row
-    scratch_p = scratch_f + T
-    carry_f = tl.full((), 0.0, tl.float32)
-    carry_p = tl.full((), 0.0, tl.float32)
+    _, row, scratch_f, scratch_p, carry_f, carry_p = row_scan_start(scratch_ptr, T)
     for t0 in range(0, T, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
         m_t = o_t < T
@@ -37,12 +32,7 @@ def lambda_trace_bwd_kernel(gz_ptr, mask_ptr, gx_ptr, scratch_ptr, T, a, log2a,
 
     gz [B, T] fp32, mask [B, T], gx [B, T] (x's dtype), scratch [B, 2, T] fp32 (STYLE 2 only). Grid (B,).
     """
-    i_b = tl.program_id(0).to(tl.int64)
-    row = i_b * T
-    scratch_r = scratch_ptr + 2 * row
-    scratch_s = scratch_r + T
-    carry_r = tl.full((), 0.0, tl.float32)
-    carry_s = tl.full((), 0.0, tl.float32)
+    _, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
         t0 = (n_blocks - 1 - i) * BLOCK_T

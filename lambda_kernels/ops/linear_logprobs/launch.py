@@ -1,6 +1,8 @@
-"""The token-chunked pipeline: cuBLAS GEMMs per chunk of rows, the row kernels on the fp32 logits chunk in between.
+"""The LM-head pipelines: cuBLAS GEMMs per chunk of rows (and, in the vocab plan, per slab of the vocabulary), the
+row kernels on the fp32 logits chunk in between. Plans and budgets: plan.py; vocabulary-parallel heads:
+vocab_parallel.py; the opt-in Triton log-prob GEMM: lse_gemm.py.
 
-Per chunk of M rows (M from the logits budget, see `chunk_rows`):
+Per chunk of M rows (the token plan; M from the logits budget, see `chunk_rows`):
 
     logits = X_c·Wᵀ                      fp32 output (torch.mm(..., out_dtype=float32) for bf16/fp16 on CUDA)
     row kernel                           lse, ℓ, H; or dlogits written over the chunk (in the GEMM input dtype)
@@ -23,7 +25,7 @@ from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .lse_gemm import lse_gemm_logprobs, use_lse_gemm
-from .plan import BUDGET_ENV, MEMORY_BUDGET_ENV, GradPlan, chunk_rows, grad_plan, logits_budget_bytes  # noqa: F401
+from .plan import GradPlan, chunk_rows, grad_plan
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -113,89 +115,65 @@ def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False) -> 
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half)
 
 
-RowGradFn = Callable[[slice, torch.Tensor, torch.Tensor], None]
+RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
-                  pieces: int | list[slice], fp32_dx: bool = False):
-    """The token plan: per chunk of rows (`pieces`: slices of the rows in order, or a chunk size), logits, then
-    `row_fn(rows, logits, dl)` writes the chunk's dlogits into dl, then the GEMMs.
+                  pieces: int | list[slice], slab_cols: int | None = None, fp32_dx: bool = False):
+    """Both gradient plans: per slab of `slab_cols` vocabulary rows (None: the whole vocabulary, the token plan) and
+    per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
+    logits, dl)` writes their dlogits into dl, then the GEMMs.
 
-    Returns (dX [N, H] in x's dtype, or fp32 with fp32_dx, dW [V, H] in weight's dtype, db [V] in bias's dtype),
-    None where not needed. The dW accumulator is fp32 (fp64 for fp64): it is the returned grad itself for an fp32
-    weight, an extra 4·V·H bytes for a half-precision one (cast at the end).
-    """
-    N, V = x.shape[0], weight.shape[0]
-    sdt = stats_dtype(x)
-    fp32_dx = fp32_dx and x.dtype != sdt
-    dx = None if not need_dx else torch.zeros(x.shape, dtype=sdt, device=x.device) if fp32_dx else torch.empty_like(x)
-    dw = torch.zeros(weight.shape, dtype=sdt, device=weight.device) if need_dw else None
-    db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
-    pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
-    if N > 0:
-        gemm = Gemm(weight)
-        buf = torch.empty((max(sl.stop - sl.start for sl in pieces), V), dtype=sdt, device=x.device)
-        for sl in pieces:
-            logits = buf[: sl.stop - sl.start]
-            gemm.logits(x[sl], logits)
-            dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
-            row_fn(sl, logits, dl)
-            if need_dx:
-                if fp32_dx:
-                    gemm.dx_accumulate(dx[sl], dl)
-                else:
-                    gemm.dx(dl, dx[sl])
-            if need_dw:
-                gemm.dw_accumulate(dw, dl, x[sl])
-            if need_db:
-                db += dl.sum(dim=0, dtype=sdt)
-        del buf, logits, dl  # the logits chunk is gone before the dW cast below allocates the weight-dtype grad
-    return dx, _cast(dw, weight), _cast(db, bias)
-
-
-def vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str, plan: GradPlan,
-                        need_dx: bool, need_dw: bool, need_db: bool, fp32_dx: bool = False):
-    """The vocab plan: for each slab of `plan.cols` vocabulary rows, every row's logits of the slab (in pieces of
-    `plan.rows`), their dlogits from the known lse (and H), then dX += D·W_slab and dW_slab = Σ Dᵀ·X.
-
-    A slab's dW is final after its rows: the fp32 accumulator is one slab (none for an fp32 head, which sums into
-    its gradient), cast into the weight-dtype gradient slab by slab. dX is summed over slabs in fp32 (in place for
-    an fp32 x). Same returns as `grad_pipeline`.
+    dW is summed over the pieces in fp32 (fp64 for fp64): for one slab that sum is the whole head's (the gradient
+    itself for an fp32 head, an extra 4·V·H bytes cast at the end for a half one); for several, a slab's dW is final
+    after its pieces, so a half head needs one slab-sized fp32 buffer, cast into the gradient slab by slab. dX is
+    written per piece for one slab and summed over slabs in fp32 for several (or when fp32_dx asks for it).
+    Returns (dX [N, H] in x's dtype, fp32 with fp32_dx; dW [V, H] in weight's dtype; db [V] in bias's dtype),
+    None where not needed.
     """
     N, H = x.shape
     V = weight.shape[0]
     sdt = stats_dtype(x)
-    half = weight.dtype not in (torch.float32, torch.float64)
-    dx_acc = torch.zeros((N, H), dtype=sdt, device=x.device) if need_dx else None
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_dw else None
-    slab_acc = torch.empty((plan.cols, H), dtype=sdt, device=weight.device) if need_dw and half else None
-    db = torch.zeros((V,), dtype=sdt, device=x.device) if need_db else None
-    buf = torch.empty((plan.rows * plan.cols,), dtype=sdt, device=x.device)
-    for sv in _pieces(V, plan.cols):
-        gemm = Gemm(weight[sv])
-        cols = sv.stop - sv.start
-        tgt_in_slab = tgt - sv.start  # the one-hot term lands only on rows whose target lies in this slab
-        bias_slab = None if bias is None else bias[sv]
-        acc = None
-        if need_dw:
-            acc = dw[sv] if slab_acc is None else slab_acc[:cols]
-            acc.zero_()
-        for sl in _pieces(N, plan.rows):
-            logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
-            gemm.logits(x[sl], logits)
-            dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
-            dlogits_rows(rows_impl, logits, bias_slab, tgt_in_slab[sl], lse[sl], None if ent is None else ent[sl],
-                         g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
-            if need_dx:
-                gemm.dx_accumulate(dx_acc[sl], dl)
+    pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
+    slabs = _pieces(V, slab_cols or V)
+    sum_dx = fp32_dx or len(slabs) > 1
+    dx = dw = dw_slab = db = None
+    if need_dx:
+        dx = torch.zeros((N, H), dtype=sdt, device=x.device) if sum_dx else torch.empty_like(x)
+    if need_dw:
+        if len(slabs) > 1 and weight.dtype != sdt:
+            dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            dw_slab = torch.empty((slabs[0].stop, H), dtype=sdt, device=weight.device)
+        else:
+            dw = torch.zeros(weight.shape, dtype=sdt, device=weight.device)
+    if need_db:
+        db = torch.zeros((V,), dtype=sdt, device=x.device)
+    if N > 0:
+        buf = torch.empty((max(sl.stop - sl.start for sl in pieces) * slabs[0].stop,), dtype=sdt, device=x.device)
+        for sv in slabs:
+            gemm = Gemm(weight[sv])
+            cols = sv.stop - sv.start
+            acc = None
             if need_dw:
-                gemm.dw_accumulate(acc, dl, x[sl])
-            if need_db:
-                db[sv] += dl.sum(dim=0, dtype=sdt)
-        if slab_acc is not None:
-            dw[sv].copy_(acc)
-    del buf
-    return (dx_acc if fp32_dx else _cast(dx_acc, x)), dw, _cast(db, bias)
+                acc = dw[sv] if dw_slab is None else dw_slab[:cols].zero_()
+            for sl in pieces:
+                logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
+                gemm.logits(x[sl], logits)
+                dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
+                row_fn(sl, sv, logits, dl)
+                if need_dx:
+                    if sum_dx:
+                        gemm.dx_accumulate(dx[sl], dl)
+                    else:
+                        gemm.dx(dl, dx[sl])
+                if need_dw:
+                    gemm.dw_accumulate(acc, dl, x[sl])
+                if need_db:
+                    db[sv] += dl.sum(dim=0, dtype=sdt)
+            if dw_slab is not None:
+                dw[sv].copy_(acc)
+        del buf, logits, dl  # the logits are gone before the dW cast below allocates the weight-dtype grad
+    return (dx if fp32_dx else _cast(dx, x)), _cast(dw, weight), _cast(db, bias)
 
 
 def _cast(grad, like):
@@ -215,15 +193,15 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
     tgt = tgt if shard is None else shard.local_targets(tgt)
     fp32_dx = shard is not None
     plan = plan_for(x, weight, need_dx, need_dw, fp32_dx)
-    if plan.kind == "vocab":
-        dx, dw, db = vocab_grad_pipeline(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t, rows_impl, plan,
-                                         need_dx, need_dw, need_db, fp32_dx)
-    else:
-        def row_fn(sl, logits, dl):
-            dlogits_rows(rows_impl, logits, bias, tgt[sl], lse[sl], None if ent is None else ent[sl], g_lp[sl],
-                         None if g_ent is None else g_ent[sl], inv_t, dl)
 
-        dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, fp32_dx)
+    def row_fn(sl, sv, logits, dl):
+        # in a slab of the vocabulary the one-hot term lands only on rows whose target lies in it
+        dlogits_rows(rows_impl, logits, None if bias is None else bias[sv],
+                     tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
+                     g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
+
+    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
+                               plan.cols if plan.kind == "vocab" else None, fp32_dx)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)
     return dx, dw, db

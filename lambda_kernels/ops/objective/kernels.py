@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ..scan_helpers import trace_backward_block, trace_forward_block
+from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_block
 
 # Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
 # 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
@@ -28,12 +28,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
     stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
     Grid (B,).
     """
-    i_b = tl.program_id(0).to(tl.int64)
-    row = i_b * T
-    scratch_f = scratch_ptr + 2 * row
-    scratch_p = scratch_f + T
-    carry_f = tl.full((), 0.0, tl.float32)
-    carry_p = tl.full((), 0.0, tl.float32)
+    i_b, row, scratch_f, scratch_p, carry_f, carry_p = row_scan_start(scratch_ptr, T)
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
@@ -150,13 +145,8 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_pt
     coef [B, T] fp32 (forward), lp, ref [B, T] any float (ref only when HAS_KL), mask [B, T], scale [B] fp32
     (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch [B, 2, T] fp32 (STYLE 2). Grid (B,).
     """
-    i_b = tl.program_id(0).to(tl.int64)
-    row = i_b * T
-    scratch_r = scratch_ptr + 2 * row
-    scratch_s = scratch_r + T
+    i_b, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
     row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
-    carry_r = tl.full((), 0.0, tl.float32)
-    carry_s = tl.full((), 0.0, tl.float32)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
         t0 = (n_blocks - 1 - i) * BLOCK_T

@@ -69,7 +69,10 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         BLOCK_T=block, num_warps=warps)
 
 
-def _launch_backward_rows(coef, lp, ref, mask_k, scales, grad_out, params: ObjectiveParams, out_dtype):
+def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
+    """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included; saved = (coef, scales, mask)
+    from `objective_forward` (or `objective_rows_grad`)."""
+    coef, scales, mask_k = saved
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
     if B == 0 or T == 0:
@@ -82,12 +85,6 @@ def _launch_backward_rows(coef, lp, ref, mask_k, scales, grad_out, params: Objec
         params.trace.a, params.trace.log2a, params.beta,
         STYLE=params.trace.style, HAS_KL=has_kl, BLOCK_T=block, num_warps=warps)
     return grad
-
-
-def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
-    """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included."""
-    coef, scales, mask_k = saved
-    return _launch_backward_rows(coef, lp, ref, mask_k, scales, grad_out, params, out_dtype)
 
 
 def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams) -> torch.Tensor:
@@ -106,8 +103,8 @@ def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams
     stats = torch.empty((b, N_STATS), dtype=torch.float32, device=lp.device)
     _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
     one = torch.ones((1,), dtype=torch.float32, device=lp.device)
-    return _launch_backward_rows(coef, lp, ref, mask_k, scales.to(torch.float32).contiguous(), one, params,
-                                 torch.float32)
+    return objective_backward(one, (coef, scales.to(torch.float32).contiguous(), mask_k), lp, ref, params,
+                              torch.float32)
 
 
 def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams) -> torch.Tensor:
