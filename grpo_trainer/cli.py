@@ -53,25 +53,14 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    try:
+    try:  # options, then data/reward/checkpoint problems found at start-up
         cfg = build_config(args.config, overrides, command=args.command)
+        if args.command == TRAIN:
+            from .trainer import train as run
+        else:
+            from .evaluate import run_evaluate as run
+        run(cfg)
     except ConfigError as e:
         print(f"grpo-lambda {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
-    if args.command == TRAIN:
-        from .trainer import train
-
-        try:
-            train(cfg)
-        except ConfigError as e:  # data/reward/checkpoint problems found at start-up
-            print(f"grpo-lambda train: configuration error: {e}", file=sys.stderr)
-            return 2
-    else:
-        from .evaluate import run_evaluate
-
-        try:
-            run_evaluate(cfg)
-        except ConfigError as e:
-            print(f"grpo-lambda evaluate: configuration error: {e}", file=sys.stderr)
-            return 2
     return 0

@@ -33,10 +33,13 @@ def arithmetic_split(max_operand: int, ops: str, eval_size: int, seed: int) -> t
     if eval_size >= len(rows):
         raise ConfigError(f"eval_size must be smaller than the {len(rows)} arithmetic problems of "
                           f"arithmetic_max_operand={max_operand}, arithmetic_ops={ops!r}; got {eval_size}.")
+    return _split(rows, eval_size, seed)
+
+
+def _split(rows: list[dict], n_held: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): a seeded permutation, the first `n_held` rows held out."""
     order = np.random.default_rng(seed).permutation(len(rows))
-    held = [rows[i] for i in order[:eval_size]]
-    train = [rows[i] for i in order[eval_size:]]
-    return train, held
+    return [rows[i] for i in order[n_held:]], [rows[i] for i in order[:n_held]]
 
 
 # ---------------------------------------------------------------------- files and hub
@@ -111,14 +114,12 @@ def load_datasets(cfg: GRPOLambdaConfig, *, need_train: bool = True) -> tuple[li
         train, held = arithmetic_split(cfg.arithmetic_max_operand, cfg.arithmetic_ops, cfg.eval_size, cfg.seed)
     else:
         rows = _normalise(load_rows(cfg.dataset), cfg, cfg.dataset)
-        if cfg.eval_dataset is None:
-            n_eval = min(cfg.eval_size, len(rows) // 5)  # the same split in `train` and `evaluate`
-            order = np.random.default_rng(cfg.seed).permutation(len(rows))
-            held = [rows[i] for i in order[:n_eval]]
-            train = [rows[i] for i in order[n_eval:]]
+        if cfg.eval_dataset is None:  # the same split in `train` and `evaluate`
+            train, held = _split(rows, min(cfg.eval_size, len(rows) // 5), cfg.seed)
         else:
             train, held = rows, []
-    if cfg.eval_dataset is not None:
+    already_held = cfg.dataset == cfg.eval_dataset == "arithmetic"  # the split above is that held-out set
+    if cfg.eval_dataset is not None and not already_held:
         if cfg.eval_dataset == "arithmetic":
             _, held = arithmetic_split(cfg.arithmetic_max_operand, cfg.arithmetic_ops, cfg.eval_size, cfg.seed)
         else:

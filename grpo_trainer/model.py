@@ -87,7 +87,8 @@ def load_policy(cfg: GRPOLambdaConfig, path: str | None = None):
             model = build_model(cfg, tokenizer)
         else:
             tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), cfg)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            # loaded straight in the training dtype: a bf16 checkpoint never takes an fp32 detour (2× its size)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.model_dtype))
     check_supported(model)
     return model.to(device=cfg.torch_device(), dtype=getattr(torch, cfg.model_dtype)), tokenizer
 

@@ -83,6 +83,22 @@ def batch_logprobs(model, batch: Batch, cfg: GRPOLambdaConfig) -> torch.Tensor:
     return torch.cat(out)
 
 
+def micro_batch_weights(loss_mask: torch.Tensor, chunks: list[slice], loss_type: str) -> list:
+    """Per micro-batch factor that makes the sum of micro-batch losses the whole batch's loss, for any sizes.
+
+    dapo gets the batch's token count as num_items_in_batch (factor 1); the library normalises each micro-batch
+    by its own rows (grpo, dr_grpo) or tokens (bnpo), so those are rescaled by the micro-batch's share of them.
+    """
+    if loss_type == "dapo":
+        return [1.0] * len(chunks)
+    if loss_type == "bnpo":
+        tokens = loss_mask.sum(dim=1).to(torch.float32)
+        total = tokens.sum().clamp(min=1.0)
+        return [tokens[sl].sum().clamp(min=1.0) / total for sl in chunks]  # each chunk divides by max(Σm, 1)
+    rows = loss_mask.shape[0]
+    return [(min(sl.stop, rows) - sl.start) / rows for sl in chunks]
+
+
 def _finite_or_none(v):
     v = float(v)
     return v if math.isfinite(v) else None
@@ -245,6 +261,7 @@ class GRPOLambdaTrainer:
         mbs = cfg.per_device_train_batch_size
         chunks = [slice(s, s + mbs) for s in range(0, len(batch), mbs)]
         num_items = batch.loss_mask.sum().clamp(min=1) if cfg.loss_type == "dapo" else None
+        weights = micro_batch_weights(batch.loss_mask, chunks, cfg.loss_type)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         skipped = 0
@@ -257,13 +274,12 @@ class GRPOLambdaTrainer:
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             finite, loss_total = True, 0.0
-            for sl in chunks:
+            for sl, weight in zip(chunks, weights):
                 loss, m = policy_loss(
                     model, batch.select(sl), cfg, num_items_in_batch=num_items,
                     old_logprobs=None if old_logprobs is None else old_logprobs[sl],
                     ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl])
-                if cfg.loss_type != "dapo":  # dapo is already normalised over the whole batch by num_items
-                    loss = loss / len(chunks)
+                loss = loss * weight
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -273,8 +289,7 @@ class GRPOLambdaTrainer:
                     add(k, v.item())
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")) if finite else None
-            if not finite or not torch.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)  # never let a NaN/inf reach the weights
+            if not finite or not torch.isfinite(grad_norm):  # the zero_grad below: no NaN/inf reaches the weights
                 skipped += 1
                 self._print(f"non-finite {'loss' if not finite else 'gradient'}: update skipped, weights unchanged")
             else:

@@ -1,5 +1,6 @@
 """grpo_trainer configuration: defaults, YAML + overrides, the CLI's help, and every start-up error message."""
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -137,21 +138,57 @@ def test_resume_without_checkpoint_fails_at_startup(tmp_path):
         _start(tmp_path, resume=str(tmp_path))
 
 
-def test_optional_backends_fail_clearly_when_missing(tmp_path):
-    import importlib.util
-
-    from grpo_trainer.data import load_rows
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_fails_clearly_when_missing():
     from grpo_trainer.generation import VLLMGenerationBackend
 
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ConfigError, match=r"use_vllm must be false when vllm is not installed.*"
-                                              r"lambda-kernels\[vllm\]"):
-            dataclasses.replace(GRPOLambdaConfig(), use_vllm=True).validate()
-        with pytest.raises(RuntimeError, match=r"use_vllm=True needs vLLM"):
-            VLLMGenerationBackend("x", None, max_prompt_length=8, max_completion_length=8)
-    if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(RuntimeError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
-            load_rows("hf:openai/gsm8k:main@train")
+    with pytest.raises(ConfigError, match=r"use_vllm must be false when vllm is not installed.*"
+                                          r"lambda-kernels\[vllm\]"):
+        dataclasses.replace(GRPOLambdaConfig(), use_vllm=True).validate()
+    with pytest.raises(RuntimeError, match=r"use_vllm=True needs vLLM"):
+        VLLMGenerationBackend("x", None, max_prompt_length=8, max_completion_length=8)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_hf_datasets_fail_clearly_when_missing():
+    from grpo_trainer.data import load_rows
+
+    with pytest.raises(RuntimeError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
+        load_rows("hf:openai/gsm8k:main@train")
+
+
+def test_option_lists_are_the_librarys():
+    """The config's choices are copies (its --help stays free of torch); they must not drift from the library's."""
+    from grpo_trainer import config
+    from lambda_kernels import functional
+    from lambda_kernels._core import normalizers, runtime
+
+    assert set(config.LOSS_TYPES) == set(normalizers.LOSS_TYPES)
+    assert set(config.IMPLS) == set(runtime.IMPLS)
+    assert set(config.SCALE_REWARDS) == set(functional.ADVANTAGE_SCALES)
+    assert set(config.TRACES) == {t for t in functional.TRACE_STYLES if t is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_unequal_micro_batches_sum_to_the_whole_batch_loss(loss_type):
+    """Micro-batches of 16 and 8 rows: the weighted sum of their losses is the loss of the 24 rows at once."""
+    import torch
+
+    import lambda_kernels as lk
+    from grpo_trainer.trainer import micro_batch_weights
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 24, 12
+    lp, old = -torch.rand(B, T, generator=g), -torch.rand(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    adv = torch.randn(B, generator=g)
+    kw = dict(trace="both", lam=0.9, loss_type=loss_type, max_completion_length=T, impl="torch")
+    num_items = mask.sum() if loss_type == "dapo" else None
+    whole, _ = lk.grpo_lambda_loss(lp, old, adv, mask, num_items_in_batch=num_items, **kw)
+    chunks = [slice(0, 16), slice(16, 32)]
+    parts = sum(w * lk.grpo_lambda_loss(lp[sl], old[sl], adv[sl], mask[sl], num_items_in_batch=num_items, **kw)[0]
+                for sl, w in zip(chunks, micro_batch_weights(mask, chunks, loss_type)))
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
 
 
 def test_device_and_dtype_options():
