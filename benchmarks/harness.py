@@ -1,4 +1,4 @@
-"""Shared benchmark machinery: the card's ceilings, GPU timing (eager and CUDA-graph replay), peak extra memory.
+"""Shared benchmark machinery: the card's ceilings, GPU timing (eager and CUDA-graph replay).
 
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between repetitions). Eager times include
 any gap the CPU leaves between launches; graph-replay times remove launch overhead and show what the kernels cost.
@@ -48,17 +48,6 @@ def copy_ms(t: torch.Tensor) -> float:
     """Time to copy `t` once on this card (the byte floor unit of the scan targets)."""
     out = torch.empty_like(t)
     return do_bench(lambda: out.copy_(t))
-
-
-def peak_extra_gib(fn) -> float:
-    """Peak memory fn allocates above what is live before it, in GiB (after one warm-up call)."""
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def sync_call(fn):

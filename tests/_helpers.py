@@ -1,8 +1,11 @@
-"""Shared test utilities: NaN poisoning of kernel outputs, seeded inputs."""
+"""Shared test utilities: NaN poisoning of kernel outputs, seeded inputs, call recorders, chunk budgets."""
 import contextlib
 import math
 
 import torch
+
+IMPLS = ("triton", "torch")  # the two row backends every LM-head test runs
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 
 
 @contextlib.contextmanager
@@ -30,3 +33,29 @@ def random_mask(B, T, *, p_hole=0.2, seed=0, right_pad=True):
         lengths[0] = T
         m &= torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
     return m
+
+
+def record_calls(monkeypatch, owner, name, record) -> list:
+    """Wrap `owner.name` so that every call first appends `record(*args, **kwargs)` to the returned list."""
+    seen, original = [], getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        seen.append(record(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen
+
+
+def logits_gemm_shapes(monkeypatch) -> list:
+    """The [rows, vocabulary columns] of every logits GEMM from now on (one per chunk, slab and pass)."""
+    from lambda_kernels.ops.linear_logprobs.gemm import Gemm
+
+    return record_calls(monkeypatch, Gemm, "logits", lambda self, x, out: tuple(out.shape))
+
+
+def set_chunk_rows(monkeypatch, rows: int, V: int = 123) -> None:
+    """A logits budget of exactly `rows` fp32 rows of V logits."""
+    from lambda_kernels.ops.linear_logprobs.plan import BUDGET_ENV
+
+    monkeypatch.setenv(BUDGET_ENV, str(4 * V * rows))

@@ -7,12 +7,9 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
-from lambda_kernels.ops.linear_logprobs import plan
 
-from ._helpers import poisoned_outputs, random_mask
+from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, random_mask, set_chunk_rows
 
-IMPLS = ["triton", "torch"]
-LOSS_TYPES = ["dapo", "bnpo", "grpo", "dr_grpo"]
 
 
 def make_batch(B=3, T=17, H=40, V=123, dtype=torch.float32, device="cpu", seed=0, bias=True, per_token_adv=False):
@@ -66,7 +63,7 @@ def assert_matches(loss, metrics, grads, ref, atol_loss=2e-6, rtol_grad=2e-5):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * 123 * 8))  # 8 rows per chunk at V = 123
+    set_chunk_rows(monkeypatch, 8)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,12 +8,10 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels.ops.fused_loss.launch import whole_sequence_pieces
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
-from lambda_kernels.ops.linear_logprobs import plan
 
-from ._helpers import poisoned_outputs
-from .test_fused_loss import LOSS_TYPES, assert_matches, make_batch, perturbed_old, reference_run
+from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, record_calls, set_chunk_rows
+from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
 
-IMPLS = ["triton", "torch"]
 
 
 def test_whole_sequence_pieces_packs_consecutive_rows():
@@ -29,20 +27,8 @@ def test_whole_sequence_pieces_packs_consecutive_rows():
 
 @pytest.fixture
 def logits_gemms(monkeypatch):
-    """Counts the logits GEMMs of a call (one per chunk and pass)."""
-    seen = []
-    original = gemm_mod.Gemm.logits
-
-    def spy(self, x, out):
-        seen.append(out.shape[0])
-        return original(self, x, out)
-
-    monkeypatch.setattr(gemm_mod.Gemm, "logits", spy)
-    return seen
-
-
-def _chunk_budget(monkeypatch, rows, V=123):
-    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * rows))
+    """The rows of every logits GEMM of a call (one per chunk and pass)."""
+    return record_calls(monkeypatch, gemm_mod.Gemm, "logits", lambda self, x, out: out.shape[0])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -51,7 +37,7 @@ def _chunk_budget(monkeypatch, rows, V=123):
 @pytest.mark.parametrize("rows", [17, 40, 5])
 def test_matches_reference_in_one_pass_or_two(impl, trace, loss_type, rows, device, logits_gemms, monkeypatch):
     """rows 17 (= T): about one sequence per chunk; 40: several; 5 < the longest sequence: the two-pass fallback."""
-    _chunk_budget(monkeypatch, rows)
+    set_chunk_rows(monkeypatch, rows)
     seed = LOSS_TYPES.index(loss_type) + 7 * [None, "recent", "both"].index(trace)
     hidden, weight, b, ids, mask, adv = make_batch(B=5, device=device, seed=seed)
     old = perturbed_old(hidden, weight, b, ids, 0.8, scale=0.3)
@@ -75,7 +61,7 @@ def test_matches_reference_in_one_pass_or_two(impl, trace, loss_type, rows, devi
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_per_token_advantages_num_items_no_bias(impl, device, logits_gemms, monkeypatch):
-    _chunk_budget(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40)
     hidden, weight, _, ids, mask, adv = make_batch(B=4, device=device, bias=False, per_token_adv=True, seed=9)
     old = perturbed_old(hidden, weight, None, ids, 1.0, scale=0.4)
     kw = dict(old_logprobs=old, trace="both", lam=0.99, num_items_in_batch=torch.tensor(60.0), loss_type="dapo")
@@ -87,7 +73,7 @@ def test_per_token_advantages_num_items_no_bias(impl, device, logits_gemms, monk
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_outputs_fully_written_under_nan_poison(impl, device, logits_gemms, monkeypatch):
-    _chunk_budget(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=2)
     old = perturbed_old(hidden, weight, b, ids, 1.0)
     with poisoned_outputs():
@@ -102,7 +88,7 @@ def test_outputs_fully_written_under_nan_poison(impl, device, logits_gemms, monk
 @pytest.mark.parametrize("impl", IMPLS)
 def test_same_weights_as_old_policy_gives_ratio_one(impl, device, monkeypatch):
     """old_logprobs from linear_logprobs under no_grad (the first step of a multi-iteration update): ratios ≈ 1."""
-    _chunk_budget(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=4)
     with torch.no_grad():
         old = lk.linear_logprobs(hidden, weight, ids, bias=b, impl=impl)

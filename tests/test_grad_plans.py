@@ -7,11 +7,11 @@ import lambda_kernels as lk
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
 from lambda_kernels.ops.linear_logprobs import launch, plan
 
-from ._helpers import poisoned_outputs
+from ._helpers import IMPLS, logits_gemm_shapes, poisoned_outputs, record_calls
 from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
-from .test_linear_logprobs import assert_fp32_matches_oracle, grads_of, make_inputs, oracle, upstream
+from .test_linear_logprobs import assert_fp32_matches_oracle, assert_no_worse_than_naive, grads_of, make_inputs, \
+    naive_half_logprobs, oracle, upstream
 
-IMPLS = ["triton", "torch"]
 GiB = 1 << 30
 # (N, V, H) of the issue's shapes, N = the real tokens of B·T with ~30% padding
 SHAPES = {"qwen2.5-1.5b": (5734, 151936, 1536), "qwen2.5-7b": (5734, 152064, 3584),
@@ -157,14 +157,7 @@ def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, device, m
     N, H, V = 40, 40, 300
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * (N + H) * 128 + 4 * N * H))  # slabs of 128, all rows
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
-    acc_shapes = []
-    original = gemm_mod.Gemm.dw_accumulate
-
-    def spy(self, acc, d, x_c):
-        acc_shapes.append(tuple(acc.shape))
-        return original(self, acc, d, x_c)
-
-    monkeypatch.setattr(gemm_mod.Gemm, "dw_accumulate", spy)
+    acc_shapes = record_calls(monkeypatch, gemm_mod.Gemm, "dw_accumulate", lambda self, acc, d, x_c: tuple(acc.shape))
     lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.8, return_entropy=True, impl=impl)
     g_lp, g_ent = upstream(N, device=device)
     got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
@@ -172,14 +165,8 @@ def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, device, m
     assert all(g.dtype == torch.float16 for g in got)
     lp_ref, ent_ref, leaves = oracle(x, w, b, t, 0.8)
     want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
-    xh, wh, bh = (v.detach().clone().requires_grad_() for v in (x, w, b))
-    lsm = torch.log_softmax((xh @ wh.t() + bh).float() / 0.8, -1)
-    lp_n, ent_n = lsm.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
-    naive = grads_of(lp_n, ent_n, g_lp, g_ent, (xh, wh, bh))
-    for a, n, e in list(zip(got, naive, want)):
-        err = (a.double() - e).abs().max().item()
-        err_naive = (n.double() - e).abs().max().item()
-        assert err <= 1.05 * err_naive + 1e-3 * e.abs().max().item() + 1e-6, (err, err_naive)
+    _, _, naive = naive_half_logprobs(x, w, b, t, 0.8, g_lp, g_ent)
+    assert_no_worse_than_naive(list(zip(got, naive, want)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -187,14 +174,7 @@ def test_vocab_plan_never_exceeds_its_pieces(impl, device, vocab_plan, monkeypat
     """Forward chunks and backward slabs: no logits GEMM writes more than the budget allows."""
     N, H, V = 37, 40, 300
     vocab_plan(9, 64, N)
-    seen = []
-    original = gemm_mod.Gemm.logits
-
-    def spy(self, x, out):
-        seen.append(tuple(out.shape))
-        return original(self, x, out)
-
-    monkeypatch.setattr(gemm_mod.Gemm, "logits", spy)
+    seen = logits_gemm_shapes(monkeypatch)
     x, w, b, t = make_inputs(N, H, V, device=device)
     lk.linear_logprobs(x, w, t, bias=b, impl=impl).sum().backward()
     budget = plan.memory_budget_bytes()
@@ -212,8 +192,7 @@ def test_vocab_plan_keeps_logprobs_bit_identical_and_fp64(impl, device, vocab_pl
     x64, w64, b64 = (v.detach().double().requires_grad_() for v in (x, w, b))
     lp64 = lk.linear_logprobs(x64, w64, t, bias=b64, impl=impl)
     got = torch.autograd.grad(lp64.sum(), (x64, w64, b64))
-    _, _, leaves = oracle(x, w, b, t, 1.0)
-    lp_r = lk.reference.linear_logprobs(*leaves[:2], t, bias=leaves[2])
+    lp_r, _, leaves = oracle(x, w, b, t, 1.0)
     want = torch.autograd.grad(lp_r.sum(), leaves)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

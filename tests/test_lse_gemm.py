@@ -11,7 +11,7 @@ import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
-from ._helpers import poisoned_outputs
+from ._helpers import poisoned_outputs, record_calls
 from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
 from .test_linear_logprobs import grads_of, make_inputs, oracle, upstream
 
@@ -20,15 +20,7 @@ from .test_linear_logprobs import grads_of, make_inputs, oracle, upstream
 def triton_gemm(monkeypatch):
     """Opt in, and count the calls that really took the Triton GEMM."""
     monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
-    calls = []
-    original = launch.lse_gemm_logprobs
-
-    def spy(x, *args):
-        calls.append(x.shape[0])
-        return original(x, *args)
-
-    monkeypatch.setattr(launch, "lse_gemm_logprobs", spy)
-    return calls
+    return record_calls(monkeypatch, launch, "lse_gemm_logprobs", lambda x, *args: x.shape[0])
 
 
 @pytest.mark.parametrize("N, H, V", [(37, 40, 300), (20, 64, 50), (65, 24, 129)])

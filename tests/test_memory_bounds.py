@@ -32,10 +32,14 @@ def _inputs(device, seed=0):
     mask[1, 30:] = False
     mask[3, 10:] = False
     adv = torch.randn(B, generator=g)
-    hidden, weight, ids, mask, adv = (t.to(device) for t in (hidden, weight, ids, mask, adv))
+    noise = 0.1 * torch.randn(B, T, generator=g)
+    hidden, weight, ids, mask, adv, noise = (t.to(device) for t in (hidden, weight, ids, mask, adv, noise))
+    return hidden, weight, ids, mask, adv, noise
+
+
+def _old_logprobs(hidden, weight, ids, noise):
     with torch.no_grad():
-        old = lk.linear_logprobs(hidden, weight, ids) + 0.1 * torch.randn(B, T, generator=g).to(device)
-    return hidden, weight, ids, mask, adv, old
+        return lk.linear_logprobs(hidden, weight, ids) + noise
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ def _bound(impl: str, workspace: int) -> int:
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
-    hidden, weight, ids, _, _, _ = _inputs(device)
+    hidden, weight, ids, _, _, _ = _inputs(device)  # no old log-probs needed here
     x = hidden.reshape(-1, H).requires_grad_(with_grad)
     w = weight.clone().requires_grad_(with_grad)
     with PeakNewBytes() as mem:
@@ -76,14 +80,15 @@ def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, 
     """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the
     budget, with shorter token chunks (an fp32 head has no accumulator) or with the vocab plan (forced here, as a
     bf16 head would choose it), the log-prob pass included."""
-    hidden, weight, ids, mask, adv, old = _inputs(device)
+    hidden, weight, ids, mask, adv, noise = _inputs(device)
+    old = _old_logprobs(hidden, weight, ids, noise) if policy == "off" else None
     for memory_budget, grad_plan in ((None, None), (MEMORY_BUDGET, "auto"), (MEMORY_BUDGET, "vocab")):
         if memory_budget is not None:
             budgets(memory_budget, grad_plan)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with PeakNewBytes() as mem:
-            loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old if policy == "off" else None,
-                                                trace="both", lam=0.9, impl=impl)
+            loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old, trace="both", lam=0.9,
+                                                impl=impl)
             loss.backward()
         extra = mem.peak_excluding(h.grad, w.grad)  # a peak before the gradients existed counts in full
         workspace = 4 * V * CHUNK_ROWS if memory_budget is None else memory_budget

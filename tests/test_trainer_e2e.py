@@ -219,7 +219,7 @@ def test_torch_and_triton_give_the_same_loss(tmp_path):
     results = {}
     for impl in ("torch", "triton"):
         model.zero_grad(set_to_none=True)
-        loss, m = policy_loss(model, batch, cfg, old_logprobs=old, ref_logprobs=ref, impl=impl)
+        loss, m = policy_loss(model, batch, dataclasses.replace(cfg, impl=impl), old_logprobs=old, ref_logprobs=ref)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[impl] = (loss.detach(), m, grads)

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from .test_fused_loss import make_batch, perturbed_old
-from .test_linear_logprobs import make_inputs
+from .test_fused_loss import make_batch, perturbed_old, reference_run
+from .test_linear_logprobs import grads_of, make_inputs, oracle
 
 WORLD = 2
 V = 300
@@ -113,10 +113,8 @@ def test_linear_logprobs_vocab_parallel(rank_results, index):
     _, impl, extra = CASES[index]
     x, w, b, t, g_lp, g_ent = _logprobs_inputs(extra)
     temperature = extra.get("temperature", 0.8)
-    leaves = [v.double().requires_grad_() for v in (x, w, b)]
-    lp, ent = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
-                                return_entropy=True)
-    dx, dw, db = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum(), leaves)
+    lp, ent, leaves = oracle(x, w, b, t, temperature)
+    dx, dw, db = grads_of(lp, ent, g_lp.double(), g_ent.double(), leaves)
     assert all(torch.isfinite(v).all() for v in (lp, ent, dx, dw, db))
     if "dtype" in extra:  # fp16: no worse than the whole head through the same kernels
         xs, ws, bs = (v.clone().requires_grad_() for v in (x, w, b))
@@ -142,10 +140,7 @@ def test_fused_loss_vocab_parallel(rank_results, index):
     r0, r1 = rank_results[0][index], rank_results[1][index]
     assert torch.equal(r0["loss"], r1["loss"]) and torch.equal(r0["dx"], r1["dx"])
     hidden, weight, b, ids, mask, adv, kw = _fused_inputs(CASES[index][0] == "fused_off")
-    leaves = [v.double().requires_grad_() for v in (hidden, weight, b)]
-    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    loss, metrics = R.fused_grpo_lambda_loss(leaves[0], leaves[1], ids, mask, adv.double(), bias=leaves[2], **kw)
-    dx, dw, db = torch.autograd.grad(loss, leaves)
+    loss, metrics, (dx, dw, db) = reference_run(hidden, weight, b, ids, mask, adv, **kw)
     _close(r0["loss"], loss.detach(), name="loss")
     assert set(r0["metrics"]) == set(metrics)
     for k in metrics:
