@@ -129,3 +129,13 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
                            use_cache=False)
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     return out.last_hidden_state[:, P - 1:P - 1 + T]
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature: float,
+                        impl: str) -> torch.Tensor:
+    """Per-token log-probs [B, T] of the completions from the hidden states and the LM head (no [B, T, V] logits)."""
+    from lambda_kernels import linear_logprobs
+
+    hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    weight, bias = lm_head(model)
+    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature, impl=impl)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lambda_kernels import fused_grpo_lambda_loss, group_advantages, linear_logprobs
+from lambda_kernels import fused_grpo_lambda_loss, group_advantages
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -27,7 +27,7 @@ from .config import ConfigError, GRPOLambdaConfig
 from .data import PromptSampler, load_datasets
 from .evaluate import evaluate_rows, format_result
 from .generation import HFGenerationBackend, VLLMGenerationBackend
-from .model import completion_hidden, lm_head, load_policy, quiet_transformers, save_pretrained
+from .model import completion_hidden, completion_logprobs, lm_head, load_policy, quiet_transformers, save_pretrained
 from .plot import plot_reward_curve
 from .rewards import RewardSet
 from .warmup import sft_warmup
@@ -56,7 +56,7 @@ class Batch:
 
 
 def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
-                num_items_in_batch=None, impl: str | None = None):
+                num_items_in_batch=None):
     """The GRPO(-λ) loss of `model` on `batch` from hidden states and the LM head → (loss, metrics)."""
     hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                batch.attention_mask)
@@ -67,19 +67,17 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         gamma=cfg.gamma, adv_clamp_min=cfg.loss_adv_clamp_min, epsilon_low=cfg.epsilon,
         epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
-        return_entropy=True, impl=cfg.impl if impl is None else impl)
+        return_entropy=True, impl=cfg.impl)
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch: Batch, cfg: GRPOLambdaConfig) -> torch.Tensor:
     """Per-token log-probs [B, T] of the completions under `model` (no grad), in micro-batches."""
     out = []
-    weight, bias = lm_head(model)
     for s in range(0, len(batch), cfg.per_device_train_batch_size):
         mb = batch.select(slice(s, s + cfg.per_device_train_batch_size))
-        hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.attention_mask)
-        out.append(linear_logprobs(hidden, weight, mb.completion_ids, bias=bias, temperature=cfg.temperature,
-                                   impl=cfg.impl))
+        out.append(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.attention_mask,
+                                       temperature=cfg.temperature, impl=cfg.impl))
     return torch.cat(out)
 
 
@@ -273,30 +271,33 @@ class GRPOLambdaTrainer:
 
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            finite, loss_total = True, 0.0
+            # loss and metrics stay on the device until the update is decided: one host sync per update
+            loss_total, per_chunk, names = 0.0, [], []
             for sl, weight in zip(chunks, weights):
                 loss, m = policy_loss(
                     model, batch.select(sl), cfg, num_items_in_batch=num_items,
                     old_logprobs=None if old_logprobs is None else old_logprobs[sl],
                     ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl])
                 loss = loss * weight
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                loss_total += loss.item()
-                for k, v in m.items():
-                    add(k, v.item())
+                loss.backward()  # a non-finite loss makes a non-finite gradient: the update is skipped below
+                loss_total = loss_total + loss.detach()
+                names = list(m)
+                per_chunk.append(torch.stack([v.detach().float() for v in m.values()]))
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")) if finite else None
-            if not finite or not torch.isfinite(grad_norm):  # the zero_grad below: no NaN/inf reaches the weights
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            loss_value, norm_value, *metric_values = torch.cat(
+                [torch.stack([loss_total.float(), grad_norm.float()]), torch.stack(per_chunk).flatten()]).tolist()
+            for i, value in enumerate(metric_values):
+                add(names[i % len(names)], value)
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):  # zero_grad below: weights unchanged
                 skipped += 1
-                self._print(f"non-finite {'loss' if not finite else 'gradient'}: update skipped, weights unchanged")
+                self._print(f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}: update skipped, "
+                            "weights unchanged")
             else:
                 self.optimizer.step()
                 self.scheduler.step()  # like AMP's skipped steps, a skipped update does not advance the schedule
-                add("loss", loss_total)
-                add("grad_norm", grad_norm.item())
+                add("loss", loss_value)
+                add("grad_norm", norm_value)
             self.optimizer.zero_grad(set_to_none=True)
 
         out = {k: sums[k] / counts[k] for k in sums}

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lambda_kernels import linear_logprobs
 from tqdm.auto import tqdm
 
 from .config import GRPOLambdaConfig
 from .generation import tokenize_prompts
-from .model import completion_hidden, lm_head
+from .model import completion_logprobs
 
 
 def encode_answers(tokenizer, answers: list[str]):
@@ -28,13 +27,11 @@ def encode_answers(tokenizer, answers: list[str]):
     return ids, mask
 
 
-def sft_loss(model, tokenizer, rows: list[dict], cfg: GRPOLambdaConfig, impl: str = "auto") -> torch.Tensor:
+def sft_loss(model, tokenizer, rows: list[dict], cfg: GRPOLambdaConfig) -> torch.Tensor:
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
     ids, mask = encode_answers(tokenizer, [r["answer"] for r in rows])
     prompt_ids, prompt_mask, ids, mask = (t.to(model.device) for t in (prompt_ids, prompt_mask, ids, mask))
-    hidden = completion_hidden(model, prompt_ids, prompt_mask, ids, mask)
-    weight, bias = lm_head(model)
-    logp = linear_logprobs(hidden, weight, ids, bias=bias, impl=impl)
+    logp = completion_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature=1.0, impl=cfg.impl)
     m = mask.to(logp.dtype)
     return -(logp * m).sum() / m.sum()
 
@@ -52,7 +49,7 @@ def sft_warmup(model, tokenizer, train_rows: list[dict], cfg: GRPOLambdaConfig) 
     bar = tqdm(range(cfg.sft_warmup_steps), desc="SFT warm-up", disable=cfg.disable_tqdm, dynamic_ncols=True)
     for _ in bar:
         batch = [train_rows[i] for i in rng.integers(0, len(train_rows), cfg.sft_batch_size)]
-        loss = sft_loss(model, tokenizer, batch, cfg, impl=cfg.impl)
+        loss = sft_loss(model, tokenizer, batch, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
