@@ -89,17 +89,17 @@ def naive_loss(h, w, ids, mask, adv, old, ref):
     return grpo_from_logp(lp, old, ref, adv, mask)
 
 
-_COMPILED = None
 
 
 def _baseline_fn(provider):
-    global _COMPILED
     if provider == "naive":
         return naive_loss
+    if provider in ("compiled", "liger"):
+        # compiled afresh for each shape: static shapes, as a user training at one shape gets (a compile cache
+        # shared across shapes turns dynamic after the second, and Liger 0.8.5 then failed in dynamo's guards)
+        torch._dynamo.reset()
     if provider == "compiled":
-        if _COMPILED is None:
-            _COMPILED = torch.compile(naive_loss)
-        return _COMPILED
+        return torch.compile(naive_loss)
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -273,6 +273,37 @@ def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
         del inp
         torch.cuda.empty_cache()
     return rows
+
+
+def kernel_breakdown(shape: str, provider: str, top: int = 8, trace_dir: str | None = None) -> dict:
+    """Where one step's GPU time goes: torch.profiler's CUDA kernel totals (ms) for one step after a warm-up, the
+    `top` largest by name; with trace_dir, also the step's timeline (host and device) as a gzipped Chrome trace
+    there. The data for deciding which kernel or host gap to work on next."""
+    _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
+    inp = make_inputs(B, T, H, V, "cuda")
+    step = make_step(provider, inp)
+    step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    if trace_dir:  # the timeline (host gaps between kernels), for chrome://tracing or Perfetto
+        import gzip
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            with open(f.name, "rb") as src, gzip.open(os.path.join(trace_dir, f"trace_{shape}_{provider}.json.gz"),
+                                                      "wb") as dst:
+                dst.write(src.read())
+    times: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.device_time_total / 1e3
+    biggest = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return dict(shape=shape, provider=provider, total_ms=sum(times.values()),
+                kernels={name[:90]: round(ms, 3) for name, ms in biggest})
 
 
 def format_row(r: dict) -> str:

@@ -5,7 +5,9 @@ Triton log-sum-exp GEMM (+ the scan benchmarks if present).
 
 Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/results.json. Every stage is guarded:
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
-GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark).
+GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark),
+GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,breakdown,lse_gemm,scans; default all). The tests run in
+6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, before anything imports triton
 os.environ.setdefault("LK_TEST_GPU", "1")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))  # < 6 minutes with start-up
 TEST_TIMEOUT = float(os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "150"))
+STAGES = os.environ.get("GPU_CHECK_STAGES", "tests,fused_loss,breakdown,lse_gemm,scans").split(",")
 
 
 def elapsed() -> float:
@@ -43,14 +47,19 @@ def run_gpu_tests() -> dict:
     # only in the finalize kernel's constexpr, covered by the normaliser tests)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--ignore-glob=tests/test_trainer*",
            "-k", "not test_matches_reference or dapo"]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "6"]
     env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
         out = proc.stdout + proc.stderr
+        if os.environ.get("OUT"):  # the whole log (failures' tracebacks) beside the results
+            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+            (Path(os.environ["OUT"]) / "tests.log").write_text(out)
         summary = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line
                         or " error" in line or "no tests ran" in line), out.strip().splitlines()[-1] if out else "")
         failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        return dict(rc=proc.returncode, summary=summary.strip(), failures=failures, tail=out[-4000:])
+        return dict(rc=proc.returncode, summary=summary.strip(), failures=failures, tail=out[-12000:])
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return dict(rc=124, summary=f"timed out after {TEST_TIMEOUT:.0f} s", failures=[], tail=out[-4000:])
@@ -88,7 +97,7 @@ def main() -> int:
     log("ceilings", results["ceilings"])
 
     log("running pytest -m gpu tests ...")
-    results["tests"] = run_gpu_tests()
+    results["tests"] = run_gpu_tests() if "tests" in STAGES else dict(rc=5, summary="not run", failures=[], tail="")
     log("tests:", results["tests"]["summary"])
     for line in results["tests"]["failures"]:
         log("  ", line)
@@ -97,7 +106,7 @@ def main() -> int:
         from benchmarks import bench_fused_loss
 
         shapes = os.environ.get("SHAPES")
-        return bench_fused_loss.main(time_budget_s=max(BUDGET - elapsed() - 85, 30),
+        return bench_fused_loss.main(time_budget_s=max(BUDGET - elapsed() - 120, 30),
                                      shapes=shapes.split(",") if shapes else None)
 
     def lse_gemm():
@@ -105,14 +114,26 @@ def main() -> int:
 
         return bench_lse_gemm.main(time_budget_s=max(BUDGET - elapsed() - 40, 10))
 
+    def breakdown():
+        from benchmarks.bench_fused_loss import kernel_breakdown
+
+        out = os.environ.get("OUT")  # timelines of the smallest shape, where host gaps weigh most
+        rows = [kernel_breakdown(shape, provider, trace_dir=out if shape == "qwen2.5-1.5b" else None)
+                for shape in ("qwen2.5-1.5b", "qwen2.5-7b") for provider in ("ours_on", "ours_off", "ours_logprobs")]
+        for r in rows:
+            log(r)
+        return rows
+
     def scans():
         from benchmarks import bench_scans
 
         return bench_scans.main()
 
-    # the time each later stage is left (seconds) before it starts: fused 0, LSE GEMM configs 30, scans 25
-    for name, fn, min_left in [("fused_loss", fused_loss, 0), ("lse_gemm", lse_gemm, 30), ("scans", scans, 25)]:
-        results[name] = run_stage(results, name, fn, min_left)
+    # the time each later stage is left (seconds) before it starts: fused 0, breakdown 40, LSE GEMM configs 30,
+    # scans 25
+    for name, fn, min_left in [("fused_loss", fused_loss, 0), ("breakdown", breakdown, 40), ("lse_gemm", lse_gemm, 30),
+                               ("scans", scans, 25)]:
+        results[name] = run_stage(results, name, fn, min_left) if name in STAGES else []
     results["total_s"] = elapsed()
     write_results(results)
     log("done")
@@ -158,6 +179,12 @@ def write_results(results: dict) -> None:
         lines += ["## Log-prob pass: cuBLAS + row kernel vs the Triton log-sum-exp GEMM (no grad, bf16)", "",
                   "Floor = 2·N·H·V at the measured matmul rate, N = B·T (padding included: linear_logprobs does not "
                   "skip it).", "", lse_table(results["lse_gemm"]), ""]
+    if results.get("breakdown"):
+        lines += ["## Where one step's GPU time goes (torch.profiler, CUDA kernels, ms)", ""]
+        for r in results["breakdown"]:
+            lines.append(f"- {r['shape']} {r['provider']}: {r['total_ms']:.2f} ms in kernels; "
+                         + "; ".join(f"`{k}` {v:.2f}" for k, v in r["kernels"].items()))
+        lines.append("")
     if results.get("scans"):
         lines += ["## Scans and objective (benchmarks/bench_scans.py)", "", "| op | provider | B | T | ms | graph ms | "
                   "floor ms | × floor |", "|---|---|---|---|---|---|---|---|"]

@@ -184,16 +184,20 @@ def test_all_masked_batch(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_grad_output_scaling_and_no_grad(impl, device):
-    hidden, weight, b, ids, mask, adv = make_batch(device=device, seed=4)
-    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: dW kept in fp32, scaled and cast at once
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_grad_output_scaling_and_no_grad(impl, dtype, on_policy, device):
+    hidden, weight, b, ids, mask, adv = make_batch(device=device, seed=4, dtype=dtype)
+    old = None if on_policy else perturbed_old(hidden, weight, b, ids, 1.0)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old, impl=impl)
     g1 = torch.autograd.grad(loss, (hidden, weight, b))
-    loss3, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
+    loss3, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old, impl=impl)
     g3 = torch.autograd.grad(loss3 * -2.5, (hidden, weight, b))
     for a, e in zip(g3, g1):
+        assert a.dtype == dtype
         torch.testing.assert_close(a, -2.5 * e)
     with torch.no_grad():
-        loss_ng, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
+        loss_ng, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old, impl=impl)
     assert not loss_ng.requires_grad
     torch.testing.assert_close(loss_ng, loss.detach())
 

@@ -1,6 +1,10 @@
-"""Vocabulary-parallel heads (`process_group=`): two CPU processes (gloo) each hold a block of the head's rows (of
+"""Vocabulary-parallel heads (`process_group=`): two processes (gloo) each hold a block of the head's rows (of
 unequal sizes); their log-probs, entropy, loss and metrics must match the whole head's fp64 oracle on both ranks
-(bit-identical between ranks), dX likewise, and the concatenated dW/db shards the oracle's."""
+(bit-identical between ranks), dX likewise, and the concatenated dW/db shards the oracle's.
+
+The ranks compute where the other kernel tests do: on the CPU under the interpreter, or, on a GPU machine with
+compiled Triton, both on the one CUDA device (gloo moves CUDA tensors through host memory; NCCL refuses two ranks
+on one GPU). The oracles are computed on the CPU."""
 import os
 
 import pytest
@@ -17,6 +21,8 @@ from .test_linear_logprobs import grads_of, make_inputs, oracle
 WORLD = 2
 V = 300
 SHARDS = [(0, 130), (130, 170)]  # (start, rows) per rank
+# the `device` fixture's rule (conftest.py has set TRITON_INTERPRET by now)
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "1") in ("", "0") else "cpu"
 CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {}), ("logprobs", "torch", {}), ("logprobs", "triton", {"memory": str(4 * 40 * 64)}),
     ("logprobs", "triton", {"temperature": 0.05, "inf_shard": True}),  # rank 1's logits all −inf (banned)
@@ -47,7 +53,19 @@ def _fused_inputs(off_policy: bool):
     return hidden.detach(), weight.detach(), b.detach(), ids, mask, adv, kw
 
 
-def _run_case(case, rank, group):
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def _to_cpu(obj):
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_cpu(v) for v in obj]
+    return obj.cpu() if isinstance(obj, torch.Tensor) else obj
+
+
+def _run_case(case, rank, group, device):
     name, impl, extra = case
     start, rows = SHARDS[rank]
     if "memory" in extra:  # the vocab plan on each shard
@@ -57,7 +75,7 @@ def _run_case(case, rank, group):
         os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton"
     try:
         if name == "logprobs":
-            x, w, b, t, g_lp, g_ent = _logprobs_inputs(extra)
+            x, w, b, t, g_lp, g_ent = _on(device, *_logprobs_inputs(extra))
             temperature = extra.get("temperature", 0.8)
             x = x.requires_grad_()
             w_r, b_r = w[start:start + rows].clone().requires_grad_(), b[start:start + rows].clone().requires_grad_()
@@ -72,6 +90,8 @@ def _run_case(case, rank, group):
             grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
             return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
         hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off")
+        hidden, weight, b, ids, mask, adv = _on(device, hidden, weight, b, ids, mask, adv)
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         h = hidden.requires_grad_()
         w_r = weight[start:start + rows].clone().requires_grad_()
         b_r = b[start:start + rows].clone().requires_grad_()
@@ -84,10 +104,10 @@ def _run_case(case, rank, group):
             os.environ.pop(key, None)
 
 
-def _rank_main(rank, init_file, out_file):
+def _rank_main(rank, init_file, out_file, device):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        results = [_run_case(case, rank, dist.group.WORLD) for case in CASES]
+        results = [_to_cpu(_run_case(case, rank, dist.group.WORLD, device)) for case in CASES]
         torch.save(results, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -96,7 +116,7 @@ def _rank_main(rank, init_file, out_file):
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp / "out")), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp / "out"), DEVICE), nprocs=WORLD, join=True)
     return [torch.load(tmp / f"out.{rank}", weights_only=False) for rank in range(WORLD)]
 
 
@@ -117,9 +137,11 @@ def test_linear_logprobs_vocab_parallel(rank_results, index):
     dx, dw, db = grads_of(lp, ent, g_lp.double(), g_ent.double(), leaves)
     assert all(torch.isfinite(v).all() for v in (lp, ent, dx, dw, db))
     if "dtype" in extra:  # fp16: no worse than the whole head through the same kernels
-        xs, ws, bs = (v.clone().requires_grad_() for v in (x, w, b))
-        lp1, ent1 = lk.linear_logprobs(xs, ws, t, bias=bs, temperature=temperature, return_entropy=True, impl=impl)
-        whole = torch.autograd.grad((lp1 * g_lp).sum() + (ent1 * g_ent).sum(), (xs, ws, bs))
+        xs, ws, bs = (v.to(DEVICE).requires_grad_() for v in (x, w, b))
+        lp1, ent1 = lk.linear_logprobs(xs, ws, t.to(DEVICE), bias=bs, temperature=temperature, return_entropy=True,
+                                       impl=impl)
+        g1, g2 = g_lp.to(DEVICE), g_ent.to(DEVICE)
+        whole = _to_cpu(torch.autograd.grad((lp1 * g1).sum() + (ent1 * g2).sum(), (xs, ws, bs)))
         got = (r0["dx"], torch.cat([r0["dw"], r1["dw"]]), torch.cat([r0["db"], r1["db"]]))
         for name, a, one, e in zip(["dx", "dw", "db"], got, whole, (dx, dw, db)):
             err, err_whole = (a.double() - e).abs().max().item(), (one.double() - e).abs().max().item()

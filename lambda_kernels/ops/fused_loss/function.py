@@ -1,5 +1,7 @@
 """autograd.Function for the fused loss: every gradient is computed in the forward (for grad_output = 1) and the
-backward only scales it, so no logits or log-probs are kept between forward and backward."""
+backward only scales it, so no logits or log-probs are kept between forward and backward. The fp32 dW sum of a half
+LM head is kept as it is until the backward, which scales and casts it in one pass (peak memory unchanged: the
+forward would otherwise hold it and its cast at once)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .launch import fused_loss_forward
+from .launch import fused_loss_forward, scale_cast
 from .objectives import metric_names
 
 
@@ -39,15 +41,23 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
         ctx.mark_non_differentiable(values)
         ctx.save_for_backward(dx, dw, db)
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.rows_impl = params.rows_impl
         return loss, values
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        # The stored gradients are scaled in place (they are ours, and memory is the point); a second backward
-        # through a retained graph fails autograd's version check instead of silently scaling twice.
-        dx, dw, db = ctx.saved_tensors
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
-                 for g in (dx, dw, db)]
+        # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point); a
+        # second backward through a retained graph then fails autograd's version check instead of silently scaling
+        # twice. An fp32 dW sum of a half head becomes a new tensor (scaled and cast in one pass).
+        grads = []
+        for g, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes):
+            if g is None:
+                grads.append(None)
+            elif g.dtype != dtype:
+                grads.append(scale_cast(ctx.rows_impl, g, grad_loss, dtype))
+            else:
+                grads.append(g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss))
         return (*grads, None, None, None, None, None, None, None)
 
 

@@ -18,11 +18,12 @@ their grad_hidden rows are zero.
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, stats_dtype
-from .kernels import onpolicy_rows_kernel
+from .kernels import onpolicy_rows_kernel, scale_cast_kernel
 from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl) -> None:
@@ -39,10 +40,29 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
         HAS_BIAS=bias is not None, HAS_KL=has_kl, WITH_ENT=ent is not None, BLOCK_V=block, num_warps=warps)
 
 
+SCALE_CAST_BLOCK = 4096
+
+
+def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(src · scale) in `dtype`, new tensor; src contiguous fp32, scale a 0-d tensor (grad_output)."""
+    scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
+    if rows_impl == "torch":
+        return torch.mul(src, scale).to(dtype)
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    n = src.numel()
+    if n:
+        scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, out, n, BLOCK=SCALE_CAST_BLOCK,
+                                                               num_warps=8)
+    return out
+
+
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
                        need_db: bool, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
+
+    dW may come back as the fp32 sum of a half head (the one-pass strategies): the backward scales and casts it in
+    one pass (`scale_cast`); otherwise every gradient has its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. shard: a vocabulary-parallel head
@@ -122,7 +142,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl)
 
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows)
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows, cast_dw=False)
 
 
 def whole_sequence_pieces(mask_f, max_tokens: int):
@@ -162,7 +182,8 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
         dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, inv_t, dl)
 
     pieces = [tokens for _, tokens in sequences]
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces)
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces,
+                                      cast_dw=False)
 
 
 def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,

@@ -102,6 +102,18 @@ class Gemm:
                 else:
                     acc[sl].addmm_(d[sl].to(torch.float32), w.to(torch.float32))
 
+    def dw_write(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
+        """acc [V, H] fp32 (fp64 for fp64) ← Dᵀ·x: the first piece of a dW sum, which then needs no zero fill (a
+        4·V·H-byte write saved)."""
+        if not self.half:
+            torch.mm(d.t().to(acc.dtype), x.to(acc.dtype), out=acc)
+        elif not self.native:
+            torch.mm(d.t().to(torch.float32), x.to(torch.float32), out=acc)
+        elif self.caps["mm_out"]:
+            torch.mm(d.t(), x, out_dtype=torch.float32, out=acc)
+        else:
+            self.dw_accumulate(acc.zero_(), d, x)
+
     def dw_accumulate(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) += Dᵀ·x."""
         if not self.half:

@@ -119,7 +119,8 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
-                  pieces: int | list[slice], slab_cols: int | None = None, fp32_dx: bool = False):
+                  pieces: int | list[slice], slab_cols: int | None = None, fp32_dx: bool = False,
+                  cast_dw: bool = True):
     """Both gradient plans: per slab of `slab_cols` vocabulary rows (None: the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
     logits, dl)` writes their dlogits into dl, then the GEMMs.
@@ -128,8 +129,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     itself for an fp32 head, an extra 4·V·H bytes cast at the end for a half one); for several, a slab's dW is final
     after its pieces, so a half head needs one slab-sized fp32 buffer, cast into the gradient slab by slab. dX is
     written per piece for one slab and summed over slabs in fp32 for several (or when fp32_dx asks for it).
-    Returns (dX [N, H] in x's dtype, fp32 with fp32_dx; dW [V, H] in weight's dtype; db [V] in bias's dtype),
-    None where not needed.
+    Returns (dX [N, H] in x's dtype, fp32 with fp32_dx; dW [V, H] in weight's dtype, or its fp32 sum uncast with
+    cast_dw=False (one slab: the caller scales and casts it in one pass later); db [V] in bias's dtype), None where
+    not needed. The first piece of each dW sum is written, not added, so no accumulator is zero-filled.
     """
     N, H = x.shape
     V = weight.shape[0]
@@ -145,7 +147,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             dw_slab = torch.empty((slabs[0].stop, H), dtype=sdt, device=weight.device)
         else:
-            dw = torch.zeros(weight.shape, dtype=sdt, device=weight.device)
+            dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
     if need_db:
         db = torch.zeros((V,), dtype=sdt, device=x.device)
     if N > 0:
@@ -155,8 +157,8 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             cols = sv.stop - sv.start
             acc = None
             if need_dw:
-                acc = dw[sv] if dw_slab is None else dw_slab[:cols].zero_()
-            for sl in pieces:
+                acc = dw[sv] if dw_slab is None else dw_slab[:cols]
+            for i, sl in enumerate(pieces):
                 logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
                 gemm.logits(x[sl], logits)
                 dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
@@ -167,13 +169,15 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                     else:
                         gemm.dx(dl, dx[sl])
                 if need_dw:
-                    gemm.dw_accumulate(acc, dl, x[sl])
+                    (gemm.dw_accumulate if i else gemm.dw_write)(acc, dl, x[sl])
                 if need_db:
                     db[sv] += dl.sum(dim=0, dtype=sdt)
             if dw_slab is not None:
                 dw[sv].copy_(acc)
         del buf, logits, dl  # the logits are gone before the dW cast below allocates the weight-dtype grad
-    return (dx if fp32_dx else _cast(dx, x)), _cast(dw, weight), _cast(db, bias)
+    elif need_dw:  # no rows: no piece wrote it
+        dw.zero_()
+    return (dx if fp32_dx else _cast(dx, x)), (_cast(dw, weight) if cast_dw else dw), _cast(db, bias)
 
 
 def _cast(grad, like):
