@@ -88,14 +88,14 @@ def test_outputs_fully_written_under_nan_poison(impl, device, logits_gemms, monk
 @pytest.mark.parametrize("impl", IMPLS)
 def test_same_weights_as_old_policy_gives_ratio_one(impl, device, monkeypatch):
     """old_logprobs from linear_logprobs under no_grad (the first step of a multi-iteration update): ratios 1 to
-    fp32 rounding. Not bit-exact on CUDA: the one-pass chunks hold whole sequences of real tokens, the log-prob
-    pass fixed-size chunks of all tokens, and cuBLAS picks its kernel (so its summation order) by GEMM shape."""
+    fp32 rounding (the one-pass chunks hold whole sequences of real tokens, the log-prob pass fixed-size chunks of
+    all tokens: a GEMM library may sum in another order for another shape)."""
     set_chunk_rows(monkeypatch, 40)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=4)
     with torch.no_grad():
         old = lk.linear_logprobs(hidden, weight, ids, bias=b, impl=impl)
     loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old, impl=impl)
     on_loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
-    torch.testing.assert_close(metrics["ratio_mean"], torch.ones(()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics["ratio_mean"].cpu(), torch.ones(()), rtol=0, atol=1e-6)
     assert metrics["clip_ratio/region_mean"] == 0
     torch.testing.assert_close(loss, on_loss, rtol=1e-5, atol=1e-6)

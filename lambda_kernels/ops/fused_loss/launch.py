@@ -61,8 +61,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
                        need_db: bool, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
-    dW may come back as the fp32 sum of a half head (the one-pass strategies): the backward scales and casts it in
-    one pass (`scale_cast`); otherwise every gradient has its input's dtype.
+    dW may come back as the fp32 sum of a half head (token plan): the backward scales and casts it in one pass
+    (`scale_cast`); otherwise every gradient has its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. shard: a vocabulary-parallel head
@@ -129,16 +129,21 @@ class _Batch:
 
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
                        need_dx, need_dw, need_db, rows: int):
-    g0 = batch.real(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales).to(batch.sdt))
-    n_v = ref_v = None
-    if beta > 0:
-        n_v = batch.real((batch.mask_f * batch.scales.unsqueeze(1)).to(batch.sdt))
-        ref_v = batch.real(batch.ref.to(batch.sdt))
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
     tgt = batch.tgt
+    token = {}  # the per-token inputs of the row kernel, prepared at its first call
 
     def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
-        onpolicy_rows(rows_impl, logits, bias, tgt[sl], g0[sl], None if n_v is None else n_v[sl],
+        if not token:
+            # after the first logits GEMM is queued, so that this host work (a dozen small launches, the trace
+            # kernel among them) overlaps it instead of leaving the GPU idle before it
+            token["g0"] = batch.real(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales).to(batch.sdt))
+            token["n"] = token["ref"] = None
+            if beta > 0:
+                token["n"] = batch.real((batch.mask_f * batch.scales.unsqueeze(1)).to(batch.sdt))
+                token["ref"] = batch.real(batch.ref.to(batch.sdt))
+        n_v, ref_v = token["n"], token["ref"]
+        onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl)
 
@@ -194,7 +199,7 @@ def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entrop
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True)
         grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
-                                  rows_impl, need_dx, need_dw, need_db, shard)
+                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=False)
     return lp_v, ent_v, grads
 
 

@@ -29,8 +29,11 @@ from .plan import GradPlan, chunk_rows, grad_plan
 
 
 def row_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernels: 4096-wide tiles on GPU, whole small rows in the interpreter."""
-    cap = 2048 if interpreter_enabled() else 4096
+    """(BLOCK_V, num_warps) of the row kernels: 4096-wide tiles on GPU, whole small rows in the interpreter.
+
+    A V not divisible by 16 gets 2048-wide tiles: its loads cannot be vectorised, and at 4096 the ptxas of triton
+    3.6 (torch 2.11's) spilled the bias + entropy variant (tests/test_sm90_compile.py)."""
+    cap = 2048 if interpreter_enabled() or V % 16 else 4096
     block = min(max(triton.next_power_of_2(V), 16), cap)
     return block, (8 if block >= 2048 else 4)
 
@@ -185,8 +188,10 @@ def _cast(grad, like):
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
-                      need_dx: bool, need_dw: bool, need_db: bool, shard=None):
+                      need_dx: bool, need_dw: bool, need_db: bool, shard=None, cast_dw: bool = True):
     """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits.
+
+    cast_dw=False: dW may come back as its fp32 sum (see `grad_pipeline`).
 
     shard: a vocabulary-parallel head (lse and H are the whole vocabulary's): this rank's dW/db rows, and dX summed
     over the group in fp32.
@@ -205,7 +210,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
                      g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
 
     dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
-                               plan.cols if plan.kind == "vocab" else None, fp32_dx)
+                               plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)
     return dx, dw, db
