@@ -89,8 +89,6 @@ def naive_loss(h, w, ids, mask, adv, old, ref):
     return grpo_from_logp(lp, old, ref, adv, mask)
 
 
-
-
 def _baseline_fn(provider):
     if provider == "naive":
         return naive_loss

@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))  # < 6 minutes with start-up
 TEST_TIMEOUT = float(os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "150"))
-STAGES = os.environ.get("GPU_CHECK_STAGES", "tests,fused_loss,breakdown,lse_gemm,scans").split(",")
+ALL_STAGES = ("tests", "fused_loss", "breakdown", "lse_gemm", "scans")
+STAGES = os.environ.get("GPU_CHECK_STAGES", ",".join(ALL_STAGES)).split(",")
+if set(STAGES) - set(ALL_STAGES):
+    sys.exit(f"GPU_CHECK_STAGES: unknown stage(s) {sorted(set(STAGES) - set(ALL_STAGES))}; choose from {ALL_STAGES}")
 
 
 def elapsed() -> float:

@@ -8,7 +8,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, random_mask, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, random_mask, record_calls, set_chunk_rows
 
 
 
@@ -200,6 +200,29 @@ def test_grad_output_scaling_and_no_grad(impl, dtype, on_policy, device):
         loss_ng, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old, impl=impl)
     assert not loss_ng.requires_grad
     torch.testing.assert_close(loss_ng, loss.detach())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("budget", [None, "1G"])
+def test_half_head_dw_cast_in_backward_unless_memory_budget(impl, budget, device, monkeypatch):
+    """A half head's fp32 dW sum is held until the backward and scaled+cast there in one pass; under a memory
+    budget (token plan still chosen here) it is cast in the forward instead. Same gradients either way."""
+    from lambda_kernels.ops.fused_loss import function as fused_function
+    from lambda_kernels.ops.linear_logprobs import plan
+
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    hidden, weight, b, ids, mask, adv = make_batch(dtype=torch.float16, device=device, seed=12)
+    want = torch.autograd.grad(lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)[0],
+                               (hidden, weight, b))
+    if budget:
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, budget)
+    casts = record_calls(monkeypatch, fused_function, "scale_cast", lambda impl_, src, scale, dtype: src.dtype)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
+    got = torch.autograd.grad(loss, (hidden, weight, b))
+    assert casts == ([] if budget else [torch.float32])  # dW only: dX and db are small and cast in the forward
+    for a, e in zip(got, want):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

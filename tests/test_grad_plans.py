@@ -152,10 +152,13 @@ def test_vocab_plan_linear_logprobs_matches_fp64_oracle(impl, rows, cols, bias, 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, device, monkeypatch):
-    """fp16 head and hidden: slab-sized fp32 accumulators only, errors no worse than PyTorch in fp16."""
+@pytest.mark.parametrize("row_pieces", [False, True])
+def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, row_pieces, device, monkeypatch):
+    """fp16 head and hidden: slab-sized fp32 accumulators only, errors no worse than PyTorch in fp16. Budgets
+    (fp32 dX sum + slab accumulator + logits): slabs of 128 over all rows, or over pieces of ≤ 16 rows."""
     N, H, V = 40, 40, 300
-    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * (N + H) * 128 + 4 * N * H))  # slabs of 128, all rows
+    budget = 4 * N * H + 4 * 128 * H + 4 * 128 * (16 if row_pieces else N)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget))
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
     # the first piece of each slab writes its dW, the others add to it
     written, added = (record_calls(monkeypatch, gemm_mod.Gemm, method, lambda self, acc, d, x_c: tuple(acc.shape))
@@ -164,6 +167,7 @@ def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, device, m
     g_lp, g_ent = upstream(N, device=device)
     got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
     assert len(written) == 3 and all(rows <= 128 and cols == H for rows, cols in written + added)  # 3 slabs
+    assert len(added) == (3 * 2 if row_pieces else 0)  # 40 rows in 3 pieces of ≤ 16: two additions per slab
     assert all(g.dtype == torch.float16 for g in got)
     lp_ref, ent_ref, leaves = oracle(x, w, b, t, 0.8)
     want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)

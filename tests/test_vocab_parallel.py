@@ -15,14 +15,14 @@ import torch.multiprocessing as mp
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
+from .conftest import HAS_CUDA, INTERPRET
 from .test_fused_loss import make_batch, perturbed_old, reference_run
 from .test_linear_logprobs import grads_of, make_inputs, oracle
 
 WORLD = 2
 V = 300
 SHARDS = [(0, 130), (130, 170)]  # (start, rows) per rank
-# the `device` fixture's rule (conftest.py has set TRITON_INTERPRET by now)
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "1") in ("", "0") else "cpu"
+DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"  # the `device` fixture's rule
 CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {}), ("logprobs", "torch", {}), ("logprobs", "triton", {"memory": str(4 * 40 * 64)}),
     ("logprobs", "triton", {"temperature": 0.05, "inf_shard": True}),  # rank 1's logits all −inf (banned)

@@ -1,13 +1,15 @@
 """autograd.Function for the fused loss: every gradient is computed in the forward (for grad_output = 1) and the
 backward only scales it, so no logits or log-probs are kept between forward and backward. The fp32 dW sum of a half
-LM head is kept as it is until the backward, which scales and casts it in one pass (peak memory unchanged: the
-forward would otherwise hold it and its cast at once)."""
+LM head is held until the backward, which scales and casts it in one pass (4·V·H bytes held between forward and
+backward instead of the cast's 2·V·H; the peak of a forward followed by its backward is unchanged, as the forward
+would otherwise hold the sum and its cast at once). Under LAMBDA_KERNELS_MEMORY_BUDGET it is cast in the forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .launch import fused_loss_forward, scale_cast
 from .objectives import metric_names
@@ -46,10 +48,12 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         return loss, values
 
     @staticmethod
+    @once_differentiable  # the gradients were computed in the forward: there is no graph through them
     def backward(ctx, grad_loss, _grad_metrics):
-        # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point); a
-        # second backward through a retained graph then fails autograd's version check instead of silently scaling
-        # twice. An fp32 dW sum of a half head becomes a new tensor (scaled and cast in one pass).
+        # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point), so
+        # a second backward through a retained graph fails autograd's version check instead of silently scaling
+        # twice. An fp32 dW sum of a half head becomes a new tensor, scaled and cast in one pass (with the Triton
+        # kernel, out of place: a second backward that needs only dW would then be right, not an error).
         grads = []
         for g, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes):
             if g is None:

@@ -23,6 +23,7 @@ import triton
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, stats_dtype
+from ..linear_logprobs.plan import memory_budget_bytes
 from .kernels import onpolicy_rows_kernel, scale_cast_kernel
 from .objectives import metric_names
 
@@ -44,10 +45,12 @@ SCALE_CAST_BLOCK = 4096
 
 
 def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(src · scale) in `dtype`, new tensor; src contiguous fp32, scale a 0-d tensor (grad_output)."""
+    """(src · scale) in `dtype`, a new tensor; src contiguous fp32 (ours: the torch path scales it in place),
+    scale a 0-d tensor (grad_output)."""
+    assert src.is_contiguous() and src.dtype == torch.float32, (src.dtype, src.stride())
     scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
     if rows_impl == "torch":
-        return torch.mul(src, scale).to(dtype)
+        return src.mul_(scale).to(dtype)
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
     n = src.numel()
     if n:
@@ -61,8 +64,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
                        need_db: bool, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
-    dW may come back as the fp32 sum of a half head (token plan): the backward scales and casts it in one pass
-    (`scale_cast`); otherwise every gradient has its input's dtype.
+    dW may come back as the fp32 sum of a half head (token plan, no LAMBDA_KERNELS_MEMORY_BUDGET): the backward
+    scales and casts it in one pass (`scale_cast`); otherwise every gradient has its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. shard: a vocabulary-parallel head
@@ -82,6 +85,10 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db)
 
     plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
+    # the fp32 dW sum of a half head is kept until the backward (4·V·H bytes instead of the cast's 2·V·H between
+    # forward and backward) for one scale+cast pass there; under a memory budget it is cast here, as the budget
+    # bounds what a call holds
+    gemm_args = (*gemm_args, memory_budget_bytes() is not None)
     sequences = whole_sequence_pieces(mask_f, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
         else None
     if plan and plan.kind == "tokens" and old is None:
@@ -128,7 +135,7 @@ class _Batch:
 
 
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                       need_dx, need_dw, need_db, rows: int):
+                       need_dx, need_dw, need_db, cast_dw, rows: int):
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
     tgt = batch.tgt
     token = {}  # the per-token inputs of the row kernel, prepared at its first call
@@ -147,7 +154,8 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl)
 
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows, cast_dw=False)
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows,
+                                      cast_dw=cast_dw)
 
 
 def whole_sequence_pieces(mask_f, max_tokens: int):
@@ -167,7 +175,7 @@ def whole_sequence_pieces(mask_f, max_tokens: int):
 
 
 def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                        need_dx, need_dw, need_db, sequences):
+                        need_dx, need_dw, need_db, cast_dw, sequences):
     B, T = batch.shape
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
     rows_of = {tokens.start: rows for rows, tokens in sequences}
@@ -188,18 +196,18 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
 
     pieces = [tokens for _, tokens in sequences]
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces,
-                                      cast_dw=False)
+                                      cast_dw=cast_dw)
 
 
 def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                need_dx, need_dw, need_db, shard=None):
+                need_dx, need_dw, need_db, cast_dw, shard=None):
     lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl, shard)
     grads = (None, None, None)
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True)
         grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
-                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=False)
+                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw)
     return lp_v, ent_v, grads
 
 

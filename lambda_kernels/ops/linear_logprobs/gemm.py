@@ -102,26 +102,26 @@ class Gemm:
                 else:
                     acc[sl].addmm_(d[sl].to(torch.float32), w.to(torch.float32))
 
+    def _dw_operands(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor):
+        """(Dᵀ, x, extra kwargs) for a GEMM into acc: half operands with an fp32 output on CUDA, else upcast."""
+        if self.half and self.native:
+            return d.t(), x, {"out_dtype": torch.float32}
+        return d.t().to(acc.dtype), x.to(acc.dtype), {}
+
     def dw_write(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) ← Dᵀ·x: the first piece of a dW sum, which then needs no zero fill (a
         4·V·H-byte write saved)."""
-        if not self.half:
-            torch.mm(d.t().to(acc.dtype), x.to(acc.dtype), out=acc)
-        elif not self.native:
-            torch.mm(d.t().to(torch.float32), x.to(torch.float32), out=acc)
-        elif self.caps["mm_out"]:
-            torch.mm(d.t(), x, out_dtype=torch.float32, out=acc)
-        else:
+        if self.half and self.native and not self.caps["mm_out"]:
             self.dw_accumulate(acc.zero_(), d, x)
+            return
+        a, b, kw = self._dw_operands(acc, d, x)
+        torch.mm(a, b, out=acc, **kw)
 
     def dw_accumulate(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) += Dᵀ·x."""
-        if not self.half:
-            acc.addmm_(d.t().to(acc.dtype), x.to(acc.dtype))
-        elif not self.native:
-            acc.addmm_(d.t().to(torch.float32), x.to(torch.float32))
-        elif self.caps["addmm_acc"]:
-            torch.addmm(acc, d.t(), x, out_dtype=torch.float32, out=acc)
+        if not (self.half and self.native) or self.caps["addmm_acc"]:
+            a, b, kw = self._dw_operands(acc, d, x)
+            torch.addmm(acc, a, b, out=acc, **kw)
         else:  # fp32-output GEMM per vocabulary slab, then add (bounded temporary)
             for sl in self._slabs(acc.shape[0], 4 * acc.shape[1]):
                 if self.caps["mm"]:
