@@ -122,10 +122,8 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     if old_logprobs is not None:
         _check_row_tensor(op, "old_logprobs", old_logprobs, (B, T))
     checks.float_tensor(op, "advantages", advantages, ndim=(1, 2))
-    if advantages.dim() == 1:
-        checks.same_shape(op, "advantages", advantages, (B,), "Pass one advantage per sequence [B] or per token [B, T].")
-    else:
-        checks.same_shape(op, "advantages", advantages, (B, T), "Pass one advantage per sequence [B] or per token [B, T].")
+    checks.same_shape(op, "advantages", advantages, (B,) if advantages.dim() == 1 else (B, T),
+                      "Pass one advantage per sequence [B] or per token [B, T].")
     checks.mask_tensor(op, "mask", mask, (B, T))
     beta = checks.non_negative(op, "beta", beta)
     if ref_logprobs is not None:
@@ -241,16 +239,23 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
     return VocabShard.of(process_group, weight.shape[0], device)
 
 
-def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -> None:
-    """Token ids in [0, V) (where mask != 0): one host sync for the min and max, done before any kernel runs."""
+def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -> list[int] | None:
+    """Token ids in [0, V) (where mask != 0), checked before any kernel runs. One host sync brings the min and max
+    and, with a mask [B, T], each row's number of unmasked tokens, which are returned (the fused loss sizes its
+    work with them, so it needs no sync of its own)."""
+    real = None if mask is None else mask != 0
     if ids.numel() == 0:
-        return
-    vals = ids if mask is None else torch.where(mask != 0, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
-    lo, hi = torch.stack(list(torch.aminmax(vals))).tolist()
+        return None if real is None else [0] * real.shape[0]
+    vals = ids if real is None else torch.where(real, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
+    stats = torch.stack(list(torch.aminmax(vals))).to(torch.int64)
+    if real is not None:
+        stats = torch.cat([stats, real.sum(dim=1)])
+    lo, hi, *counts = stats.tolist()
     if lo < 0 or hi >= V:
         where = "" if mask is None else " at unmasked positions"
         raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max {hi}. "
                          "Replace padding/ignore ids (e.g. -100) by a valid id; masked positions are never read.")
+    return None if real is None else counts
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:
@@ -389,8 +394,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
-    _check_token_ids(op, "completion_ids", completion_ids, weight.shape[0] if shard is None else shard.vocab_size,
-                     completion_mask)
+    row_counts = _check_token_ids(op, "completion_ids", completion_ids,
+                                  weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
     from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
     from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
@@ -398,6 +403,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
     objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
     fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
-                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard)
+                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard,
+                              row_counts=tuple(row_counts))
     return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                    ref_logprobs, scales, fparams)

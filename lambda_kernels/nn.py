@@ -6,7 +6,18 @@ import torch
 from . import functional as F
 
 
-class GRPOLambdaLoss(torch.nn.Module):
+class _OptionsModule(torch.nn.Module):
+    """Holds the keyword options passed to the functional call on every forward."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class GRPOLambdaLoss(_OptionsModule):
     """GRPO-λ (or plain GRPO with trace=None) objective on per-token log-probs; see `grpo_lambda_loss`.
 
     Example:
@@ -18,20 +29,16 @@ class GRPOLambdaLoss(torch.nn.Module):
                  adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  impl: str = "auto"):
-        super().__init__()
-        self.options = dict(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
-                            epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
-                            max_completion_length=max_completion_length, impl=impl)
+        super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
+                         epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+                         max_completion_length=max_completion_length, impl=impl)
 
     def forward(self, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, num_items_in_batch=None):
         return F.grpo_lambda_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                                   num_items_in_batch=num_items_in_batch, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class FusedGRPOLambdaLoss(torch.nn.Module):
+class FusedGRPOLambdaLoss(_OptionsModule):
     """GRPO-λ loss straight from the last hidden states and the LM head; see `fused_grpo_lambda_loss`.
 
     The module holds the hyper-parameters only; the LM head is passed at call time (so a head tied to the
@@ -48,17 +55,13 @@ class FusedGRPOLambdaLoss(torch.nn.Module):
                  adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto", process_group=None):
-        super().__init__()
-        self.options = dict(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
-                            epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
-                            max_completion_length=max_completion_length, temperature=temperature,
-                            return_entropy=return_entropy, impl=impl, process_group=process_group)
+        super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
+                         epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
+                         max_completion_length=max_completion_length, temperature=temperature,
+                         return_entropy=return_entropy, impl=impl, process_group=process_group)
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
                 ref_logprobs=None, bias=None, num_items_in_batch=None):
         return F.fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages,
                                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
                                         num_items_in_batch=num_items_in_batch, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

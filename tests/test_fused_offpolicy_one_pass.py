@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lambda_kernels as lk
-from lambda_kernels.ops.fused_loss.launch import whole_sequence_pieces
+from lambda_kernels.ops.fused_loss.launch import real_token_index, whole_sequence_pieces
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
 
 from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, record_calls, set_chunk_rows
@@ -15,14 +15,19 @@ from .test_fused_loss import assert_matches, make_batch, perturbed_old, referenc
 
 
 def test_whole_sequence_pieces_packs_consecutive_rows():
-    mask = torch.zeros(5, 10)
-    for b, n in enumerate([5, 0, 7, 3, 9]):
-        mask[b, :n] = 1
-    pieces = whole_sequence_pieces(mask, 10)
+    counts = [5, 0, 7, 3, 9]
+    pieces = whole_sequence_pieces(counts, 10)
     assert pieces == [(slice(0, 2), slice(0, 5)), (slice(2, 4), slice(5, 15)), (slice(4, 5), slice(15, 24))]
-    assert whole_sequence_pieces(mask, 8) is None  # the 9-token row fits no chunk: two passes
-    assert whole_sequence_pieces(mask, 100) == [(slice(0, 5), slice(0, 24))]
-    assert whole_sequence_pieces(torch.zeros(3, 4), 2) == []
+    assert whole_sequence_pieces(counts, 8) is None  # the 9-token row fits no chunk: two passes
+    assert whole_sequence_pieces(counts, 100) == [(slice(0, 5), slice(0, 24))]
+    assert whole_sequence_pieces([0, 0, 0], 2) == []
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_real_token_index_is_nonzero_without_a_sync(density, device):
+    flat = (torch.rand(257, generator=torch.Generator().manual_seed(3)) < density).float().to(device)
+    want = flat.nonzero().squeeze(1)
+    assert torch.equal(real_token_index(flat, int(want.numel())), want)
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def test_matches_reference_in_one_pass_or_two(impl, trace, loss_type, rows, devi
     loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
     grads = torch.autograd.grad(loss, (hidden, weight, b))
     assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw))
-    pieces = whole_sequence_pieces(mask.float(), rows)
+    pieces = whole_sequence_pieces((mask != 0).sum(1).tolist(), rows)
     n_real = int(mask.sum())
     assert (pieces is None) == (rows < int(mask.sum(1).max()))
     if pieces is not None:

@@ -13,6 +13,14 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of environment variable `name` (case-insensitive), `default` when unset, one of `choices`."""
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise RuntimeError(f"{name} must be one of {', '.join(choices)}; got {raw!r}.")
+    return raw
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

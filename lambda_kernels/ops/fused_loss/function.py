@@ -17,8 +17,9 @@ from .objectives import metric_names
 
 @dataclass(frozen=True)
 class FusedLossParams:
-    """Non-tensor options: the objective (kernel or reference, holding ObjectiveParams), β, 1/temperature, entropy
-    metric on/off and the row backend."""
+    """Non-tensor inputs: the objective (kernel or reference, holding ObjectiveParams), β, 1/temperature, entropy
+    metric on/off, the row backend, and the number of real (unmasked) tokens of each row, read on the host by the
+    argument check."""
 
     objective: Any
     beta: float
@@ -26,13 +27,14 @@ class FusedLossParams:
     with_entropy: bool
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
+    row_counts: tuple = ()
 
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
                               beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
-                              shard=params.shard)
+                              shard=params.shard, row_counts=params.row_counts)
 
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):

@@ -12,8 +12,8 @@ Three strategies, chosen per call (`fused_loss_forward`):
   (`logprobs_backward`, token or vocab plan): 8·N·H·V FLOPs.
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
-carry zero weight and zero gradient, so their rows are dropped before the GEMMs (one host sync to count them) and
-their grad_hidden rows are zero.
+carry zero weight and zero gradient, so their rows are dropped before the GEMMs and their grad_hidden rows are zero.
+The per-row counts of real tokens come from the argument check's one host sync; nothing here syncs.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import triton
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
-    logprobs_forward, plan_for, row_config, stats_dtype
+    logprobs_forward, plan_for, row_config, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
 from .kernels import onpolicy_rows_kernel, scale_cast_kernel
 from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl) -> None:
     """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)), written into dl."""
-    if rows_impl == "torch" or logits.dtype == torch.float64:
+    if torch_rows(rows_impl, logits):
         chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl)
         return
     M, V = logits.shape
@@ -61,21 +61,23 @@ def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: to
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
-                       need_db: bool, shard=None):
+                       need_db: bool, row_counts, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
     dW may come back as the fp32 sum of a half head (token plan, no LAMBDA_KERNELS_MEMORY_BUDGET): the backward
     scales and casts it in one pass (`scale_cast`); otherwise every gradient has its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
-    objective: `objectives.KernelObjective` or `ReferenceObjective`. shard: a vocabulary-parallel head
+    objective: `objectives.KernelObjective` or `ReferenceObjective`. row_counts: the number of tokens with mask ≠ 0
+    in each row, known on the host (no sync here). shard: a vocabulary-parallel head
     (`linear_logprobs.vocab_parallel`): always the two passes, whose log-prob statistics are combined over the group.
     """
     B, T, H = hidden.shape
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
-    valid = (flat_mask != 0).nonzero().squeeze(1)  # one host sync: the number of real tokens
-    all_valid = valid.numel() == B * T
+    n_real = sum(row_counts)
+    all_valid = n_real == B * T
+    valid = None if all_valid else real_token_index(flat_mask, n_real)
     x = hidden.reshape(B * T, H)
     tgt = ids.reshape(-1)
     if not all_valid:
@@ -89,7 +91,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     # forward and backward) for one scale+cast pass there; under a memory budget it is cast here, as the budget
     # bounds what a call holds
     gemm_args = (*gemm_args, memory_budget_bytes() is not None)
-    sequences = whole_sequence_pieces(mask_f, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
+    sequences = whole_sequence_pieces(row_counts, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
         else None
     if plan and plan.kind == "tokens" and old is None:
         lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan.rows)
@@ -158,10 +160,19 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                                       cast_dw=cast_dw)
 
 
-def whole_sequence_pieces(mask_f, max_tokens: int):
+def real_token_index(flat_mask: torch.Tensor, n_real: int) -> torch.Tensor:
+    """Positions of the n_real entries ≠ 0 of flat_mask, in order, without a host sync (n_real is known): each real
+    token goes to slot (its rank among the real ones), padding to a spare slot n_real that is dropped."""
+    real = flat_mask != 0
+    slot = torch.where(real, torch.cumsum(real, dim=0) - 1, n_real)
+    index = torch.empty((n_real + 1,), dtype=torch.int64, device=flat_mask.device)
+    index.scatter_(0, slot, torch.arange(real.numel(), device=flat_mask.device))
+    return index[:n_real]
+
+
+def whole_sequence_pieces(counts, max_tokens: int):
     """Consecutive sequences packed into chunks of ≤ max_tokens real tokens: [(rows, tokens)] slices (of the batch
-    rows and of the real tokens in order), or None when one sequence alone has more. One host sync."""
-    counts = (mask_f != 0).sum(dim=1).tolist()
+    rows and of the real tokens in order), or None when one sequence alone has more. counts: real tokens per row."""
     if max(counts, default=0) > max_tokens:
         return None
     pieces, b0, t0, n = [], 0, 0, 0

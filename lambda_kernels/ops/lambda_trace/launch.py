@@ -38,32 +38,29 @@ def _chunked(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out: to
     return out
 
 
-def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
-    """z [B, T] fp32 = the trace of m·x."""
-    x = x.contiguous()
-    B, T = x.shape
-    z = torch.empty((B, T), dtype=torch.float32, device=x.device)
+def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype: torch.dtype,
+          reverse: bool) -> torch.Tensor:
+    """One direction of the trace over rows [B, T]: one program per row, or chunk-parallel for few long rows."""
+    inp = inp.contiguous()
+    B, T = inp.shape
+    out = torch.empty((B, T), dtype=out_dtype, device=inp.device)
     if B == 0 or T == 0:
-        return z
+        return out
     block, warps = scan_config(T)
     if params.style != 0 and use_chunked_scan(B, T, block):
-        return _chunked(x, mask, params, z, block, warps, reverse=False)
-    lambda_trace_fwd_kernel[(B,)](x, kernel_mask(mask), z, scratch_for(params, B, T, x.device), T, params.a,
-                                  params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
-    return z
+        return _chunked(inp, mask, params, out, block, warps, reverse=reverse)
+    kernel = lambda_trace_bwd_kernel if reverse else lambda_trace_fwd_kernel
+    kernel[(B,)](inp, kernel_mask(mask), out, scratch_for(params, B, T, inp.device), T, params.a, params.log2a,
+                 STYLE=params.style, BLOCK_T=block, num_warps=warps)
+    return out
+
+
+def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
+    """z [B, T] fp32 = the trace of m·x."""
+    return _scan(x, mask, params, torch.float32, reverse=False)
 
 
 def trace_backward(grad_z: torch.Tensor, mask: torch.Tensor, params: TraceParams,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """grad_x [B, T] (out_dtype) with grad_x_j = m_j·Σ_{t≥j} w(t, j)·grad_z_t."""
-    grad_z = grad_z.contiguous()
-    B, T = grad_z.shape
-    gx = torch.empty((B, T), dtype=out_dtype, device=grad_z.device)
-    if B == 0 or T == 0:
-        return gx
-    block, warps = scan_config(T)
-    if params.style != 0 and use_chunked_scan(B, T, block):
-        return _chunked(grad_z, mask, params, gx, block, warps, reverse=True)
-    lambda_trace_bwd_kernel[(B,)](grad_z, kernel_mask(mask), gx, scratch_for(params, B, T, grad_z.device), T,
-                                  params.a, params.log2a, STYLE=params.style, BLOCK_T=block, num_warps=warps)
-    return gx
+    return _scan(grad_z, mask, params, out_dtype, reverse=True)

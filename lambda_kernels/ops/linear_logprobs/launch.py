@@ -25,7 +25,7 @@ from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .lse_gemm import lse_gemm_logprobs, use_lse_gemm
-from .plan import GradPlan, chunk_rows, grad_plan
+from .plan import GradPlan, chunk_rows, grad_plan, pieces as _pieces
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -51,9 +51,14 @@ def dlogits_view(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- row operations
+def torch_rows(rows_impl: str, logits: torch.Tensor) -> bool:
+    """Whether a chunk's row operations run in PyTorch (`chunked_torch`): asked for, or fp64 (kernels are fp32)."""
+    return rows_impl == "torch" or logits.dtype == torch.float64
+
+
 def logprob_rows(rows_impl: str, logits, bias, tgt, inv_t: float, lp, lse, ent) -> None:
     """lp, lse (ent) [m] of a logits chunk [m, V]."""
-    if rows_impl == "torch" or logits.dtype == torch.float64:
+    if torch_rows(rows_impl, logits):
         chunked_torch.logprob_rows(logits, bias, tgt, inv_t, lp, lse, ent)
         return
     M, V = logits.shape
@@ -65,7 +70,7 @@ def logprob_rows(rows_impl: str, logits, bias, tgt, inv_t: float, lp, lse, ent) 
 
 def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl) -> None:
     """dl [m, V] ← dlogits of a chunk from the upstream grads g_lp (and g_ent, may be None) [m] fp32."""
-    if rows_impl == "torch" or logits.dtype == torch.float64:
+    if torch_rows(rows_impl, logits):
         chunked_torch.dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t, dl)
         return
     M, V = logits.shape
@@ -78,10 +83,6 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def _pieces(total: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
-
-
 def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None):
     """(ℓ [N], lse [N], H [N] or None), fp32, from x [N, H], weight [V, H], tgt [N]; no gradient work.
 

@@ -22,9 +22,9 @@ import os
 import torch
 import triton
 
-from ..._core.runtime import interpreter_enabled
+from ..._core.runtime import env_choice, interpreter_enabled
 from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_tiles_kernel
-from .plan import forward_budget_bytes, split_size
+from .plan import forward_budget_bytes, pieces, split_size
 
 GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
 CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
@@ -37,10 +37,7 @@ MERGE_BLOCK = 256
 
 
 def logprobs_gemm() -> str:
-    raw = os.environ.get(GEMM_ENV, "").strip().lower() or "cublas"
-    if raw not in GEMM_CHOICES:
-        raise RuntimeError(f"{GEMM_ENV} must be one of {', '.join(GEMM_CHOICES)}; got {raw!r}.")
-    return raw
+    return env_choice(GEMM_ENV, GEMM_CHOICES, "cublas")
 
 
 def tile_config() -> tuple[int, int, int, int, int, int]:
@@ -80,8 +77,7 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent) -> None:
     part = torch.empty((3, n_v, min(rows, N)), dtype=torch.float32, device=x.device)
     zt = torch.empty((min(rows, N),), dtype=torch.float32, device=x.device)
     with_ent = ent is not None
-    for r0 in range(0, N, rows):
-        sl = slice(r0, min(r0 + rows, N))
+    for sl in pieces(N, rows):
         m = sl.stop - sl.start
         grid = (triton.cdiv(m, block_m) * n_v,)
         lse_gemm_tiles_kernel[grid](

@@ -33,6 +33,8 @@ import re
 import warnings
 from dataclasses import dataclass
 
+from ..._core.runtime import env_choice
+
 BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
 MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
@@ -86,6 +88,11 @@ def split_size(total: int, cap: int) -> int:
     return min(cap, size)
 
 
+def pieces(total: int, size: int) -> list[slice]:
+    """[0, total) cut into consecutive slices of `size` (the last may be shorter)."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
 def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
     """Rows per fp32 logits chunk [rows, V] within `budget` bytes (default `forward_budget_bytes()`).
 
@@ -119,10 +126,7 @@ class GradPlan:
 
 def plan_choice() -> str:
     """LAMBDA_KERNELS_GRAD_PLAN: "auto" (default: by the budgets), "tokens" or "vocab" (forced, e.g. to compare)."""
-    raw = os.environ.get(PLAN_ENV, "").strip().lower() or "auto"
-    if raw not in PLAN_CHOICES:
-        raise RuntimeError(f"{PLAN_ENV} must be one of {', '.join(PLAN_CHOICES)}; got {raw!r}.")
-    return raw
+    return env_choice(PLAN_ENV, PLAN_CHOICES, "auto")
 
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,

@@ -39,7 +39,7 @@ class VocabShard:
 
         sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
         dist.all_gather(sizes, torch.tensor(local_size, dtype=torch.int64, device=device), group=group)
-        sizes = [int(s) for s in sizes]
+        sizes = torch.stack(sizes).tolist()  # one host sync, not one per rank
         rank = dist.get_rank(group)
         return cls(group, sum(sizes[:rank]), local_size, sum(sizes))
 
