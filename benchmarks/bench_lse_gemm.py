@@ -17,12 +17,14 @@ import lambda_kernels as lk
 from lambda_kernels import reference as R
 
 from .bench_fused_loss import SHAPES, make_inputs, provider_env
+from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV
+
 from .harness import ceilings, do_bench
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 CONFIGS = [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
            (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3)]
-CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
+
 
 
 def _with_config(config):

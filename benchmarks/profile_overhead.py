@@ -11,7 +11,8 @@ import lambda_kernels as lk
 from lambda_kernels._core.params import TraceParams
 from lambda_kernels.ops.lambda_trace.launch import trace_forward
 
-from .bench_scans import OBJECTIVE_OPTIONS, make_inputs
+from .bench_scans import make_inputs
+from .harness import LOSS_OPTIONS
 
 
 def per_call_us(fn, n=300):
@@ -40,7 +41,7 @@ def main():
                                                             x, ones),
         "objective fwd+bwd": lambda: torch.autograd.grad(
             lk.grpo_lambda_loss(lp, inp["old"], inp["adv"], inp["mask"], ref_logprobs=inp["ref"], impl="triton",
-                                **OBJECTIVE_OPTIONS)[0], lp),
+                                **LOSS_OPTIONS)[0], lp),
     }
     for name, fn in cases.items():
         print(f"{name:32s} {per_call_us(fn):9.1f} us/call", flush=True)

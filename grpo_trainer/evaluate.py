@@ -11,7 +11,7 @@ import time
 import torch
 
 from .config import GRPOLambdaConfig
-from .rewards import call_reward, resolve
+from .rewards import RewardSet
 
 
 def eval_reward_name(cfg: GRPOLambdaConfig) -> str:
@@ -20,19 +20,22 @@ def eval_reward_name(cfg: GRPOLambdaConfig) -> str:
     return "arithmetic" if cfg.dataset == "arithmetic" and cfg.eval_dataset in (None, "arithmetic") else "math"
 
 
-def _score(name, fn, rows, prompts, texts, repeat) -> list[float]:
-    reps = [r for r in rows for _ in range(repeat)]
-    columns = {k: [r[k] for r in reps] for k in reps[0] if k != "prompt"}
-    values = call_reward(name, fn, [p for p in prompts for _ in range(repeat)], texts, columns)
-    return [0.0 if v is None else float(v) for v in values]
+def eval_reward_set(cfg: GRPOLambdaConfig) -> RewardSet:
+    """The accuracy reward, resolved (and so checked) when the trainer is built, before any model work."""
+    return RewardSet([eval_reward_name(cfg)], None, option="eval_reward")
+
+
+def _score(reward: RewardSet, rows, prompts, texts, repeat) -> list[float]:
+    """Rewards of `repeat` completions per row (a None reward counts 0: RewardSet's NaN-aware sum)."""
+    total, _ = reward([p for p in prompts for _ in range(repeat)], texts, [r for r in rows for _ in range(repeat)])
+    return total.tolist()
 
 
 @torch.no_grad()
-def evaluate_rows(backend, rows: list[dict], cfg: GRPOLambdaConfig, *, samples: int | None = None) -> dict:
-    """{'accuracy_greedy', 'pass@1' (if samples > 0), counts and sampling settings} on `rows`."""
-    name = eval_reward_name(cfg)
-    fn = resolve(name)
-    samples = cfg.eval_samples if samples is None else samples
+def evaluate_rows(backend, rows: list[dict], cfg: GRPOLambdaConfig, reward: RewardSet) -> dict:
+    """{'accuracy_greedy', 'pass@1' (if cfg.eval_samples > 0), counts and sampling settings} on `rows`."""
+    name = reward.names[0]
+    samples = cfg.eval_samples
     start = time.perf_counter()
     greedy, sampled = [], []
     with torch.random.fork_rng():
@@ -41,10 +44,10 @@ def evaluate_rows(backend, rows: list[dict], cfg: GRPOLambdaConfig, *, samples: 
             chunk = rows[i:i + cfg.eval_batch_size]
             prompts = [r["prompt"] for r in chunk]
             out = backend.generate(prompts, 1, greedy=True)
-            greedy += _score(name, fn, chunk, prompts, out.texts, 1)
+            greedy += _score(reward, chunk, prompts, out.texts, 1)
             if samples > 0:
                 out = backend.generate(prompts, samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-                sampled += _score(name, fn, chunk, prompts, out.texts, samples)
+                sampled += _score(reward, chunk, prompts, out.texts, samples)
     result = {"n_problems": len(rows), "eval_reward": name, "accuracy_greedy": sum(greedy) / max(len(greedy), 1)}
     if samples > 0:
         result.update({"pass@1": sum(sampled) / max(len(sampled), 1), "pass@1_samples": samples,
@@ -69,13 +72,14 @@ def run_evaluate(cfg: GRPOLambdaConfig) -> dict:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    reward = eval_reward_set(cfg)  # a bad eval_reward fails before the model loads
     _, held = load_datasets(cfg, need_train=False)
     model, tokenizer = load_policy(cfg)
     model.eval()
     backend = HFGenerationBackend(model, tokenizer, max_prompt_length=cfg.max_prompt_length,
                                   max_completion_length=cfg.max_completion_length)
     result = {"model": cfg.model_name_or_path, "dataset": cfg.eval_dataset or cfg.dataset,
-              **evaluate_rows(backend, held, cfg)}
+              **evaluate_rows(backend, held, cfg, reward)}
     print(format_result(result))
     print(json.dumps(result))
     return result

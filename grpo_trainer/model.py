@@ -47,7 +47,7 @@ def build_char_tokenizer():
                                    unk_token="<unk>")
 
 
-def _prepare_tokenizer(tokenizer, cfg: GRPOLambdaConfig):
+def _prepare_tokenizer(tokenizer):
     tokenizer.padding_side = "left"       # prompts are left-padded so completions start at one column
     tokenizer.truncation_side = "left"    # keep the end of long prompts (the question)
     if tokenizer.pad_token is None:
@@ -83,10 +83,10 @@ def load_policy(cfg: GRPOLambdaConfig, path: str | None = None):
     source = path if path is not None else cfg.model_name_or_path
     with quiet_transformers():
         if source is None:
-            tokenizer = _prepare_tokenizer(build_char_tokenizer(), cfg)
+            tokenizer = _prepare_tokenizer(build_char_tokenizer())
             model = build_model(cfg, tokenizer)
         else:
-            tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(source), cfg)
+            tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(source))
             # loaded straight in the training dtype: a bf16 checkpoint never takes an fp32 detour (2× its size)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.model_dtype))
     check_supported(model)

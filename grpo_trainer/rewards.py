@@ -109,8 +109,8 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 # ---------------------------------------------------------------------- lookup
-def resolve(name: str) -> RewardFunc:
-    """A reward function by registry name or dotted path; ConfigError listing the valid names otherwise."""
+def resolve(name: str, option: str = "reward_funcs") -> RewardFunc:
+    """A reward function by registry name or dotted path; ConfigError naming `option` and the valid names otherwise."""
     if name in REGISTRY:
         return REGISTRY[name]
     if "." in name or ":" in name:
@@ -118,12 +118,12 @@ def resolve(name: str) -> RewardFunc:
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ConfigError(f"reward_funcs entry {name!r} must be importable as 'module:function' or "
+            raise ConfigError(f"{option} entry {name!r} must be importable as 'module:function' or "
                               f"'module.function'; got {type(e).__name__}: {e}.") from None
         if not callable(fn):
-            raise ConfigError(f"reward_funcs entry {name!r} must be callable; got {type(fn).__name__}.")
+            raise ConfigError(f"{option} entry {name!r} must be callable; got {type(fn).__name__}.")
         return fn
-    raise ConfigError(f"reward_funcs entries must be one of {sorted(REGISTRY)} or a dotted path "
+    raise ConfigError(f"{option} entries must be one of {sorted(REGISTRY)} or a dotted path "
                       f"'module:function'; got {name!r}.")
 
 
@@ -179,10 +179,10 @@ def call_reward(name: str, fn: RewardFunc, prompts: list[str], completions: list
 class RewardSet:
     """The configured reward functions and weights: per-function table and the weighted sum, NaN-aware like TRL."""
 
-    def __init__(self, names: list[str], weights: list[float] | None):
+    def __init__(self, names: list[str], weights: list[float] | None, option: str = "reward_funcs"):
         self.names = list(names)
         self.short_names = [reward_name(n) for n in names]
-        self.funcs = [resolve(n) for n in names]
+        self.funcs = [resolve(n, option) for n in names]
         self.weights = torch.tensor(weights if weights is not None else [1.0] * len(names), dtype=torch.float32)
 
     def __call__(self, prompts: list[str], completions: list[str],

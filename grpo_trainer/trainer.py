@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, GRPOLambdaConfig
 from .data import PromptSampler, load_datasets
-from .evaluate import evaluate_rows, format_result
+from .evaluate import eval_reward_set, evaluate_rows, format_result
 from .generation import HFGenerationBackend, VLLMGenerationBackend
 from .model import completion_hidden, completion_logprobs, lm_head, load_policy, quiet_transformers, save_pretrained
 from .plot import plot_reward_curve
@@ -70,12 +70,18 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         return_entropy=True, impl=cfg.impl)
 
 
+def micro_batches(batch: Batch, cfg: GRPOLambdaConfig) -> list[slice]:
+    """The row slices of `batch` that one forward/backward takes at a time."""
+    size = cfg.per_device_train_batch_size
+    return [slice(s, s + size) for s in range(0, len(batch), size)]
+
+
 @torch.no_grad()
-def batch_logprobs(model, batch: Batch, cfg: GRPOLambdaConfig) -> torch.Tensor:
-    """Per-token log-probs [B, T] of the completions under `model` (no grad), in micro-batches."""
+def batch_logprobs(model, batch: Batch, chunks: list[slice], cfg: GRPOLambdaConfig) -> torch.Tensor:
+    """Per-token log-probs [B, T] of the completions under `model` (no grad), micro-batch by micro-batch."""
     out = []
-    for s in range(0, len(batch), cfg.per_device_train_batch_size):
-        mb = batch.select(slice(s, s + cfg.per_device_train_batch_size))
+    for sl in chunks:
+        mb = batch.select(sl)
         out.append(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.attention_mask,
                                        temperature=cfg.temperature, impl=cfg.impl))
     return torch.cat(out)
@@ -116,6 +122,7 @@ class GRPOLambdaTrainer:
         self.out = Path(cfg.output_dir)
         # Everything that can be wrong with the configuration fails here, before any model work.
         self.rewards = RewardSet(cfg.reward_funcs, cfg.reward_weights)
+        self.eval_reward = eval_reward_set(cfg)
         self.train_rows, self.eval_rows = load_datasets(cfg)
         self.resume_path = ckpt.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
 
@@ -195,7 +202,7 @@ class GRPOLambdaTrainer:
             if cfg.sft_warmup_steps > 0:
                 sft_warmup(self.model, self.tokenizer, self.train_rows, cfg)
                 save_pretrained(self.model, self.tokenizer, self.out / "sft_model")
-            self.eval_before = evaluate_rows(self.backend, self.eval_rows, cfg)
+            self.eval_before = evaluate_rows(self.backend, self.eval_rows, cfg, self.eval_reward)
             self._print(f"before RL: {format_result(self.eval_before)}")
         else:
             state = ckpt.load_training_state(self.resume_path, self.optimizer, self.scheduler)
@@ -254,10 +261,9 @@ class GRPOLambdaTrainer:
 
     def _update(self, batch: Batch) -> dict:
         cfg, model = self.cfg, self.model
-        old_logprobs = batch_logprobs(model, batch, cfg) if cfg.num_iterations > 1 else None  # None: on-policy
-        ref_logprobs = batch_logprobs(self.ref_model, batch, cfg) if self.ref_model is not None else None
-        mbs = cfg.per_device_train_batch_size
-        chunks = [slice(s, s + mbs) for s in range(0, len(batch), mbs)]
+        chunks = micro_batches(batch, cfg)
+        old_logprobs = batch_logprobs(model, batch, chunks, cfg) if cfg.num_iterations > 1 else None  # on-policy
+        ref_logprobs = batch_logprobs(self.ref_model, batch, chunks, cfg) if self.ref_model is not None else None
         num_items = batch.loss_mask.sum().clamp(min=1) if cfg.loss_type == "dapo" else None
         weights = micro_batch_weights(batch.loss_mask, chunks, cfg.loss_type)
         sums: dict[str, float] = {}
@@ -271,7 +277,8 @@ class GRPOLambdaTrainer:
 
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            # loss and metrics stay on the device until the update is decided: one host sync per update
+            # loss and metrics stay on the device until the update is decided: one host sync of the trainer's per
+            # update (the library adds one per fused-loss call, its token-id check)
             loss_total, per_chunk, names = 0.0, [], []
             for sl, weight in zip(chunks, weights):
                 loss, m = policy_loss(
@@ -339,7 +346,7 @@ class GRPOLambdaTrainer:
         plot_reward_curve(self.metrics_path, self.out / "reward_curve.png",
                           title=f"{cfg.algorithm} (trace={cfg.loss_trace}, λ={cfg.lam})")
         self.model.eval()
-        after = evaluate_rows(self.backend, self.eval_rows, cfg)
+        after = evaluate_rows(self.backend, self.eval_rows, cfg, self.eval_reward)
         summary = {"before_rl": self.eval_before, "after_rl": after}
         (self.out / "eval_results.json").write_text(json.dumps(summary, indent=1))
         self._print(f"before RL: {format_result(self.eval_before)}")

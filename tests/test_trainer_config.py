@@ -118,6 +118,9 @@ def test_unknown_reward_fails_at_startup(tmp_path):
         _start(tmp_path, reward_funcs=["exact"], reward_weights=None)
     with pytest.raises(ConfigError, match=r"reward_funcs entry 'no_such_pkg\.fn' must be importable"):
         _start(tmp_path, reward_funcs=["no_such_pkg.fn"], reward_weights=None)
+    # the accuracy reward too, named as its own option, before the warm-up or any evaluation runs
+    with pytest.raises(ConfigError, match=r"eval_reward entries must be one of \['arithmetic', 'format', 'math'\]"):
+        _start(tmp_path, eval_reward="bogus")
     assert not (tmp_path / "out").exists()  # nothing written before validation passed
 
 
