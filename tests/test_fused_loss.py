@@ -55,6 +55,7 @@ def assert_matches(loss, metrics, grads, ref, atol_loss=2e-6, rtol_grad=2e-5):
     for k in metrics:
         assert metrics[k].dtype == torch.float32 and not metrics[k].requires_grad
         torch.testing.assert_close(metrics[k].double(), metrics_r[k].double(), rtol=1e-4, atol=1e-5, msg=k)
+    assert len(grads) == len(grads_r)
     for name, a, e in zip(["hidden", "weight", "bias"], grads, grads_r):
         scale = e.abs().max().item() + 1e-12
         err = (a.double() - e).abs().max().item()
@@ -239,11 +240,15 @@ def test_outputs_fully_written_under_nan_poison(impl, on_policy, device, small_c
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_frozen_head_skips_weight_grad(device):
+def test_frozen_head_skips_weight_grad(device, monkeypatch):
+    from lambda_kernels.ops.linear_logprobs.gemm import Gemm
+
     hidden, weight, b, ids, mask, adv = make_batch(device=device, bias=False)
     w = weight.detach()
+    dw_gemms = [record_calls(monkeypatch, Gemm, m, lambda *a: 1) for m in ("dw_write", "dw_accumulate")]
     loss, _ = lk.fused_grpo_lambda_loss(hidden, w, ids, mask, adv, trace="both")
     (gh,) = torch.autograd.grad(loss, hidden)
+    assert dw_gemms == [[], []]  # no dW GEMM ran for the frozen head
     _, _, (gh_r, _) = reference_run(hidden, weight, None, ids, mask, adv, trace="both")
     torch.testing.assert_close(gh.double(), gh_r, rtol=1e-5, atol=1e-7)
 

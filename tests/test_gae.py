@@ -33,8 +33,8 @@ def test_matches_reference_with_holes(T, gamma, lam, device):
         adv, ret = lk.gae(r.to(device), v.to(device), m.to(device), gamma=gamma, lam=lam, impl="triton")
     adv_ref, ret_ref = R.gae(r, v, m, gamma=gamma, lam=lam)
     assert adv.dtype == ret.dtype == torch.float32
-    torch.testing.assert_close(adv.cpu().double(), adv_ref, atol=2e-5 * max(1, T * (lam == 1.0)), rtol=1e-5)
-    torch.testing.assert_close(ret.cpu().double(), ret_ref, atol=2e-5 * max(1, T * (lam == 1.0)), rtol=1e-5)
+    torch.testing.assert_close(adv.cpu().double(), adv_ref, atol=2e-5 * max(1, T * (lam == 1.0) / 10), rtol=1e-5)
+    torch.testing.assert_close(ret.cpu().double(), ret_ref, atol=2e-5 * max(1, T * (lam == 1.0) / 10), rtol=1e-5)
 
 
 def test_full_mask_is_classic_gae(device):
@@ -82,7 +82,7 @@ def test_all_masked_row_and_long_row(chunked, device, monkeypatch):
     adv, ret = lk.gae(r.to(device), v.to(device), m.to(device), gamma=1.0, lam=0.99)
     adv_ref, _ = R.gae(r, v, m, gamma=1.0, lam=0.99)
     assert (adv[1] == 0).all() and (ret[1] == 0).all()
-    torch.testing.assert_close(adv.cpu().double(), adv_ref, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(adv.cpu().double(), adv_ref, atol=2e-4, rtol=1e-5)
 
 
 def test_half_precision_inputs(device):

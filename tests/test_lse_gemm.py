@@ -76,6 +76,7 @@ def test_minus_inf_bias_columns(device, triton_gemm):
     with torch.no_grad():
         lp, ent = lk.linear_logprobs(x, w, t, bias=b, return_entropy=True)
         lp_ref, ent_ref = R.linear_logprobs(x.double(), w.double(), t, bias=b.double(), return_entropy=True)
+    assert triton_gemm == [N]  # the −inf tile went through the Triton GEMM, not cuBLAS
     torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
     torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
 
@@ -106,7 +107,7 @@ def test_off_policy_fused_loss_through_it(device, triton_gemm, monkeypatch):
     loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, **kw)
     grads = torch.autograd.grad(loss, (hidden, weight, b))
     assert triton_gemm
-    assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw), atol_loss=1e-4,
+    assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw), atol_loss=2e-5,
                    rtol_grad=3e-3)
 
 

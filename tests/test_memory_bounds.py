@@ -11,6 +11,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels.ops.linear_logprobs import plan
 
+from ._helpers import IMPLS
 from ._memory import PeakNewBytes
 
 B, T, H, V = 4, 50, 16, 3000
@@ -59,7 +60,7 @@ def _bound(impl: str, workspace: int) -> int:
     return bound
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
     hidden, weight, ids, _, _, _ = _inputs(device)  # no old log-probs needed here
@@ -74,7 +75,7 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
     assert extra >= 4 * V * plan.chunk_rows(B * T, V)  # the tracker does see the (balanced) chunk
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("policy", ["on", "off"])
 def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, device):
     """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the

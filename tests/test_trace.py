@@ -4,7 +4,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import poisoned_outputs, random_mask
+from ._helpers import IMPLS, poisoned_outputs, random_mask
 
 STYLES = ["recent", "both"]
 
@@ -19,7 +19,7 @@ def matrix_trace(x, m, a, style):
     ("recent", [1, 2.5, 4.25, 6.125], [1.875, 1.75, 1.5, 1]),
     ("both", [1, 3, 5, 7.5], [4, 2, 1.5, 1]),
 ])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_spec_vectors(style, z_expected, g_expected, impl, device):
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], device=device, requires_grad=True)
     z = lk.lambda_trace(x, torch.ones(1, 4, device=device), lam=0.5, style=style, impl=impl)
@@ -50,7 +50,7 @@ def test_matches_matrix_form_fwd_bwd(style, T, lam, gamma, device):
     z_ref = matrix_trace(x_ref, m, gamma * lam, style)
     (gx_ref,) = torch.autograd.grad(z_ref, x_ref, gz)
     assert z.dtype == torch.float32 and gx.dtype == torch.float64
-    scale = max(1.0, T if lam == 1.0 else 1.0)
+    scale = max(1.0, T / 10 if lam == 1.0 else 1.0)
     torch.testing.assert_close(z.double(), z_ref, atol=2e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(gx, gx_ref, atol=2e-5 * scale, rtol=1e-5)
 
@@ -78,8 +78,8 @@ def test_long_row_blocked_scan(style, chunked, device, monkeypatch):
     x_ref = x.detach().clone().requires_grad_()
     z_ref = matrix_trace(x_ref, m, 0.99, style)
     (gx_ref,) = torch.autograd.grad(z_ref, x_ref, gz)
-    torch.testing.assert_close(z.double(), z_ref, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(z.double(), z_ref, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=2e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -101,8 +101,14 @@ def test_dtypes(dtype, mask_dtype, device):
     z = lk.lambda_trace(x, m, lam=0.95, style="both", impl="triton")
     (gx,) = torch.autograd.grad(z.sum(), x)
     assert z.dtype == torch.float32 and gx.dtype == dtype
-    z_ref = matrix_trace(x.detach(), m, 0.95, "both")
+    x_ref = x.detach().double().requires_grad_()
+    z_ref = matrix_trace(x_ref, m, 0.95, "both")
+    (gx_ref,) = torch.autograd.grad(z_ref.sum(), x_ref)
     torch.testing.assert_close(z.double(), z_ref, atol=1e-4, rtol=1e-5)
+    # the gradient is computed in fp32 and rounded once to x's dtype
+    torch.testing.assert_close(gx.double(), gx_ref, **{torch.float32: dict(atol=1e-5, rtol=1e-5),
+                                                       torch.float16: dict(atol=1e-3, rtol=1e-3),
+                                                       torch.bfloat16: dict(atol=1e-2, rtol=8e-3)}[dtype])
 
 
 def test_impl_torch_matches_triton(device):

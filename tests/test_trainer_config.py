@@ -12,6 +12,8 @@ from grpo_trainer import cli
 from grpo_trainer.config import FIELDS, ConfigError, GRPOLambdaConfig, build_config
 from grpo_trainer.trainer import GRPOLambdaTrainer
 
+from ._helpers import LOSS_TYPES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -172,7 +174,7 @@ def test_option_lists_are_the_librarys():
     assert set(config.TRACES) == {t for t in functional.TRACE_STYLES if t is not None}
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_unequal_micro_batches_sum_to_the_whole_batch_loss(loss_type):
     """Micro-batches of 16 and 8 rows: the weighted sum of their losses is the loss of the 24 rows at once."""
     import torch
