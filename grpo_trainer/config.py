@@ -250,9 +250,8 @@ class GRPOLambdaConfig:
         _positive_int("num_iterations", self.num_iterations)
         _choice("impl", self.impl, IMPLS)
         # optimisation
-        if not _is_number(self.learning_rate) or not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise ConfigError(f"learning_rate must be a finite number > 0; got {self.learning_rate!r}. "
-                              "Typical values: 1e-6 to 1e-5 for pretrained models, 1e-4 to 1e-3 for the tiny default.")
+        _positive_number("learning_rate", self.learning_rate,
+                         "Typical values: 1e-6 to 1e-5 for pretrained models, 1e-4 to 1e-3 for the tiny default.")
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}.")
@@ -316,9 +315,9 @@ def _non_negative(name, v):
         raise ConfigError(f"{name} must be a finite number >= 0; got {v!r}.")
 
 
-def _positive_number(name, v):
+def _positive_number(name, v, hint: str = ""):
     if not _is_number(v) or not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0; got {v!r}.")
+        raise ConfigError(f"{name} must be a finite number > 0; got {v!r}." + (f" {hint}" if hint else ""))
 
 
 def _unit_closed(name, v):
@@ -408,7 +407,7 @@ def build_config(yaml_path=None, overrides: Optional[dict] = None, command: str 
     values: dict = {}
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
-    for k, v in (overrides or {}).items():
-        values[k.replace("-", "_")] = v
-    kwargs = {k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in values.items()}
+    values.update(overrides or {})
+    values = {k.replace("-", "_"): v for k, v in values.items()}  # keys may use dashes, in the file too
+    kwargs = {k: coerce(k, v) for k, v in values.items()}
     return GRPOLambdaConfig(**kwargs).validate(command)

@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +46,14 @@ class Batch:
     def __len__(self):
         return self.prompt_ids.shape[0]
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
-                                               self.attention_mask, self.loss_mask, self.advantages)))
+        return Batch(*(t.to(device) for t in self._tensors()))
 
     def select(self, idx) -> "Batch":
-        return Batch(*(t[idx] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
-                                        self.attention_mask, self.loss_mask, self.advantages)))
+        return Batch(*(t[idx] for t in self._tensors()))
 
 
 def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
