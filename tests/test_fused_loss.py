@@ -1,65 +1,14 @@
 """fused_grpo_lambda_loss: value, metrics and gradients against grpo_lambda_loss(linear_logprobs(...)) with full
 logits (the reference, fp64 where it matters), on- and off-policy, every trace and loss type, and bad input."""
-import math
-
 import pytest
 import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, random_mask, record_calls, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, record_calls, set_chunk_rows
+from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 
-
-
-def make_batch(B=3, T=17, H=40, V=123, dtype=torch.float32, device="cpu", seed=0, bias=True, per_token_adv=False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * (3 / math.sqrt(H))
-    b = torch.randn(V, generator=g) * 0.5 if bias else None
-    ids = torch.randint(0, V, (B, T), generator=g)
-    mask = random_mask(B, T, seed=seed)
-    adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
-    to = dict(dtype=dtype, device=device)
-    hidden, weight = hidden.to(**to).requires_grad_(), weight.to(**to).requires_grad_()
-    b = None if b is None else b.to(**to).requires_grad_()
-    return hidden, weight, b, ids.to(device), mask.to(device), adv.to(device)
-
-
-def perturbed_old(hidden, weight, b, ids, temperature, seed=1, scale=0.15):
-    """Old log-probs = current ones plus noise, so some ratios are clipped."""
-    with torch.no_grad():
-        lp = R.linear_logprobs(hidden.double(), weight.double(), ids, bias=None if b is None else b.double(),
-                               temperature=temperature)
-    g = torch.Generator().manual_seed(seed)
-    return (lp + scale * torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.device)).float()
-
-
-def reference_run(hidden, weight, b, ids, mask, adv, **kw):
-    """The oracle in fp64: loss, metrics, grads of (hidden, weight, bias)."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    kw = dict(kw)
-    for k in ("old_logprobs", "ref_logprobs"):
-        if kw.get(k) is not None:
-            kw[k] = kw[k].double()
-    loss, metrics = R.fused_grpo_lambda_loss(leaves[0], leaves[1], ids, mask, adv.double(), bias=leaves[2], **kw)
-    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-    return loss, metrics, grads
-
-
-def assert_matches(loss, metrics, grads, ref, atol_loss=2e-6, rtol_grad=2e-5):
-    loss_r, metrics_r, grads_r = ref
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    torch.testing.assert_close(loss.double(), loss_r, rtol=1e-5, atol=atol_loss)
-    assert set(metrics) == set(metrics_r), (set(metrics), set(metrics_r))
-    for k in metrics:
-        assert metrics[k].dtype == torch.float32 and not metrics[k].requires_grad
-        torch.testing.assert_close(metrics[k].double(), metrics_r[k].double(), rtol=1e-4, atol=1e-5, msg=k)
-    assert len(grads) == len(grads_r)
-    for name, a, e in zip(["hidden", "weight", "bias"], grads, grads_r):
-        scale = e.abs().max().item() + 1e-12
-        err = (a.double() - e).abs().max().item()
-        assert err <= rtol_grad * scale, (name, err, scale)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from lambda_kernels.ops.fused_loss.launch import real_token_index, whole_sequenc
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
 
 from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, record_calls, set_chunk_rows
-from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
+from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 
 
 

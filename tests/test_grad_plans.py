@@ -8,9 +8,8 @@ from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
 from lambda_kernels.ops.linear_logprobs import launch, plan
 
 from ._helpers import IMPLS, logits_gemm_shapes, poisoned_outputs, record_calls
-from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
-from .test_linear_logprobs import assert_fp32_matches_oracle, assert_no_worse_than_naive, grads_of, make_inputs, \
-    naive_half_logprobs, oracle, upstream
+from ._lm_head import assert_fp32_matches_oracle, assert_matches, assert_no_worse_than_naive, grads_of, make_batch, \
+    make_inputs, naive_half_logprobs, oracle, perturbed_old, reference_run, upstream
 
 GiB = 1 << 30
 # (N, V, H) of the shapes, N = the real tokens of B·T with ~30% padding

@@ -9,67 +9,9 @@ from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs import plan
 
 from ._helpers import IMPLS, logits_gemm_shapes, poisoned_outputs, set_chunk_rows
+from ._lm_head import assert_fp32_matches_oracle, assert_no_worse_than_naive, grads_of, make_inputs, \
+    naive_half_logprobs, oracle, upstream
 
-
-
-def make_inputs(N, H, V, dtype=torch.float32, device="cpu", bias=True, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, H, generator=g)
-    w = torch.randn(V, H, generator=g) * (scale / math.sqrt(H)) * 3
-    b = torch.randn(V, generator=g) * 0.5 if bias else None
-    t = torch.randint(0, V, (N,), generator=g)
-    to = dict(dtype=dtype, device=device)
-    return (x.to(**to).requires_grad_(), w.to(**to).requires_grad_(),
-            None if b is None else b.to(**to).requires_grad_(), t.to(device))
-
-
-def upstream(N, seed=1, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
-
-
-def grads_of(lp, ent, g_lp, g_ent, inputs):
-    obj = (lp.float() * g_lp).sum() + (0 if ent is None else (ent.float() * g_ent).sum())
-    return torch.autograd.grad(obj, [t for t in inputs if t is not None])
-
-
-def oracle(x, w, b, t, temperature):
-    """fp64 log-probs, entropy and grads on the same inputs."""
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    lp, ent = R.linear_logprobs(x64, w64, t, bias=b64, temperature=temperature, return_entropy=True)
-    return lp, ent, (x64, w64, b64)
-
-
-def assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature):
-    """fp32 log-probs, entropy and every gradient (hidden, weight, bias) within fp32 tolerance of the fp64 oracle."""
-    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == t.shape
-    lp_ref, ent_ref, leaves = oracle(x, w, b, t, temperature)
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
-    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
-    g_lp, g_ent = upstream(t.shape[0], device=x.device)
-    got = grads_of(lp, ent, g_lp, g_ent, (x, w, b))
-    want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
-    for name, a, e in zip(["hidden", "weight", "bias"], got, want):
-        assert a.dtype == torch.float32, name
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=2e-5 * e.abs().max().item() + 1e-7, msg=name)
-
-
-def naive_half_logprobs(x, w, b, t, temperature, g_lp, g_ent):
-    """Plain PyTorch in the inputs' half dtype (logits and their gradient in half, softmax in fp32): (ℓ, H, grads of
-    Σ g_lp·ℓ + g_ent·H w.r.t. hidden, weight, bias) — what "no worse than PyTorch in half" is measured against."""
-    xh, wh, bh = (v.detach().clone().requires_grad_() for v in (x, w, b))
-    lsm = torch.log_softmax((xh @ wh.t() + bh).float() / temperature, -1)
-    lp_n, ent_n = lsm.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
-    return lp_n, ent_n, grads_of(lp_n, ent_n, g_lp, g_ent, (xh, wh, bh))
-
-
-def assert_no_worse_than_naive(triples):
-    """(ours, naive, fp64 oracle) triples: our error at most 1.05× the naive one, plus a small floor."""
-    for a, n, e in triples:
-        err = (a.double() - e).abs().max().item()
-        err_naive = (n.double() - e).abs().max().item()
-        assert err <= 1.05 * err_naive + 1e-3 * e.abs().max().item() + 1e-6, (err, err_naive)
 
 
 @pytest.fixture

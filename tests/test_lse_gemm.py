@@ -12,8 +12,8 @@ from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
 from ._helpers import poisoned_outputs, record_calls
-from .test_fused_loss import assert_matches, make_batch, perturbed_old, reference_run
-from .test_linear_logprobs import grads_of, make_inputs, oracle, upstream
+from ._lm_head import assert_matches, grads_of, make_batch, make_inputs, oracle, perturbed_old, reference_run, \
+    upstream
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import lambda_kernels as lk
 from lambda_kernels import reference as R
 
 from .conftest import HAS_CUDA, INTERPRET
-from .test_fused_loss import make_batch, perturbed_old, reference_run
-from .test_linear_logprobs import grads_of, make_inputs, oracle
+from ._lm_head import grads_of, make_batch, make_inputs, oracle, perturbed_old, reference_run
 
 WORLD = 2
 V = 300
