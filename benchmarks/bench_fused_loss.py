@@ -6,6 +6,7 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G: the vocab plan at these shapes (workspace ≤ 1 GiB,
                  accumulators included), ≈ 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
+  ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_triton  the same with LAMBDA_KERNELS_LOGPROBS_GEMM=triton (GEMM with a log-sum-exp epilogue)
   naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
   compiled       `naive` under torch.compile
@@ -45,8 +46,8 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_triton"]
-LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_triton")  # forward only: floor 2·N·H·V
+OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_triton"]
+LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_triton")  # forward only: floor 2·N·H·V
 # environment per provider (the library reads these on every call); every other provider runs with them unset
 PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"}, "ours_logprobs_triton": {GEMM_ENV: "triton"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
@@ -140,9 +141,11 @@ def make_step(provider: str, inp: dict):
     h, w = inp["hidden"], inp["weight"]
     args = (inp["ids"], inp["mask"], inp["adv"])
     if provider in LOGPROBS_ONLY:
+        mask = inp["mask"] if provider == "ours_logprobs_masked" else None
+
         def step():
             with torch.no_grad(), provider_env(provider):
-                return lk.linear_logprobs(h, w, inp["ids"])
+                return lk.linear_logprobs(h, w, inp["ids"], mask=mask)
         return step
     if provider in ("ours_on", "ours_off", "ours_on_1g"):
         old = inp["old"] if provider == "ours_off" else None
@@ -185,10 +188,11 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
                         ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
                         ((gw.float() - gw_r).norm() / gw_r.norm()).item())
     with torch.no_grad():
-        lp_r = R.linear_logprobs(h.detach().float(), w.detach().float(), sub["ids"])
         for name in LOGPROBS_ONLY:
+            mask = sub["mask"] if name == "ours_logprobs_masked" else None
+            lp_r = R.linear_logprobs(h.detach().float(), w.detach().float(), sub["ids"], mask=mask)
             with provider_env(name):
-                lp = lk.linear_logprobs(h.detach(), w.detach(), sub["ids"])
+                lp = lk.linear_logprobs(h.detach(), w.detach(), sub["ids"], mask=mask)
             out[name.replace("ours_", "")] = ((lp - lp_r).norm() / lp_r.norm()).item()
     return out
 

@@ -133,9 +133,11 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature: float,
                         impl: str) -> torch.Tensor:
-    """Per-token log-probs [B, T] of the completions from the hidden states and the LM head (no [B, T, V] logits)."""
+    """Per-token log-probs [B, T] of the completions from the hidden states and the LM head (no [B, T, V] logits);
+    only the real tokens' rows are computed, padding gets 0."""
     from lambda_kernels import linear_logprobs
 
     hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias = lm_head(model)
-    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature, impl=impl)
+    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature, impl=impl,
+                           mask=completion_mask)

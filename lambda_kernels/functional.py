@@ -239,7 +239,7 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
     return VocabShard.of(process_group, weight.shape[0], device)
 
 
-def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -> list[int] | None:
+def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None, hint: str = "") -> list[int] | None:
     """Token ids in [0, V) (where mask != 0), checked before any kernel runs. One host sync brings the min and max
     and, with a mask [B, T], each row's number of unmasked tokens, which are returned (the fused loss sizes its
     work with them, so it needs no sync of its own)."""
@@ -254,7 +254,8 @@ def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None) -
     if lo < 0 or hi >= V:
         where = "" if mask is None else " at unmasked positions"
         raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max {hi}. "
-                         "Replace padding/ignore ids (e.g. -100) by a valid id; masked positions are never read.")
+                         "Replace padding/ignore ids (e.g. -100) by a valid id" + (f", {hint}" if hint else "")
+                         + "; masked positions are never read.")
     return None if real is None else counts
 
 
@@ -266,7 +267,7 @@ def _check_ids_dtype(op: str, name: str, ids) -> None:
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
                     temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
-                    process_group=None):
+                    process_group=None, mask=None):
     """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits.
 
     Computed chunk by chunk over the tokens (cuBLAS GEMMs with fp32 output, a Triton row kernel for the
@@ -287,7 +288,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Args:
         hidden: `[..., H]` float (fp16/bf16/fp32/fp64): the states that predict `targets` (already shifted).
         weight: `[V, H]` LM head in nn.Linear layout, same dtype as hidden (may be tied to the embeddings).
-        targets: `[...]` = hidden's leading shape, int64/int32 token ids in [0, V) (checked: one host sync).
+        targets: `[...]` = hidden's leading shape, int64/int32 token ids in [0, V) where mask ≠ 0 (checked: one
+            host sync).
         bias: optional `[V]`, same dtype as hidden.
         temperature: finite > 0; the distribution is softmax(logits / temperature).
         return_entropy: also return the entropy of that tempered distribution (differentiable too).
@@ -299,6 +301,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls
             with the same hidden/targets and runs the backward; an argument error raised on one rank only leaves
             the others waiting in the first collective.
+        mask: optional `[...]` (targets' shape) bool/int/float: only the tokens with mask ≠ 0 are computed, e.g. the
+            completion mask for old-policy and reference log-probs, so padding costs no GEMM FLOPs (verl's
+            "remove padding"). Masked positions get log-prob 0 (and entropy 0) and no gradient; their hidden states
+            and targets are never read (padding ids such as -100 are fine there). The real tokens' values are
+            bit-identical to a call on just those rows.
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]
@@ -313,14 +320,28 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.same_shape(op, "targets", targets, hidden.shape[:-1],
                       "targets must have hidden's leading shape [...]. Did you forget to shift targets by one?")
     checks.flag(op, "return_entropy", return_entropy)
-    device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)])
+    if mask is not None:
+        checks.mask_tensor(op, "mask", mask, targets.shape)
+    device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias),
+                                     ("mask", mask)])
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
-    _check_token_ids(op, "targets", targets, weight.shape[0] if shard is None else shard.vocab_size)
+    V = weight.shape[0] if shard is None else shard.vocab_size
+    rows = None
+    if mask is None:
+        _check_token_ids(op, "targets", targets, V, hint="or pass mask= to skip those positions")
+    else:
+        from .ops.real_tokens import real_token_positions
+
+        positions = real_token_positions(mask.reshape(-1))  # queued before the sync: after it, the GEMMs
+        # one row of all the tokens: the check's one sync also counts the real ones
+        (n_real,) = _check_token_ids(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
+        if n_real < targets.numel():
+            rows = positions[:n_real]
     from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
 
     lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
-                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard))
+                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard), rows)
     return (lp, ent) if return_entropy else lp
 
 

@@ -30,11 +30,11 @@ def grads_of(lp, ent, g_lp, g_ent, inputs):
     return torch.autograd.grad(obj, [t for t in inputs if t is not None])
 
 
-def oracle(x, w, b, t, temperature):
+def oracle(x, w, b, t, temperature, mask=None):
     """fp64 log-probs, entropy and grads on the same inputs."""
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = None if b is None else b.detach().double().requires_grad_()
-    lp, ent = R.linear_logprobs(x64, w64, t, bias=b64, temperature=temperature, return_entropy=True)
+    lp, ent = R.linear_logprobs(x64, w64, t, bias=b64, temperature=temperature, return_entropy=True, mask=mask)
     return lp, ent, (x64, w64, b64)
 
 

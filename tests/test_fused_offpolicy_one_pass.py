@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lambda_kernels as lk
-from lambda_kernels.ops.fused_loss.launch import real_token_index, whole_sequence_pieces
+from lambda_kernels.ops.fused_loss.launch import whole_sequence_pieces
+from lambda_kernels.ops.real_tokens import real_token_index
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
 
 from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, record_calls, set_chunk_rows

@@ -27,6 +27,7 @@ CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {"temperature": 0.05, "inf_shard": True}),  # rank 1's logits all −inf (banned)
     ("logprobs", "torch", {"temperature": 0.05, "inf_shard": True}),
     ("logprobs", "triton", {"dtype": torch.float16}), ("logprobs", "triton", {"dtype": torch.float16, "gemm": True}),
+    ("logprobs", "triton", {"mask": True}),  # only the unmasked rows, -100 ids at the others
     ("fused_on", "triton", {}), ("fused_off", "triton", {}), ("fused_off", "torch", {}),
 ]
 
@@ -38,8 +39,12 @@ def _logprobs_inputs(extra):
         b = b.clone()
         b[130:] = float("-inf")
         t = t % 130
+    mask = None
+    if extra.get("mask"):
+        mask = torch.arange(37) % 3 != 0
+        t = torch.where(mask, t, torch.full_like(t, -100))
     g = torch.Generator().manual_seed(5)
-    return x, w, b, t, torch.randn(37, generator=g), torch.randn(37, generator=g)
+    return x, w, b, t, mask, torch.randn(37, generator=g), torch.randn(37, generator=g)
 
 
 def _fused_inputs(off_policy: bool):
@@ -74,18 +79,18 @@ def _run_case(case, rank, group, device):
         os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton"
     try:
         if name == "logprobs":
-            x, w, b, t, g_lp, g_ent = _on(device, *_logprobs_inputs(extra))
+            x, w, b, t, mask, g_lp, g_ent = _on(device, *_logprobs_inputs(extra))
             temperature = extra.get("temperature", 0.8)
             x = x.requires_grad_()
             w_r, b_r = w[start:start + rows].clone().requires_grad_(), b[start:start + rows].clone().requires_grad_()
             lp, ent = lk.linear_logprobs(x, w_r, t, bias=b_r, temperature=temperature, return_entropy=True,
-                                         impl=impl, process_group=group)
+                                         impl=impl, process_group=group, mask=mask)
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
             out = dict(lp=lp.detach(), ent=ent.detach(), dx=x.grad, dw=w_r.grad, db=b_r.grad)
             # the reference's own vocabulary-parallel path (gathered logits), fp64
             leaves = [v.detach().double().requires_grad_() for v in (x, w_r, b_r)]
             lp64, ent64 = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
-                                            return_entropy=True, process_group=group)
+                                            return_entropy=True, process_group=group, mask=mask)
             grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
             return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
         hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off")
@@ -132,11 +137,13 @@ def test_linear_logprobs_vocab_parallel(rank_results, index):
     r0, r1 = rank_results[0][index], rank_results[1][index]
     assert torch.equal(r0["lp"], r1["lp"]) and torch.equal(r0["ent"], r1["ent"]) and torch.equal(r0["dx"], r1["dx"])
     _, impl, extra = CASES[index]
-    x, w, b, t, g_lp, g_ent = _logprobs_inputs(extra)
+    x, w, b, t, mask, g_lp, g_ent = _logprobs_inputs(extra)
     temperature = extra.get("temperature", 0.8)
-    lp, ent, leaves = oracle(x, w, b, t, temperature)
+    lp, ent, leaves = oracle(x, w, b, t, temperature, mask)
     dx, dw, db = grads_of(lp, ent, g_lp.double(), g_ent.double(), leaves)
     assert all(torch.isfinite(v).all() for v in (lp, ent, dx, dw, db))
+    if mask is not None:
+        assert (r0["lp"][~mask] == 0).all() and (r0["dx"][~mask] == 0).all()
     if "dtype" in extra:  # fp16: no worse than the whole head through the same kernels
         xs, ws, bs = (v.to(DEVICE).requires_grad_() for v in (x, w, b))
         lp1, ent1 = lk.linear_logprobs(xs, ws, t.to(DEVICE), bias=bs, temperature=temperature, return_entropy=True,

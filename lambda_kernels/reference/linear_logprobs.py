@@ -6,12 +6,16 @@ from .objective import grpo_lambda_loss
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
-                    process_group=None):
+                    process_group=None, mask=None):
     """log softmax((hidden·weightᵀ + bias) / temperature)[targets], fp32 (fp64 for fp64 input), shape of targets.
 
     process_group: weight/bias are this rank's block of vocabulary rows; the logits of all ranks are gathered
     (Megatron's column-parallel head: hidden's gradient summed over the group, each rank's rows its own).
+    mask: where it is 0 the log-prob and entropy are 0 (no gradient) and the target is not used.
     """
+    real = None if mask is None else mask != 0
+    if real is not None:
+        targets = torch.where(real, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
     dt = compute_dtype(hidden, weight)
     if process_group is not None:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
@@ -21,13 +25,18 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     if process_group is not None:
         logits = _GatherVocab.apply(logits, process_group)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    logp = _zero_where_masked(logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), real)
     if not return_entropy:
         return logp
     # p·log p is 0 at a −inf logit (a banned token): a finite stand-in for log p keeps value and gradient NaN-free
     finite_logp = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros((), dtype=logp_all.dtype))
     entropy = -(logp_all.exp() * finite_logp).sum(-1)
-    return logp, entropy
+    return logp, _zero_where_masked(entropy, real)
+
+
+def _zero_where_masked(values, real):
+    return values if real is None else torch.where(real, values, torch.zeros((), dtype=values.dtype,
+                                                                             device=values.device))
 
 
 def fused_grpo_lambda_loss(

@@ -24,6 +24,7 @@ from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
+from ..real_tokens import real_token_index
 from .kernels import onpolicy_rows_kernel, scale_cast_kernel
 from .objectives import metric_names
 
@@ -158,16 +159,6 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
 
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows,
                                       cast_dw=cast_dw)
-
-
-def real_token_index(flat_mask: torch.Tensor, n_real: int) -> torch.Tensor:
-    """Positions of the n_real entries ≠ 0 of flat_mask, in order, without a host sync (n_real is known): each real
-    token goes to slot (its rank among the real ones), padding to a spare slot n_real that is dropped."""
-    real = flat_mask != 0
-    slot = torch.where(real, torch.cumsum(real, dim=0) - 1, n_real)
-    index = torch.empty((n_real + 1,), dtype=torch.int64, device=flat_mask.device)
-    index.scatter_(0, slot, torch.arange(real.numel(), device=flat_mask.device))
-    return index[:n_real]
 
 
 def whole_sequence_pieces(counts, max_tokens: int):

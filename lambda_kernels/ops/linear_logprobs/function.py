@@ -1,4 +1,5 @@
-"""autograd.Function for linear_logprobs: the forward keeps only lse (and H); the backward recomputes each chunk."""
+"""autograd.Function for linear_logprobs: the forward keeps only lse (and H); the backward recomputes each chunk.
+With a mask, only the rows of the unmasked tokens are computed (the others are 0 and get no gradient)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..real_tokens import scatter_real
 from .launch import logprobs_backward, logprobs_forward
 
 
@@ -21,42 +23,56 @@ class LinearLogprobsParams:
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, tgt, params: LinearLogprobsParams):
+    def forward(ctx, x, weight, bias, tgt, rows, params: LinearLogprobsParams):
+        # rows: the rows of x that are computed (tgt holds their targets), or None for all; outputs are per row of tgt
         lp, lse, ent = logprobs_forward(x, weight, bias, tgt, params.inv_temperature, params.return_entropy,
-                                        params.rows_impl, params.shard)
-        ctx.save_for_backward(x, weight, bias, tgt, lse, ent)
+                                        params.rows_impl, params.shard, rows)
+        ctx.save_for_backward(x, weight, bias, tgt, rows, lse, ent)
         ctx.params = params
         ctx.set_materialize_grads(False)
         return (lp, ent) if params.return_entropy else lp
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
-        x, weight, bias, tgt, lse, ent = ctx.saved_tensors
+        x, weight, bias, tgt, rows, lse, ent = ctx.saved_tensors
         params = ctx.params
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if g_lp is None and g_ent is None or not (need_dx or need_dw or need_db):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
-        dx, dw, db = logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
+        # the backward sweeps the rows several times (and per vocabulary slab): it works on one gathered copy
+        x_rows = x if rows is None else x.index_select(0, rows)
+        dx, dw, db = logprobs_backward(x_rows, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
                                        params.rows_impl, need_dx, need_dw, need_db and bias is not None,
                                        params.shard)
-        return dx, dw, db, None, None
+        if rows is not None and dx is not None:
+            dx = torch.zeros_like(x).index_copy_(0, rows, dx)
+        return dx, dw, db, None, None, None
 
 
 @torch.compiler.disable
-def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsParams):
-    """(ℓ, H or None) with the shape of `targets`; autograd only when a gradient can flow (same forward values)."""
+def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsParams, rows=None):
+    """(ℓ, H or None) with the shape of `targets`; autograd only when a gradient can flow (same forward values).
+
+    rows: positions (int64, in the flattened targets) of the tokens to compute, or None for all; the others get
+    ℓ = H = 0 and no gradient, and their hidden states and targets are not read.
+    """
     H = hidden.shape[-1]
     x = hidden.reshape(-1, H)
-    tgt = targets.reshape(-1).contiguous()
+    tgt = targets.reshape(-1)
+    tgt = (tgt if rows is None else tgt.index_select(0, rows)).contiguous()
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        out = LinearLogprobsFunction.apply(x, weight, bias, tgt, params)
+        out = LinearLogprobsFunction.apply(x, weight, bias, tgt, rows, params)
         lp, ent = out if params.return_entropy else (out, None)
     else:
         lp, _, ent = logprobs_forward(x.detach(), weight.detach(), None if bias is None else bias.detach(), tgt,
-                                      params.inv_temperature, params.return_entropy, params.rows_impl, params.shard)
+                                      params.inv_temperature, params.return_entropy, params.rows_impl, params.shard,
+                                      rows)
+    if rows is not None:
+        lp = scatter_real(lp, rows, x.shape[0])
+        ent = None if ent is None else scatter_real(ent, rows, x.shape[0])
     lp = lp.reshape(targets.shape)
     return lp, (None if ent is None else ent.reshape(targets.shape))

@@ -83,16 +83,19 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None):
+def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None, rows=None):
     """(ℓ [N], lse [N], H [N] or None), fp32, from x [N, H], weight [V, H], tgt [N]; no gradient work.
 
+    rows: only these rows of x (int64 [n], e.g. the unmasked tokens; tgt [n] holds their targets): the outputs are
+    [n], and each chunk's rows are gathered into a chunk-sized buffer, so no [n, H] copy of x is made.
     shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
     statistics returned are the whole vocabulary's (collectives over shard.group).
     """
     if shard is not None:
-        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt), inv_t, with_ent, rows_impl)
+        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt), inv_t, with_ent, rows_impl,
+                                              rows=rows)
         return shard.combine(lp_r, lse_r, ent_r, tgt)
-    N, V = x.shape[0], weight.shape[0]
+    N, V = tgt.shape[0], weight.shape[0]
     sdt = stats_dtype(x)
     lp = torch.empty((N,), dtype=sdt, device=x.device)
     lse = torch.empty((N,), dtype=sdt, device=x.device)
@@ -100,14 +103,16 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     if N == 0:
         return lp, lse, ent
     if use_lse_gemm(x, weight, rows_impl):
-        lse_gemm_logprobs(x, weight, bias, tgt, inv_t, lp, lse, ent)
+        lse_gemm_logprobs(x if rows is None else x.index_select(0, rows), weight, bias, tgt, inv_t, lp, lse, ent)
         return lp, lse, ent
     gemm = Gemm(weight)
-    rows = chunk_rows(N, V)
-    buf = torch.empty((min(rows, N), V), dtype=sdt, device=x.device)
-    for sl in _pieces(N, rows):
+    chunk = chunk_rows(N, V)
+    buf = torch.empty((min(chunk, N), V), dtype=sdt, device=x.device)
+    x_buf = None if rows is None else torch.empty((min(chunk, N), x.shape[1]), dtype=x.dtype, device=x.device)
+    for sl in _pieces(N, chunk):
         logits = buf[: sl.stop - sl.start]
-        gemm.logits(x[sl], logits)
+        gemm.logits(x[sl] if rows is None else torch.index_select(x, 0, rows[sl], out=x_buf[: sl.stop - sl.start]),
+                    logits)
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp[sl], lse[sl], None if ent is None else ent[sl])
     return lp, lse, ent
 
