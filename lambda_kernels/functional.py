@@ -296,16 +296,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else torch), "triton", or "torch" (the
             same chunked pipeline with PyTorch row operations: memory-safe on CPU).
         process_group: a vocabulary-parallel (tensor-parallel) head: `weight`/`bias` hold this rank's contiguous
-            block of vocabulary rows (ranks in order; blocks may differ in size), `hidden` and `targets` (global ids)
-            are the same on every rank. Results are the whole vocabulary's on every rank; the gradient of `hidden`
+            block of vocabulary rows (ranks in order; blocks may differ in size), `hidden`, `targets` (global ids)
+            and `mask` are the same on every rank. Results are the whole vocabulary's on every rank; the gradient of `hidden`
             is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls
-            with the same hidden/targets and runs the backward; an argument error raised on one rank only leaves
+            with the same hidden/targets/mask and runs the backward; an argument error raised on one rank only leaves
             the others waiting in the first collective.
         mask: optional `[...]` (targets' shape) bool/int/float: only the tokens with mask ≠ 0 are computed, e.g. the
             completion mask for old-policy and reference log-probs, so padding costs no GEMM FLOPs (verl's
             "remove padding"). Masked positions get log-prob 0 (and entropy 0) and no gradient; their hidden states
             and targets are never read (padding ids such as -100 are fine there). The real tokens' values are
-            bit-identical to a call on just those rows.
+            computed as by a call on just those rows (same chunks, same kernels).
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]

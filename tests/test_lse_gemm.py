@@ -66,6 +66,34 @@ def test_rows_in_pieces_under_a_small_budget(device, triton_gemm, monkeypatch):
     assert len(triton_gemm) == 2
 
 
+def test_masked_rows_gathered_per_piece(device, triton_gemm, monkeypatch):
+    """mask=: only the real rows go through the Triton GEMM, piece by piece (NaN padding rows are never read), with
+    the values of a call on just those rows and grad/no-grad bit-identity."""
+    N, H, V = 100, 32, 160
+    x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
+    mask = torch.arange(N, device=device) % 3 != 1
+    poisoned = x.detach().clone()
+    poisoned[~mask] = float("nan")
+    t = torch.where(mask, t, torch.full_like(t, -100))
+    monkeypatch.setenv(plan.BUDGET_ENV, "1024")  # pieces of BLOCK_M rows (the floor): 67 real rows in 3 pieces
+    pieces = []  # the grid of every tiles-kernel launch
+
+    class Spy:
+        def __getitem__(self, grid, kernel=lse_gemm.lse_gemm_tiles_kernel):
+            pieces.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(lse_gemm, "lse_gemm_tiles_kernel", Spy())
+    with torch.no_grad():
+        lp, ent = lk.linear_logprobs(poisoned, w, t, bias=b, return_entropy=True, mask=mask)
+        lp_real, ent_real = lk.linear_logprobs(x.detach()[mask], w, t[mask], bias=b, return_entropy=True)
+    lp_grad = lk.linear_logprobs(poisoned.requires_grad_(), w, t, bias=b, mask=mask)
+    assert len(triton_gemm) == 3 and len(pieces) == 3 * 3
+    assert torch.equal(lp[mask], lp_real) and torch.equal(ent[mask], ent_real) and torch.equal(lp_grad.detach(), lp)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    (gx,) = torch.autograd.grad(lp_grad.sum(), poisoned)
+    assert torch.isfinite(gx).all() and (gx[~mask] == 0).all()
+
+
 def test_minus_inf_bias_columns(device, triton_gemm):
     """A −inf bias (banned tokens): a whole tile of −inf logits must not give NaN."""
     N, H, V = 16, 32, 200

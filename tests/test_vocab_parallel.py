@@ -40,9 +40,11 @@ def _logprobs_inputs(extra):
         b[130:] = float("-inf")
         t = t % 130
     mask = None
-    if extra.get("mask"):
+    if extra.get("mask"):  # padding that must never be read: NaN states, -100 ids
         mask = torch.arange(37) % 3 != 0
         t = torch.where(mask, t, torch.full_like(t, -100))
+        x = x.clone()
+        x[~mask] = float("nan")
     g = torch.Generator().manual_seed(5)
     return x, w, b, t, mask, torch.randn(37, generator=g), torch.randn(37, generator=g)
 

@@ -11,11 +11,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
 
     process_group: weight/bias are this rank's block of vocabulary rows; the logits of all ranks are gathered
     (Megatron's column-parallel head: hidden's gradient summed over the group, each rank's rows its own).
-    mask: where it is 0 the log-prob and entropy are 0 (no gradient) and the target is not used.
+    mask: where it is 0 the log-prob and entropy are 0 (no gradient), and neither the hidden state nor the target
+    is used (NaN or -100 there change nothing).
     """
     real = None if mask is None else mask != 0
     if real is not None:
         targets = torch.where(real, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
+        hidden = torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     dt = compute_dtype(hidden, weight)
     if process_group is not None:
         hidden = _SumGradOverGroup.apply(hidden, process_group)

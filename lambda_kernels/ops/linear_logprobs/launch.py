@@ -103,7 +103,7 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     if N == 0:
         return lp, lse, ent
     if use_lse_gemm(x, weight, rows_impl):
-        lse_gemm_logprobs(x if rows is None else x.index_select(0, rows), weight, bias, tgt, inv_t, lp, lse, ent)
+        lse_gemm_logprobs(x, weight, bias, tgt, inv_t, lp, lse, ent, rows)
         return lp, lse, ent
     gemm = Gemm(weight)
     chunk = chunk_rows(N, V)

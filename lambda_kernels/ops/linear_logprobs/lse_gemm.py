@@ -62,26 +62,30 @@ def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
             and weight.stride(1) == 1)
 
 
-def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent) -> None:
+def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=None) -> None:
     """lp, lse (and ent when not None) [N] fp32 of x [N, H] against weight [V, H], without logits in memory.
 
-    The tiles' partial statistics (12 bytes per row and tile column) are bounded by the forward budget: rows are
-    processed in pieces when N is large.
+    rows: only these rows of x (tgt, lp, lse, ent are theirs), gathered piece by piece into a piece-sized buffer.
+    The tiles' partial statistics (12 bytes per row and tile column), and the gathered rows, are bounded by the
+    forward budget: rows are processed in pieces when N is large.
     """
-    N, K = x.shape
+    N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
-    x = x if x.stride(1) == 1 else x.contiguous()
+    x = x if x.stride(1) == 1 or rows is not None else x.contiguous()
     block_m, block_n, block_k, group_m, warps, stages = tile_config()
     n_v = triton.cdiv(V, block_n)
-    rows = split_size(N, max(block_m, forward_budget_bytes() // (12 * n_v)))
-    part = torch.empty((3, n_v, min(rows, N)), dtype=torch.float32, device=x.device)
-    zt = torch.empty((min(rows, N),), dtype=torch.float32, device=x.device)
+    row_bytes = 12 * n_v + (0 if rows is None else K * x.element_size())
+    piece = split_size(N, max(block_m, forward_budget_bytes() // row_bytes))
+    part = torch.empty((3, n_v, min(piece, N)), dtype=torch.float32, device=x.device)
+    zt = torch.empty((min(piece, N),), dtype=torch.float32, device=x.device)
     with_ent = ent is not None
-    for sl in pieces(N, rows):
+    x_buf = None if rows is None else torch.empty((min(piece, N), K), dtype=x.dtype, device=x.device)
+    for sl in pieces(N, piece):
         m = sl.stop - sl.start
+        xs = x[sl] if rows is None else torch.index_select(x, 0, rows[sl], out=x_buf[:m])
         grid = (triton.cdiv(m, block_m) * n_v,)
         lse_gemm_tiles_kernel[grid](
-            x[sl], weight, weight if bias is None else bias, tgt[sl], part, zt, m, V, K, x.stride(0),
+            xs, weight, weight if bias is None else bias, tgt[sl], part, zt, m, V, K, xs.stride(0),
             weight.stride(0), part.stride(0), part.stride(1), inv_t,
             HAS_BIAS=bias is not None, WITH_ENT=with_ent, EVEN_K=K % block_k == 0, UPCAST=interpreter_enabled(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps,
