@@ -168,9 +168,9 @@ def write_results(results: dict) -> None:
         "",
         "## Fused GRPO-λ loss (bf16, forward + backward, median of do_bench)",
         "",
-        "Floor = 6·N·H·V FLOPs (2·N·H·V for the `ours_logprobs*` rows, forward only) at the measured matmul rate, "
-        "N = B·T with ~30% padding; 'unmasked' divides by the floor of the real tokens only (ours skips padded rows; "
-        "`ours_logprobs` is called without the mask, `ours_logprobs_masked` with it). "
+        "Floor = 6·N·H·V FLOPs (2·N·H·V for the `ours_logprobs*` rows, forward only) at the measured matmul "
+        "rate, N = B·T with ~30% padding; 'unmasked' divides by the floor of the real tokens only (ours skips "
+        "padded rows; `ours_logprobs` is called without the mask, `ours_logprobs_masked` with it). "
         "Extra = peak memory above inputs and the gradients left behind. Ours: GRPO-λ (trace both); baselines: "
         "plain GRPO (same KL).",
         "",

@@ -297,10 +297,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             same chunked pipeline with PyTorch row operations: memory-safe on CPU).
         process_group: a vocabulary-parallel (tensor-parallel) head: `weight`/`bias` hold this rank's contiguous
             block of vocabulary rows (ranks in order; blocks may differ in size), `hidden`, `targets` (global ids)
-            and `mask` are the same on every rank. Results are the whole vocabulary's on every rank; the gradient of `hidden`
-            is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every rank calls
-            with the same hidden/targets/mask and runs the backward; an argument error raised on one rank only leaves
-            the others waiting in the first collective.
+            and `mask` are the same on every rank. Results are the whole vocabulary's on every rank; the gradient
+            of `hidden` is summed over the group, those of `weight`/`bias` are this rank's rows. Collective: every
+            rank calls with the same hidden/targets/mask and runs the backward; an argument error raised on one
+            rank only leaves the others waiting in the first collective.
         mask: optional `[...]` (targets' shape) bool/int/float: only the tokens with mask ≠ 0 are computed, e.g. the
             completion mask for old-policy and reference log-probs, so padding costs no GEMM FLOPs (verl's
             "remove padding"). Masked positions get log-prob 0 (and entropy 0) and no gradient; their hidden states
