@@ -2,7 +2,8 @@
 
 Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an LM head [V, H], bf16):
   ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None): one pass, ≈ 6·N·H·V FLOPs
-  ours_off       the same off-policy (old_logprobs given): two passes, ≈ 8·N·H·V FLOPs
+  ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits,
+                 ≈ 6·N·H·V FLOPs (the 1.5B/7B/8B shapes), else two, ≈ 8·N·H·V (the 65,536-token row)
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G: the vocab plan at these shapes (workspace ≤ 1 GiB,
                  accumulators included), ≈ 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only

@@ -239,11 +239,9 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
     return VocabShard.of(process_group, weight.shape[0], device)
 
 
-def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None, hint: str = "") -> list[int] | None:
-    """Token ids in [0, V) (where mask != 0), checked before any kernel runs. One host sync brings the min and max
-    and, with a mask [B, T], each row's number of unmasked tokens, which are returned (the fused loss sizes its
-    work with them, so it needs no sync of its own)."""
-    real = None if mask is None else mask != 0
+def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, real=None, hint: str = "") -> list[int] | None:
+    """Token ids in [0, V) (where `real`, bool [R, C] = mask ≠ 0, is True), checked before any kernel runs. One host
+    sync brings the min and max and, with `real`, each row's number of real tokens, which are returned."""
     if ids.numel() == 0:
         return None if real is None else [0] * real.shape[0]
     vals = ids if real is None else torch.where(real, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
@@ -252,11 +250,24 @@ def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, mask=None, h
         stats = torch.cat([stats, real.sum(dim=1)])
     lo, hi, *counts = stats.tolist()
     if lo < 0 or hi >= V:
-        where = "" if mask is None else " at unmasked positions"
+        where = "" if real is None else " at unmasked positions"
         raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max {hi}. "
                          "Replace padding/ignore ids (e.g. -100) by a valid id" + (f", {hint}" if hint else "")
                          + "; masked positions are never read.")
     return None if real is None else counts
+
+
+def _check_tokens_find_real(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
+    """`_check_token_ids` of ids [R, C] with mask [R, C] → (each row's count of real tokens, the positions of the
+    real tokens in ids.reshape(-1), or None when every token is real). The positions are queued before the check's
+    one host sync, which reads their number: after it, the LM-head GEMMs are the next launches."""
+    from .ops.real_tokens import real_token_positions
+
+    real = mask != 0
+    positions = real_token_positions(real.reshape(-1))
+    counts = _check_token_ids(op, name, ids, V, real)
+    n_real = sum(counts)
+    return counts, (None if n_real == ids.numel() else positions[:n_real])
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:
@@ -330,14 +341,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows = None
     if mask is None:
         _check_token_ids(op, "targets", targets, V, hint="or pass mask= to skip those positions")
-    else:
-        from .ops.real_tokens import real_token_positions
-
-        positions = real_token_positions(mask.reshape(-1))  # queued before the sync: after it, the GEMMs
-        # one row of all the tokens: the check's one sync also counts the real ones
-        (n_real,) = _check_token_ids(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
-        if n_real < targets.numel():
-            rows = positions[:n_real]
+    else:  # all the tokens as one row
+        _, rows = _check_tokens_find_real(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
     from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
 
     lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
@@ -415,8 +420,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
-    row_counts = _check_token_ids(op, "completion_ids", completion_ids,
-                                  weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
+    row_counts, real_rows = _check_tokens_find_real(
+        op, "completion_ids", completion_ids, weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
     from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
     from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
@@ -425,6 +430,6 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
     fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
                               with_entropy=return_entropy, rows_impl=rows_impl, shard=shard,
-                              row_counts=tuple(row_counts))
+                              row_counts=tuple(row_counts), real_rows=real_rows)
     return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                    ref_logprobs, scales, fparams)

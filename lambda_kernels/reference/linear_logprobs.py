@@ -15,9 +15,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     is used (NaN or -100 there change nothing).
     """
     real = None if mask is None else mask != 0
-    if real is not None:
-        targets = torch.where(real, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
-        hidden = torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    targets, hidden = _zero_where_masked(targets, real), _zero_where_masked(hidden, real)
     dt = compute_dtype(hidden, weight)
     if process_group is not None:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
@@ -37,8 +35,11 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
 
 
 def _zero_where_masked(values, real):
-    return values if real is None else torch.where(real, values, torch.zeros((), dtype=values.dtype,
-                                                                             device=values.device))
+    """values [...] or [..., H] with 0 where real [...] is False (no gradient flows there)."""
+    if real is None:
+        return values
+    real = real.reshape(real.shape + (1,) * (values.dim() - real.dim()))
+    return torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def fused_grpo_lambda_loss(

@@ -17,9 +17,10 @@ from .objectives import metric_names
 
 @dataclass(frozen=True)
 class FusedLossParams:
-    """Non-tensor inputs: the objective (kernel or reference, holding ObjectiveParams), β, 1/temperature, entropy
-    metric on/off, the row backend, and the number of real (unmasked) tokens of each row, read on the host by the
-    argument check."""
+    """Inputs autograd does not track: the objective (kernel or reference, holding ObjectiveParams), β,
+    1/temperature, entropy metric on/off, the row backend, and from the argument check the number of real
+    (unmasked) tokens of each row (read on the host) and their positions in the flattened batch (int64 on the
+    device, None when every token is real)."""
 
     objective: Any
     beta: float
@@ -28,13 +29,14 @@ class FusedLossParams:
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
     row_counts: tuple = ()
+    real_rows: Any = None
 
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
                               beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
-                              shard=params.shard, row_counts=params.row_counts)
+                              shard=params.shard, row_counts=params.row_counts, real_rows=params.real_rows)
 
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):

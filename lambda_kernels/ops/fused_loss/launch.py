@@ -13,7 +13,8 @@ Three strategies, chosen per call (`fused_loss_forward`):
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
 carry zero weight and zero gradient, so their rows are dropped before the GEMMs and their grad_hidden rows are zero.
-The per-row counts of real tokens come from the argument check's one host sync; nothing here syncs.
+The per-row counts of real tokens and their positions come from the argument check (one host sync); nothing here
+syncs.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
-from ..real_tokens import real_token_index
 from .kernels import onpolicy_rows_kernel, scale_cast_kernel
 from .objectives import metric_names
 
@@ -62,7 +62,7 @@ def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: to
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
-                       need_db: bool, row_counts, shard=None):
+                       need_db: bool, row_counts, real_rows, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
     dW may come back as the fp32 sum of a half head (token plan, no LAMBDA_KERNELS_MEMORY_BUDGET): the backward
@@ -70,15 +70,15 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. row_counts: the number of tokens with mask ≠ 0
-    in each row, known on the host (no sync here). shard: a vocabulary-parallel head
+    in each row, known on the host (no sync here); real_rows: their positions in the flattened [B·T] batch, or None
+    when every token is real. shard: a vocabulary-parallel head
     (`linear_logprobs.vocab_parallel`): always the two passes, whose log-prob statistics are combined over the group.
     """
     B, T, H = hidden.shape
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
-    n_real = sum(row_counts)
-    all_valid = n_real == B * T
-    valid = None if all_valid else real_token_index(flat_mask, n_real)
+    valid = real_rows
+    all_valid = valid is None
     x = hidden.reshape(B * T, H)
     tgt = ids.reshape(-1)
     if not all_valid:

@@ -21,6 +21,7 @@ import torch
 import triton
 
 from ..._core.runtime import interpreter_enabled
+from ..real_tokens import gather_rows
 from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
@@ -111,8 +112,7 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     x_buf = None if rows is None else torch.empty((min(chunk, N), x.shape[1]), dtype=x.dtype, device=x.device)
     for sl in _pieces(N, chunk):
         logits = buf[: sl.stop - sl.start]
-        gemm.logits(x[sl] if rows is None else torch.index_select(x, 0, rows[sl], out=x_buf[: sl.stop - sl.start]),
-                    logits)
+        gemm.logits(gather_rows(x, rows, sl, x_buf), logits)
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp[sl], lse[sl], None if ent is None else ent[sl])
     return lp, lse, ent
 

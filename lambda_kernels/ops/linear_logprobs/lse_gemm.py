@@ -23,6 +23,7 @@ import torch
 import triton
 
 from ..._core.runtime import env_choice, interpreter_enabled
+from ..real_tokens import gather_rows
 from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_tiles_kernel
 from .plan import forward_budget_bytes, pieces, split_size
 
@@ -82,7 +83,7 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
     x_buf = None if rows is None else torch.empty((min(piece, N), K), dtype=x.dtype, device=x.device)
     for sl in pieces(N, piece):
         m = sl.stop - sl.start
-        xs = x[sl] if rows is None else torch.index_select(x, 0, rows[sl], out=x_buf[:m])
+        xs = gather_rows(x, rows, sl, x_buf)
         grid = (triton.cdiv(m, block_m) * n_v,)
         lse_gemm_tiles_kernel[grid](
             xs, weight, weight if bias is None else bias, tgt[sl], part, zt, m, V, K, xs.stride(0),
