@@ -8,7 +8,8 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
                  accumulators included), ≈ 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
-  ours_logprobs_triton  the same with LAMBDA_KERNELS_LOGPROBS_GEMM=triton (GEMM with a log-sum-exp epilogue)
+  ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
+                 with a log-sum-exp epilogue, no logits in memory; its tile configs: bench_lse_gemm.py)
   naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
   compiled       `naive` under torch.compile
   liger / cce    Liger's LigerFusedLinearGRPOLoss and CCE's linear_cross_entropy, when importable
@@ -25,7 +26,6 @@ Run `pytest benchmarks/bench_fused_loss.py` (GPU cases skip on CPU; the smoke ca
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -38,7 +38,7 @@ from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV
 
-from .harness import LOSS_OPTIONS, ceilings, do_bench
+from .harness import LOSS_OPTIONS, ceilings, do_bench, scoped_env
 
 # (name, B, T, H, V): the issue's shapes, ~30% padding in the mask
 SHAPES = [
@@ -47,10 +47,11 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_triton"]
-LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_triton")  # forward only: floor 2·N·H·V
+OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
+LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
+MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset
-PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"}, "ours_logprobs_triton": {GEMM_ENV: "triton"}}
+PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"}, "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 BASELINES = ["naive", "compiled", "liger", "cce"]
 BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
@@ -120,21 +121,10 @@ def _baseline_fn(provider):
     raise KeyError(provider)
 
 
-@contextlib.contextmanager
 def provider_env(provider: str | None):
     """The provider's PROVIDER_ENV set (and the other keys unset) inside the block, the environment restored after."""
-    before = {k: os.environ.get(k) for k in ENV_KEYS}
-    for k in ENV_KEYS:
-        os.environ.pop(k, None)
-    os.environ.update(PROVIDER_ENV.get(provider, {}))
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    env = PROVIDER_ENV.get(provider, {})
+    return scoped_env({k: env.get(k) for k in ENV_KEYS})
 
 
 def make_step(provider: str, inp: dict):
@@ -142,7 +132,7 @@ def make_step(provider: str, inp: dict):
     h, w = inp["hidden"], inp["weight"]
     args = (inp["ids"], inp["mask"], inp["adv"])
     if provider in LOGPROBS_ONLY:
-        mask = inp["mask"] if provider == "ours_logprobs_masked" else None
+        mask = inp["mask"] if provider in MASKED else None
 
         def step():
             with torch.no_grad(), provider_env(provider):
@@ -190,7 +180,7 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
                         ((gw.float() - gw_r).norm() / gw_r.norm()).item())
     with torch.no_grad():
         for name in LOGPROBS_ONLY:
-            mask = sub["mask"] if name == "ours_logprobs_masked" else None
+            mask = sub["mask"] if name in MASKED else None
             lp_r = R.linear_logprobs(h.detach().float(), w.detach().float(), sub["ids"], mask=mask)
             with provider_env(name):
                 lp = lk.linear_logprobs(h.detach(), w.detach(), sub["ids"], mask=mask)

@@ -1,8 +1,9 @@
-"""Tile configurations of the Triton log-sum-exp GEMM (LAMBDA_KERNELS_LOGPROBS_GEMM=triton) against the cuBLAS
-log-prob pass, no-grad, bf16, at one shape: the data for choosing its default config and whether it becomes the
-default path.
+"""The log-prob pass (no grad, bf16) through cuBLAS + the row kernel against the two Triton GEMMs with a log-sum-exp
+epilogue (LAMBDA_KERNELS_LOGPROBS_GEMM=triton: one program per tile; triton_tma: persistent, TMA loads) over tile
+configurations, with and without the completion mask: the data for choosing their configs and whether one becomes
+the default path. Floor = 2·N·H·V with N = B·T (padding included) at the card's matmul rate, for both columns.
 
-    PYTHONPATH=. python -m benchmarks.bench_lse_gemm          # GPU; ~1 minute (one compile per config)
+    PYTHONPATH=. python -m benchmarks.bench_lse_gemm          # GPU; ~2 minutes (one compile per config)
     pytest benchmarks/bench_lse_gemm.py                       # the same as a benchmark case; an interpreter smoke on CPU
 """
 from __future__ import annotations
@@ -16,51 +17,74 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from .bench_fused_loss import SHAPES, make_inputs, provider_env
-from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV
+from .bench_fused_loss import SHAPES, make_inputs
+from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV
 
-from .harness import ceilings, do_bench
+from .harness import ceilings, do_bench, scoped_env
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-CONFIGS = [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-           (128, 64, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3)]
-
-
-
-def _with_config(config):
-    if config is None:
-        os.environ.pop(CONFIG_ENV, None)
-    else:
-        os.environ[CONFIG_ENV] = ",".join(map(str, config))
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), most informative first (a time budget may cut the
+# list): the default, then the 128×256 tile (the best of the per-tile kernel in an earlier run), then the rest
+CONFIGS = {
+    "triton_tma": [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4),
+                   (128, 128, 64, 8, 8, 5), (128, 128, 128, 8, 8, 3)],
+    "triton": [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)],
+}
+BENCH_SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b")
 
 
-def main(shape: str = "qwen2.5-7b", time_budget_s: float | None = None) -> list[dict]:
+def _cases():
+    """(gemm, config) in the order they are measured: cuBLAS first, then each Triton main loop's configs, the first
+    of each before the others."""
+    yield "cublas", None
+    for rank in range(max(len(c) for c in CONFIGS.values())):
+        for gemm, configs in CONFIGS.items():
+            if rank < len(configs):
+                yield gemm, configs[rank]
+
+
+def _shape_inputs(shape: str, device: str) -> dict:
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
-    inp = make_inputs(B, T, H, V, "cuda")
-    h = inp["hidden"].detach().reshape(-1, H)
-    w, ids = inp["weight"].detach(), inp["ids"].reshape(-1)
-    floor_ms = 2 * h.shape[0] * H * V / (ceilings()["bf16_matmul_TFLOPs"] * 1e12) * 1e3
+    # bf16 on a GPU; fp16 for the interpreter's dry run (its bf16 arithmetic is wrong)
+    inp = make_inputs(B, T, H, V, device, dtype=torch.bfloat16 if device == "cuda" else torch.float16)
+    h, w, ids = inp["hidden"].detach().reshape(-1, H), inp["weight"].detach(), inp["ids"].reshape(-1)
     with torch.no_grad():
         lp_ref = R.linear_logprobs(h[:1024].float(), w.float(), ids[:1024])
+    floor_ms = 2 * h.shape[0] * H * V / (ceilings()["bf16_matmul_TFLOPs"] * 1e12) * 1e3
+    return dict(h=h, w=w, ids=ids, mask=inp["mask"].reshape(-1), lp_ref=lp_ref, floor_ms=floor_ms)
+
+
+def _measure(row: dict, d: dict) -> dict:
+    """row + rel_err (first 1024 rows against fp32), ms and ms_masked (medians) and their ratios to the floor."""
+    h, w, ids, mask = d["h"], d["w"], d["ids"], d["mask"]
+    with torch.no_grad():
+        lp = lk.linear_logprobs(h[:1024], w, ids[:1024])
+        row["rel_err"] = ((lp - d["lp_ref"]).norm() / d["lp_ref"].norm()).item()
+        row["ms"] = do_bench(lambda: lk.linear_logprobs(h, w, ids), warmup=25, rep=200)
+        row["ms_masked"] = do_bench(lambda: lk.linear_logprobs(h, w, ids, mask=mask), warmup=25, rep=200)
+    row["over_floor"] = row["ms"] / d["floor_ms"]
+    row["masked_over_floor"] = row["ms_masked"] / d["floor_ms"]
+    return row
+
+
+def main(shapes=BENCH_SHAPES, time_budget_s: float | None = None, device: str = "cuda") -> list[dict]:
+    """Every (GEMM, config) case at every shape, cases outer (one compile each, and a time budget cuts whole cases,
+    not a shape). device="cpu": the interpreter's dry run of this plumbing (tests only; its times mean nothing)."""
     t_start = time.perf_counter()
+    inputs = {shape: _shape_inputs(shape, device) for shape in shapes}
     rows = []
-    for provider, config in [("ours_logprobs", None)] + [("ours_logprobs_triton", c) for c in CONFIGS]:
-        row = dict(shape=shape, provider=provider, config=config)
-        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
-            rows.append({**row, "error": "not run: time budget spent"})
-            continue
-        try:
-            _with_config(config)
-            with provider_env(provider), torch.no_grad():
-                lp = lk.linear_logprobs(h[:1024], w, ids[:1024])
-                rel = ((lp - lp_ref).norm() / lp_ref.norm()).item()
-                ms = do_bench(lambda: lk.linear_logprobs(h, w, ids), warmup=25, rep=200)
-            rows.append({**row, "ms": ms, "floor_ms": floor_ms, "over_floor": ms / floor_ms, "rel_err": rel})
-        except Exception as e:  # a config that does not compile (shared memory, registers) is a finding
-            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:160]})
-        finally:
-            _with_config(None)
-        print(format_row(rows[-1]), flush=True)
+    for gemm, config in _cases():
+        for shape, d in inputs.items():
+            row = dict(shape=shape, provider=gemm, config=config, floor_ms=d["floor_ms"])
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                rows.append({**row, "error": "not run: time budget spent"})
+                continue
+            try:
+                with scoped_env({GEMM_ENV: gemm, CONFIG_ENV: None if config is None else ",".join(map(str, config))}):
+                    row = _measure(row, d)
+            except Exception as e:  # a config that does not compile (shared memory, registers) is a finding
+                row = {**row, "error": f"{type(e).__name__}: {e}"[:160]}
+            rows.append(row)
+            print(format_row(rows[-1]), flush=True)
     return rows
 
 
@@ -68,19 +92,20 @@ def format_row(r: dict) -> str:
     name = f"{r['provider']} {r['config'] or ''}"
     if "error" in r:
         return f"{r['shape']:12s} {name:44s} {r['error']}"
-    return f"{r['shape']:12s} {name:44s} {r['ms']:8.2f} ms  ×{r['over_floor']:.2f} of 2·N·H·V  rel err {r['rel_err']:.1e}"
+    return (f"{r['shape']:12s} {name:44s} {r['ms']:8.2f} ms ×{r['over_floor']:.2f}  masked {r['ms_masked']:8.2f} ms "
+            f"×{r['masked_over_floor']:.2f} of 2·N·H·V  rel err {r['rel_err']:.1e}")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| shape | provider | tile config (BM, BN, BK, GROUP_M, warps, stages) | ms | × floor | rel err |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| shape | GEMM | tile config (BM, BN, BK, GROUP_M, warps, stages) | ms | × floor | masked ms | "
+             "masked × floor | rel err |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         config = "" if r["config"] is None else ", ".join(map(str, r["config"]))
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['provider']} | {config} | | | {r['error']} |")
+            lines.append(f"| {r['shape']} | {r['provider']} | {config} | | | | | {r['error']} |")
         else:
             lines.append(f"| {r['shape']} | {r['provider']} | {config} | {r['ms']:.2f} | {r['over_floor']:.2f} | "
-                         f"{r['rel_err']:.1e} |")
+                         f"{r['ms_masked']:.2f} | {r['masked_over_floor']:.2f} | {r['rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -88,23 +113,55 @@ def markdown_table(rows: list[dict]) -> str:
 def test_lse_gemm_configs(benchmark):
     rows = main()
     benchmark.extra_info["rows"] = rows
-    assert any("ms" in r for r in rows if r["provider"] == "ours_logprobs_triton"), rows
+    for gemm in CONFIGS:
+        assert any("ms" in r for r in rows if r["provider"] == gemm), (gemm, rows)
     assert all(r["rel_err"] < 1e-2 for r in rows if "rel_err" in r), rows
     benchmark.pedantic(lambda: None, rounds=1)
 
 
-def test_smoke_interpreter(benchmark, monkeypatch):
-    """CPU: the Triton LSE GEMM runs in the interpreter on fp16 and agrees with the cuBLAS-path twin."""
+@pytest.mark.parametrize("gemm", sorted(CONFIGS))
+def test_smoke_interpreter(gemm, benchmark, monkeypatch):
+    """CPU: each Triton LSE GEMM runs in the interpreter on fp16, masked and not, and agrees with the cuBLAS path."""
     if torch.cuda.is_available():
         pytest.skip("GPU present: the real case runs instead")
-    inp = make_inputs(1, 40, 32, 200, "cpu", dtype=torch.float16)
-    h, w, ids = inp["hidden"].detach()[0], inp["weight"].detach(), inp["ids"][0]
+    inp = make_inputs(2, 40, 32, 200, "cpu", dtype=torch.float16)
+    h, w, ids, mask = inp["hidden"].detach(), inp["weight"].detach(), inp["ids"], inp["mask"]
     with torch.no_grad():
-        with provider_env("ours_logprobs"):
-            want = lk.linear_logprobs(h, w, ids)
-        with provider_env("ours_logprobs_triton"):
-            got = benchmark.pedantic(lambda: lk.linear_logprobs(h, w, ids), rounds=1, iterations=1)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        monkeypatch.setenv(GEMM_ENV, "cublas")
+        want = lk.linear_logprobs(h, w, ids), lk.linear_logprobs(h, w, ids, mask=mask)
+        monkeypatch.setenv(GEMM_ENV, gemm)
+        got = benchmark.pedantic(lambda: (lk.linear_logprobs(h, w, ids), lk.linear_logprobs(h, w, ids, mask=mask)),
+                                 rounds=1, iterations=1)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+    assert (got[1][~mask] == 0).all() and not torch.equal(got[0], got[1])
+
+
+def test_main_dry_run_in_the_interpreter(monkeypatch):
+    """CPU: the sweep's plumbing (cases, environment, masked and unmasked calls, budget cut, table) on tiny shapes,
+    so that a GPU run does not fail on it; do_bench and the ceilings are stand-ins."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU present: the real case runs instead")
+    import benchmarks.bench_lse_gemm as bench
+
+    monkeypatch.setattr(bench, "SHAPES", [("tiny-a", 2, 24, 32, 200), ("tiny-b", 2, 16, 48, 130)])
+    monkeypatch.setattr(bench, "CONFIGS", {"triton_tma": [(32, 64, 32, 2, 4, 1), (32, 32, 32, 2, 4, 1)],
+                                           "triton": [(32, 64, 32, 2, 4, 1)]})
+    monkeypatch.setattr(bench, "ceilings", lambda: {"bf16_matmul_TFLOPs": 1.0})
+    monkeypatch.setattr(bench, "do_bench", lambda fn, **kw: (fn(), 2.0)[1])
+    monkeypatch.setenv(GEMM_ENV, "cublas")
+    rows = bench.main(shapes=("tiny-a", "tiny-b"), device="cpu")
+    assert [(r["provider"], r["config"], r["shape"]) for r in rows] == [
+        (gemm, config, shape) for gemm, config in [("cublas", None), ("triton_tma", (32, 64, 32, 2, 4, 1)),
+                                                     ("triton", (32, 64, 32, 2, 4, 1)),
+                                                     ("triton_tma", (32, 32, 32, 2, 4, 1))]
+        for shape in ("tiny-a", "tiny-b")]
+    assert all(r["rel_err"] < 1e-3 and r["ms"] == r["ms_masked"] == 2.0 for r in rows), rows
+    assert os.environ[GEMM_ENV] == "cublas" and CONFIG_ENV not in os.environ  # restored
+    table = bench.markdown_table(rows)
+    assert table.count("\n") == 1 + len(rows) and "triton_tma | 32, 64, 32, 2, 4, 1" in table
+    cut = bench.main(shapes=("tiny-a",), time_budget_s=0.0, device="cpu")
+    assert all(r["error"] == "not run: time budget spent" for r in cut) and "not run" in bench.markdown_table(cut)
 
 
 if __name__ == "__main__":

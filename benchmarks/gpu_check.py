@@ -123,7 +123,8 @@ def main() -> int:
         out = os.environ.get("OUT")  # timelines of the smallest shape, where host gaps weigh most
         rows = [kernel_breakdown(shape, provider, trace_dir=out if shape == "qwen2.5-1.5b" else None)
                 for shape in ("qwen2.5-1.5b", "qwen2.5-7b")
-                for provider in ("ours_on", "ours_off", "ours_logprobs", "ours_logprobs_masked")]
+                for provider in ("ours_on", "ours_off", "ours_logprobs", "ours_logprobs_masked",
+                                 "ours_logprobs_masked_tma")]
         for r in rows:
             log(r)
         return rows
@@ -170,7 +171,7 @@ def write_results(results: dict) -> None:
         "",
         "Floor = 6·N·H·V FLOPs (2·N·H·V for the `ours_logprobs*` rows, forward only) at the measured matmul "
         "rate, N = B·T with ~30% padding; 'unmasked' divides by the floor of the real tokens only (ours skips "
-        "padded rows; `ours_logprobs` is called without the mask, `ours_logprobs_masked` with it). "
+        "padded rows; `ours_logprobs` is called without the mask, `ours_logprobs_masked*` with it). "
         "Extra = peak memory above inputs and the gradients left behind. Ours: GRPO-λ (trace both); baselines: "
         "plain GRPO (same KL).",
         "",
@@ -181,9 +182,10 @@ def write_results(results: dict) -> None:
     if results.get("lse_gemm"):
         from benchmarks.bench_lse_gemm import markdown_table as lse_table
 
-        lines += ["## Log-prob pass: cuBLAS + row kernel vs the Triton log-sum-exp GEMM (no grad, bf16)", "",
-                  "Floor = 2·N·H·V at the measured matmul rate, N = B·T (padding included: these calls pass no "
-                  "mask).", "", lse_table(results["lse_gemm"]), ""]
+        lines += ["## Log-prob pass: cuBLAS + row kernel vs the Triton log-sum-exp GEMMs (no grad, bf16)", "",
+                  "Floor = 2·N·H·V at the measured matmul rate, N = B·T (padding included) for both the calls "
+                  "without a mask and those with the completion mask (~30% padding skipped).", "",
+                  lse_table(results["lse_gemm"]), ""]
     if results.get("breakdown"):
         lines += ["## Where one step's GPU time goes (torch.profiler, CUDA kernels, ms)", ""]
         for r in results["breakdown"]:

@@ -5,9 +5,31 @@ any gap the CPU leaves between launches; graph-replay times remove launch overhe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict):
+    """Environment variables set (value None: unset) inside the block, restored after (the library reads its knobs
+    on every call, so a benchmark case switches paths this way)."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def do_bench(fn, *, warmup=25, rep=100) -> float:

@@ -88,9 +88,10 @@ def scenarios():
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
             num_items_in_batch=torch.tensor(100.0), adv_clamp_min=-0.1)[0]
-    os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton"
-    yield "lse gemm", lambda: lk.linear_logprobs(hidden.detach(), weight.detach(), ids, bias=bias.detach(),
-                                                 return_entropy=True)[1].sum()
+    for gemm in ("triton", "triton_tma"):
+        os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = gemm
+        yield f"lse gemm {gemm}", lambda: lk.linear_logprobs(hidden.detach(), weight.detach(), ids,
+                                                             bias=bias.detach(), return_entropy=True)[1].sum()
     os.environ.pop("LAMBDA_KERNELS_LOGPROBS_GEMM")
     x_long = torch.randn(2, 8192, generator=g).requires_grad_()
     mask_long = torch.ones(2, 8192)
@@ -134,6 +135,11 @@ def main() -> dict:
 
     # CPU tensors would otherwise take the PyTorch path (no interpreter): send them to the Triton launchers
     functional.resolve_impl = lambda op, impl, device: "torch" if impl == "torch" else "triton"
+    # and the TMA kernel would see CPU tensors, not a Hopper GPU: the scenarios' operands are TMA-aligned
+    from lambda_kernels.ops.linear_logprobs import lse_gemm
+
+    lse_gemm.tma_serves = lambda *operands: True
+    lse_gemm.persistent_programs = lambda device: 132  # an H100 SXM's SMs
     errors = {}
     for name, call in scenarios():
         try:
@@ -150,7 +156,10 @@ def main() -> dict:
         ptx = kernel.asm["ptx"]
         kernels.append(dict(
             name=name, shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
-            num_stages=kernel.metadata.num_stages, constants=_constants(kernel), wgmma="warp_group_dot" in kernel.asm.get("ttgir", ""), cp_async="cp.async" in ptx,
+            num_stages=kernel.metadata.num_stages, constants=_constants(kernel),
+            wgmma="warp_group_dot" in kernel.asm.get("ttgir", ""),
+            cp_async=bool(re.search(r"cp\.async\.(ca|cg)", ptx)),  # per-thread async copies (Ampere style)
+            tma="cp.async.bulk.tensor" in ptx,  # tensor-memory-accelerator copies (Hopper)
             vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)),  # 16 bytes
             vector_stores=bool(re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx)), **ptxas_report(ptx)))
     return dict(triton=triton.__version__, errors=errors, kernels=kernels)

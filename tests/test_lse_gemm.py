@@ -1,5 +1,6 @@
-"""The opt-in Triton GEMM with a log-sum-exp epilogue for the log-prob pass (LAMBDA_KERNELS_LOGPROBS_GEMM=triton):
-values against the fp64 oracle, gradients through it, bit-identity of the grad and no-grad paths, where it applies.
+"""The opt-in Triton GEMMs with a log-sum-exp epilogue for the log-prob pass (LAMBDA_KERNELS_LOGPROBS_GEMM=triton,
+one program per tile, and triton_tma, persistent with TMA loads): values against the fp64 oracle, gradients through
+them, bit-identity of the grad and no-grad paths, where they apply.
 
 The interpreter runs it on fp16 (bf16 dots are wrong there); bf16 on GPU is in the `gpu`-marked case."""
 import math
@@ -16,11 +17,39 @@ from ._lm_head import assert_matches, grads_of, make_batch, make_inputs, oracle,
     upstream
 
 
+MAIN_LOOPS = {"triton": "lse_gemm_tiles_kernel", "triton_tma": "lse_gemm_persistent_kernel"}
+
+
+class KernelSpy:
+    """Stands in for a Triton kernel: records the grid of every launch, then launches the real kernel."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.fixture
-def triton_gemm(monkeypatch):
-    """Opt in, and count the calls that really took the Triton GEMM."""
-    monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
-    return record_calls(monkeypatch, launch, "lse_gemm_logprobs", lambda x, *args: x.shape[0])
+def launches(monkeypatch):
+    """The grids of every launch of each main-loop kernel, by kernel name."""
+    grids = {name: [] for name in MAIN_LOOPS.values()}
+    for name in grids:
+        monkeypatch.setattr(lse_gemm, name, KernelSpy(getattr(lse_gemm, name), grids[name]))
+    return grids
+
+
+@pytest.fixture(params=sorted(MAIN_LOOPS))
+def triton_gemm(request, monkeypatch, launches):
+    """Opt in to each Triton GEMM, and count the calls that really took it (rows per call); every launch of its
+    pieces must be of the chosen main loop (the test shapes all have TMA-aligned rows)."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, request.param)
+    calls = record_calls(monkeypatch, launch, "lse_gemm_logprobs", lambda x, *args: x.shape[0])
+    yield calls
+    other = next(name for gemm, name in MAIN_LOOPS.items() if gemm != request.param)
+    assert launches[other] == [], f"{request.param} launched {other}"
+    assert bool(launches[MAIN_LOOPS[request.param]]) == bool(calls)
 
 
 @pytest.mark.parametrize("N, H, V", [(37, 40, 300), (20, 64, 50), (65, 24, 129)])
@@ -37,6 +66,30 @@ def test_values_match_fp64_oracle(N, H, V, bias, temperature, device, triton_gem
     torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
     torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
     assert (lp <= 0).all() and (ent >= 0).all() and (ent <= math.log(V)).all()
+
+
+@pytest.mark.parametrize("config, parts", [("32,64,32,2,1,1", 2), ("64,64,32,2,1,1", 4)])
+def test_epilogue_in_column_ranges(config, parts, device, triton_gemm, monkeypatch):
+    """Wide tiles reduce their columns in 2 or 4 ranges and merge them: the same statistics, against the oracle,
+    with the target and a −inf bias block in every position of the ranges."""
+    monkeypatch.setenv(lse_gemm.CONFIG_ENV, config)
+    block_m, block_n, _, _, warps, _ = lse_gemm.tile_config()
+    assert lse_gemm.split_epilogue(block_m, block_n, warps) == parts
+    N, H, V = 70, 32, 300  # V: a partial last tile (44 columns), its last range wholly past V
+    x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
+    width = block_n // parts
+    banned = slice(width, 2 * width)  # the second range of the first tile: all logits −inf
+    b = b.detach().clone()
+    b[banned] = float("-inf")
+    t[:6] = torch.tensor([0, width - 1, 2 * width, block_n - 1, block_n, V - 1])  # first/last columns of ranges
+    t[6:] = torch.where((t[6:] >= banned.start) & (t[6:] < banned.stop), t[6:] + width, t[6:])  # not banned
+    with torch.no_grad():
+        lp, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.7, return_entropy=True)
+    assert triton_gemm == [N]
+    lp_ref, ent_ref = R.linear_logprobs(x.double(), w.double(), t, bias=b.double(), temperature=0.7,
+                                        return_entropy=True)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
 
 
 def test_grad_path_is_bit_identical_and_gradients_match(device, triton_gemm):
@@ -66,7 +119,7 @@ def test_rows_in_pieces_under_a_small_budget(device, triton_gemm, monkeypatch):
     assert len(triton_gemm) == 2
 
 
-def test_masked_rows_gathered_per_piece(device, triton_gemm, monkeypatch):
+def test_masked_rows_gathered_per_piece(device, triton_gemm, launches, monkeypatch):
     """mask=: only the real rows go through the Triton GEMM, piece by piece (NaN padding rows are never read), with
     the values of a call on just those rows and grad/no-grad bit-identity."""
     N, H, V = 100, 32, 160
@@ -76,18 +129,12 @@ def test_masked_rows_gathered_per_piece(device, triton_gemm, monkeypatch):
     poisoned[~mask] = float("nan")
     t = torch.where(mask, t, torch.full_like(t, -100))
     monkeypatch.setenv(plan.BUDGET_ENV, "1024")  # pieces of BLOCK_M rows (the floor): 67 real rows in 3 pieces
-    pieces = []  # the grid of every tiles-kernel launch
-
-    class Spy:
-        def __getitem__(self, grid, kernel=lse_gemm.lse_gemm_tiles_kernel):
-            pieces.append(grid)
-            return kernel[grid]
-    monkeypatch.setattr(lse_gemm, "lse_gemm_tiles_kernel", Spy())
     with torch.no_grad():
         lp, ent = lk.linear_logprobs(poisoned, w, t, bias=b, return_entropy=True, mask=mask)
         lp_real, ent_real = lk.linear_logprobs(x.detach()[mask], w, t[mask], bias=b, return_entropy=True)
     lp_grad = lk.linear_logprobs(poisoned.requires_grad_(), w, t, bias=b, mask=mask)
-    assert len(triton_gemm) == 3 and len(pieces) == 3 * 3
+    pieces = [grid for grids in launches.values() for grid in grids]
+    assert len(triton_gemm) == 3 and len(pieces) == 3 * 3  # 3 pieces in each call
     assert torch.equal(lp[mask], lp_real) and torch.equal(ent[mask], ent_real) and torch.equal(lp_grad.detach(), lp)
     assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
     (gx,) = torch.autograd.grad(lp_grad.sum(), poisoned)
@@ -126,6 +173,42 @@ def test_only_half_heads_with_triton_rows_take_it(device, triton_gemm):
     assert triton_gemm == []
 
 
+@pytest.mark.parametrize("why", ["rows of 40 bytes", "a triton older than 3.6"])
+def test_tma_falls_back_to_the_tiles_kernel(why, device, launches, monkeypatch):
+    """triton_tma where TMA cannot load the operands: the one-program-per-tile kernel, the same values."""
+    H = 20 if why.startswith("rows") else 32  # fp16 rows of 40 bytes are not a multiple of 16
+    x, w, b, t = make_inputs(30, H, 200, dtype=torch.float16, device=device)
+    if why.startswith("a triton"):
+        monkeypatch.setattr(lse_gemm.triton, "__version__", "3.5.1")
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton_tma")
+    with torch.no_grad():
+        lp, ent = lk.linear_logprobs(x, w, t, bias=b, return_entropy=True)
+        monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
+        want = lk.linear_logprobs(x, w, t, bias=b, return_entropy=True)
+    assert launches["lse_gemm_persistent_kernel"] == [] and len(launches["lse_gemm_tiles_kernel"]) == 2
+    assert torch.equal(lp, want[0]) and torch.equal(ent, want[1])
+
+
+def test_tma_needs_triton_3_6(monkeypatch):
+    for version, ok in [("3.5.1", False), ("3.6.0", True), ("3.7.1+git4f3a", True), ("4.0.0rc1", True)]:
+        monkeypatch.setattr(lse_gemm.triton, "__version__", version)
+        assert (lse_gemm._tma_descriptor_class() is not None) == ok, version
+
+
+def test_persistent_programs_share_the_tiles(device, launches, monkeypatch):
+    """More tiles than programs (each walks several, in the grouped order) and fewer (the spare ones exit): every
+    row's statistics are still written once, against the fp64 oracle."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton_tma")
+    for N, V in [(97, 700), (10, 60)]:  # 4 × 11 tiles over 3 programs; one tile
+        x, w, b, t = make_inputs(N, 32, V, dtype=torch.float16, device=device)
+        with poisoned_outputs(), torch.no_grad():
+            lp, ent = lk.linear_logprobs(x, w, t, bias=b, return_entropy=True)
+        lp_ref, ent_ref, _ = oracle(x, w, b, t, 1.0)
+        torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
+        torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
+    assert launches["lse_gemm_persistent_kernel"] == [(lse_gemm.persistent_programs(device),)] * 2
+
+
 def test_off_policy_fused_loss_through_it(device, triton_gemm, monkeypatch):
     """The two-pass fused loss (a sequence longer than a chunk) takes its log-probs from the Triton GEMM."""
     monkeypatch.setenv(plan.BUDGET_ENV, str(4 * 123 * 5))
@@ -141,7 +224,7 @@ def test_off_policy_fused_loss_through_it(device, triton_gemm, monkeypatch):
 
 def test_bad_settings(monkeypatch):
     monkeypatch.setenv(lse_gemm.GEMM_ENV, "cutlass")
-    with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_LOGPROBS_GEMM must be one of cublas, triton"):
+    with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_LOGPROBS_GEMM must be one of cublas, triton, triton_tma"):
         lse_gemm.logprobs_gemm()
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, "128,100,64,8,8,4")
     with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_LSE_GEMM_CONFIG must be six positive integers"):
@@ -154,17 +237,19 @@ def test_bad_settings(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", sorted(MAIN_LOOPS))
 @pytest.mark.parametrize("V", [151936, 128256])
-def test_gpu_bf16_matches_cublas_path(V, monkeypatch):
-    """bf16 on CUDA: the Triton GEMM's log-probs and entropy against the cuBLAS path's and the fp32 reference."""
+def test_gpu_bf16_matches_cublas_path(V, gemm, launches, monkeypatch):
+    """bf16 on CUDA: each Triton GEMM's log-probs and entropy against the cuBLAS path's and the fp32 reference."""
     N, H = 1000, 1536
     x, w, _, t = make_inputs(N, H, V, dtype=torch.bfloat16, device="cuda", bias=False)
     t[:3] = torch.tensor([0, V - 1, 12345], device="cuda")
     with torch.no_grad():
         lp_c, ent_c = lk.linear_logprobs(x, w, t, temperature=0.9, return_entropy=True)
-        monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
+        monkeypatch.setenv(lse_gemm.GEMM_ENV, gemm)
         lp_t, ent_t = lk.linear_logprobs(x, w, t, temperature=0.9, return_entropy=True)
         lp_r, ent_r = R.linear_logprobs(x.float(), w.float(), t, temperature=0.9, return_entropy=True)
     for got, cub, ref in [(lp_t, lp_c, lp_r), (ent_t, ent_c, ent_r)]:
         err, err_c = (got - ref).abs().max().item(), (cub - ref).abs().max().item()
         assert err <= 1.5 * err_c + 1e-4, (err, err_c)
+    assert launches[MAIN_LOOPS[gemm]], f"{gemm} did not run its own main loop on this GPU"

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for an H100 (sm_90) through the library's own launchers, on this CPU-only machine:
 no compile errors, no register spills, shared memory within the SM's 227 KiB, and the accesses the kernels were
-shaped for (16-byte loads in the LM-head row kernels; tensor-core wgmma with cp.async pipelining in the LSE GEMM).
+shaped for (16-byte loads in the LM-head row kernels; tensor-core wgmma with cp.async pipelining in the LSE GEMM, TMA
+loads in its persistent variant).
 
 The interpreter cannot see any of this; `tests/sm90_compile.py` runs in a subprocess with TRITON_INTERPRET=0 and a
 fake sm_90 driver (compile only, nothing runs)."""
@@ -63,5 +64,8 @@ def test_row_kernels_compile_at_the_gpu_tile_and_move_16_byte_vectors(report):
 
 def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
     (tiles,) = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
-    assert tiles["wgmma"] and tiles["cp_async"]
+    assert tiles["wgmma"] and tiles["cp_async"] and not tiles["tma"]
     assert tiles["constants"]["BLOCK_M"] == 128 and tiles["num_stages"] == 4  # the default config
+    (persistent,) = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
+    assert persistent["wgmma"] and persistent["tma"]
+    assert persistent["constants"]["NUM_PROGRAMS"] == 132 and persistent["num_stages"] == 4

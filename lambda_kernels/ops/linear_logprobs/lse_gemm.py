@@ -4,37 +4,44 @@ Opt-in, environment variables read on every call:
 
     LAMBDA_KERNELS_LOGPROBS_GEMM     "cublas" (default): fp32 logits chunks from cuBLAS, then the row kernel
                                      "triton": `lse_gemm_tiles_kernel` + `lse_gemm_merge_kernel`, no logits in memory
-    LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for the tiles kernel
+                                     "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one program per SM)
+                                     + the merge; where TMA cannot serve (rows not 16-byte multiples, a GPU before
+                                     Hopper, triton < 3.6) the "triton" kernel instead
+    LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for either main loop
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
 exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad and no-grad log-probs stay
 bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves), so there
 the softmax uses cuBLAS logits with this kernel's lse (Σp = 1 to GEMM summation-order noise), and the one-pass fused
 losses compute ℓ with cuBLAS: old log-probs taken with this GEMM differ from them by that noise (bf16 dot order).
-Not the default: on an H100 it saves memory but not time (benchmarks/RESULTS.md: 1.2–1.3× the cuBLAS pass at
-GPU_CONFIG, 1.07× at the best measured config 128,256,64,8,8,3).
+Not the default: on an H100 the "triton" kernel saves memory but not time (benchmarks/RESULTS.md: 1.2–1.3× the
+cuBLAS pass at GPU_CONFIG, 1.07× at the best measured config 128,256,64,8,8,3). "triton_tma" is not yet measured on
+a GPU (benchmarks/bench_lse_gemm.py sweeps both).
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import triton
 
 from ..._core.runtime import env_choice, interpreter_enabled
 from ..real_tokens import gather_rows
-from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_tiles_kernel
+from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_persistent_kernel, lse_gemm_tiles_kernel
 from .plan import forward_budget_bytes, pieces, split_size
 
 GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
 CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
-GEMM_CHOICES = ("cublas", "triton")
+GEMM_CHOICES = ("cublas", "triton", "triton_tma")
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): a [128, 128] fp32 accumulator over 8 warps leaves
 # registers for the epilogue; 4 stages of 64-deep bf16 tiles take 128 KB of shared memory.
 GPU_CONFIG = (128, 128, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
+EPILOGUE_REGISTERS = 32  # fp32 values of one column range per thread
+INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: several tiles per program, as on a GPU
 
 
 def logprobs_gemm() -> str:
@@ -56,11 +63,53 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
     return values
 
 
+def split_epilogue(block_m: int, block_n: int, num_warps: int) -> int:
+    """In how many column ranges (1, 2, 4) the epilogue reduces a tile: the fewest that keep each range's fp32
+    values within EPILOGUE_REGISTERS per thread. The epilogue holds a few temporaries per value beside the whole
+    accumulator; compiled for sm_90 (tests/sm90_compile.py, triton 3.6), a 128×256 tile over 8 warps spills 876 bytes
+    per thread in one range, 252–552 in two, ≤ 72 in four; 128×128 over 8 warps none from two ranges on."""
+    per_thread = block_m * block_n // (32 * num_warps)
+    return next((parts for parts in (1, 2) if per_thread // parts <= EPILOGUE_REGISTERS), 4)
+
+
 def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
     """Whether this log-prob pass takes the Triton GEMM: opted in, Triton rows, a half-precision head, unit
     stride along H (a strided head stays on cuBLAS rather than being copied)."""
-    return (logprobs_gemm() == "triton" and rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16)
+    return (logprobs_gemm() != "cublas" and rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16)
             and weight.stride(1) == 1)
+
+
+TMA_MIN_TRITON = (3, 6)  # the persistent kernel is compiled and checked (tests/sm90_compile.py) on 3.6 and 3.7
+
+
+def _tma_descriptor_class():
+    """triton's host-side TensorDescriptor, or None for a triton older than TMA_MIN_TRITON."""
+    version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+    if version < TMA_MIN_TRITON:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor
+
+
+def tma_serves(*operands: torch.Tensor) -> bool:
+    """Whether TMA descriptors can load these [rows, K] operands: unit stride along K, 16-byte aligned bases and row
+    strides, on a Hopper-or-newer GPU (or the interpreter), with triton ≥ TMA_MIN_TRITON."""
+    if _tma_descriptor_class() is None:
+        return False
+    device = operands[0].device
+    if not interpreter_enabled() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+               for t in operands)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per SM, whatever the number of tiles (a constant of the compiled kernel;
+    programs past the last tile exit at once)."""
+    if interpreter_enabled():
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=None) -> None:
@@ -81,16 +130,25 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
     zt = torch.empty((min(piece, N),), dtype=torch.float32, device=x.device)
     with_ent = ent is not None
     x_buf = None if rows is None else torch.empty((min(piece, N), K), dtype=x.dtype, device=x.device)
+    use_tma = logprobs_gemm() == "triton_tma"
+    b = weight if bias is None else bias
     for sl in pieces(N, piece):
         m = sl.stop - sl.start
         xs = gather_rows(x, rows, sl, x_buf)
-        grid = (triton.cdiv(m, block_m) * n_v,)
-        lse_gemm_tiles_kernel[grid](
-            xs, weight, weight if bias is None else bias, tgt[sl], part, zt, m, V, K, xs.stride(0),
-            weight.stride(0), part.stride(0), part.stride(1), inv_t,
-            HAS_BIAS=bias is not None, WITH_ENT=with_ent, EVEN_K=K % block_k == 0, UPCAST=interpreter_enabled(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps,
-            num_stages=stages)
+        common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT=split_epilogue(block_m, block_n, warps),
+                      num_warps=warps, num_stages=stages)
+        if use_tma and tma_serves(xs, weight):
+            descriptor = _tma_descriptor_class()
+            programs = persistent_programs(x.device)
+            lse_gemm_persistent_kernel[(programs,)](
+                descriptor.from_tensor(xs, [block_m, block_k]), descriptor.from_tensor(weight, [block_n, block_k]),
+                b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), inv_t, NUM_PROGRAMS=programs,
+                **common)
+        else:
+            lse_gemm_tiles_kernel[(triton.cdiv(m, block_m) * n_v,)](
+                xs, weight, b, tgt[sl], part, zt, m, V, K, xs.stride(0), weight.stride(0), part.stride(0),
+                part.stride(1), inv_t, EVEN_K=K % block_k == 0, **common)
         lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
             part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
             math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)

@@ -1,10 +1,17 @@
 """Log-probs straight from the GEMM: logits tiles reduced to per-row log-sum-exp statistics in the epilogue.
 
 The cuBLAS path writes each chunk of fp32 logits to memory and reads it back (4·V bytes per token each way, 1.3–1.8×
-the 2·N·H·V floor on an H100). Here every program computes one [BLOCK_M, BLOCK_N] tile of X·Wᵀ with fp32
-accumulation and keeps only, per row, the tile's max m, s = Σ e^(z−m) and (WITH_ENT) t = Σ e^(z−m)·(z−m), plus the
-target's logit when the target falls in the tile: 12 bytes per row per tile instead of 4·BLOCK_N. A second kernel
-merges the tiles of each row (the same algebra as `kernels.online_lse_update`).
+the 2·N·H·V floor on an H100). Here every tile of X·Wᵀ [BLOCK_M, BLOCK_N] is accumulated in fp32 and reduced to,
+per row, the tile's max m, s = Σ e^(z−m) and (WITH_ENT) t = Σ e^(z−m)·(z−m), plus the target's logit when the
+target falls in the tile: 12 bytes per row per tile instead of 4·BLOCK_N. A second kernel merges the tiles of each
+row (the same algebra as `kernels.online_lse_update`).
+
+Two main loops share that epilogue (`_store_tile_stats`):
+
+    lse_gemm_tiles_kernel       one program per tile, pointer loads (cp.async pipelined): any H and strides
+    lse_gemm_persistent_kernel  one program per SM walking the tiles, TMA descriptor loads, the tile and K loops
+                                flattened into one software pipeline so the next tile's loads are in flight during
+                                this tile's epilogue (the Triton persistent-matmul recipe); rows of 16-byte multiples
 
 Tiles are visited in groups of GROUP_M row blocks (the Triton matmul tutorial's order), so that a column of W tiles
 is reused from L2 by the row blocks that run together.
@@ -15,28 +22,109 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _grouped_tile(tile, n_m, n_v, GROUP_M: tl.constexpr):
+    """(row block, column block) of tile number `tile` in the grouped order."""
+    per_group = GROUP_M * n_v
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
+def _half_stats(b_z, o_v, m_v, tgt, WITH_ENT: tl.constexpr):
+    """(max m, Σ e^(z−m), Σ e^(z−m)·(z−m) or 0, z at the target or 0) per row of tempered logits b_z [rows, cols]
+    over vocabulary columns o_v (m_v: those < V)."""
+    b_z = tl.where(m_v[None, :], b_z, float("-inf"))
+    b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a tile of −inf logits (a −inf bias)
+    b_d = tl.where(m_v[None, :], b_z - b_max[:, None], 0.0)  # 0, not −inf, past V: no 0·(−inf) below
+    b_e = tl.where(m_v[None, :], tl.exp(b_d), 0.0)
+    b_t = tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1) if WITH_ENT else b_max * 0  # −inf logits
+    b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
+    return b_max, tl.sum(b_e, 1), b_t, b_zt
+
+
+@triton.jit
+def _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1):
+    """Statistics of two column ranges of the same rows merged (the algebra of `lse_gemm_merge_kernel`)."""
+    b_max = tl.maximum(m_0, m_1)
+    a_0 = tl.exp(m_0 - b_max)
+    a_1 = tl.exp(m_1 - b_max)
+    b_t = a_0 * (t_0 + (m_0 - b_max) * s_0) + a_1 * (t_1 + (m_1 - b_max) * s_1)
+    return b_max, a_0 * s_0 + a_1 * s_1, b_t, zt_0 + zt_1  # the target lies in one range at most: the other adds 0
+
+
+@triton.jit
+def _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1."""
+    o_v = (col0 + tl.arange(0, WIDTH)).to(tl.int64)
+    m_v = o_v < V
+    b_z = acc
+    if HAS_BIAS:
+        b_z += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return _half_stats(b_z * inv_t, o_v, m_v, tgt, WITH_ENT)
+
+
+@triton.jit
+def _halves_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+                  WIDTH: tl.constexpr):
+    """`_cols_stats` of the two column halves of acc [rows, WIDTH] one after the other, merged."""
+    HALF: tl.constexpr = WIDTH // 2
+    z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
+    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+    return _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
+
+
+@triton.jit
+def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
+                      HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """The epilogue of tile (i_m, i_v) with fp32 acc = X·Wᵀ: per-row (m, s, t) into part[0..2, i_v, row], and the
+    target's tempered logit into zt[row] when the target lies in this tile's columns.
+
+    SPLIT (1, 2 or 4): reduce the tile in that many column ranges one after the other and merge their statistics,
+    so the epilogue's temporaries are that much smaller: a wide tile's epilogue spills registers otherwise
+    (tests/sm90_compile.py)."""
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_m = o_m < M
+    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
+    col0 = i_v * BLOCK_N
+    if SPLIT == 1:
+        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
+    elif SPLIT == 2:
+        b_max, b_s, b_t, b_zt = _halves_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+        b_max, b_s, b_t, b_zt = _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
+    stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
+    p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
+    tl.store(p_part, b_max, mask=m_m)
+    tl.store(p_part + stat, b_s, mask=m_m)
+    if WITH_ENT:
+        tl.store(p_part + 2 * stat, b_t, mask=m_m)
+    in_tile = m_m & (tgt >= col0) & (tgt < col0 + BLOCK_N) & (tgt < V)
+    tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
+
+
 # K and the row strides stay specialised: their divisibility by 16 is what lets Triton prove 16-byte aligned rows,
 # hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
                           stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
     """One tile of z = (X·Wᵀ + b)·inv_t → per-row (m, s, t) of the tile into part[0..2, tile column, row], and z at
     the target into zt[row] for the one tile column that holds it.
 
     x [M, K] (row stride stride_x), w [V, K] (stride_w), bias [V], tgt [M] int in [0, V), part [3, n_tiles_v, ≥M]
     fp32 (strides stride_stat, stride_col, 1), zt [M] fp32. Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
     """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_v = tl.cdiv(V, BLOCK_N)
-    per_group = GROUP_M * n_v
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    i_m = first_m + (pid % per_group) % group_rows
-    i_v = (pid % per_group) // group_rows
-
+    i_m, i_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     o_v = (i_v * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     o_k = tl.arange(0, BLOCK_K)
@@ -59,25 +147,36 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
         acc = tl.dot(b_x, b_w, acc)
         p_x += BLOCK_K
         p_w += BLOCK_K
+    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
+                      HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, SPLIT)
 
-    b_z = acc
-    if HAS_BIAS:
-        b_z += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    b_z = tl.where(m_v[None, :], b_z * inv_t, float("-inf"))
-    b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a tile of −inf logits (a −inf bias)
-    b_d = tl.where(m_v[None, :], b_z - b_max[:, None], 0.0)  # 0, not −inf, past V: no 0·(−inf) below
-    b_e = tl.where(m_v[None, :], tl.exp(b_d), 0.0)
-    stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
-    p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
-    tl.store(p_part, b_max, mask=m_m)
-    tl.store(p_part + stat, tl.sum(b_e, 1), mask=m_m)
-    if WITH_ENT:
-        tl.store(p_part + 2 * stat, tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1), mask=m_m)  # −inf logits
 
-    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
-    in_tile = m_m & (tgt >= i_v * BLOCK_N) & (tgt < i_v * BLOCK_N + BLOCK_N) & (tgt < V)
-    b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
-    tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
+@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
+def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_stat, stride_col,
+                               inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, SPLIT: tl.constexpr):
+    """`lse_gemm_tiles_kernel`'s outputs from NUM_PROGRAMS programs, each taking every NUM_PROGRAMS-th tile.
+
+    x_desc: TMA descriptor of x [M, K] with block [BLOCK_M, BLOCK_K]; w_desc: of w [V, K] with block [BLOCK_N,
+    BLOCK_K]. Loads past M, V or K read zeros (TMA bounds), so the tails need no masks in the main loop.
+    Grid (NUM_PROGRAMS,).
+    """
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_v = tl.cdiv(V, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), n_m * n_v, NUM_PROGRAMS, flatten=True):
+        i_m, i_v = _grouped_tile(tile, n_m, n_v, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(k_tiles):
+            b_x = x_desc.load([i_m * BLOCK_M, kk * BLOCK_K])
+            b_w = w_desc.load([i_v * BLOCK_N, kk * BLOCK_K])
+            if UPCAST:
+                b_x = b_x.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            acc = tl.dot(b_x, b_w.T, acc)
+        _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
+                          HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, SPLIT)
 
 
 @triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])
