@@ -13,11 +13,13 @@ import time
 
 import pytest
 import torch
+import triton
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
 from .bench_fused_loss import SHAPES, make_inputs
+from lambda_kernels.ops.linear_logprobs import lse_gemm
 from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV
 
 from .harness import ceilings, do_bench, scoped_env
@@ -56,6 +58,9 @@ def _shape_inputs(shape: str, device: str) -> dict:
 def _measure(row: dict, d: dict) -> dict:
     """row + rel_err (first 1024 rows against fp32), ms and ms_masked (medians) and their ratios to the floor."""
     h, w, ids, mask = d["h"], d["w"], d["ids"], d["mask"]
+    if row["provider"] == "triton_tma" and not lse_gemm.tma_serves(h, w):  # it would time the per-tile kernel
+        raise RuntimeError(f"TMA cannot serve here ({h.device}, triton {triton.__version__}): the per-tile kernel "
+                           "would run under this label")
     with torch.no_grad():
         lp = lk.linear_logprobs(h[:1024], w, ids[:1024])
         row["rel_err"] = ((lp - d["lp_ref"]).norm() / d["lp_ref"].norm()).item()
@@ -67,23 +72,26 @@ def _measure(row: dict, d: dict) -> dict:
 
 
 def main(shapes=BENCH_SHAPES, time_budget_s: float | None = None, device: str = "cuda") -> list[dict]:
-    """Every (GEMM, config) case at every shape, cases outer (one compile each, and a time budget cuts whole cases,
-    not a shape). device="cpu": the interpreter's dry run of this plumbing (tests only; its times mean nothing)."""
+    """Every (GEMM, config) case at every shape, cases outer: one compile each, a time budget checked before each case
+    cuts whole cases, and a case that fails (e.g. does not compile) is not retried at the other shapes.
+    device="cpu": the interpreter's dry run of this plumbing (tests only; its times mean nothing)."""
     t_start = time.perf_counter()
     inputs = {shape: _shape_inputs(shape, device) for shape in shapes}
     rows = []
     for gemm, config in _cases():
+        skip = None
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            skip = "not run: time budget spent"
         for shape, d in inputs.items():
             row = dict(shape=shape, provider=gemm, config=config, floor_ms=d["floor_ms"])
-            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
-                rows.append({**row, "error": "not run: time budget spent"})
-                continue
-            try:
-                with scoped_env({GEMM_ENV: gemm, CONFIG_ENV: None if config is None else ",".join(map(str, config))}):
-                    row = _measure(row, d)
-            except Exception as e:  # a config that does not compile (shared memory, registers) is a finding
-                row = {**row, "error": f"{type(e).__name__}: {e}"[:160]}
-            rows.append(row)
+            if skip is None:
+                try:
+                    with scoped_env({GEMM_ENV: gemm,
+                                     CONFIG_ENV: None if config is None else ",".join(map(str, config))}):
+                        row = _measure(row, d)
+                except Exception as e:  # a config that does not compile (shared memory, registers) is a finding;
+                    skip = f"{type(e).__name__}: {e}"[:160]  # the other shapes would only repeat it
+            rows.append(row if skip is None else {**row, "error": skip})
             print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -160,6 +168,15 @@ def test_main_dry_run_in_the_interpreter(monkeypatch):
     assert os.environ[GEMM_ENV] == "cublas" and CONFIG_ENV not in os.environ  # restored
     table = bench.markdown_table(rows)
     assert table.count("\n") == 1 + len(rows) and "triton_tma | 32, 64, 32, 2, 4, 1" in table
+    monkeypatch.setattr(bench, "CONFIGS", {"triton_tma": [(32, 64, 32, 2, 4, 1)], "triton": [(32, 8, 32, 2, 4, 1)]})
+    measured, measure = [], bench._measure
+    monkeypatch.setattr(bench, "_measure", lambda row, d: (measured.append(row["provider"]), measure(row, d))[1])
+    bad = bench.main(shapes=("tiny-a", "tiny-b"), device="cpu")  # BLOCK_N 8: refused by the config check
+    assert [bool(r.get("error")) for r in bad] == [False] * 4 + [True] * 2 and bad[4]["error"] == bad[5]["error"]
+    assert bad[4]["error"].startswith("RuntimeError: LAMBDA_KERNELS_LSE_GEMM_CONFIG")
+    assert measured.count("triton") == 1  # the failed case was not retried at the second shape
+    monkeypatch.setattr(lse_gemm, "tma_serves", lambda *operands: False)
+    assert "TMA cannot serve here" in bench.main(shapes=("tiny-a",), device="cpu")[1]["error"]
     cut = bench.main(shapes=("tiny-a",), time_budget_s=0.0, device="cpu")
     assert all(r["error"] == "not run: time budget spent" for r in cut) and "not run" in bench.markdown_table(cut)
 

@@ -68,17 +68,18 @@ def test_values_match_fp64_oracle(N, H, V, bias, temperature, device, triton_gem
     assert (lp <= 0).all() and (ent >= 0).all() and (ent <= math.log(V)).all()
 
 
-@pytest.mark.parametrize("config, parts", [("32,64,32,2,1,1", 2), ("64,64,32,2,1,1", 4)])
-def test_epilogue_in_column_ranges(config, parts, device, triton_gemm, monkeypatch):
-    """Wide tiles reduce their columns in 2 or 4 ranges and merge them: the same statistics, against the oracle,
-    with the target and a −inf bias block in every position of the ranges."""
+@pytest.mark.parametrize("config, parts", [("32,64,32,2,1,1", 1), ("64,64,32,2,1,1", 4)])
+def test_epilogue_whole_and_by_quarters(config, parts, device, triton_gemm, monkeypatch):
+    """A tile with more than 64 accumulator values per thread reduces its four column quarters one after the other
+    and merges them: the same statistics as a whole tile, against the oracle, with targets on the ranges' edges,
+    a −inf bias range and ranges wholly past V."""
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, config)
     block_m, block_n, _, _, warps, _ = lse_gemm.tile_config()
-    assert lse_gemm.split_epilogue(block_m, block_n, warps) == parts
-    N, H, V = 70, 32, 300  # V: a partial last tile (44 columns), its last range wholly past V
+    assert lse_gemm.quarter_epilogue(block_m, block_n, warps) == (parts == 4)
+    N, H, V = 70, 32, 280  # the last tile [256, 320) holds 24 columns: its last two quarters lie wholly past V
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
-    width = block_n // parts
-    banned = slice(width, 2 * width)  # the second range of the first tile: all logits −inf
+    width = block_n // 4
+    banned = slice(width, 2 * width)  # the second quarter of the first tile: all its logits −inf
     b = b.detach().clone()
     b[banned] = float("-inf")
     t[:6] = torch.tensor([0, width - 1, 2 * width, block_n - 1, block_n, V - 1])  # first/last columns of ranges

@@ -34,7 +34,8 @@ def report():
         pytest.skip("this triton wheel ships no ptxas")
     # the library's own knobs from a developer's shell would change what compiles: run with the defaults
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDA_KERNELS_")}
-    env.update(TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    # the repository first, then the caller's path (e.g. another triton's site-packages to compile with it)
+    env.update(TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

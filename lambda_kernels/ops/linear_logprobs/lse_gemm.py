@@ -40,7 +40,7 @@ GEMM_CHOICES = ("cublas", "triton", "triton_tma")
 GPU_CONFIG = (128, 128, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
-EPILOGUE_REGISTERS = 32  # fp32 values of one column range per thread
+EPILOGUE_REGISTERS = 64  # accumulator values per thread a whole-tile epilogue handles without spilling
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: several tiles per program, as on a GPU
 
 
@@ -63,13 +63,12 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
     return values
 
 
-def split_epilogue(block_m: int, block_n: int, num_warps: int) -> int:
-    """In how many column ranges (1, 2, 4) the epilogue reduces a tile: the fewest that keep each range's fp32
-    values within EPILOGUE_REGISTERS per thread. The epilogue holds a few temporaries per value beside the whole
-    accumulator; compiled for sm_90 (tests/sm90_compile.py, triton 3.6), a 128×256 tile over 8 warps spills 876 bytes
-    per thread in one range, 252–552 in two, ≤ 72 in four; 128×128 over 8 warps none from two ranges on."""
-    per_thread = block_m * block_n // (32 * num_warps)
-    return next((parts for parts in (1, 2) if per_thread // parts <= EPILOGUE_REGISTERS), 4)
+def quarter_epilogue(block_m: int, block_n: int, num_warps: int) -> bool:
+    """Whether the epilogue reduces a tile by column quarters: when the fp32 accumulator holds more than
+    EPILOGUE_REGISTERS values per thread. Compiled for sm_90 (triton 3.6, the LSE-GEMM scenarios of
+    tests/sm90_compile.py with and without bias + entropy): a 128×256 tile over 8 warps spills 432–600 bytes per
+    thread whole, 0–552 by halves (not monotone), 12–72 by quarters; 128×128 over 8 warps (64 values) none."""
+    return block_m * block_n // (32 * num_warps) > EPILOGUE_REGISTERS
 
 
 def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
@@ -94,12 +93,13 @@ def _tma_descriptor_class():
 
 def tma_serves(*operands: torch.Tensor) -> bool:
     """Whether TMA descriptors can load these [rows, K] operands: unit stride along K, 16-byte aligned bases and row
-    strides, on a Hopper-or-newer GPU (or the interpreter), with triton ≥ TMA_MIN_TRITON."""
+    strides, on a Hopper-or-newer NVIDIA GPU (or the interpreter), with triton ≥ TMA_MIN_TRITON."""
     if _tma_descriptor_class() is None:
         return False
     device = operands[0].device
-    if not interpreter_enabled() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
-        return False
+    if not interpreter_enabled() and (device.type != "cuda" or torch.version.hip is not None
+                                      or torch.cuda.get_device_capability(device)[0] < 9):
+        return False  # ROCm reports "cuda" devices too, with its own capability numbers: no TMA there
     return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                for t in operands)
 
@@ -136,7 +136,7 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
         m = sl.stop - sl.start
         xs = gather_rows(x, rows, sl, x_buf)
         common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT=split_epilogue(block_m, block_n, warps),
+                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, QUARTERS=quarter_epilogue(block_m, block_n, warps),
                       num_warps=warps, num_stages=stages)
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()

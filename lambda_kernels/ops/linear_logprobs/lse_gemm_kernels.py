@@ -80,27 +80,24 @@ def _halves_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WI
 @triton.jit
 def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
                       HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT: tl.constexpr):
+                      QUARTERS: tl.constexpr):
     """The epilogue of tile (i_m, i_v) with fp32 acc = X·Wᵀ: per-row (m, s, t) into part[0..2, i_v, row], and the
     target's tempered logit into zt[row] when the target lies in this tile's columns.
 
-    SPLIT (1, 2 or 4): reduce the tile in that many column ranges one after the other and merge their statistics,
-    so the epilogue's temporaries are that much smaller: a wide tile's epilogue spills registers otherwise
-    (tests/sm90_compile.py)."""
+    QUARTERS: reduce the tile's four column quarters one after the other and merge their statistics, so that the
+    epilogue's temporaries are quarter-sized: a wide tile's whole-tile epilogue spills registers (`lse_gemm.quarter_epilogue`)."""
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
     tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
     col0 = i_v * BLOCK_N
-    if SPLIT == 1:
-        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
-    elif SPLIT == 2:
-        b_max, b_s, b_t, b_zt = _halves_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
-    else:
+    if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
         z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
         m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
         m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
         b_max, b_s, b_t, b_zt = _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
+    else:
+        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
     stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
     p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
     tl.store(p_part, b_max, mask=m_m)
@@ -117,7 +114,7 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
                           stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, QUARTERS: tl.constexpr):
     """One tile of z = (X·Wᵀ + b)·inv_t → per-row (m, s, t) of the tile into part[0..2, tile column, row], and z at
     the target into zt[row] for the one tile column that holds it.
 
@@ -148,14 +145,14 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
         p_x += BLOCK_K
         p_w += BLOCK_K
     _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                      HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, SPLIT)
+                      HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_stat, stride_col,
                                inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, SPLIT: tl.constexpr):
+                               GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, QUARTERS: tl.constexpr):
     """`lse_gemm_tiles_kernel`'s outputs from NUM_PROGRAMS programs, each taking every NUM_PROGRAMS-th tile.
 
     x_desc: TMA descriptor of x [M, K] with block [BLOCK_M, BLOCK_K]; w_desc: of w [V, K] with block [BLOCK_N,
@@ -176,7 +173,7 @@ def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_p
                 b_w = b_w.to(tl.float32)
             acc = tl.dot(b_x, b_w.T, acc)
         _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                          HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, SPLIT)
+                          HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])
