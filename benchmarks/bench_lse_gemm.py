@@ -1,7 +1,7 @@
 """The log-prob pass (no grad, bf16) through cuBLAS + the row kernel against the two Triton GEMMs with a log-sum-exp
 epilogue (LAMBDA_KERNELS_LOGPROBS_GEMM=triton: one program per tile; triton_tma: persistent, TMA loads) over tile
-configurations, with and without the completion mask: the data for choosing their configs and whether one becomes
-the default path. Floor = 2·N·H·V with N = B·T (padding included) at the card's matmul rate, for both columns.
+configurations, and cuBLAS over logits budgets (its chunk rows), with and without the completion mask: the data for
+choosing their configs, the chunk policy, and whether a Triton GEMM becomes the default path. Floor = 2·N·H·V with N = B·T (padding included) at the card's matmul rate, for both columns.
 
     PYTHONPATH=. python -m benchmarks.bench_lse_gemm          # GPU; ~2 minutes (one compile per config)
     pytest benchmarks/bench_lse_gemm.py                       # the same as a benchmark case; an interpreter smoke on CPU
@@ -21,12 +21,16 @@ from lambda_kernels import reference as R
 from .bench_fused_loss import SHAPES, make_inputs
 from lambda_kernels.ops.linear_logprobs import lse_gemm
 from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV
+from lambda_kernels.ops.linear_logprobs.plan import BUDGET_ENV
 
 from .harness import ceilings, do_bench, scoped_env
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), most informative first (a time budget may cut the
-# list): the default, then the 128×256 tile (the best of the per-tile kernel in an earlier run), then the rest
+# Per GEMM, its configs, most informative first (a time budget may cut the list). Triton: (BLOCK_M, BLOCK_N, BLOCK_K,
+# GROUP_M, num_warps, num_stages), the default, then the 128×256 tile (the best of the per-tile kernel in an earlier
+# run), then the rest. cuBLAS: the logits budget (None: the default 1G), which sets its chunk rows, hence which
+# cuBLAS kernel runs (an earlier profile at 1.5B: 611 TFLOP/s on 1664-row chunks, 696 on the 1536-row last one).
 CONFIGS = {
+    "cublas": [None, "768M", "512M", "256M"],
     "triton_tma": [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4),
                    (128, 128, 64, 8, 8, 5), (128, 128, 128, 8, 8, 3)],
     "triton": [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)],
@@ -35,13 +39,18 @@ BENCH_SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b")
 
 
 def _cases():
-    """(gemm, config) in the order they are measured: cuBLAS first, then each Triton main loop's configs, the first
-    of each before the others."""
-    yield "cublas", None
+    """(gemm, config) in the order they are measured: the first config of every GEMM, then the second of each, …"""
     for rank in range(max(len(c) for c in CONFIGS.values())):
         for gemm, configs in CONFIGS.items():
             if rank < len(configs):
                 yield gemm, configs[rank]
+
+
+def _case_env(gemm: str, config) -> dict:
+    """The library's knobs for one case (the others unset: defaults)."""
+    if gemm == "cublas":
+        return {GEMM_ENV: "cublas", CONFIG_ENV: None, BUDGET_ENV: config}
+    return {GEMM_ENV: gemm, CONFIG_ENV: ",".join(map(str, config)), BUDGET_ENV: None}
 
 
 def _shape_inputs(shape: str, device: str) -> dict:
@@ -86,8 +95,7 @@ def main(shapes=BENCH_SHAPES, time_budget_s: float | None = None, device: str = 
             row = dict(shape=shape, provider=gemm, config=config, floor_ms=d["floor_ms"])
             if skip is None:
                 try:
-                    with scoped_env({GEMM_ENV: gemm,
-                                     CONFIG_ENV: None if config is None else ",".join(map(str, config))}):
+                    with scoped_env(_case_env(gemm, config)):
                         row = _measure(row, d)
                 except Exception as e:  # a config that does not compile (shared memory, registers) is a finding;
                     skip = f"{type(e).__name__}: {e}"[:160]  # the other shapes would only repeat it
@@ -96,8 +104,14 @@ def main(shapes=BENCH_SHAPES, time_budget_s: float | None = None, device: str = 
     return rows
 
 
+def _config_text(r: dict) -> str:
+    if r["provider"] == "cublas":
+        return f"logits budget {r['config'] or '1G (default)'}"
+    return ", ".join(map(str, r["config"]))
+
+
 def format_row(r: dict) -> str:
-    name = f"{r['provider']} {r['config'] or ''}"
+    name = f"{r['provider']} {_config_text(r)}"
     if "error" in r:
         return f"{r['shape']:12s} {name:44s} {r['error']}"
     return (f"{r['shape']:12s} {name:44s} {r['ms']:8.2f} ms ×{r['over_floor']:.2f}  masked {r['ms_masked']:8.2f} ms "
@@ -105,10 +119,10 @@ def format_row(r: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| shape | GEMM | tile config (BM, BN, BK, GROUP_M, warps, stages) | ms | × floor | masked ms | "
+    lines = ["| shape | GEMM | config (Triton: BM, BN, BK, GROUP_M, warps, stages) | ms | × floor | masked ms | "
              "masked × floor | rel err |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        config = "" if r["config"] is None else ", ".join(map(str, r["config"]))
+        config = _config_text(r)
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['provider']} | {config} | | | | | {r['error']} |")
         else:
@@ -153,30 +167,37 @@ def test_main_dry_run_in_the_interpreter(monkeypatch):
     import benchmarks.bench_lse_gemm as bench
 
     monkeypatch.setattr(bench, "SHAPES", [("tiny-a", 2, 24, 32, 200), ("tiny-b", 2, 16, 48, 130)])
-    monkeypatch.setattr(bench, "CONFIGS", {"triton_tma": [(32, 64, 32, 2, 4, 1), (32, 32, 32, 2, 4, 1)],
+    monkeypatch.setattr(bench, "CONFIGS", {"cublas": [None, "8K"],
+                                           "triton_tma": [(32, 64, 32, 2, 4, 1), (32, 32, 32, 2, 4, 1)],
                                            "triton": [(32, 64, 32, 2, 4, 1)]})
+    from lambda_kernels.ops.linear_logprobs.gemm import Gemm
+
+    chunks, logits = [], Gemm.logits  # [rows, V] of every cuBLAS logits chunk
+    monkeypatch.setattr(Gemm, "logits", lambda self, x, out: (chunks.append(tuple(out.shape)), logits(self, x, out))[1])
     monkeypatch.setattr(bench, "ceilings", lambda: {"bf16_matmul_TFLOPs": 1.0})
     monkeypatch.setattr(bench, "do_bench", lambda fn, **kw: (fn(), 2.0)[1])
     monkeypatch.setenv(GEMM_ENV, "cublas")
     rows = bench.main(shapes=("tiny-a", "tiny-b"), device="cpu")
     assert [(r["provider"], r["config"], r["shape"]) for r in rows] == [
         (gemm, config, shape) for gemm, config in [("cublas", None), ("triton_tma", (32, 64, 32, 2, 4, 1)),
-                                                     ("triton", (32, 64, 32, 2, 4, 1)),
+                                                     ("triton", (32, 64, 32, 2, 4, 1)), ("cublas", "8K"),
                                                      ("triton_tma", (32, 32, 32, 2, 4, 1))]
         for shape in ("tiny-a", "tiny-b")]
+    assert max(rows for rows, _ in chunks) == 2 * 24 and min(rows for rows, _ in chunks) <= 8192 // (4 * 200)
     assert all(r["rel_err"] < 1e-3 and r["ms"] == r["ms_masked"] == 2.0 for r in rows), rows
-    assert os.environ[GEMM_ENV] == "cublas" and CONFIG_ENV not in os.environ  # restored
+    assert os.environ[GEMM_ENV] == "cublas" and CONFIG_ENV not in os.environ and BUDGET_ENV not in os.environ
     table = bench.markdown_table(rows)
     assert table.count("\n") == 1 + len(rows) and "triton_tma | 32, 64, 32, 2, 4, 1" in table
+    assert "cublas | logits budget 1G (default) |" in table and "cublas | logits budget 8K |" in table
     monkeypatch.setattr(bench, "CONFIGS", {"triton_tma": [(32, 64, 32, 2, 4, 1)], "triton": [(32, 8, 32, 2, 4, 1)]})
     measured, measure = [], bench._measure
     monkeypatch.setattr(bench, "_measure", lambda row, d: (measured.append(row["provider"]), measure(row, d))[1])
     bad = bench.main(shapes=("tiny-a", "tiny-b"), device="cpu")  # BLOCK_N 8: refused by the config check
-    assert [bool(r.get("error")) for r in bad] == [False] * 4 + [True] * 2 and bad[4]["error"] == bad[5]["error"]
-    assert bad[4]["error"].startswith("RuntimeError: LAMBDA_KERNELS_LSE_GEMM_CONFIG")
+    assert [bool(r.get("error")) for r in bad] == [False] * 2 + [True] * 2 and bad[2]["error"] == bad[3]["error"]
+    assert bad[2]["error"].startswith("RuntimeError: LAMBDA_KERNELS_LSE_GEMM_CONFIG")
     assert measured.count("triton") == 1  # the failed case was not retried at the second shape
     monkeypatch.setattr(lse_gemm, "tma_serves", lambda *operands: False)
-    assert "TMA cannot serve here" in bench.main(shapes=("tiny-a",), device="cpu")[1]["error"]
+    assert "TMA cannot serve here" in bench.main(shapes=("tiny-a",), device="cpu")[0]["error"]
     cut = bench.main(shapes=("tiny-a",), time_budget_s=0.0, device="cpu")
     assert all(r["error"] == "not run: time budget spent" for r in cut) and "not run" in bench.markdown_table(cut)
 
