@@ -139,7 +139,8 @@ def main() -> dict:
     from lambda_kernels.ops.linear_logprobs import lse_gemm
 
     lse_gemm.tma_serves = lambda *operands: True
-    lse_gemm.persistent_programs = lambda device: 132  # an H100 SXM's SMs
+    # an H100 SXM's 132 SMs
+    lse_gemm.persistent_programs = lambda device, config, size: 132 * lse_gemm.programs_per_sm(config, size)
     errors = {}
     for name, call in scenarios():
         try:

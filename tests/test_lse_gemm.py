@@ -207,7 +207,15 @@ def test_persistent_programs_share_the_tiles(device, launches, monkeypatch):
         lp_ref, ent_ref, _ = oracle(x, w, b, t, 1.0)
         torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
         torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
-    assert launches["lse_gemm_persistent_kernel"] == [(lse_gemm.persistent_programs(device),)] * 2
+    programs = lse_gemm.persistent_programs(device, lse_gemm.tile_config(), 2)
+    assert launches["lse_gemm_persistent_kernel"] == [(programs,)] * 2
+
+
+def test_two_programs_per_sm_only_where_two_fit():
+    assert lse_gemm.programs_per_sm((128, 128, 64, 8, 4, 3), 2) == 2  # 96 KB of buffers, 128 threads
+    assert lse_gemm.programs_per_sm((128, 128, 64, 8, 4, 4), 2) == 1  # 128 KB of buffers
+    assert lse_gemm.programs_per_sm((128, 128, 64, 8, 8, 2), 2) == 1  # 256 threads × 255 registers: the whole file
+    assert lse_gemm.programs_per_sm((64, 128, 64, 8, 4, 4), 2) == 2
 
 
 def test_off_policy_fused_loss_through_it(device, triton_gemm, monkeypatch):

@@ -42,6 +42,12 @@ INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
 EPILOGUE_REGISTERS = 64  # accumulator values per thread a whole-tile epilogue handles without spilling
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: several tiles per program, as on a GPU
+# Hopper SM limits (H100/H200) for `programs_per_sm`; SMEM_SLACK: the epilogue's and barriers' shared memory beyond the
+# pipeline buffers (~1 KB measured with tests/sm90_compile.py)
+SMEM_PER_SM = 228 * 1024
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS_PER_THREAD = 255
+SMEM_SLACK = 4096
 
 
 def logprobs_gemm() -> str:
@@ -104,12 +110,23 @@ def tma_serves(*operands: torch.Tensor) -> bool:
                for t in operands)
 
 
-def persistent_programs(device: torch.device) -> int:
-    """Programs of the persistent kernel: one per SM, whatever the number of tiles (a constant of the compiled kernel;
-    programs past the last tile exit at once)."""
+def programs_per_sm(config: tuple, element_size: int) -> int:
+    """Persistent programs that fit on one SM at once: 2 when a tile's pipeline buffers take at most half the SM's
+    shared memory and its warps at most half the register file at 255 registers a thread (so one program's epilogue
+    can run beside the other's main loop), else 1."""
+    block_m, block_n, block_k, _, warps, stages = config
+    smem = stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
+    regs = warps * 32 * MAX_REGISTERS_PER_THREAD
+    return 2 if 2 * smem <= SMEM_PER_SM and 2 * regs <= REGISTERS_PER_SM else 1
+
+
+def persistent_programs(device: torch.device, config: tuple, element_size: int) -> int:
+    """Programs of the persistent kernel: `programs_per_sm` per SM, whatever the number of tiles (a constant of the
+    compiled kernel; programs past the last tile exit at once)."""
     if interpreter_enabled():
         return INTERPRETER_PROGRAMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * programs_per_sm(config, element_size)
 
 
 def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=None) -> None:
@@ -122,7 +139,8 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
     x = x if x.stride(1) == 1 or rows is not None else x.contiguous()
-    block_m, block_n, block_k, group_m, warps, stages = tile_config()
+    config = tile_config()
+    block_m, block_n, block_k, group_m, warps, stages = config
     n_v = triton.cdiv(V, block_n)
     row_bytes = 12 * n_v + (0 if rows is None else K * x.element_size())
     piece = split_size(N, max(block_m, forward_budget_bytes() // row_bytes))
@@ -136,11 +154,11 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
         m = sl.stop - sl.start
         xs = gather_rows(x, rows, sl, x_buf)
         common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, QUARTERS=quarter_epilogue(block_m, block_n, warps),
-                      num_warps=warps, num_stages=stages)
+                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                      QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()
-            programs = persistent_programs(x.device)
+            programs = persistent_programs(x.device, config, x.element_size())
             lse_gemm_persistent_kernel[(programs,)](
                 descriptor.from_tensor(xs, [block_m, block_k]), descriptor.from_tensor(weight, [block_n, block_k]),
                 b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), inv_t, NUM_PROGRAMS=programs,

@@ -9,9 +9,10 @@ row (the same algebra as `kernels.online_lse_update`).
 Two main loops share that epilogue (`_store_tile_stats`):
 
     lse_gemm_tiles_kernel       one program per tile, pointer loads (cp.async pipelined): any H and strides
-    lse_gemm_persistent_kernel  one program per SM walking the tiles, TMA descriptor loads, the tile and K loops
-                                flattened into one software pipeline so the next tile's loads are in flight during
-                                this tile's epilogue (the Triton persistent-matmul recipe); rows of 16-byte multiples
+    lse_gemm_persistent_kernel  one program per SM (two where two fit) walking the tiles, TMA descriptor loads,
+                                the tile and K loops flattened into one software pipeline so the next tile's loads
+                                are in flight during this tile's epilogue (the Triton persistent-matmul recipe);
+                                16-byte aligned rows
 
 Tiles are visited in groups of GROUP_M row blocks (the Triton matmul tutorial's order), so that a column of W tiles
 is reused from L2 by the row blocks that run together.
@@ -85,7 +86,8 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
     target's tempered logit into zt[row] when the target lies in this tile's columns.
 
     QUARTERS: reduce the tile's four column quarters one after the other and merge their statistics, so that the
-    epilogue's temporaries are quarter-sized: a wide tile's whole-tile epilogue spills registers (`lse_gemm.quarter_epilogue`)."""
+    epilogue's temporaries are quarter-sized: a wide tile's whole-tile epilogue spills registers
+    (`lse_gemm.quarter_epilogue`)."""
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
     tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
