@@ -93,6 +93,23 @@ def test_epilogue_whole_and_by_quarters(config, parts, device, triton_gemm, monk
     torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("config", ["32,64,32,2,1,1", "64,64,32,2,1,1"])
+def test_lone_targets_on_range_edges(config, device, triton_gemm, monkeypatch):
+    """A column range whose rows hold a single target, on its first or last column: the epilogue's skip of ranges
+    without targets must still pick it up."""
+    monkeypatch.setenv(lse_gemm.CONFIG_ENV, config)
+    block_m, block_n, _, _, warps, _ = lse_gemm.tile_config()
+    width = block_n // (4 if lse_gemm.quarter_epilogue(block_m, block_n, warps) else 1)
+    N, H, V = block_m, 32, 300
+    x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
+    t = 4 * block_n + t % (V - 4 * block_n)  # every other target past the first four tiles
+    t[:4] = torch.tensor([width - 1, width, 3 * width - 1, 3 * width])  # each alone in its range, on an edge
+    with torch.no_grad():
+        lp = lk.linear_logprobs(x, w, t, bias=b)
+    assert triton_gemm == [N]
+    torch.testing.assert_close(lp.double(), oracle(x, w, b, t, 1.0)[0], rtol=0, atol=2e-5)
+
+
 def test_grad_path_is_bit_identical_and_gradients_match(device, triton_gemm):
     N, H, V = 37, 40, 300
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)

@@ -72,8 +72,9 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
 def quarter_epilogue(block_m: int, block_n: int, num_warps: int) -> bool:
     """Whether the epilogue reduces a tile by column quarters: when the fp32 accumulator holds more than
     EPILOGUE_REGISTERS values per thread. Compiled for sm_90 (triton 3.6, the LSE-GEMM scenarios of
-    tests/sm90_compile.py with and without bias + entropy): a 128×256 tile over 8 warps spills 432–600 bytes per
-    thread whole, 0–552 by halves (not monotone), 12–72 by quarters; 128×128 over 8 warps (64 values) none."""
+    tests/sm90_compile.py with and without bias + entropy, both main loops): 128×256 and 256×128 tiles over 8 warps
+    and 128×128 over 4 spill up to 276–400 bytes per thread whole, none by quarters (halves, tried before, spilled up
+    to 552); 128×128 over 8 warps (64 values) spills none whole."""
     return block_m * block_n // (32 * num_warps) > EPILOGUE_REGISTERS
 
 

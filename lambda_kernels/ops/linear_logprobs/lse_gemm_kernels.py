@@ -33,15 +33,24 @@ def _grouped_tile(tile, n_m, n_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _half_stats(b_z, o_v, m_v, tgt, WITH_ENT: tl.constexpr):
-    """(max m, Σ e^(z−m), Σ e^(z−m)·(z−m) or 0, z at the target or 0) per row of tempered logits b_z [rows, cols]
-    over vocabulary columns o_v (m_v: those < V)."""
-    b_z = tl.where(m_v[None, :], b_z, float("-inf"))
-    b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a tile of −inf logits (a −inf bias)
-    b_d = tl.where(m_v[None, :], b_z - b_max[:, None], 0.0)  # 0, not −inf, past V: no 0·(−inf) below
-    b_e = tl.where(m_v[None, :], tl.exp(b_d), 0.0)
-    b_t = tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1) if WITH_ENT else b_max * 0  # −inf logits
-    b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
+def _range_stats(b_z, o_v, tgt, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
+    """(max m, Σ e^(z−m), Σ e^(z−m)·(z−m) or 0, z at the target or 0) per row of tempered logits b_z [rows, WIDTH]
+    over vocabulary columns o_v = col0 … col0 + WIDTH − 1 (int32), targets tgt [rows] (int32).
+
+    Element-wise work is what the epilogue costs, so the masks are only paid where needed: the columns past V only
+    in the range that holds V (uniform branch), the target only in ranges holding some row's target."""
+    if col0 + WIDTH > V:  # the last range of the vocabulary: columns past V are no tokens
+        b_z = tl.where((o_v < V)[None, :], b_z, float("-inf"))
+    b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a range of −inf logits (a −inf bias, past V)
+    b_d = b_z - b_max[:, None]  # −inf where z is
+    b_e = tl.exp(b_d)
+    if WITH_ENT:
+        b_t = tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1)  # not 0·(−inf)
+    else:
+        b_t = tl.zeros_like(b_max)
+    b_zt = tl.zeros_like(b_max)
+    if tl.max(((tgt >= col0) & (tgt < col0 + WIDTH)).to(tl.int32), 0) > 0:  # some row's target is among these columns
+        b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
     return b_max, tl.sum(b_e, 1), b_t, b_zt
 
 
@@ -58,13 +67,12 @@ def _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1):
 @triton.jit
 def _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
                 WIDTH: tl.constexpr):
-    """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1."""
-    o_v = (col0 + tl.arange(0, WIDTH)).to(tl.int64)
-    m_v = o_v < V
+    """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32)."""
+    o_v = col0 + tl.arange(0, WIDTH)
     b_z = acc
     if HAS_BIAS:
-        b_z += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    return _half_stats(b_z * inv_t, o_v, m_v, tgt, WITH_ENT)
+        b_z += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+    return _range_stats(b_z * inv_t, o_v, tgt, col0, V, WITH_ENT, WIDTH)
 
 
 @triton.jit
@@ -90,7 +98,7 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
     (`lse_gemm.quarter_epilogue`)."""
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
-    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int64)
+    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int32)  # ids < V < 2³¹: 32-bit compares
     col0 = i_v * BLOCK_N
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
