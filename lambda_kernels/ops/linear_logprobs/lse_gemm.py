@@ -4,9 +4,9 @@ Opt-in, environment variables read on every call:
 
     LAMBDA_KERNELS_LOGPROBS_GEMM     "cublas" (default): fp32 logits chunks from cuBLAS, then the row kernel
                                      "triton": `lse_gemm_tiles_kernel` + `lse_gemm_merge_kernel`, no logits in memory
-                                     "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one program per SM)
-                                     + the merge; where TMA cannot serve (rows not 16-byte multiples, a GPU before
-                                     Hopper, triton < 3.6) the "triton" kernel instead
+                                     "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one or two programs per
+                                     SM) + the merge; where TMA cannot serve (rows not 16-byte aligned, not an NVIDIA
+                                     Hopper-or-newer GPU, triton < 3.6) the "triton" kernel instead
     LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for either main loop
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
@@ -48,6 +48,7 @@ SMEM_PER_SM = 228 * 1024
 REGISTERS_PER_SM = 65536
 MAX_REGISTERS_PER_THREAD = 255
 SMEM_SLACK = 4096
+TMA_MIN_TRITON = (3, 6)  # the persistent kernel is compiled and checked (tests/sm90_compile.py) on 3.6 and 3.7
 
 
 def logprobs_gemm() -> str:
@@ -72,9 +73,9 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
 def quarter_epilogue(block_m: int, block_n: int, num_warps: int) -> bool:
     """Whether the epilogue reduces a tile by column quarters: when the fp32 accumulator holds more than
     EPILOGUE_REGISTERS values per thread. Compiled for sm_90 (triton 3.6, the LSE-GEMM scenarios of
-    tests/sm90_compile.py with and without bias + entropy, both main loops): 128×256 and 256×128 tiles over 8 warps
-    and 128×128 over 4 spill up to 276–400 bytes per thread whole, none by quarters (halves, tried before, spilled up
-    to 552); 128×128 over 8 warps (64 values) spills none whole."""
+    tests/sm90_compile.py, both main loops): 128×256 and 256×128 tiles over 8 warps and 128×128 over 4 (128 values)
+    spill 276–400 bytes per thread with a whole-tile epilogue under bias + entropy (0–368 without), none by quarters
+    (halves, tried before, spilled up to 552); 128×128 over 8 warps (64 values) spills none whole."""
     return block_m * block_n // (32 * num_warps) > EPILOGUE_REGISTERS
 
 
@@ -84,8 +85,6 @@ def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
     return (logprobs_gemm() != "cublas" and rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16)
             and weight.stride(1) == 1)
 
-
-TMA_MIN_TRITON = (3, 6)  # the persistent kernel is compiled and checked (tests/sm90_compile.py) on 3.6 and 3.7
 
 
 def _tma_descriptor_class():
@@ -151,12 +150,12 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
     x_buf = None if rows is None else torch.empty((min(piece, N), K), dtype=x.dtype, device=x.device)
     use_tma = logprobs_gemm() == "triton_tma"
     b = weight if bias is None else bias
+    common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                  QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
     for sl in pieces(N, piece):
         m = sl.stop - sl.start
         xs = gather_rows(x, rows, sl, x_buf)
-        common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
-                      BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                      QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()
             programs = persistent_programs(x.device, config, x.element_size())
