@@ -86,7 +86,6 @@ def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
             and weight.stride(1) == 1)
 
 
-
 def _tma_descriptor_class():
     """triton's host-side TensorDescriptor, or None for a triton older than TMA_MIN_TRITON."""
     version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
@@ -110,14 +109,15 @@ def tma_serves(*operands: torch.Tensor) -> bool:
                for t in operands)
 
 
-def programs_per_sm(config: tuple, element_size: int) -> int:
+def programs_per_sm(config: tuple, element_size: int, smem_per_sm: int = SMEM_PER_SM,
+                    registers_per_sm: int = REGISTERS_PER_SM) -> int:
     """Persistent programs that fit on one SM at once: 2 when a tile's pipeline buffers take at most half the SM's
     shared memory and its warps at most half the register file at 255 registers a thread (so one program's epilogue
-    can run beside the other's main loop), else 1."""
+    can run beside the other's main loop), else 1. The limits default to Hopper's."""
     block_m, block_n, block_k, _, warps, stages = config
     smem = stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
     regs = warps * 32 * MAX_REGISTERS_PER_THREAD
-    return 2 if 2 * smem <= SMEM_PER_SM and 2 * regs <= REGISTERS_PER_SM else 1
+    return 2 if 2 * smem <= smem_per_sm and 2 * regs <= registers_per_sm else 1
 
 
 def persistent_programs(device: torch.device, config: tuple, element_size: int) -> int:
@@ -125,8 +125,11 @@ def persistent_programs(device: torch.device, config: tuple, element_size: int) 
     compiled kernel; programs past the last tile exit at once)."""
     if interpreter_enabled():
         return INTERPRETER_PROGRAMS
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * programs_per_sm(config, element_size)
+    props = torch.cuda.get_device_properties(device)
+    # this card's limits where torch reports them (an sm_120 SM has ~100 KB of shared memory, not Hopper's 228)
+    per_sm = programs_per_sm(config, element_size, getattr(props, "shared_memory_per_multiprocessor", SMEM_PER_SM),
+                             getattr(props, "regs_per_multiprocessor", REGISTERS_PER_SM))
+    return props.multi_processor_count * per_sm
 
 
 def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=None) -> None:

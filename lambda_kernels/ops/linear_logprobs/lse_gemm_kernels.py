@@ -33,12 +33,13 @@ def _grouped_tile(tile, n_m, n_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _range_stats(b_z, o_v, tgt, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
+def _range_stats(b_z, o_v, tgt, pick, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
     """(max m, Σ e^(z−m), Σ e^(z−m)·(z−m) or 0, z at the target or 0) per row of tempered logits b_z [rows, WIDTH]
-    over vocabulary columns o_v = col0 … col0 + WIDTH − 1 (int32), targets tgt [rows] (int32).
+    over vocabulary columns o_v = col0 … col0 + WIDTH − 1 (int32), targets tgt [rows] (int32); pick: whether the
+    tile holds some row's target (else z at the target is not looked for).
 
     Element-wise work is what the epilogue costs, so the masks are only paid where needed: the columns past V only
-    in the range that holds V (uniform branch), the target only in ranges holding some row's target."""
+    in the range that holds V, the target only in tiles holding some row's target (both uniform branches)."""
     if col0 + WIDTH > V:  # the last range of the vocabulary: columns past V are no tokens
         b_z = tl.where((o_v < V)[None, :], b_z, float("-inf"))
     b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a range of −inf logits (a −inf bias, past V)
@@ -49,7 +50,7 @@ def _range_stats(b_z, o_v, tgt, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl.const
     else:
         b_t = tl.zeros_like(b_max)
     b_zt = tl.zeros_like(b_max)
-    if tl.max(((tgt >= col0) & (tgt < col0 + WIDTH)).to(tl.int32), 0) > 0:  # some row's target is among these columns
+    if pick:
         b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
     return b_max, tl.sum(b_e, 1), b_t, b_zt
 
@@ -65,24 +66,24 @@ def _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1):
 
 
 @triton.jit
-def _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
                 WIDTH: tl.constexpr):
     """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32)."""
     o_v = col0 + tl.arange(0, WIDTH)
     b_z = acc
     if HAS_BIAS:
         b_z += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
-    return _range_stats(b_z * inv_t, o_v, tgt, col0, V, WITH_ENT, WIDTH)
+    return _range_stats(b_z * inv_t, o_v, tgt, pick, col0, V, WITH_ENT, WIDTH)
 
 
 @triton.jit
-def _halves_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
                   WIDTH: tl.constexpr):
     """`_cols_stats` of the two column halves of acc [rows, WIDTH] one after the other, merged."""
     HALF: tl.constexpr = WIDTH // 2
     z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
-    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
-    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
     return _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
 
 
@@ -100,21 +101,23 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
     m_m = o_m < M
     tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int32)  # ids < V < 2³¹: 32-bit compares
     col0 = i_v * BLOCK_N
+    in_tile = m_m & (tgt >= col0) & (tgt < col0 + BLOCK_N) & (tgt < V)
+    pick = tl.max(in_tile.to(tl.int32), 0) > 0  # one reduction over the rows per tile (true in ~1 in 10 at V 152k)
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
         z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
-        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT,
+                                            HALF)
         b_max, b_s, b_t, b_zt = _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
     else:
-        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
+        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
     stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
     p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
     tl.store(p_part, b_max, mask=m_m)
     tl.store(p_part + stat, b_s, mask=m_m)
     if WITH_ENT:
         tl.store(p_part + 2 * stat, b_t, mask=m_m)
-    in_tile = m_m & (tgt >= col0) & (tgt < col0 + BLOCK_N) & (tgt < V)
     tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
 
 
