@@ -6,7 +6,7 @@ configurations (cuBLAS chunking, the Triton log-sum-exp GEMMs), a kernel breakdo
 Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/results.json. Every stage is guarded:
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
 GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark),
-GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,breakdown,lse_gemm,scans; default all). The tests run in
+GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all). The tests run in
 6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "330"))  # < 6 minutes with start-up
 TEST_TIMEOUT = float(os.environ.get("GPU_CHECK_TEST_TIMEOUT_S", "150"))
-ALL_STAGES = ("tests", "fused_loss", "breakdown", "lse_gemm", "scans")
+ALL_STAGES = ("tests", "fused_loss", "lse_gemm", "breakdown", "scans")  # in the order they run
 STAGES = os.environ.get("GPU_CHECK_STAGES", ",".join(ALL_STAGES)).split(",")
 if set(STAGES) - set(ALL_STAGES):
     sys.exit(f"GPU_CHECK_STAGES: unknown stage(s) {sorted(set(STAGES) - set(ALL_STAGES))}; choose from {ALL_STAGES}")

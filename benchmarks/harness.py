@@ -12,24 +12,24 @@ import os
 import torch
 
 
+def _set_env(values: dict) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def scoped_env(values: dict):
     """Environment variables set (value None: unset) inside the block, restored after (the library reads its knobs
     on every call, so a benchmark case switches paths this way)."""
     before = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(values)
         yield
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(before)
 
 
 def do_bench(fn, *, warmup=25, rep=100) -> float:

@@ -78,20 +78,19 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
     valid = real_rows
-    all_valid = valid is None
     x = hidden.reshape(B * T, H)
     tgt = ids.reshape(-1)
-    if not all_valid:
+    if valid is not None:
         x, tgt = x.index_select(0, valid), tgt.index_select(0, valid)
-    batch = _Batch(x.contiguous(), tgt.contiguous(), valid, all_valid, (B, T), mask_f, adv, old, ref, scales, sdt)
+    batch = _Batch(x.contiguous(), tgt.contiguous(), valid, (B, T), mask_f, adv, old, ref, scales, sdt)
     need_grad = need_dx or need_dw or need_db
-    gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db)
-
-    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
     # the fp32 dW sum of a half head is kept until the backward (4·V·H bytes instead of the cast's 2·V·H between
     # forward and backward) for one scale+cast pass there; under a memory budget it is cast here, as the budget
     # bounds what a call holds
-    gemm_args = (*gemm_args, memory_budget_bytes() is not None)
+    cast_dw = memory_budget_bytes() is not None
+    gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
+
+    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
     sequences = whole_sequence_pieces(row_counts, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
         else None
     if plan and plan.kind == "tokens" and old is None:
@@ -105,11 +104,11 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
 
     metrics = dict(metrics)
     if with_entropy:
-        m_v = flat_mask if all_valid else flat_mask.index_select(0, valid)
+        m_v = flat_mask if valid is None else flat_mask.index_select(0, valid)
         metrics["entropy"] = ((m_v.to(sdt) * ent_v).sum() / flat_mask.sum().clamp(min=1.0)).to(torch.float32)
     dx = None
     if need_dx:
-        if all_valid:
+        if valid is None:
             dx = dx_v.reshape(B, T, H)
         else:
             dx = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device).index_copy_(0, valid, dx_v)
@@ -119,19 +118,20 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
 
 
 class _Batch:
-    """The real tokens of a [B, T] batch (x, tgt: rows of `valid` in order) and the per-token inputs of the loss."""
+    """The real tokens of a [B, T] batch (x, tgt: rows of `valid` in order; valid None: every token is real) and the
+    per-token inputs of the loss."""
 
-    def __init__(self, x, tgt, valid, all_valid, shape, mask_f, adv, old, ref, scales, sdt):
-        self.x, self.tgt, self.valid, self.all_valid, self.shape = x, tgt, valid, all_valid, shape
+    def __init__(self, x, tgt, valid, shape, mask_f, adv, old, ref, scales, sdt):
+        self.x, self.tgt, self.valid, self.shape = x, tgt, valid, shape
         self.mask_f, self.adv, self.old, self.ref, self.scales, self.sdt = mask_f, adv, old, ref, scales, sdt
 
     def real(self, full: torch.Tensor) -> torch.Tensor:
         """[B, T] → the values at the real tokens, [N′] contiguous."""
         flat = full.reshape(-1)
-        return (flat if self.all_valid else flat.index_select(0, self.valid)).contiguous()
+        return (flat if self.valid is None else flat.index_select(0, self.valid)).contiguous()
 
     def full_logprobs(self, lp_v: torch.Tensor) -> torch.Tensor:
-        return _scatter_logprobs(lp_v, self.valid, self.all_valid, self.ref, self.shape, self.sdt, lp_v.device)
+        return _scatter_logprobs(lp_v, self.valid, self.ref, self.shape, self.sdt, lp_v.device)
 
     def empty(self, with_it: bool = True):
         return torch.empty((self.x.shape[0],), dtype=self.sdt, device=self.x.device) if with_it else None
@@ -182,7 +182,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
     rows_of = {tokens.start: rows for rows, tokens in sequences}
     tgt, old, ref = batch.tgt, batch.old, batch.ref
-    positions = torch.arange(B * T, device=batch.x.device) if batch.all_valid else batch.valid
+    positions = torch.arange(B * T, device=batch.x.device) if batch.valid is None else batch.valid
 
     def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
@@ -213,9 +213,9 @@ def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entrop
     return lp_v, ent_v, grads
 
 
-def _scatter_logprobs(lp_v, valid, all_valid, ref, shape, dtype, device):
+def _scatter_logprobs(lp_v, valid, ref, shape, dtype, device):
     """[B, T] log-probs: the computed ones at real tokens; at padding ℓ_ref (KL exactly 0 there) or 0."""
-    if all_valid:
+    if valid is None:
         return lp_v.reshape(shape)
     full = ref.to(dtype).reshape(-1).clone() if ref is not None else torch.zeros(
         (shape[0] * shape[1],), dtype=dtype, device=device)
