@@ -1,8 +1,9 @@
 """Public functions: docstrings, validation of user input, and dispatch between Triton kernels and PyTorch.
 
-Every function validates once, here, before any kernel runs; `impl` selects "triton" (compiled on CUDA, interpreted
-on CPU under TRITON_INTERPRET=1), "torch" (the reference in `lambda_kernels.reference`) or "auto" (Triton when it
-can run on the tensors' device, torch otherwise).
+Every function validates once, here, before any kernel runs, with one exception: `linear_logprobs` waits for its
+token-id check (the one check that reads device values) after queueing its first logits GEMM, which indexes nothing
+by a token id. `impl` selects "triton" (compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1), "torch" (the
+reference in `lambda_kernels.reference`) or "auto" (Triton when it can run on the tensors' device, torch otherwise).
 """
 from __future__ import annotations
 
@@ -242,30 +243,26 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
 def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, real=None, hint: str = "") -> list[int] | None:
     """Token ids in [0, V) (where `real`, bool [R, C] = mask ≠ 0, is True), checked before any kernel runs. One host
     sync brings the min and max and, with `real`, each row's number of real tokens, which are returned."""
-    if ids.numel() == 0:
-        return None if real is None else [0] * real.shape[0]
-    vals = ids if real is None else torch.where(real, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
-    stats = torch.stack(list(torch.aminmax(vals))).to(torch.int64)
-    if real is not None:
-        stats = torch.cat([stats, real.sum(dim=1)])
-    lo, hi, *counts = stats.tolist()
-    if lo < 0 or hi >= V:
-        where = "" if real is None else " at unmasked positions"
-        raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max {hi}. "
-                         "Replace padding/ignore ids (e.g. -100) by a valid id" + (f", {hint}" if hint else "")
-                         + "; masked positions are never read.")
-    return None if real is None else counts
+    from .ops.real_tokens import queue_token_check
+
+    return queue_token_check(op, name, ids, V, real, hint)()
+
+
+def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
+    """(`queue_token_check` of ids [R, C] with mask [R, C], the [R·C + 1] positions of `real_token_positions`): the
+    positions are queued before the check's one host read, which brings their number (the sum of the counts)."""
+    from .ops.real_tokens import queue_token_check, real_token_positions
+
+    real = mask != 0
+    return queue_token_check(op, name, ids, V, real), real_token_positions(real.reshape(-1))
 
 
 def _check_tokens_find_real(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
     """`_check_token_ids` of ids [R, C] with mask [R, C] → (each row's count of real tokens, the positions of the
-    real tokens in ids.reshape(-1), or None when every token is real). The positions are queued before the check's
-    one host sync, which reads their number: after it, the LM-head GEMMs are the next launches."""
-    from .ops.real_tokens import real_token_positions
-
-    real = mask != 0
-    positions = real_token_positions(real.reshape(-1))
-    counts = _check_token_ids(op, name, ids, V, real)
+    real tokens in ids.reshape(-1), or None when every token is real). After its one host read, the LM-head GEMMs are
+    the next launches."""
+    finish, positions = _queue_real_rows(op, name, ids, V, mask)
+    counts = finish()
     n_real = sum(counts)
     return counts, (None if n_real == ids.numel() else positions[:n_real])
 
@@ -300,7 +297,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         hidden: `[..., H]` float (fp16/bf16/fp32/fp64): the states that predict `targets` (already shifted).
         weight: `[V, H]` LM head in nn.Linear layout, same dtype as hidden (may be tied to the embeddings).
         targets: `[...]` = hidden's leading shape, int64/int32 token ids in [0, V) where mask ≠ 0 (checked: one
-            host sync).
+            device→host read, waited for once the first logits GEMM is queued, so the GPU does not idle at it).
         bias: optional `[V]`, same dtype as hidden.
         temperature: finite > 0; the distribution is softmax(logits / temperature).
         return_entropy: also return the entropy of that tempered distribution (differentiable too).
@@ -338,12 +335,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
     V = weight.shape[0] if shard is None else shard.vocab_size
-    rows = None
-    if mask is None:
-        _check_token_ids(op, "targets", targets, V, hint="or pass mask= to skip those positions")
-    else:  # all the tokens as one row
-        _, rows = _check_tokens_find_real(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
     from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
+    from .ops.real_tokens import PendingRows, queue_token_check
+
+    # the id check's host read is waited for inside the pass, after its first GEMM is queued (`PendingRows`)
+    if mask is None:
+        finish = queue_token_check(op, "targets", targets, V, hint="or pass mask= to skip those positions")
+        rows = PendingRows(targets.numel(), None, lambda: finish() or targets.numel())  # finish() → None
+    else:  # all the tokens as one row: one count
+        finish, positions = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
+        rows = PendingRows(targets.numel(), positions, lambda: finish()[0])
 
     lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
                                     LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard), rows)

@@ -124,6 +124,18 @@ def test_split_size(total, cap, size):
     assert plan.split_size(total, cap) == size
 
 
+@pytest.mark.parametrize("total, cap, sizes", [(0, 7, []), (5, 7, [5]), (7, 7, [7]), (8, 7, [7, 1]),
+                                               (40, 7, [7, 7, 7, 7, 7, 5]), (5734, 1766, [1664, 1408, 1408, 1254]),
+                                               (8192, 1766, [1664] * 4 + [1536])])
+def test_fixed_first_pieces(total, cap, sizes):
+    """As few pieces of ≤ piece_cap(cap) as possible, the first one full whenever there are two or more (so it does
+    not depend on the total), the rest balanced; consecutive, covering [0, total)."""
+    got = plan.fixed_first_pieces(total, cap)
+    assert [sl.stop - sl.start for sl in got] == sizes
+    assert [sl.start for sl in got] == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert len(got) == -(-total // plan.piece_cap(cap))
+
+
 # ------------------------------------------------------------------------------------ the vocab plan's numbers
 @pytest.fixture
 def vocab_plan(monkeypatch):

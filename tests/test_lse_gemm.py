@@ -49,7 +49,7 @@ def triton_gemm(request, monkeypatch, launches):
     """Opt in to each Triton GEMM, and count the calls that really took it (rows per call); every launch of its
     pieces must be of the chosen main loop (the test shapes all have TMA-aligned rows)."""
     monkeypatch.setenv(lse_gemm.GEMM_ENV, request.param)
-    calls = record_calls(monkeypatch, launch, "lse_gemm_logprobs", lambda x, *args: x.shape[0])
+    calls = record_calls(monkeypatch, launch, "lse_gemm_pass", lambda x, *args: x.shape[0])
     yield calls
     other = next(name for gemm, name in MAIN_LOOPS.items() if gemm != request.param)
     assert launches[other] == [], f"{request.param} launched {other}"

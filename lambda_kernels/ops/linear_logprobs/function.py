@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..real_tokens import scatter_real
+from ..real_tokens import PendingRows, scatter_real
 from .launch import logprobs_backward, logprobs_forward
 
 
@@ -23,11 +23,12 @@ class LinearLogprobsParams:
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, tgt, rows, params: LinearLogprobsParams):
-        # rows: the rows of x that are computed (tgt holds their targets), or None for all; outputs are per row of tgt
+    def forward(ctx, x, weight, bias, tgt, rows: PendingRows, params: LinearLogprobsParams):
+        # rows: which rows of x are computed (tgt holds a target per entry of rows.positions, or per row of x); the
+        # outputs are per computed row
         lp, lse, ent = logprobs_forward(x, weight, bias, tgt, params.inv_temperature, params.return_entropy,
                                         params.rows_impl, params.shard, rows)
-        ctx.save_for_backward(x, weight, bias, tgt, rows, lse, ent)
+        ctx.save_for_backward(x, weight, bias, tgt[: rows.count()], rows.rows(), lse, ent)
         ctx.params = params
         ctx.set_materialize_grads(False)
         return (lp, ent) if params.return_entropy else lp
@@ -52,16 +53,18 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsParams, rows=None):
+def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsParams, rows: PendingRows):
     """(ℓ, H or None) with the shape of `targets`; autograd only when a gradient can flow (same forward values).
 
-    rows: positions (int64, in the flattened targets) of the tokens to compute, or None for all; the others get
-    ℓ = H = 0 and no gradient, and their hidden states and targets are not read.
+    rows: the tokens to compute (`PendingRows`: all of them, or the positions of some in the flattened targets,
+    whose number the host learns inside the pass); the others get ℓ = H = 0 and no gradient, and their hidden states
+    and targets are not read.
     """
     H = hidden.shape[-1]
     x = hidden.reshape(-1, H)
     tgt = targets.reshape(-1)
-    tgt = (tgt if rows is None else tgt.index_select(0, rows)).contiguous()
+    if rows.positions is not None:  # a target per entry: the real tokens' first, then in-bounds filler
+        tgt = tgt.index_select(0, rows.positions[: tgt.shape[0]])
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
@@ -71,8 +74,9 @@ def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsP
         lp, _, ent = logprobs_forward(x.detach(), weight.detach(), None if bias is None else bias.detach(), tgt,
                                       params.inv_temperature, params.return_entropy, params.rows_impl, params.shard,
                                       rows)
-    if rows is not None:
-        lp = scatter_real(lp, rows, x.shape[0])
-        ent = None if ent is None else scatter_real(ent, rows, x.shape[0])
+    index = rows.rows()
+    if index is not None:
+        lp = scatter_real(lp, index, x.shape[0])
+        ent = None if ent is None else scatter_real(ent, index, x.shape[0])
     lp = lp.reshape(targets.shape)
     return lp, (None if ent is None else ent.reshape(targets.shape))

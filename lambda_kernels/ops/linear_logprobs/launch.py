@@ -2,7 +2,7 @@
 row kernels on the fp32 logits chunk in between. Plans and budgets: plan.py; vocabulary-parallel heads:
 vocab_parallel.py; the opt-in Triton log-prob GEMM: lse_gemm.py.
 
-Per chunk of M rows (the token plan; M from the logits budget, see `chunk_rows`):
+Per chunk of M rows (the token plan; M from the logits budget, see `plan.chunk_rows`, `fixed_first_pieces`):
 
     logits = X_c·Wᵀ                      fp32 output (torch.mm(..., out_dtype=float32) for bf16/fp16 on CUDA)
     row kernel                           lse, ℓ, H; or dlogits written over the chunk (in the GEMM input dtype)
@@ -21,12 +21,12 @@ import torch
 import triton
 
 from ..._core.runtime import interpreter_enabled
-from ..real_tokens import gather_rows
+from ..real_tokens import PendingRows, gather_rows
 from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
-from .lse_gemm import lse_gemm_logprobs, use_lse_gemm
-from .plan import GradPlan, chunk_rows, grad_plan, pieces as _pieces
+from .lse_gemm import lse_gemm_pass, use_lse_gemm
+from .plan import GradPlan, fixed_first_pieces, forward_budget_bytes, grad_plan, piece_cap, pieces as _pieces
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -85,36 +85,58 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None, rows=None):
-    """(ℓ [N], lse [N], H [N] or None), fp32, from x [N, H], weight [V, H], tgt [N]; no gradient work.
+    """(ℓ [n], lse [n], H [n] or None), fp32, from x [N, H], weight [V, H]; no gradient work.
 
-    rows: only these rows of x (int64 [n], e.g. the unmasked tokens; tgt [n] holds their targets): the outputs are
-    [n], and each chunk's rows are gathered into a chunk-sized buffer, so no [n, H] copy of x is made.
+    rows: None (every row of x, tgt [N]), or a `PendingRows` (tgt holds a target per entry of rows.positions, or per
+    row of x when it has none): rows whose number n the host learns from the argument check's one device→host read.
+    The pass queues its first chunk before it waits for that read whenever the chunk does not depend on n (every row
+    of x, or a pass of at least two chunks' rows, whose first chunk is full: `fixed_first_pieces`), so the GPU has
+    that GEMM to run while the host waits. Gathered rows go chunk by chunk into a chunk-sized buffer: no [n, H] copy.
     shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
     statistics returned are the whole vocabulary's (collectives over shard.group).
     """
-    if shard is not None:
-        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt), inv_t, with_ent, rows_impl,
-                                              rows=rows)
-        return shard.combine(lp_r, lse_r, ent_r, tgt)
-    N, V = tgt.shape[0], weight.shape[0]
+    if shard is not None:  # the collectives need n: no chunk is queued before the read
+        n = tgt.shape[0] if rows is None else rows.count()
+        index = None if rows is None else rows.rows()
+        known = None if index is None else PendingRows(x.shape[0], index, lambda: index.shape[0])
+        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt[:n]), inv_t, with_ent,
+                                              rows_impl, rows=known)
+        return shard.combine(lp_r, lse_r, ent_r, tgt[:n])
+    N = tgt.shape[0]  # the rows of tgt: n or more
     sdt = stats_dtype(x)
     lp = torch.empty((N,), dtype=sdt, device=x.device)
     lse = torch.empty((N,), dtype=sdt, device=x.device)
     ent = torch.empty((N,), dtype=sdt, device=x.device) if with_ent else None
-    if N == 0:
-        return lp, lse, ent
-    if use_lse_gemm(x, weight, rows_impl):
-        lse_gemm_logprobs(x, weight, bias, tgt, inv_t, lp, lse, ent, rows)
-        return lp, lse, ent
+    positions = None if rows is None else rows.positions
+    pass_args = (x, weight, bias, tgt, inv_t, lp, lse, ent, positions is not None)
+    cap, run = lse_gemm_pass(*pass_args) if use_lse_gemm(x, weight, rows_impl) else _cublas_pass(rows_impl, *pass_args)
+    first = None
+    if rows is not None and N > 0 and (positions is None or N >= 2 * cap):
+        first = fixed_first_pieces(N, cap)[0]
+        run(first, positions)
+    n = N if rows is None else rows.count()  # waits for the check (and raises on a bad id)
+    index = None if rows is None else rows.rows()
+    for sl in fixed_first_pieces(n, cap):
+        if sl != first:  # n ≤ cap after a speculative first chunk: redone on the n rows alone (same chunks as a call
+            run(sl, index)  # on just them)
+    return lp[:n], lse[:n], (None if ent is None else ent[:n])
+
+
+def _cublas_pass(rows_impl: str, x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bool):
+    """(rows per chunk, run(rows slice, positions or None)) of the cuBLAS log-prob pass: fp32 logits chunk, then
+    the row kernel, into lp/lse/ent[slice]. gathered: run takes positions, so rows go through a chunk buffer."""
+    N, V = tgt.shape[0], weight.shape[0]
+    cap = piece_cap(forward_budget_bytes() // (4 * V))
     gemm = Gemm(weight)
-    chunk = chunk_rows(N, V)
-    buf = torch.empty((min(chunk, N), V), dtype=sdt, device=x.device)
-    x_buf = None if rows is None else torch.empty((min(chunk, N), x.shape[1]), dtype=x.dtype, device=x.device)
-    for sl in _pieces(N, chunk):
+    buf = torch.empty((min(cap, N), V), dtype=lp.dtype, device=x.device)
+    x_buf = torch.empty((min(cap, N), x.shape[1]), dtype=x.dtype, device=x.device) if gathered else None
+
+    def run(sl: slice, positions) -> None:
         logits = buf[: sl.stop - sl.start]
-        gemm.logits(gather_rows(x, rows, sl, x_buf), logits)
+        gemm.logits(gather_rows(x, positions, sl, x_buf), logits)
         logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp[sl], lse[sl], None if ent is None else ent[sl])
-    return lp, lse, ent
+
+    return cap, run
 
 
 def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False) -> GradPlan:

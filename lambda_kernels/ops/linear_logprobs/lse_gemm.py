@@ -30,7 +30,7 @@ import triton
 from ..._core.runtime import env_choice, interpreter_enabled
 from ..real_tokens import gather_rows
 from .lse_gemm_kernels import lse_gemm_merge_kernel, lse_gemm_persistent_kernel, lse_gemm_tiles_kernel
-from .plan import forward_budget_bytes, pieces, split_size
+from .plan import forward_budget_bytes, piece_cap
 
 GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
 CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
@@ -132,33 +132,35 @@ def persistent_programs(device: torch.device, config: tuple, element_size: int) 
     return props.multi_processor_count * per_sm
 
 
-def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=None) -> None:
-    """lp, lse (and ent when not None) [N] fp32 of x [N, H] against weight [V, H], without logits in memory.
+def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bool):
+    """(rows per piece, run(rows slice, positions or None)) of the log-prob pass without logits in memory: run
+    writes lp, lse (and ent when not None) [slice] fp32 of x's rows against weight [V, H].
 
-    rows: only these rows of x (tgt, lp, lse, ent are theirs), gathered piece by piece into a piece-sized buffer.
-    The tiles' partial statistics (12 bytes per row and tile column), and the gathered rows, are bounded by the
-    forward budget: rows are processed in pieces when N is large.
+    gathered: run takes the positions of the rows in x, gathered piece by piece into a piece-sized buffer. The
+    tiles' partial statistics (12 bytes per row and tile column), and the gathered rows, are bounded by the forward
+    budget: the pass runs in pieces when there are many rows.
     """
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
-    x = x if x.stride(1) == 1 or rows is not None else x.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()  # rows are read as x[slice] when no positions are given
     config = tile_config()
     block_m, block_n, block_k, group_m, warps, stages = config
     n_v = triton.cdiv(V, block_n)
-    row_bytes = 12 * n_v + (0 if rows is None else K * x.element_size())
-    piece = split_size(N, max(block_m, forward_budget_bytes() // row_bytes))
-    part = torch.empty((3, n_v, min(piece, N)), dtype=torch.float32, device=x.device)
-    zt = torch.empty((min(piece, N),), dtype=torch.float32, device=x.device)
+    row_bytes = 12 * n_v + (K * x.element_size() if gathered else 0)
+    cap = piece_cap(max(block_m, forward_budget_bytes() // row_bytes))
+    part = torch.empty((3, n_v, min(cap, N)), dtype=torch.float32, device=x.device)
+    zt = torch.empty((min(cap, N),), dtype=torch.float32, device=x.device)
     with_ent = ent is not None
-    x_buf = None if rows is None else torch.empty((min(piece, N), K), dtype=x.dtype, device=x.device)
+    x_buf = torch.empty((min(cap, N), K), dtype=x.dtype, device=x.device) if gathered else None
     use_tma = logprobs_gemm() == "triton_tma"
     b = weight if bias is None else bias
     common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
                   BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
                   QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
-    for sl in pieces(N, piece):
+
+    def run(sl: slice, positions) -> None:
         m = sl.stop - sl.start
-        xs = gather_rows(x, rows, sl, x_buf)
+        xs = gather_rows(x, positions, sl, x_buf)
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()
             programs = persistent_programs(x.device, config, x.element_size())
@@ -173,3 +175,5 @@ def lse_gemm_logprobs(x, weight, bias, tgt, inv_t: float, lp, lse, ent, rows=Non
         lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
             part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
             math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)
+
+    return cap, run

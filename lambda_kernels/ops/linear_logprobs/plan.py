@@ -71,14 +71,18 @@ def forward_budget_bytes() -> int:
     return logits if memory is None else min(logits, memory)
 
 
+def piece_cap(cap: int) -> int:
+    """The most rows (or columns) a piece of ≤ `cap` holds: at least 1, a multiple of 128 once ≥ 256 (cuBLAS tiles)."""
+    cap = max(1, cap)
+    return cap // 128 * 128 if cap >= 256 else cap
+
+
 def split_size(total: int, cap: int) -> int:
     """Size of the equal parts that cut `total` into as few pieces of ≤ `cap` as possible.
 
     Multiples of 128 once the cap is ≥ 256 (cuBLAS tiles); balanced, so the last piece is not a sliver.
     """
-    cap = max(1, cap)
-    if cap >= 256:
-        cap = cap // 128 * 128
+    cap = piece_cap(cap)
     if total <= cap:
         return max(total, 1)
     n_parts = -(-total // cap)
@@ -91,6 +95,20 @@ def split_size(total: int, cap: int) -> int:
 def pieces(total: int, size: int) -> list[slice]:
     """[0, total) cut into consecutive slices of `size` (the last may be shorter)."""
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def fixed_first_pieces(total: int, cap: int) -> list[slice]:
+    """[0, total) in as few pieces of ≤ `cap` (`piece_cap`) as possible: one when it fits, else a first piece of
+    exactly the cap and the rest balanced (`split_size`).
+
+    The first piece is the same for every total above the cap, so a pass that learns its number of rows late (the
+    real tokens of a batch, found on the device) can queue that piece's GEMM before the host knows the number.
+    """
+    cap = piece_cap(cap)
+    if total <= cap:
+        return [slice(0, total)] if total else []
+    rest = total - cap
+    return [slice(0, cap)] + [slice(cap + sl.start, cap + sl.stop) for sl in pieces(rest, split_size(rest, cap))]
 
 
 def chunk_rows(N: int, V: int, budget: int | None = None) -> int:

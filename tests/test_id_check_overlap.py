@@ -1,0 +1,125 @@
+"""linear_logprobs queues its first chunk before it waits for the token-id check's one device→host read, so on a
+GPU the first GEMM runs while the host waits, with the same chunks (and values) as if it had waited first."""
+import pytest
+import torch
+
+import lambda_kernels as lk
+from lambda_kernels.ops import real_tokens
+from lambda_kernels.ops.linear_logprobs import launch, lse_gemm
+
+from ._helpers import record_calls, set_chunk_rows
+from ._lm_head import make_inputs
+
+H, V = 24, 123
+GEMMS = ("cublas", "triton")  # the log-prob pass's two GEMMs (the Triton one: the per-tile kernel on CPU)
+
+
+@pytest.fixture
+def order(monkeypatch):
+    """What the pass does, in order: ("chunk", rows) for each chunk's gathered or sliced rows going to a GEMM, and
+    "read" when the host waits for the check's read."""
+    events = []
+    for module in (launch, lse_gemm):
+        record_calls(monkeypatch, module, "gather_rows",
+                     lambda x, rows, sl, buf: events.append(("chunk", sl.stop - sl.start)))
+    record_calls(monkeypatch, real_tokens.HostRead, "values", lambda self: events.append("read"))
+    return events
+
+
+def chunk_cap(gemm: str) -> int:
+    """Rows per chunk (the `gemm` fixture's budget): 7 for cuBLAS; BLOCK_M for the Triton GEMM, whose pieces hold at
+    least that many rows (its budget counts 12 bytes per row and tile column, not a row of logits)."""
+    return 7 if gemm == "cublas" else lse_gemm.tile_config()[0]
+
+
+def inputs(N, device, seed=0):
+    return make_inputs(N, H, V, dtype=torch.float16, device=device, seed=seed)
+
+
+@pytest.fixture(params=GEMMS)
+def gemm(request, monkeypatch):
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, request.param)
+    set_chunk_rows(monkeypatch, 7 if request.param == "cublas" else 1)  # a budget below BLOCK_M rows for Triton
+    return request.param
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_unmasked_first_chunk_before_the_read(gemm, grad, order, device):
+    cap = chunk_cap(gemm)
+    x, w, b, t = inputs(3 * cap + 2, device)
+    with torch.set_grad_enabled(grad):
+        lk.linear_logprobs(x, w, t, bias=b)
+    assert order[:2] == [("chunk", cap), "read"] and order.count("read") == 1
+    assert sum(rows for kind, rows in order[2:]) == x.shape[0] - cap
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_masked_first_chunk_before_the_read(gemm, grad, order, device):
+    """At least two chunks' rows in all and more real ones than a chunk: the first chunk (full) goes first, and the
+    values are bit-identical to a call on just the real rows (which waits before its first chunk, same chunks)."""
+    cap = chunk_cap(gemm)
+    N = 4 * cap
+    x, w, b, t = inputs(N, device, seed=1)
+    mask = torch.arange(N, device=device) % 3 != 0  # 2/3 real: more than one chunk
+    t = torch.where(mask, t, torch.full_like(t, -100))
+    with torch.set_grad_enabled(grad):
+        lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    assert order[:2] == [("chunk", cap), "read"] and order.count("read") == 1
+    assert sum(rows for kind, rows in order[2:]) == int(mask.sum()) - cap
+    order.clear()
+    with torch.no_grad():
+        lp_real = lk.linear_logprobs(x[mask], w, t[mask], bias=b)
+    assert order[:2] == [("chunk", cap), "read"]
+    assert torch.equal(lp.detach()[mask], lp_real) and (lp[~mask] == 0).all()
+
+
+def test_few_real_tokens_redo_the_first_chunk_on_them(gemm, order, device):
+    """Fewer real tokens than a chunk: the speculative first chunk is redone on the real rows alone (one chunk of
+    them, as a call on just them has), so nothing depends on the speculation but time."""
+    cap = chunk_cap(gemm)
+    N = 2 * cap
+    x, w, b, t = inputs(N, device, seed=2)
+    mask = torch.zeros(N, dtype=torch.bool, device=device)
+    mask[[1, 4, cap + 3]] = True
+    lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    assert order == [("chunk", cap), "read", ("chunk", 3)]
+    with torch.no_grad():
+        lp_real = lk.linear_logprobs(x[mask], w, t[mask], bias=b)
+    assert torch.equal(lp.detach()[mask], lp_real) and (lp[~mask] == 0).all()
+    lp.sum().backward()
+    assert (x.grad[~mask] == 0).all() and x.grad[mask].abs().sum() > 0
+
+
+def test_masked_under_two_chunks_reads_first(gemm, order, device):
+    """Fewer than two chunks' rows in all: the real ones may fit one chunk, so the pass waits for their number."""
+    cap = chunk_cap(gemm)
+    x, w, b, t = inputs(2 * cap - 1, device, seed=3)
+    mask = torch.arange(x.shape[0], device=device) % 2 == 0
+    lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    assert order[0] == "read" and sum(rows for kind, rows in order[1:]) == int(mask.sum())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bad_id_raises_after_the_first_chunk(gemm, masked, order, device):
+    cap = chunk_cap(gemm)
+    x, w, b, t = inputs(4 * cap, device, seed=4)
+    real = torch.arange(x.shape[0], device=device) % 3 != 0
+    t[cap + int(not real[cap])] = V  # a real token's id, past the first chunk
+    mask = real if masked else None
+    with pytest.raises(ValueError, match=r"`targets` must hold token ids in \[0, V\) = \[0, 123\).*, max 123\."):
+        lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    assert order == [("chunk", cap), "read"]  # nothing after the check
+
+
+def test_positions_filler_is_in_bounds():
+    real = torch.tensor([False, True, True, False, False, True, False])
+    positions = real_tokens.real_token_positions(real)
+    assert positions[:3].tolist() == [1, 2, 5]
+    assert positions.shape == (8,) and ((positions >= 0) & (positions < 7)).all()
+
+
+def test_host_read_values(device):
+    values = torch.tensor([-3, 7, 2**40], dtype=torch.int64, device=device)
+    read = real_tokens.HostRead(values)
+    values.zero_()  # queued after the copy: the host still sees the values it had when the read was queued
+    assert read.values() == [-3, 7, 2**40]
