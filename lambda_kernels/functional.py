@@ -1,9 +1,10 @@
 """Public functions: docstrings, validation of user input, and dispatch between Triton kernels and PyTorch.
 
-Every function validates once, here, before any kernel runs, with one exception: `linear_logprobs` waits for its
-token-id check (the one check that reads device values) after queueing its first logits GEMM, which indexes nothing
-by a token id. `impl` selects "triton" (compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1), "torch" (the
-reference in `lambda_kernels.reference`) or "auto" (Triton when it can run on the tensors' device, torch otherwise).
+Every function validates once, here, before any kernel runs, with one exception: `linear_logprobs` may wait for its
+token-id check (the one check that reads device values) after queueing its first logits chunk, whose kernels read
+targets only through masked loads or compares. `impl` selects "triton" (compiled on CUDA, interpreted on CPU under
+TRITON_INTERPRET=1), "torch" (the reference in `lambda_kernels.reference`) or "auto" (Triton when it can run on the
+tensors' device, torch otherwise).
 """
 from __future__ import annotations
 
@@ -240,14 +241,6 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
     return VocabShard.of(process_group, weight.shape[0], device)
 
 
-def _check_token_ids(op: str, name: str, ids: torch.Tensor, V: int, real=None, hint: str = "") -> list[int] | None:
-    """Token ids in [0, V) (where `real`, bool [R, C] = mask ≠ 0, is True), checked before any kernel runs. One host
-    sync brings the min and max and, with `real`, each row's number of real tokens, which are returned."""
-    from .ops.real_tokens import queue_token_check
-
-    return queue_token_check(op, name, ids, V, real, hint)()
-
-
 def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
     """(`queue_token_check` of ids [R, C] with mask [R, C], the [R·C + 1] positions of `real_token_positions`): the
     positions are queued before the check's one host read, which brings their number (the sum of the counts)."""
@@ -258,9 +251,9 @@ def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.
 
 
 def _check_tokens_find_real(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
-    """`_check_token_ids` of ids [R, C] with mask [R, C] → (each row's count of real tokens, the positions of the
-    real tokens in ids.reshape(-1), or None when every token is real). After its one host read, the LM-head GEMMs are
-    the next launches."""
+    """The token-id check of ids [R, C] with mask [R, C], waited for → (each row's count of real tokens, the
+    positions of the real tokens in ids.reshape(-1), or None when every token is real). After its one host read,
+    the LM-head GEMMs are the next launches."""
     finish, positions = _queue_real_rows(op, name, ids, V, mask)
     counts = finish()
     n_real = sum(counts)
@@ -297,7 +290,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         hidden: `[..., H]` float (fp16/bf16/fp32/fp64): the states that predict `targets` (already shifted).
         weight: `[V, H]` LM head in nn.Linear layout, same dtype as hidden (may be tied to the embeddings).
         targets: `[...]` = hidden's leading shape, int64/int32 token ids in [0, V) where mask ≠ 0 (checked: one
-            device→host read, waited for once the first logits GEMM is queued, so the GPU does not idle at it).
+            device→host read, waited for once the first logits GEMM is queued where its size does not depend on the
+            count of real tokens, so the GPU does not idle at it).
         bias: optional `[V]`, same dtype as hidden.
         temperature: finite > 0; the distribution is softmax(logits / temperature).
         return_entropy: also return the entropy of that tempered distribution (differentiable too).

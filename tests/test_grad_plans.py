@@ -125,15 +125,18 @@ def test_split_size(total, cap, size):
 
 
 @pytest.mark.parametrize("total, cap, sizes", [(0, 7, []), (5, 7, [5]), (7, 7, [7]), (8, 7, [7, 1]),
-                                               (40, 7, [7, 7, 7, 7, 7, 5]), (5734, 1766, [1664, 1408, 1408, 1254]),
-                                               (8192, 1766, [1664] * 4 + [1536])])
-def test_fixed_first_pieces(total, cap, sizes):
-    """As few pieces of ≤ piece_cap(cap) as possible, the first one full whenever there are two or more (so it does
-    not depend on the total), the rest balanced; consecutive, covering [0, total)."""
-    got = plan.fixed_first_pieces(total, cap)
+                                               (40, 7, [7, 7, 7, 7, 7, 5]), (400, 1766, [400]), (512, 1766, [512]),
+                                               (1000, 1766, [512, 488]), (5734, 1766, [512, 1408, 1408, 1408, 998]),
+                                               (8192, 1766, [512, 1536, 1536, 1536, 1536, 1536])])
+def test_log_prob_pieces(total, cap, sizes):
+    """Pieces of ≤ piece_cap(cap) rows; whenever there are two or more, the first has first_piece_rows(cap) rows
+    (so it does not depend on the total) and the rest are balanced; consecutive, covering [0, total)."""
+    got = plan.log_prob_pieces(total, cap)
     assert [sl.stop - sl.start for sl in got] == sizes
     assert [sl.start for sl in got] == [sum(sizes[:i]) for i in range(len(sizes))]
-    assert len(got) == -(-total // plan.piece_cap(cap))
+    assert plan.first_piece_rows(cap) == min(plan.FIRST_PIECE_ROWS, plan.piece_cap(cap))
+    rest = max(total - plan.first_piece_rows(cap), 0)
+    assert len(got) == (total > 0) + (-(-rest // plan.piece_cap(cap)) if rest else 0)
 
 
 # ------------------------------------------------------------------------------------ the vocab plan's numbers

@@ -5,7 +5,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels.ops import real_tokens
-from lambda_kernels.ops.linear_logprobs import launch, lse_gemm
+from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
 from ._helpers import record_calls, set_chunk_rows
 from ._lm_head import make_inputs
@@ -90,6 +90,38 @@ def test_few_real_tokens_redo_the_first_chunk_on_them(gemm, order, device):
     assert (x.grad[~mask] == 0).all() and x.grad[mask].abs().sum() > 0
 
 
+def test_first_chunk_shorter_than_the_budget(order, monkeypatch, device):
+    """With room for more rows than FIRST_PIECE_ROWS, the first chunk has FIRST_PIECE_ROWS rows and the rest are
+    balanced; a masked pass speculates from twice that many rows in all."""
+    set_chunk_rows(monkeypatch, 7)
+    monkeypatch.setattr(plan, "FIRST_PIECE_ROWS", 3)
+    x, w, b, t = inputs(6, device, seed=5)
+    mask = torch.tensor([1, 0, 1, 1, 1, 1], dtype=torch.bool, device=device)  # 5 real
+    with torch.no_grad():
+        lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+        assert order == [("chunk", 3), "read", ("chunk", 2)]
+        assert torch.equal(lp[mask], lk.linear_logprobs(x[mask], w, t[mask], bias=b))
+        order.clear()
+        lk.linear_logprobs(x[:5], w, t[:5], bias=b, mask=mask[:5])  # 5 < 2·3 rows in all: the read first
+        assert order == ["read", ("chunk", 3), ("chunk", 1)]
+        order.clear()
+        x, w, b, t = inputs(20, device, seed=6)
+        lk.linear_logprobs(x, w, t, bias=b)
+        assert order == [("chunk", 3), "read"] + [("chunk", 6)] * 2 + [("chunk", 5)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_outputs_can_be_modified_in_place(masked, device):
+    """Every row computed: the log-probs are a whole tensor, not a view of a larger buffer (autograd forbids in-place
+    changes to views made inside a custom Function). The entropy is saved for the backward, so it stays read-only."""
+    x, w, b, t = inputs(9, device, seed=7)
+    mask = torch.ones(9, dtype=torch.bool, device=device) if masked else None
+    lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    lp.masked_fill_(t == t[0], 0.0)
+    lp.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[t != t[0]] != 0).any()
+
+
 def test_masked_under_two_chunks_reads_first(gemm, order, device):
     """Fewer than two chunks' rows in all: the real ones may fit one chunk, so the pass waits for their number."""
     cap = chunk_cap(gemm)
@@ -123,3 +155,13 @@ def test_host_read_values(device):
     read = real_tokens.HostRead(values)
     values.zero_()  # queued after the copy: the host still sees the values it had when the read was queued
     assert read.values() == [-3, 7, 2**40]
+
+
+@pytest.mark.gpu
+def test_host_read_does_not_wait_for_the_gpu():
+    """The read is queued behind the GPU's work, not waited for: its copy is still pending while the GPU sleeps."""
+    values = torch.tensor([5, -1], device="cuda")
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles ahead of the copy
+    read = real_tokens.HostRead(values)
+    assert not read._event.query()
+    assert read.values() == [5, -1]

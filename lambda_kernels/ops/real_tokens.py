@@ -47,9 +47,9 @@ class PendingRows:
     """The rows a log-prob pass computes, known to the device at once and to the host only after the argument
     check's one device→host read, so that the pass queues its first chunk before the host waits for that read.
 
-    total: the rows of the pass's input (N); positions: [N + 1] from `real_token_positions` (the real tokens first,
-    then in-bounds filler), or None when every row is computed; check(): waits for the read, raises on a bad token
-    id, and returns the number of rows computed, n.
+    total: the rows of the pass's input (N); positions: the computed rows' positions first, then in-bounds filler
+    (the [N + 1] of `real_token_positions`, or exactly n when they are known already), or None when every row is
+    computed; check(): waits for the read, raises on a bad token id, and returns the number of rows computed, n.
     """
 
     def __init__(self, total: int, positions: torch.Tensor | None, check: Callable[[], int]):
@@ -85,10 +85,11 @@ def scatter_real(values: torch.Tensor, index: torch.Tensor, total: int) -> torch
 
 @torch.compiler.disable  # a pinned copy and a CUDA event: nothing for a graph
 def queue_token_check(op: str, name: str, ids: torch.Tensor, V: int, real=None, hint: str = ""):
-    """`functional._check_token_ids`, queued: the device reduces the ids (and counts real tokens per row of `real`)
-    and starts copying the results to the host; the function returned waits for that one read, raises on an id
-    outside [0, V) and returns the counts (None without `real`). A caller can queue GEMMs in between (they never
-    index memory by a token id), so the GPU is not idle while the host waits."""
+    """Token ids in [0, V) where `real` (bool [R, C], mask ≠ 0) is True, checked with one device→host read, queued:
+    the device reduces the ids (and counts each row's real tokens) and starts copying the results to the host; the
+    function returned waits for that read, raises on an id outside [0, V) and returns the counts (None without
+    `real`). A caller can queue kernels in between that read ids only through masked loads or compares, so the GPU
+    is not idle while the host waits."""
     if ids.numel() == 0:
         counts = None if real is None else [0] * real.shape[0]
         return lambda: counts

@@ -2,7 +2,7 @@
 row kernels on the fp32 logits chunk in between. Plans and budgets: plan.py; vocabulary-parallel heads:
 vocab_parallel.py; the opt-in Triton log-prob GEMM: lse_gemm.py.
 
-Per chunk of M rows (the token plan; M from the logits budget, see `plan.chunk_rows`, `fixed_first_pieces`):
+Per chunk of M rows (the token plan; M from the logits budget: `plan.chunk_rows`, `plan.log_prob_pieces`):
 
     logits = X_c·Wᵀ                      fp32 output (torch.mm(..., out_dtype=float32) for bf16/fp16 on CUDA)
     row kernel                           lse, ℓ, H; or dlogits written over the chunk (in the GEMM input dtype)
@@ -26,7 +26,8 @@ from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .lse_gemm import lse_gemm_pass, use_lse_gemm
-from .plan import GradPlan, fixed_first_pieces, forward_budget_bytes, grad_plan, piece_cap, pieces as _pieces
+from .plan import GradPlan, first_piece_rows, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, \
+    pieces as _pieces
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -89,9 +90,10 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
 
     rows: None (every row of x, tgt [N]), or a `PendingRows` (tgt holds a target per entry of rows.positions, or per
     row of x when it has none): rows whose number n the host learns from the argument check's one device→host read.
-    The pass queues its first chunk before it waits for that read whenever the chunk does not depend on n (every row
-    of x, or a pass of at least two chunks' rows, whose first chunk is full: `fixed_first_pieces`), so the GPU has
-    that GEMM to run while the host waits. Gathered rows go chunk by chunk into a chunk-sized buffer: no [n, H] copy.
+    The pass queues its first chunk before it waits for that read (so the GPU has that GEMM to run meanwhile), as its
+    size does not depend on n (`log_prob_pieces`): always for every row of x, and for positions when there are at
+    least twice its rows in all (else few real tokens may well need it redone). Gathered rows go chunk by chunk into
+    a chunk-sized buffer: no [n, H] copy.
     shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
     statistics returned are the whole vocabulary's (collectives over shard.group).
     """
@@ -111,14 +113,16 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     pass_args = (x, weight, bias, tgt, inv_t, lp, lse, ent, positions is not None)
     cap, run = lse_gemm_pass(*pass_args) if use_lse_gemm(x, weight, rows_impl) else _cublas_pass(rows_impl, *pass_args)
     first = None
-    if rows is not None and N > 0 and (positions is None or N >= 2 * cap):
-        first = fixed_first_pieces(N, cap)[0]
+    if rows is not None and N > 0 and (positions is None or N >= 2 * first_piece_rows(cap)):
+        first = log_prob_pieces(N, cap)[0]
         run(first, positions)
     n = N if rows is None else rows.count()  # waits for the check (and raises on a bad id)
     index = None if rows is None else rows.rows()
-    for sl in fixed_first_pieces(n, cap):
-        if sl != first:  # n ≤ cap after a speculative first chunk: redone on the n rows alone (same chunks as a call
-            run(sl, index)  # on just them)
+    for sl in log_prob_pieces(n, cap):
+        if sl != first:  # fewer real rows than the first piece: it is redone on them alone (the pieces of a call on
+            run(sl, index)  # just them)
+    if n == N:  # whole tensors: autograd lets a caller modify the outputs in place (not views of a larger buffer)
+        return lp, lse, ent
     return lp[:n], lse[:n], (None if ent is None else ent[:n])
 
 

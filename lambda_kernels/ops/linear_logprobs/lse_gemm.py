@@ -146,7 +146,7 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
     config = tile_config()
     block_m, block_n, block_k, group_m, warps, stages = config
     n_v = triton.cdiv(V, block_n)
-    row_bytes = 12 * n_v + (K * x.element_size() if gathered else 0)
+    row_bytes = 12 * n_v + K * x.element_size()  # a gathered row counted whether gathered or not: the same pieces
     cap = piece_cap(max(block_m, forward_budget_bytes() // row_bytes))
     part = torch.empty((3, n_v, min(cap, N)), dtype=torch.float32, device=x.device)
     zt = torch.empty((min(cap, N),), dtype=torch.float32, device=x.device)

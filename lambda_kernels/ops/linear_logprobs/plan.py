@@ -42,6 +42,10 @@ PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
 PLAN_CHOICES = ("auto", "tokens", "vocab")
 TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
+# A log-prob pass's first piece (`log_prob_pieces`): its GEMM runs while the host waits for the id check, so it must
+# outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is redone when fewer real
+# tokens than that turn up, so it should be cheap; more rows also cut a short remainder piece less often.
+FIRST_PIECE_ROWS = 512
 
 
 def _parse_bytes(name: str, raw: str) -> int:
@@ -97,18 +101,23 @@ def pieces(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def fixed_first_pieces(total: int, cap: int) -> list[slice]:
-    """[0, total) in as few pieces of ≤ `cap` (`piece_cap`) as possible: one when it fits, else a first piece of
-    exactly the cap and the rest balanced (`split_size`).
+def first_piece_rows(cap: int) -> int:
+    """Rows of a log-prob pass's first piece when it has more: FIRST_PIECE_ROWS, or the cap if that is smaller."""
+    return min(FIRST_PIECE_ROWS, piece_cap(cap))
 
-    The first piece is the same for every total above the cap, so a pass that learns its number of rows late (the
-    real tokens of a batch, found on the device) can queue that piece's GEMM before the host knows the number.
+
+def log_prob_pieces(total: int, cap: int) -> list[slice]:
+    """[0, total) in pieces of ≤ `cap` rows (`piece_cap`): one when total ≤ `first_piece_rows(cap)`, else a first
+    piece of that many rows and the rest balanced (`split_size`).
+
+    The first piece is the same for every larger total, so a pass that learns its number of rows late (the real
+    tokens of a batch, counted on the device) can queue that piece's GEMM before the host knows the number.
     """
-    cap = piece_cap(cap)
-    if total <= cap:
+    first = first_piece_rows(cap)
+    if total <= first:
         return [slice(0, total)] if total else []
-    rest = total - cap
-    return [slice(0, cap)] + [slice(cap + sl.start, cap + sl.stop) for sl in pieces(rest, split_size(rest, cap))]
+    rest = total - first
+    return [slice(0, first)] + [slice(first + sl.start, first + sl.stop) for sl in pieces(rest, split_size(rest, cap))]
 
 
 def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
