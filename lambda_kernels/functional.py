@@ -306,8 +306,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         mask: optional `[...]` (targets' shape) bool/int/float: only the tokens with mask ≠ 0 are computed, e.g. the
             completion mask for old-policy and reference log-probs, so padding costs no GEMM FLOPs (verl's
             "remove padding"). Masked positions get log-prob 0 (and entropy 0) and no gradient; their hidden states
-            and targets are never read (padding ids such as -100 are fine there). The real tokens' values are
-            computed as by a call on just those rows (same chunks, same kernels).
+            and targets reach no result (padding ids such as -100, and NaN states, are fine there; a first chunk
+            computed before the count of real tokens is known may run over some of them and be discarded). The
+            real tokens' values are computed as by a call on just those rows (same chunks, same kernels).
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]
@@ -332,7 +333,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
     from .ops.real_tokens import PendingRows, queue_token_check
 
-    # the id check's host read is waited for inside the pass, after its first GEMM is queued (`PendingRows`)
+    # the id check's host read is waited for inside the pass, after its first GEMM is queued where that GEMM does not
+    # depend on the count of real tokens (`PendingRows`, `launch.logprobs_forward`)
     if mask is None:
         finish = queue_token_check(op, "targets", targets, V, hint="or pass mask= to skip those positions")
         rows = PendingRows(targets.numel(), None, lambda: finish() or targets.numel())  # finish() → None

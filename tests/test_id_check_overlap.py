@@ -165,3 +165,14 @@ def test_host_read_does_not_wait_for_the_gpu():
     read = real_tokens.HostRead(values)
     assert not read._event.query()
     assert read.values() == [5, -1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_strided_targets(masked, device):
+    """A strided 1-d targets (reshape keeps it a view) reaches the kernels as a plain array."""
+    x, w, b, t = inputs(2 * 13, device, seed=8)
+    mask = (torch.arange(13, device=device) % 4 != 0) if masked else None
+    with torch.no_grad():
+        lp = lk.linear_logprobs(x[::2], w, t[::2], bias=b, mask=mask)
+        want = lk.linear_logprobs(x[::2].contiguous(), w, t[::2].contiguous(), bias=b, mask=mask)
+    assert torch.equal(lp, want)

@@ -58,13 +58,14 @@ def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsP
 
     rows: the tokens to compute (`PendingRows`: all of them, or the positions of some in the flattened targets,
     whose number the host learns inside the pass); the others get ℓ = H = 0 and no gradient, and their hidden states
-    and targets are not read.
+    and targets reach no result.
     """
     H = hidden.shape[-1]
     x = hidden.reshape(-1, H)
     tgt = targets.reshape(-1)
     if rows.positions is not None:  # a target per entry: the real tokens' first, then in-bounds filler
         tgt = tgt.index_select(0, rows.positions[: tgt.shape[0]])
+    tgt = tgt.contiguous()  # the kernels index it as a plain array (a strided 1-d targets reshapes to a view)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:

@@ -121,11 +121,8 @@ def log_prob_pieces(total: int, cap: int) -> list[slice]:
 
 
 def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
-    """Rows per fp32 logits chunk [rows, V] within `budget` bytes (default `forward_budget_bytes()`).
-
-    Depends only on (N, V, budget), so the grad and no-grad log-prob passes cut the same chunks (same GEMM shapes,
-    bit-identical log-probs).
-    """
+    """Rows per fp32 logits chunk [rows, V] of a gradient pass within `budget` bytes (default
+    `forward_budget_bytes()`), balanced over N. (A log-prob pass cuts its chunks with `log_prob_pieces`.)"""
     budget = forward_budget_bytes() if budget is None else budget
     return split_size(N, budget // (4 * max(V, 1)))
 
