@@ -277,9 +277,13 @@ def kernel_breakdown(shape: str, provider: str, top: int = 8, trace_dir: str | N
     step()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
     with torch.profiler.profile(activities=acts) as prof:
         step()
         torch.cuda.synchronize()
+    # cudaMalloc calls of the step (a warmed-up step should take all its memory from the caching allocator): each
+    # is a host sync and may show as GPU idle time
+    mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0) - mallocs
     if trace_dir:  # the timeline (host gaps between kernels), for chrome://tracing or Perfetto
         import gzip
         import tempfile
@@ -290,12 +294,38 @@ def kernel_breakdown(shape: str, provider: str, top: int = 8, trace_dir: str | N
                                                       "wb") as dst:
                 dst.write(src.read())
     times: dict = {}
+    spans = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             times[e.name] = times.get(e.name, 0.0) + e.device_time_total / 1e3
+            spans.append((e.time_range.start / 1e3, e.time_range.end / 1e3))
     biggest = sorted(times.items(), key=lambda kv: -kv[1])[:top]
-    return dict(shape=shape, provider=provider, total_ms=sum(times.values()),
-                kernels={name[:90]: round(ms, 3) for name, ms in biggest})
+    busy, span = busy_and_span(spans)
+    return dict(shape=shape, provider=provider, total_ms=sum(times.values()), span_ms=span, idle_ms=span - busy,
+                cuda_mallocs=mallocs, kernels={name[:90]: round(ms, 3) for name, ms in biggest})
+
+
+def busy_and_span(intervals) -> tuple[float, float]:
+    """(time covered by the union of the [start, end) intervals, end of the last − start of the first): the GPU's
+    idle time inside a step, e.g. waiting for the host between the argument check's kernels and the first GEMM, is
+    span − busy."""
+    busy, span, reach = 0.0, 0.0, None
+    ordered = sorted(intervals)
+    for start, end in ordered:
+        if reach is None or start > reach:
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    if ordered:
+        span = reach - ordered[0][0]
+    return busy, span
+
+
+def test_busy_and_span():
+    assert busy_and_span([]) == (0.0, 0.0)
+    assert busy_and_span([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (2.5, 2.75)]) == (4.0, 6.0)  # idle 3–5
 
 
 def format_row(r: dict) -> str:

@@ -189,7 +189,9 @@ def write_results(results: dict) -> None:
     if results.get("breakdown"):
         lines += ["## Where one step's GPU time goes (torch.profiler, CUDA kernels, ms)", ""]
         for r in results["breakdown"]:
-            lines.append(f"- {r['shape']} {r['provider']}: {r['total_ms']:.2f} ms in kernels; "
+            lines.append(f"- {r['shape']} {r['provider']}: {r['total_ms']:.2f} ms in kernels, GPU idle "
+                         f"{r['idle_ms']:.2f} of the {r['span_ms']:.2f} ms from first kernel to last, "
+                         f"{r['cuda_mallocs']} cudaMalloc; "
                          + "; ".join(f"`{k}` {v:.2f}" for k, v in r["kernels"].items()))
         lines.append("")
     if results.get("scans"):
