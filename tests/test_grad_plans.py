@@ -43,7 +43,7 @@ def test_one_gib_memory_budget_holds_at_the_issue_shapes(shape, monkeypatch):
     assert p.kind == "vocab"  # 4·V·H alone is 0.87–2.0 GiB at these shapes
     assert _workspace(p, N, V, H) <= GiB
     assert p.rows == N and p.cols % 128 == 0 and p.cols >= 2048  # GEMMs stay large
-    assert plan.chunk_rows(N, V) * V * 4 <= GiB  # the forward pass's chunk too
+    assert plan.piece_cap(plan.forward_budget_bytes() // (4 * V)) * V * 4 <= GiB  # the log-prob pass's chunks too
 
 
 def test_token_plan_when_the_accumulator_fits_or_is_not_needed(monkeypatch):
@@ -124,19 +124,22 @@ def test_split_size(total, cap, size):
     assert plan.split_size(total, cap) == size
 
 
-@pytest.mark.parametrize("total, cap, sizes", [(0, 7, []), (5, 7, [5]), (7, 7, [7]), (8, 7, [7, 1]),
-                                               (40, 7, [7, 7, 7, 7, 7, 5]), (400, 1766, [400]), (512, 1766, [512]),
-                                               (1000, 1766, [512, 488]), (5734, 1766, [512, 1408, 1408, 1408, 998]),
+@pytest.mark.parametrize("total, cap, sizes", [(0, 7, []), (5, 7, [5]), (7, 7, [7]), (8, 7, [3, 5]),
+                                               (40, 7, [3, 7, 7, 7, 7, 7, 2]), (1000, 1766, [1000]),
+                                               (1664, 1766, [1664]), (1700, 1766, [512, 1188]),
+                                               (5734, 1766, [512, 1408, 1408, 1408, 998]),
                                                (8192, 1766, [512, 1536, 1536, 1536, 1536, 1536])])
 def test_log_prob_pieces(total, cap, sizes):
-    """Pieces of ≤ piece_cap(cap) rows; whenever there are two or more, the first has first_piece_rows(cap) rows
-    (so it does not depend on the total) and the rest are balanced; consecutive, covering [0, total)."""
+    """One piece when it fits piece_cap(cap); else a first piece of first_piece_rows(cap) rows (so it does not depend
+    on the total) and the rest balanced: consecutive, covering [0, total)."""
     got = plan.log_prob_pieces(total, cap)
     assert [sl.stop - sl.start for sl in got] == sizes
     assert [sl.start for sl in got] == [sum(sizes[:i]) for i in range(len(sizes))]
-    assert plan.first_piece_rows(cap) == min(plan.FIRST_PIECE_ROWS, plan.piece_cap(cap))
-    rest = max(total - plan.first_piece_rows(cap), 0)
-    assert len(got) == (total > 0) + (-(-rest // plan.piece_cap(cap)) if rest else 0)
+    full = plan.piece_cap(cap)
+    assert plan.first_piece_rows(cap) == max(1, min(plan.FIRST_PIECE_ROWS, full // 2))
+    if total > full:
+        rest = total - plan.first_piece_rows(cap)
+        assert sizes[0] == plan.first_piece_rows(cap) and len(sizes) == 1 + -(-rest // full)
 
 
 # ------------------------------------------------------------------------------------ the vocab plan's numbers

@@ -32,6 +32,11 @@ def chunk_cap(gemm: str) -> int:
     return 7 if gemm == "cublas" else lse_gemm.tile_config()[0]
 
 
+def first_rows(gemm: str) -> int:
+    """Rows of the first chunk of a pass of more than one chunk (half a chunk at these small budgets)."""
+    return plan.first_piece_rows(chunk_cap(gemm))
+
+
 def inputs(N, device, seed=0):
     return make_inputs(N, H, V, dtype=torch.float16, device=device, seed=seed)
 
@@ -45,44 +50,49 @@ def gemm(request, monkeypatch):
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_unmasked_first_chunk_before_the_read(gemm, grad, order, device):
-    cap = chunk_cap(gemm)
-    x, w, b, t = inputs(3 * cap + 2, device)
-    with torch.set_grad_enabled(grad):
-        lk.linear_logprobs(x, w, t, bias=b)
-    assert order[:2] == [("chunk", cap), "read"] and order.count("read") == 1
-    assert sum(rows for kind, rows in order[2:]) == x.shape[0] - cap
+    cap, first = chunk_cap(gemm), first_rows(gemm)
+    for N in (3 * cap + 2, cap):  # several chunks; one
+        x, w, b, t = inputs(N, device)
+        with torch.set_grad_enabled(grad):
+            lk.linear_logprobs(x, w, t, bias=b)
+        head = first if N > cap else N
+        assert order[:2] == [("chunk", head), "read"] and order.count("read") == 1
+        assert sum(rows for kind, rows in order[2:]) == N - head
+        order.clear()
 
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_masked_first_chunk_before_the_read(gemm, grad, order, device):
     """At least two chunks' rows in all and more real ones than a chunk: the first chunk (full) goes first, and the
     values are bit-identical to a call on just the real rows (which waits before its first chunk, same chunks)."""
-    cap = chunk_cap(gemm)
+    cap, first = chunk_cap(gemm), first_rows(gemm)
     N = 4 * cap
     x, w, b, t = inputs(N, device, seed=1)
     mask = torch.arange(N, device=device) % 3 != 0  # 2/3 real: more than one chunk
     t = torch.where(mask, t, torch.full_like(t, -100))
     with torch.set_grad_enabled(grad):
         lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
-    assert order[:2] == [("chunk", cap), "read"] and order.count("read") == 1
-    assert sum(rows for kind, rows in order[2:]) == int(mask.sum()) - cap
+    assert order[:2] == [("chunk", first), "read"] and order.count("read") == 1
+    assert sum(rows for kind, rows in order[2:]) == int(mask.sum()) - first
     order.clear()
     with torch.no_grad():
         lp_real = lk.linear_logprobs(x[mask], w, t[mask], bias=b)
-    assert order[:2] == [("chunk", cap), "read"]
+    assert order[:2] == [("chunk", first), "read"]
     assert torch.equal(lp.detach()[mask], lp_real) and (lp[~mask] == 0).all()
 
 
-def test_few_real_tokens_redo_the_first_chunk_on_them(gemm, order, device):
-    """Fewer real tokens than a chunk: the speculative first chunk is redone on the real rows alone (one chunk of
-    them, as a call on just them has), so nothing depends on the speculation but time."""
-    cap = chunk_cap(gemm)
+@pytest.mark.parametrize("n_real", [2, "cap"])
+def test_real_tokens_of_one_chunk_redo_the_first(gemm, n_real, order, device):
+    """Real tokens that fit one chunk (fewer than the first chunk's rows, or more): the speculative first chunk is
+    redone as that one chunk (as a call on just them has it), so nothing depends on the speculation but time."""
+    cap, first = chunk_cap(gemm), first_rows(gemm)
     N = 2 * cap
     x, w, b, t = inputs(N, device, seed=2)
     mask = torch.zeros(N, dtype=torch.bool, device=device)
-    mask[[1, 4, cap + 3]] = True
+    mask[torch.tensor([1, cap + 3]) if n_real == 2 else torch.arange(1, N, 2)[:cap]] = True
+    n = int(mask.sum())
     lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
-    assert order == [("chunk", cap), "read", ("chunk", 3)]
+    assert order == [("chunk", first), "read", ("chunk", n)]
     with torch.no_grad():
         lp_real = lk.linear_logprobs(x[mask], w, t[mask], bias=b)
     assert torch.equal(lp.detach()[mask], lp_real) and (lp[~mask] == 0).all()
@@ -90,24 +100,20 @@ def test_few_real_tokens_redo_the_first_chunk_on_them(gemm, order, device):
     assert (x.grad[~mask] == 0).all() and x.grad[mask].abs().sum() > 0
 
 
-def test_first_chunk_shorter_than_the_budget(order, monkeypatch, device):
-    """With room for more rows than FIRST_PIECE_ROWS, the first chunk has FIRST_PIECE_ROWS rows and the rest are
-    balanced; a masked pass speculates from twice that many rows in all."""
+def test_first_chunk_of_first_piece_rows(order, monkeypatch, device):
+    """With room for more than twice FIRST_PIECE_ROWS in a chunk, the first of several chunks has FIRST_PIECE_ROWS
+    rows and the rest are balanced."""
     set_chunk_rows(monkeypatch, 7)
-    monkeypatch.setattr(plan, "FIRST_PIECE_ROWS", 3)
-    x, w, b, t = inputs(6, device, seed=5)
-    mask = torch.tensor([1, 0, 1, 1, 1, 1], dtype=torch.bool, device=device)  # 5 real
+    monkeypatch.setattr(plan, "FIRST_PIECE_ROWS", 2)
+    x, w, b, t = inputs(16, device, seed=5)
+    mask = torch.arange(16, device=device) != 3  # 15 real
     with torch.no_grad():
         lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
-        assert order == [("chunk", 3), "read", ("chunk", 2)]
+        assert order == [("chunk", 2), "read", ("chunk", 7), ("chunk", 6)]
         assert torch.equal(lp[mask], lk.linear_logprobs(x[mask], w, t[mask], bias=b))
         order.clear()
-        lk.linear_logprobs(x[:5], w, t[:5], bias=b, mask=mask[:5])  # 5 < 2·3 rows in all: the read first
-        assert order == ["read", ("chunk", 3), ("chunk", 1)]
-        order.clear()
-        x, w, b, t = inputs(20, device, seed=6)
-        lk.linear_logprobs(x, w, t, bias=b)
-        assert order == [("chunk", 3), "read"] + [("chunk", 6)] * 2 + [("chunk", 5)]
+        lk.linear_logprobs(x[:13], w, t[:13], bias=b, mask=mask[:13])  # 13 < 2·7 rows in all: the read first
+        assert order == ["read", ("chunk", 2), ("chunk", 5), ("chunk", 5)]
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -133,14 +139,14 @@ def test_masked_under_two_chunks_reads_first(gemm, order, device):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_bad_id_raises_after_the_first_chunk(gemm, masked, order, device):
-    cap = chunk_cap(gemm)
+    cap, first = chunk_cap(gemm), first_rows(gemm)
     x, w, b, t = inputs(4 * cap, device, seed=4)
     real = torch.arange(x.shape[0], device=device) % 3 != 0
     t[cap + int(not real[cap])] = V  # a real token's id, past the first chunk
     mask = real if masked else None
     with pytest.raises(ValueError, match=r"`targets` must hold token ids in \[0, V\) = \[0, 123\).*, max 123\."):
         lk.linear_logprobs(x, w, t, bias=b, mask=mask)
-    assert order == [("chunk", cap), "read"]  # nothing after the check
+    assert order == [("chunk", first), "read"]  # nothing after the check
 
 
 def test_positions_filler_is_in_bounds():

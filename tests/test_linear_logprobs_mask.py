@@ -1,5 +1,5 @@
 """linear_logprobs(mask=): only the unmasked tokens' rows are computed (old-policy and reference log-probs of the
-completion tokens), exactly; the masked ones are 0, get no gradient and are never read."""
+completion tokens), exactly; the masked ones are 0, get no gradient and reach no result."""
 import math
 
 import pytest

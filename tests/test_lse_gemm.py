@@ -146,7 +146,7 @@ def test_rows_in_pieces_under_a_small_budget(device, triton_gemm, monkeypatch):
 
 
 def test_masked_rows_gathered_per_piece(device, triton_gemm, launches, monkeypatch):
-    """mask=: only the real rows go through the Triton GEMM, piece by piece (NaN padding rows are never read), with
+    """mask=: only the real rows go through the Triton GEMM, piece by piece (NaN padding rows reach no result), with
     the values of a call on just those rows and grad/no-grad bit-identity."""
     N, H, V = 100, 32, 160
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)

@@ -72,7 +72,7 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
             lp.sum().backward()
     extra = mem.peak_excluding(lp, x.grad, w.grad)
     assert extra <= _bound(impl, 4 * V * CHUNK_ROWS), extra
-    assert extra >= 4 * V * plan.chunk_rows(B * T, V)  # the tracker does see the (balanced) chunk
+    assert extra >= 4 * V * plan.chunk_rows(B * T, V)  # the tracker does see a chunk (the log-prob pass's is larger)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -13,7 +13,8 @@ import torch
 def real_token_positions(real: torch.Tensor) -> torch.Tensor:
     """[N + 1] int64 whose first n_real entries are the positions of the True entries of real [N] bool, in order,
     without knowing n_real: each real token goes to slot (its rank among the real ones), padding to the spare slot N.
-    The other entries are 0, a position in bounds, so a gather over any prefix reads only x's rows."""
+    The spare slot holds a padding position and the other entries are 0, all in bounds, so a gather over any prefix
+    reads only x's rows."""
     slot = torch.where(real, torch.cumsum(real, dim=0) - 1, real.numel())
     index = torch.zeros((real.numel() + 1,), dtype=torch.int64, device=real.device)
     return index.scatter_(0, slot, torch.arange(real.numel(), device=real.device))
@@ -105,7 +106,7 @@ def queue_token_check(op: str, name: str, ids: torch.Tensor, V: int, real=None, 
             where = "" if real is None else " at unmasked positions"
             raise ValueError(f"{op}: `{name}` must hold token ids in [0, V) = [0, {V}){where}; got min {lo}, max "
                              f"{hi}. Replace padding/ignore ids (e.g. -100) by a valid id"
-                             + (f", {hint}" if hint else "") + "; masked positions are never read.")
+                             + (f", {hint}" if hint else "") + "; masked positions are not checked.")
         return None if real is None else counts
 
     return finish

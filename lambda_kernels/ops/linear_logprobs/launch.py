@@ -26,8 +26,7 @@ from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .lse_gemm import lse_gemm_pass, use_lse_gemm
-from .plan import GradPlan, first_piece_rows, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, \
-    pieces as _pieces
+from .plan import GradPlan, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, pieces as _pieces
 
 
 def row_config(V: int) -> tuple[int, int]:
@@ -86,14 +85,14 @@ def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None, rows=None):
-    """(ℓ [n], lse [n], H [n] or None), fp32, from x [N, H], weight [V, H]; no gradient work.
+    """(ℓ [n], lse [n], H [n] or None), fp32 (fp64 for fp64), from x [N, H], weight [V, H]; no gradient work.
 
     rows: None (every row of x, tgt [N]), or a `PendingRows` (tgt holds a target per entry of rows.positions, or per
     row of x when it has none): rows whose number n the host learns from the argument check's one device→host read.
-    The pass queues its first chunk before it waits for that read (so the GPU has that GEMM to run meanwhile), as its
-    size does not depend on n (`log_prob_pieces`): always for every row of x, and for positions when there are at
-    least twice its rows in all (else few real tokens may well need it redone). Gathered rows go chunk by chunk into
-    a chunk-sized buffer: no [n, H] copy.
+    The pass queues its first chunk before it waits for that read (so the GPU has that GEMM to run meanwhile): always
+    for every row of x (n = N), and for positions when there are at least two chunks' rows in all, as the first
+    chunk is then the same for any n above one chunk (`log_prob_pieces`; if the real rows fit one chunk after all, it
+    is redone as that chunk). Gathered rows go chunk by chunk into a chunk-sized buffer: no [n, H] copy.
     shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
     statistics returned are the whole vocabulary's (collectives over shard.group).
     """
@@ -113,13 +112,13 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     pass_args = (x, weight, bias, tgt, inv_t, lp, lse, ent, positions is not None)
     cap, run = lse_gemm_pass(*pass_args) if use_lse_gemm(x, weight, rows_impl) else _cublas_pass(rows_impl, *pass_args)
     first = None
-    if rows is not None and N > 0 and (positions is None or N >= 2 * first_piece_rows(cap)):
+    if rows is not None and N > 0 and (positions is None or N >= 2 * cap):
         first = log_prob_pieces(N, cap)[0]
         run(first, positions)
     n = N if rows is None else rows.count()  # waits for the check (and raises on a bad id)
     index = None if rows is None else rows.rows()
     for sl in log_prob_pieces(n, cap):
-        if sl != first:  # fewer real rows than the first piece: it is redone on them alone (the pieces of a call on
+        if sl != first:  # real rows that fit one piece: the first is redone as that piece (the pieces of a call on
             run(sl, index)  # just them)
     if n == N:  # whole tensors: autograd lets a caller modify the outputs in place (not views of a larger buffer)
         return lp, lse, ent

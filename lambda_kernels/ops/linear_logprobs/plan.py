@@ -42,9 +42,9 @@ PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
 PLAN_CHOICES = ("auto", "tokens", "vocab")
 TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
-# A log-prob pass's first piece (`log_prob_pieces`): its GEMM runs while the host waits for the id check, so it must
-# outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is redone when fewer real
-# tokens than that turn up, so it should be cheap; more rows also cut a short remainder piece less often.
+# A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
+# id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
+# redone when the real tokens turn out to fit one piece, so it should be cheap.
 FIRST_PIECE_ROWS = 512
 
 
@@ -102,20 +102,23 @@ def pieces(total: int, size: int) -> list[slice]:
 
 
 def first_piece_rows(cap: int) -> int:
-    """Rows of a log-prob pass's first piece when it has more: FIRST_PIECE_ROWS, or the cap if that is smaller."""
-    return min(FIRST_PIECE_ROWS, piece_cap(cap))
+    """Rows of a log-prob pass's first piece when it has more than one: FIRST_PIECE_ROWS, or half the cap if that is
+    smaller (so the rest is never a sliver: it holds more than half a cap)."""
+    return max(1, min(FIRST_PIECE_ROWS, piece_cap(cap) // 2))
 
 
 def log_prob_pieces(total: int, cap: int) -> list[slice]:
-    """[0, total) in pieces of ≤ `cap` rows (`piece_cap`): one when total ≤ `first_piece_rows(cap)`, else a first
-    piece of that many rows and the rest balanced (`split_size`).
+    """[0, total) in pieces of ≤ `cap` rows (`piece_cap`): one when it fits, else a first piece of
+    `first_piece_rows(cap)` rows and the rest balanced (`split_size`); that rest holds more than half a cap, so the
+    short first piece leaves no sliver behind it.
 
-    The first piece is the same for every larger total, so a pass that learns its number of rows late (the real
-    tokens of a batch, counted on the device) can queue that piece's GEMM before the host knows the number.
+    The first piece is the same for every total above the cap, so a pass that learns its number of rows late (the
+    real tokens of a batch, counted on the device) can queue that piece's GEMM before the host knows the number.
     """
-    first = first_piece_rows(cap)
-    if total <= first:
+    cap = piece_cap(cap)
+    if total <= cap:
         return [slice(0, total)] if total else []
+    first = first_piece_rows(cap)
     rest = total - first
     return [slice(0, first)] + [slice(first + sl.start, first + sl.stop) for sl in pieces(rest, split_size(rest, cap))]
 
