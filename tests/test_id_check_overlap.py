@@ -198,3 +198,18 @@ def test_triton_gemm_masked_equals_real_rows_call_at_any_budget(order, monkeypat
         lp_real = lk.linear_logprobs(x[mask], w, t[mask], bias=b)
     assert len(masked_pieces) > 2 and [event for event in order if event != "read"] == masked_pieces
     assert torch.equal(lp[mask], lp_real)
+
+
+def test_triton_gemm_masked_pass_speculates_at_the_default_budget(order, monkeypatch, device):
+    """The Triton GEMM's budget holds many rows, but its pieces stop at MAX_PIECE_ROWS, so a masked pass of twice
+    that many rows still queues its first piece before the read."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
+    monkeypatch.setattr(lse_gemm, "MAX_PIECE_ROWS", 2 * lse_gemm.tile_config()[0])
+    cap = lse_gemm.MAX_PIECE_ROWS
+    x, w, b, t = inputs(2 * cap + 8, device, seed=10)
+    mask = torch.arange(x.shape[0], device=device) % 5 != 0
+    with torch.no_grad():
+        lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+        assert order[:2] == [("chunk", plan.first_piece_rows(cap)), "read"]
+        assert max(rows for kind, rows in order[2:]) <= cap
+        assert torch.equal(lp[mask], lk.linear_logprobs(x[mask], w, t[mask], bias=b))

@@ -40,6 +40,10 @@ GEMM_CHOICES = ("cublas", "triton", "triton_tma")
 GPU_CONFIG = (128, 128, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
+# Rows per piece at most, whatever the budget allows: a masked pass of twice this many rows or more can then queue its
+# first piece before the host knows the count of real tokens (`launch.logprobs_forward`); 2048 rows are still
+# 16 · V / BLOCK_N tiles a launch (~40 waves of 264 programs at V 152k), so the extra launches cost little.
+MAX_PIECE_ROWS = 2048
 EPILOGUE_REGISTERS = 64  # accumulator values per thread a whole-tile epilogue handles without spilling
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: several tiles per program, as on a GPU
 # Hopper SM limits (H100/H200) for `programs_per_sm`; SMEM_SLACK: the epilogue's and barriers' shared memory beyond the
@@ -138,7 +142,7 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
 
     gathered: run takes the positions of the rows in x, gathered piece by piece into a piece-sized buffer. The
     tiles' partial statistics (12 bytes per row and tile column), and the gathered rows, are bounded by the forward
-    budget: the pass runs in pieces when there are many rows.
+    budget, and a piece by MAX_PIECE_ROWS rows: the pass runs in pieces when there are many rows.
     """
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
@@ -147,7 +151,7 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
     block_m, block_n, block_k, group_m, warps, stages = config
     n_v = triton.cdiv(V, block_n)
     row_bytes = 12 * n_v + K * x.element_size()  # a gathered row counted whether gathered or not: the same pieces
-    cap = piece_cap(max(block_m, forward_budget_bytes() // row_bytes))
+    cap = piece_cap(min(MAX_PIECE_ROWS, max(block_m, forward_budget_bytes() // row_bytes)))
     part = torch.empty((3, n_v, min(cap, N)), dtype=torch.float32, device=x.device)
     zt = torch.empty((min(cap, N),), dtype=torch.float32, device=x.device)
     with_ent = ent is not None
