@@ -42,7 +42,8 @@ INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
 # Rows per piece at most, whatever the budget allows: a masked pass of twice this many rows or more can then queue its
 # first piece before the host knows the count of real tokens (`launch.logprobs_forward`); 2048 rows are still
-# 16 · V / BLOCK_N tiles a launch (~40 waves of 264 programs at V 152k), so the extra launches cost little.
+# 2048 / BLOCK_M · V / BLOCK_N tiles a launch (36–72 waves of 264 programs at V 152k with 128-row tiles), so the
+# extra launches cost little.
 MAX_PIECE_ROWS = 2048
 EPILOGUE_REGISTERS = 64  # accumulator values per thread a whole-tile epilogue handles without spilling
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: several tiles per program, as on a GPU
