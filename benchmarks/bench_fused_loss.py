@@ -309,18 +309,13 @@ def busy_and_span(intervals) -> tuple[float, float]:
     """(time covered by the union of the [start, end) intervals, end of the last − start of the first): the GPU's
     idle time inside a step, e.g. waiting for the host between the argument check's kernels and the first GEMM, is
     span − busy."""
-    busy, span, reach = 0.0, 0.0, None
+    busy, reach = 0.0, None
     ordered = sorted(intervals)
     for start, end in ordered:
-        if reach is None or start > reach:
-            busy += end - start
-            reach = end
-        elif end > reach:
-            busy += end - reach
-            reach = end
-    if ordered:
-        span = reach - ordered[0][0]
-    return busy, span
+        begin = start if reach is None else max(start, reach)  # the part not covered by earlier intervals
+        busy += max(end - begin, 0.0)
+        reach = end if reach is None else max(reach, end)
+    return busy, (reach - ordered[0][0] if ordered else 0.0)
 
 
 def test_busy_and_span():

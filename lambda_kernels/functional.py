@@ -254,10 +254,11 @@ def _check_tokens_find_real(op: str, name: str, ids: torch.Tensor, V: int, mask:
     """The token-id check of ids [R, C] with mask [R, C], waited for → (each row's count of real tokens, the
     positions of the real tokens in ids.reshape(-1), or None when every token is real). After its one host read,
     the LM-head GEMMs are the next launches."""
+    from .ops.real_tokens import PendingRows
+
     finish, positions = _queue_real_rows(op, name, ids, V, mask)
     counts = finish()
-    n_real = sum(counts)
-    return counts, (None if n_real == ids.numel() else positions[:n_real])
+    return counts, PendingRows(ids.numel(), positions, lambda: sum(counts)).rows()
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:
@@ -337,7 +338,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     # depend on the count of real tokens (`PendingRows`, `launch.logprobs_forward`)
     if mask is None:
         finish = queue_token_check(op, "targets", targets, V, hint="or pass mask= to skip those positions")
-        rows = PendingRows(targets.numel(), None, lambda: finish() or targets.numel())  # finish() → None
+
+        def count() -> int:  # every token: the check only has to pass
+            finish()
+            return targets.numel()
+
+        rows = PendingRows(targets.numel(), None, count)
     else:  # all the tokens as one row: one count
         finish, positions = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
         rows = PendingRows(targets.numel(), positions, lambda: finish()[0])

@@ -213,3 +213,19 @@ def test_triton_gemm_masked_pass_speculates_at_the_default_budget(order, monkeyp
         assert order[:2] == [("chunk", plan.first_piece_rows(cap)), "read"]
         assert max(rows for kind, rows in order[2:]) <= cap
         assert torch.equal(lp[mask], lk.linear_logprobs(x[mask], w, t[mask], bias=b))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_gemm_hidden_strided_along_h(masked, monkeypatch, device):
+    """hidden with stride ≠ 1 along H (a transposed view) on the Triton GEMM, whose kernels need unit stride: each
+    piece is made contiguous (cuBLAS takes strides itself)."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "triton")
+    set_chunk_rows(monkeypatch, 1)  # pieces of BLOCK_M rows
+    x, w, b, t = inputs(3 * chunk_cap("triton") + 1, device, seed=11)
+    x_strided = x.detach().t().contiguous().t()
+    assert x_strided.stride(1) != 1
+    mask = (torch.arange(x.shape[0], device=device) % 4 != 0) if masked else None
+    with torch.no_grad():
+        lp = lk.linear_logprobs(x_strided, w, t, bias=b, mask=mask)
+        want = lk.linear_logprobs(x.detach(), w, t, bias=b, mask=mask)
+    assert torch.equal(lp, want)

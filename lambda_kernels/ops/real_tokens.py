@@ -48,9 +48,9 @@ class PendingRows:
     """The rows a log-prob pass computes, known to the device at once and to the host only after the argument
     check's one device→host read, so that the pass queues its first chunk before the host waits for that read.
 
-    total: the rows of the pass's input (N); positions: the computed rows' positions first, then in-bounds filler
-    (the [N + 1] of `real_token_positions`, or exactly n when they are known already), or None when every row is
-    computed; check(): waits for the read, raises on a bad token id, and returns the number of rows computed, n.
+    total: the rows of the pass's input (N); positions: the [N + 1] of `real_token_positions` (the computed rows'
+    positions first, then in-bounds filler), or None when every row is computed; check(): waits for the read,
+    raises on a bad token id, and returns the number of rows computed, n.
     """
 
     def __init__(self, total: int, positions: torch.Tensor | None, check: Callable[[], int]):

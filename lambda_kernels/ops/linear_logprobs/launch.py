@@ -21,7 +21,7 @@ import torch
 import triton
 
 from ..._core.runtime import interpreter_enabled
-from ..real_tokens import PendingRows, gather_rows
+from ..real_tokens import gather_rows
 from . import chunked_torch
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
@@ -96,12 +96,10 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     shard (`vocab_parallel.VocabShard`): weight/bias are this rank's rows of a vocabulary-parallel head; the
     statistics returned are the whole vocabulary's (collectives over shard.group).
     """
-    if shard is not None:  # the collectives need n: no chunk is queued before the read
+    if shard is not None:  # the collectives need n: the read is waited for first
         n = tgt.shape[0] if rows is None else rows.count()
-        index = None if rows is None else rows.rows()
-        known = None if index is None else PendingRows(x.shape[0], index, lambda: index.shape[0])
         lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt[:n]), inv_t, with_ent,
-                                              rows_impl, rows=known)
+                                              rows_impl, rows=rows)
         return shard.combine(lp_r, lse_r, ent_r, tgt[:n])
     N = tgt.shape[0]  # the rows of tgt: n or more
     sdt = stats_dtype(x)

@@ -147,7 +147,6 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
     """
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
-    x = x if x.stride(1) == 1 or gathered else x.contiguous()
     config = tile_config()
     block_m, block_n, block_k, group_m, warps, stages = config
     n_v = triton.cdiv(V, block_n)
@@ -166,8 +165,7 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
     def run(sl: slice, positions) -> None:
         m = sl.stop - sl.start
         xs = gather_rows(x, positions, sl, x_buf)
-        if xs.stride(1) != 1:  # a gathering pass whose rows turned out to be all of x, in order
-            xs = torch.index_select(x, 0, torch.arange(sl.start, sl.stop, device=x.device), out=x_buf[:m])
+        xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()
             programs = persistent_programs(x.device, config, x.element_size())
