@@ -4,8 +4,9 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None): one pass, ≈ 6·N·H·V FLOPs
   ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits,
                  ≈ 6·N·H·V FLOPs (the 1.5B/7B/8B shapes), else two, ≈ 8·N·H·V (the 65,536-token row)
-  ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G: the vocab plan at these shapes (workspace ≤ 1 GiB,
-                 accumulators included), ≈ 8·N·H·V FLOPs
+  ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G (workspace ≤ 1 GiB, accumulators included): the
+                 token plan in 896-row chunks at H1536 (6·N·H·V FLOPs), the vocab plan at 7B/8B (≈ 8·N·H·V); the
+                 note column names the plan
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -36,7 +37,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
-from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV
+from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, grad_plan
 
 from .harness import LOSS_OPTIONS, ceilings, do_bench, scoped_env
 
@@ -48,6 +49,7 @@ SHAPES = [
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
 OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_1g")
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset
@@ -138,7 +140,7 @@ def make_step(provider: str, inp: dict):
             with torch.no_grad(), provider_env(provider):
                 return lk.linear_logprobs(h, w, inp["ids"], mask=mask)
         return step
-    if provider in ("ours_on", "ours_off", "ours_on_1g"):
+    if provider in FUSED_OURS:
         old = inp["old"] if provider == "ours_off" else None
 
         def step():
@@ -214,6 +216,24 @@ def provider_available(provider: str) -> bool:
     return True
 
 
+def plan_note(provider: str, n_valid: int, V: int, H: int) -> str:
+    """The gradient plan this provider's budgets give a bf16 head with every gradient over n_valid real tokens."""
+    with provider_env(provider):
+        p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+    return f"{p.kind} plan, {p.rows} rows" + ("" if p.kind == "tokens" else f" × {p.cols} vocab")
+
+
+def test_plan_note_and_table(monkeypatch):
+    monkeypatch.delenv(MEMORY_BUDGET_ENV, raising=False)
+    assert plan_note("ours_on_1g", 5734, 151936, 1536) == "tokens plan, 896 rows"  # the 1.5B shape
+    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")  # 7B
+    assert plan_note("ours_on", 5734, 152064, 3584) == "tokens plan, 1536 rows"
+    row = dict(shape="s", provider="ours_on_1g", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
+               check_rel_err=1e-3, plan="tokens plan, 896 rows")
+    assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
+    assert "[tokens plan, 896 rows]" in format_row(row)
+
+
 def run_case(shape: str, provider: str, inp: dict) -> dict:
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
     N = B * T
@@ -223,6 +243,8 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
     if not provider_available(provider):
         return {**row, "error": "not importable"}
     n_valid = int(inp["mask"].sum())
+    if provider in FUSED_OURS:
+        row["plan"] = plan_note(provider, n_valid, V, H)
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
     flops = (2 if provider in LOGPROBS_ONLY else 6) * H * V
     try:
@@ -328,8 +350,9 @@ def format_row(r: dict) -> str:
         return f"{r['shape']:18s} {r['provider']:14s} {r['error']}"
     valid = "" if r.get("over_floor_valid") is None or r["provider"] not in OURS else \
         f" (×{r['over_floor_valid']:.2f} of the unmasked floor)"
+    plan = f"  [{r['plan']}]" if "plan" in r else ""
     return (f"{r['shape']:18s} {r['provider']:14s} {r['ms']:9.2f} ms  extra {r['peak_extra_gib']:6.2f} GiB  "
-            f"floor {r['floor_ms']:7.2f} ms  ×{r['over_floor']:.2f}{valid}")
+            f"floor {r['floor_ms']:7.2f} ms  ×{r['over_floor']:.2f}{valid}{plan}")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -340,7 +363,8 @@ def markdown_table(rows: list[dict]) -> str:
             lines.append(f"| {r['shape']} | {r['provider']} | | | | | | {r['error']} |")
             continue
         valid = "" if r.get("over_floor_valid") is None or r["provider"] not in OURS else f"{r['over_floor_valid']:.2f}"
-        note = f"check rel err {r['check_rel_err']:.1e}" if "check_rel_err" in r else ""
+        note = "; ".join(([f"check rel err {r['check_rel_err']:.1e}"] if "check_rel_err" in r else [])
+                         + ([r["plan"]] if "plan" in r else []))
         lines.append(f"| {r['shape']} | {r['provider']} | {r['ms']:.2f} | {r['peak_extra_gib']:.2f} | "
                      f"{r['floor_ms']:.2f} | {r['over_floor']:.2f} | {valid} | {note} |")
     return "\n".join(lines)

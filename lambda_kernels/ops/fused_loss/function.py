@@ -1,8 +1,9 @@
 """autograd.Function for the fused loss: every gradient is computed in the forward (for grad_output = 1) and the
 backward only scales it, so no logits or log-probs are kept between forward and backward. The fp32 dW sum of a half
-LM head is held until the backward, which scales and casts it in one pass (4·V·H bytes held between forward and
-backward instead of the cast's 2·V·H; the peak of a forward followed by its backward is unchanged, as the forward
-would otherwise hold the sum and its cast at once). Under LAMBDA_KERNELS_MEMORY_BUDGET it is cast in the forward."""
+LM head (`linear_logprobs.dw_sum.HalfHeadGradSum`: half of it in the gradient's own bytes) is held until the
+backward, which scales and casts it in place in one pass (4·V·H bytes held between forward and backward, the
+gradient's 2·V·H included, instead of the cast's 2·V·H; the peak is unchanged, as a cast in the forward would write
+the same bytes). Under LAMBDA_KERNELS_MEMORY_BUDGET it is cast in the forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .launch import fused_loss_forward, scale_cast
+from ..linear_logprobs.dw_sum import HalfHeadGradSum
+from .launch import fused_loss_forward
 from .objectives import metric_names
 
 
@@ -46,8 +48,11 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params, needs)
         values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
         ctx.mark_non_differentiable(values)
-        ctx.save_for_backward(dx, dw, db)
-        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # an uncast half-head dW sum is saved as its two tensors (the gradient, whose bytes hold half the sum, and
+        # the rest) and rebuilt in the backward
+        dw_sum = dw if isinstance(dw, HalfHeadGradSum) else None
+        ctx.save_for_backward(dx, None if dw_sum else dw, db, *((dw_sum.grad, dw_sum.rest) if dw_sum else (None,) * 2))
+        ctx.dw_sum_cast = False
         ctx.rows_impl = params.rows_impl
         return loss, values
 
@@ -56,16 +61,16 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point), so
         # a second backward through a retained graph fails autograd's version check instead of silently scaling
-        # twice. An fp32 dW sum of a half head becomes a new tensor, scaled and cast in one pass (with the Triton
-        # kernel, out of place: a second backward that needs only dW would then be right, not an error).
-        grads = []
-        for g, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes):
-            if g is None:
-                grads.append(None)
-            elif g.dtype != dtype:
-                grads.append(scale_cast(ctx.rows_impl, g, grad_loss, dtype))
-            else:
-                grads.append(g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss))
+        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises
+        # on a second backward (its fp32 values are gone by then).
+        dx, dw, db, dw_grad, dw_rest = ctx.saved_tensors
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
+                 for g in (dx, dw, db)]
+        if dw_grad is not None:  # (dw is None then)
+            dw_sum = HalfHeadGradSum(dw_grad, dw_rest)
+            dw_sum.finished = ctx.dw_sum_cast
+            ctx.dw_sum_cast = True
+            grads[1] = dw_sum.finish(ctx.rows_impl, grad_loss)
         return (*grads, None, None, None, None, None, None, None)
 
 

@@ -33,17 +33,3 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
         g += beta * tl.load(n_ptr + i_r) * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp))
     row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t,
                       HAS_BIAS, False, BLOCK_V)
-
-
-@triton.jit
-def scale_cast_kernel(src_ptr, scale_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst = (src · scale) cast to dst's dtype: the backward of the fused loss turns the fp32 dW sum of a half LM
-    head into its gradient in one pass (read 4, write 2 bytes per element) instead of a cast and a scaling.
-
-    src [n] fp32, scale [1] fp32 (grad_output, read on the device: no host sync), dst [n]. Grid (cdiv(n, BLOCK),).
-    """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    scale = tl.load(scale_ptr)
-    x = tl.load(src_ptr + offs, mask=inside)
-    tl.store(dst_ptr + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=inside)

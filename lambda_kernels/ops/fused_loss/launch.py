@@ -19,13 +19,12 @@ syncs.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
-from .kernels import onpolicy_rows_kernel, scale_cast_kernel
+from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl) -> None:
@@ -42,31 +41,14 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
         HAS_BIAS=bias is not None, HAS_KL=has_kl, WITH_ENT=ent is not None, BLOCK_V=block, num_warps=warps)
 
 
-SCALE_CAST_BLOCK = 4096
-
-
-def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(src · scale) in `dtype`, a new tensor; src contiguous fp32 (ours: the torch path scales it in place),
-    scale a 0-d tensor (grad_output)."""
-    assert src.is_contiguous() and src.dtype == torch.float32, (src.dtype, src.stride())
-    scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
-    if rows_impl == "torch":
-        return src.mul_(scale).to(dtype)
-    out = torch.empty(src.shape, dtype=dtype, device=src.device)
-    n = src.numel()
-    if n:
-        scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, out, n, BLOCK=SCALE_CAST_BLOCK,
-                                                               num_warps=8)
-    return out
-
-
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
                        need_db: bool, row_counts, real_rows, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
-    dW may come back as the fp32 sum of a half head (token plan, no LAMBDA_KERNELS_MEMORY_BUDGET): the backward
-    scales and casts it in one pass (`scale_cast`); otherwise every gradient has its input's dtype.
+    dW may come back as the fp32 sum of a half head (`dw_sum.HalfHeadGradSum`; token plan, no
+    LAMBDA_KERNELS_MEMORY_BUDGET): the backward scales and casts it in one pass (`finish`); otherwise every gradient
+    is a tensor of its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. row_counts: the number of tokens with mask ≠ 0
@@ -84,9 +66,9 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
         x, tgt = x.index_select(0, valid), tgt.index_select(0, valid)
     batch = _Batch(x.contiguous(), tgt.contiguous(), valid, (B, T), mask_f, adv, old, ref, scales, sdt)
     need_grad = need_dx or need_dw or need_db
-    # the fp32 dW sum of a half head is kept until the backward (4·V·H bytes instead of the cast's 2·V·H between
-    # forward and backward) for one scale+cast pass there; under a memory budget it is cast here, as the budget
-    # bounds what a call holds
+    # the fp32 dW sum of a half head (`dw_sum.HalfHeadGradSum`) is kept until the backward, which scales and casts
+    # it in place in one pass (its `rest`, 2·V·H bytes, lives on between forward and backward); under a memory
+    # budget it is cast here, as the budget bounds what a call holds
     cast_dw = memory_budget_bytes() is not None
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
@@ -157,7 +139,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl)
 
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows,
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows, rows_impl,
                                       cast_dw=cast_dw)
 
 
@@ -197,7 +179,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
         dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, inv_t, dl)
 
     pieces = [tokens for _, tokens in sequences]
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces,
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
                                       cast_dw=cast_dw)
 
 

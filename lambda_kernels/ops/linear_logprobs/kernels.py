@@ -1,4 +1,5 @@
-"""Row kernels on a materialised fp32 logits chunk: log-sum-exp, target log-prob, entropy, and dlogits in place.
+"""Row kernels on a materialised fp32 logits chunk: log-sum-exp, target log-prob, entropy, and dlogits in place;
+and the scale-and-cast of a half head's fp32 dW sum.
 
 The GEMMs around them (logits = X·Wᵀ, dX = D·W, dW += Dᵀ·X) are cuBLAS calls in launch.py; these kernels do the
 row-wise work, one program per row, looping over the vocabulary in tiles of BLOCK_V with an online log-sum-exp.
@@ -126,3 +127,17 @@ def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr
         g_ent = tl.load(gent_ptr + i_r)
     row_dlogits_store(logits_ptr + i_r * stride_l, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, ent, g_lp, g_ent,
                       V, inv_t, HAS_BIAS, WITH_ENT_GRAD, BLOCK_V)
+
+
+@triton.jit
+def scale_cast_kernel(src_ptr, scale_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """dst = (src · scale) cast to dst's dtype: a half LM head's fp32 dW sum becomes its gradient in one pass
+    (read 4, write 2 bytes per element) instead of a cast and a scaling (`dw_sum`).
+
+    src [n] fp32, scale [1] fp32 (grad_output, read on the device: no host sync), dst [n]. Grid (cdiv(n, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    scale = tl.load(scale_ptr)
+    x = tl.load(src_ptr + offs, mask=inside)
+    tl.store(dst_ptr + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=inside)

@@ -7,7 +7,8 @@ Per chunk of M rows (the token plan; M from the logits budget: `plan.chunk_rows`
     logits = X_c·Wᵀ                      fp32 output (torch.mm(..., out_dtype=float32) for bf16/fp16 on CUDA)
     row kernel                           lse, ℓ, H; or dlogits written over the chunk (in the GEMM input dtype)
     dX_c   = D·W                         rows of grad_hidden, one GEMM over V (fp32 accumulation inside cuBLAS)
-    dW    += Dᵀ·X_c                      fp32 accumulator across chunks (the weight's grad itself when W is fp32)
+    dW    += Dᵀ·X_c                      fp32 sum across chunks: the weight's grad itself when W is fp32, half in the
+                                         grad's own bytes when W is bf16/fp16 (dw_sum.py)
     db    += Σ_rows D                    fp32
 
 Only one logits chunk exists at a time. dlogits in bf16/fp16 are written into the first half of each fp32 row
@@ -23,6 +24,7 @@ import triton
 from ..._core.runtime import interpreter_enabled
 from ..real_tokens import gather_rows
 from . import chunked_torch
+from .dw_sum import HalfHeadGradSum
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .lse_gemm import lse_gemm_pass, use_lse_gemm
@@ -151,19 +153,21 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
-                  pieces: int | list[slice], slab_cols: int | None = None, fp32_dx: bool = False,
+                  pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
                   cast_dw: bool = True):
     """Both gradient plans: per slab of `slab_cols` vocabulary rows (None: the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
-    logits, dl)` writes their dlogits into dl, then the GEMMs.
+    logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl: the backend of the dW sum's cast.
 
     dW is summed over the pieces in fp32 (fp64 for fp64): for one slab that sum is the whole head's (the gradient
-    itself for an fp32 head, an extra 4·V·H bytes cast at the end for a half one); for several, a slab's dW is final
-    after its pieces, so a half head needs one slab-sized fp32 buffer, cast into the gradient slab by slab. dX is
-    written per piece for one slab and summed over slabs in fp32 for several (or when fp32_dx asks for it).
-    Returns (dX [N, H] in x's dtype, fp32 with fp32_dx; dW [V, H] in weight's dtype, or its fp32 sum uncast with
-    cast_dw=False (one slab: the caller scales and casts it in one pass later); db [V] in bias's dtype), None where
-    not needed. The first piece of each dW sum is written, not added, so no accumulator is zero-filled.
+    itself for an fp32 head; for a half one a `dw_sum.HalfHeadGradSum`, half of it in the gradient's own bytes, cast
+    in place at the end); for several, a slab's dW is final after its pieces, so a half head needs one slab-sized
+    fp32 buffer, cast into the gradient slab by slab. dX is written per piece for one slab and summed over slabs in
+    fp32 for several (or when fp32_dx asks for it).
+    Returns (dX [N, H] in x's dtype, fp32 with fp32_dx; dW [V, H] in weight's dtype, or with cast_dw=False the
+    uncast `HalfHeadGradSum` where there is one (the caller scales and casts it in one pass later); db [V] in bias's
+    dtype), None where not needed. The first piece of each dW sum is written, not added, so no accumulator is
+    zero-filled.
     """
     N, H = x.shape
     V = weight.shape[0]
@@ -171,15 +175,17 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
     slabs = _pieces(V, slab_cols or V)
     sum_dx = fp32_dx or len(slabs) > 1
-    dx = dw = dw_slab = db = None
+    dx = dw = dw_slab = dw_sum = db = None
     if need_dx:
         dx = torch.zeros((N, H), dtype=sdt, device=x.device) if sum_dx else torch.empty_like(x)
     if need_dw:
-        if len(slabs) > 1 and weight.dtype != sdt:
+        if weight.dtype == sdt:  # the sum is the gradient
+            dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
+        elif len(slabs) > 1:
             dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
             dw_slab = torch.empty((slabs[0].stop, H), dtype=sdt, device=weight.device)
         else:
-            dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
+            dw_sum = HalfHeadGradSum.allocate(weight)
     if need_db:
         db = torch.zeros((V,), dtype=sdt, device=x.device)
     if N > 0:
@@ -187,9 +193,11 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
         for sv in slabs:
             gemm = Gemm(weight[sv])
             cols = sv.stop - sv.start
-            acc = None
+            # (columns of the slab's dlogits, the fp32 sum of their dW rows)
+            sums = []
             if need_dw:
-                acc = dw[sv] if dw_slab is None else dw_slab[:cols]
+                sums = dw_sum.parts() if dw_sum is not None else [
+                    (slice(0, cols), dw[sv] if dw_slab is None else dw_slab[:cols])]
             for i, sl in enumerate(pieces):
                 logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
                 gemm.logits(x[sl], logits)
@@ -200,16 +208,19 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                         gemm.dx_accumulate(dx[sl], dl)
                     else:
                         gemm.dx(dl, dx[sl])
-                if need_dw:
-                    (gemm.dw_accumulate if i else gemm.dw_write)(acc, dl, x[sl])
+                for cols_d, acc in sums:
+                    (gemm.dw_accumulate if i else gemm.dw_write)(acc, dl[:, cols_d], x[sl])
                 if need_db:
                     db[sv] += dl.sum(dim=0, dtype=sdt)
             if dw_slab is not None:
-                dw[sv].copy_(acc)
-        del buf, logits, dl  # the logits are gone before the dW cast below allocates the weight-dtype grad
+                dw[sv].copy_(dw_slab[:cols])
+        del buf, logits, dl
     elif need_dw:  # no rows: no piece wrote it
-        dw.zero_()
-    return (dx if fp32_dx else _cast(dx, x)), (_cast(dw, weight) if cast_dw else dw), _cast(db, bias)
+        for _, acc in (dw_sum.parts() if dw_sum is not None else [(None, dw)]):
+            acc.zero_()
+    if dw_sum is not None:
+        dw = dw_sum.finish(rows_impl) if cast_dw else dw_sum
+    return (dx if fp32_dx else _cast(dx, x)), dw, _cast(db, bias)
 
 
 def _cast(grad, like):
@@ -238,7 +249,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
                      tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
                      g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
 
-    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
+    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
                                plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)

@@ -7,15 +7,16 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
                                    (default: unset, no cap beyond the logits budget)
     LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" to force a plan
 
-Workspace counts the logits buffers and the fp32 dX/dW sums; besides them a call holds per-token vectors and the
+Workspace counts the logits buffers and the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
+dW sum keeps half of itself in its gradient's bytes: `dw_sum`); besides them a call holds per-token vectors and the
 fp32 bias gradient sum (4·V bytes). fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`)
 a few chunk-sized temporaries more.
 
 Gradient plans (the forward-only log-prob pass is always token chunks):
 
     tokens  chunks of M rows, logits [M, V] each; dX of a chunk is one GEMM over V; dW += Dᵀ·X_c across chunks in
-            fp32, which for a bf16/fp16 head is a 4·V·H accumulator beside the chunk (2.0 GiB at H3584, V152064).
-            On-policy this is one pass: 6·N·H·V FLOPs.
+            fp32, which for a bf16/fp16 head is a 4·V·H sum, half of it in the gradient's own bytes, so 2·V·H bytes
+            beside the chunk (1.0 GiB at H3584, V152064; `dw_sum`). On-policy this is one pass: 6·N·H·V FLOPs.
     vocab   the log-sum-exp of every row first (the forward pass), then slabs of C vocabulary rows, logits [N, C]
             for all rows (or [M, C] pieces): dW of a slab is complete after its rows, so the fp32 accumulator is one
             slab (4·C·H); dX is summed over slabs in fp32 (4·N·H for a bf16/fp16 hidden). 8·N·H·V FLOPs.
@@ -40,12 +41,17 @@ MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
 PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
 PLAN_CHOICES = ("auto", "tokens", "vocab")
-TOKEN_PLAN_MIN_ROWS = 1024  # below this many rows per chunk the per-chunk dW accumulator traffic dominates
+# Below this many rows per chunk the vocab plan is faster. Each token-plan chunk reads and writes the fp32 dW sum
+# (8·V·H bytes) where the vocab plan spends a second logits GEMM (2·m·H·V FLOPs): break-even at
+# m = 4·(matmul rate / bandwidth)·(exposed share of that traffic) ≈ 4·(703 TFLOP/s / 3.0 TB/s)·(0.4–0.7) ≈ 380–660
+# rows on an H100 (the shares seen in run 3's profiles at 1.5B and 7B; benchmarks/RESULTS.md). A model, not a sweep.
+TOKEN_PLAN_MIN_ROWS = 768
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
 # id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
 # redone when the real tokens turn out to fit one piece, so it should be cheap.
 FIRST_PIECE_ROWS = 512
+SPLIT_ALIGN = 8  # `split_rows` a multiple of 8: the dlogits columns from there start 16-byte aligned for cuBLAS
 
 
 def _parse_bytes(name: str, raw: str) -> int:
@@ -73,6 +79,17 @@ def forward_budget_bytes() -> int:
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
     return logits if memory is None else min(logits, memory)
+
+
+def split_rows(V: int) -> int:
+    """Vocabulary rows of a half head whose fp32 dW sums fit in its [V, H] gradient's own bytes: ⌊V/2⌋, aligned
+    down to SPLIT_ALIGN."""
+    return V // 2 // SPLIT_ALIGN * SPLIT_ALIGN
+
+
+def rest_bytes(V: int, H: int) -> int:
+    """Workspace of a half head's token-plan dW sum beside its gradient: the fp32 rows [split, V) (`dw_sum`)."""
+    return 4 * (V - split_rows(V)) * H
 
 
 def piece_cap(cap: int) -> int:
@@ -147,7 +164,7 @@ class GradPlan:
         """fp32 bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside)."""
         logits = 4 * self.rows * self.cols
         if self.kind == "tokens":
-            return logits + (4 * V * H if dw_accumulator else 0)
+            return logits + (rest_bytes(V, H) if dw_accumulator else 0)
         return logits + (4 * self.cols * H if dw_accumulator else 0) + (4 * N * H if dx_accumulator else 0)
 
 
@@ -168,7 +185,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
-    acc = (4 * V * H if dw_accumulator else 0) + (4 * N * H if dx_sum_in_tokens else 0)
+    acc = (rest_bytes(V, H) if dw_accumulator else 0) + (4 * N * H if dx_sum_in_tokens else 0)
     row = 4 * max(V, 1)
     choice = plan_choice()
     if choice == "auto":

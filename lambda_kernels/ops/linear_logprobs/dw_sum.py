@@ -1,0 +1,97 @@
+"""The fp32 dW sum of a bf16/fp16 LM head in the token plan, half of it kept in the gradient tensor's own storage.
+
+The token plan sums dW = Σ_chunks Dᵀ·X_c in fp32 (a half-precision sum drifts), and the result is cast to the
+head's dtype. Held naively that is an fp32 [V, H] sum (4·V·H bytes) and, at the cast, the [V, H] gradient beside it
+(2·V·H more). Here the gradient tensor is allocated first and its 2·V·H bytes hold the fp32 sums of the vocabulary
+rows [0, split) (split ≈ V/2) while the chunks run; only rows [split, V) get a buffer of their own (`rest`). The
+cast then runs in place: the half-precision values of rows [0, split) are written over the first half of their own
+fp32 bytes, after which `rest` is cast into the second half. Workspace beside the gradient: 2·V·H bytes throughout,
+the cast included (it was 2·V·H during the chunks and 4·V·H at the cast).
+
+The in-place cast walks the flat fp32 sum in blocks [a, b) with b ≤ 2a: a block's half-precision output covers
+bytes [2a, 2b) and its fp32 input bytes [4a, 4b), disjoint, so one launch per block needs no barrier, and the
+output lands on fp32 values of earlier blocks only (stream order: already read). The first block, whose output
+would overlap its own input, goes through a small temporary.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .kernels import scale_cast_kernel
+from .plan import split_rows
+
+SCALE_CAST_BLOCK = 4096
+FIRST_BLOCK = 1 << 20  # elements of the in-place cast's first block (through a 2-MiB temporary)
+TORCH_BLOCK = 1 << 22  # the PyTorch path's blocks also bound its fp32 temporary (16 MiB)
+
+
+def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(src · scale) in `dtype`, into `out` (same shape; may share src's storage if their bytes are disjoint) or a
+    new tensor. src contiguous fp32, scale a 0-d or 1-element fp32 tensor (read on the device: no host sync)."""
+    assert src.is_contiguous() and src.dtype == torch.float32, (src.dtype, src.stride())
+    scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
+    if out is None:
+        out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    if rows_impl == "torch":
+        return out.copy_(src * scale)
+    n = src.numel()
+    if n:
+        scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, out, n, BLOCK=SCALE_CAST_BLOCK,
+                                                               num_warps=8)
+    return out
+
+
+class HalfHeadGradSum:
+    """fp32 dW sum of a [V, H] half-precision head: rows [0, split) in `grad`'s bytes, rows [split, V) in `rest`.
+
+    `parts()` gives the (vocabulary rows, fp32 sum) pairs the dW GEMMs write; `finish(scale)` turns the sums into
+    the gradient (scaled, e.g. by grad_output) and returns `grad`. It runs once: afterwards the fp32 sums are gone.
+    """
+
+    def __init__(self, grad: torch.Tensor, rest: torch.Tensor):
+        self.grad, self.rest = grad, rest
+        V, H = grad.shape
+        self.split = V - rest.shape[0]
+        self.finished = False
+
+    @classmethod
+    def allocate(cls, weight: torch.Tensor) -> "HalfHeadGradSum":
+        assert weight.element_size() == 2, weight.dtype  # the layout puts two fp32 rows in one row pair's bytes
+        V, H = weight.shape
+        grad = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
+        rest = torch.empty((V - split_rows(V), H), dtype=torch.float32, device=weight.device)
+        return cls(grad, rest)
+
+    def _low(self) -> torch.Tensor:
+        """The fp32 sums of rows [0, split), a view of grad's first 4·split·H bytes."""
+        H = self.grad.shape[1]
+        return self.grad.view(-1)[: 2 * self.split * H].view(torch.float32).view(self.split, H)
+
+    def parts(self) -> list[tuple[slice, torch.Tensor]]:
+        V = self.grad.shape[0]
+        parts = [(slice(0, self.split), self._low())] if self.split else []
+        return parts + [(slice(self.split, V), self.rest)]
+
+    def finish(self, rows_impl: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """grad ← (the fp32 sums · scale) in the head's dtype, in place (see the module docstring); frees `rest`."""
+        if self.finished:
+            raise RuntimeError("this dW sum was already cast into its gradient (a second backward through the fused "
+                               "loss's graph is not supported: call it again instead of retain_graph=True)")
+        self.finished = True
+        scale = torch.ones((), dtype=torch.float32, device=self.grad.device) if scale is None else scale
+        H = self.grad.shape[1]
+        n = self.split * H
+        low, out = self._low().view(-1), self.grad.view(-1)
+        first = min(n, FIRST_BLOCK)
+        if first:  # its output overlaps its own input: through a temporary
+            out[:first].copy_(scale_cast(rows_impl, low[:first], scale, self.grad.dtype))
+        a = first
+        while a < n:
+            b = min(n, 2 * a, a + TORCH_BLOCK) if rows_impl == "torch" else min(n, 2 * a)
+            scale_cast(rows_impl, low[a:b], scale, self.grad.dtype, out=out[a:b])
+            a = b
+        scale_cast(rows_impl, self.rest.view(-1), scale, self.grad.dtype, out=out[n:])
+        self.rest = None
+        return self.grad
