@@ -5,8 +5,8 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits,
                  ≈ 6·N·H·V FLOPs (the 1.5B/7B/8B shapes), else two, ≈ 8·N·H·V (the 65,536-token row)
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G (workspace ≤ 1 GiB, accumulators included): the
-                 token plan in 896-row chunks at H1536 (6·N·H·V FLOPs), the vocab plan at 7B/8B (≈ 8·N·H·V); the
-                 note column names the plan
+                 split plan at these shapes (token chunks summing dW for 63–93% of the vocabulary, a tail pass
+                 over vocabulary slabs for the rest: (8·V − 2·V_t)·N·H FLOPs); the note column names the plan
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -220,14 +220,18 @@ def plan_note(provider: str, n_valid: int, V: int, H: int) -> str:
     """The gradient plan this provider's budgets give a bf16 head with every gradient over n_valid real tokens."""
     with provider_env(provider):
         p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+    if p.kind == "split":
+        return (f"split plan, {p.rows} rows, dW of {p.dw_rows} vocab rows in the chunks, tail {p.tail.rows} rows × "
+                f"{p.tail.cols} vocab")
     return f"{p.kind} plan, {p.rows} rows" + ("" if p.kind == "tokens" else f" × {p.cols} vocab")
 
 
 def test_plan_note_and_table(monkeypatch):
     monkeypatch.delenv(MEMORY_BUDGET_ENV, raising=False)
-    assert plan_note("ours_on_1g", 5734, 151936, 1536) == "tokens plan, 896 rows"  # the 1.5B shape
-    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")  # 7B
+    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("split plan, 1152 rows, dW of ")  # 7B
     assert plan_note("ours_on", 5734, 152064, 3584) == "tokens plan, 1536 rows"
+    monkeypatch.setenv("LAMBDA_KERNELS_GRAD_PLAN", "vocab")
+    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
     row = dict(shape="s", provider="ours_on_1g", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])

@@ -88,6 +88,10 @@ def scenarios():
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
             num_items_in_batch=torch.tensor(100.0), adv_clamp_min=-0.1)[0]
+    os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"  # the on-policy row kernel that also stores lse and g
+    yield "fused on-policy split plan", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=bias,
+                                                                         ref_logprobs=lp, beta=0.04)[0]
+    os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")
     for gemm in ("triton", "triton_tma"):
         os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = gemm
         yield f"lse gemm {gemm}", lambda: lk.linear_logprobs(hidden.detach(), weight.detach(), ids,

@@ -80,13 +80,18 @@ def test_fused_loss_second_backward_raises_instead_of_casting_twice(device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", ["linear_logprobs", "fused_loss"])
-def test_half_head_holds_half_the_fp32_sum_beside_its_gradient(impl, op, device, monkeypatch):
+@pytest.mark.parametrize("grad_plan", ["tokens", "split"])
+def test_half_head_holds_half_the_fp32_sum_beside_its_gradient(impl, op, grad_plan, device, monkeypatch):
     """What a half head's gradient pass holds beyond its returned gradients: one logits chunk and the sum's `rest`
     (≈ 2·V·H bytes), not a 4·V·H fp32 sum, and no third copy at the cast; on the CPU also fp32 copies of the weight
-    and of a chunk's dlogits (no half GEMM with an fp32 output there)."""
+    and of a chunk's dlogits (no half GEMM with an fp32 output there). The split plan, under a memory budget that
+    leaves room for the sums of 300 rows beyond the gradient's bytes, holds that much less."""
     B, T, H, V, rows = 4, 50, 64, 3000, 16
     monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * rows))
     monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
+    if grad_plan == "split":
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * V * rows + 4 * 300 * H))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g).to(device=device, dtype=torch.bfloat16).requires_grad_()
     weight = (torch.randn(V, H, generator=g) * 0.2).to(device=device, dtype=torch.bfloat16).requires_grad_()
@@ -104,7 +109,8 @@ def test_half_head_holds_half_the_fp32_sum_beside_its_gradient(impl, op, device,
     # CPU: the fp32 copy of the weight, and of a chunk's dlogits for each GEMM
     upcast = 0 if weight.is_cuda else 4 * V * H + chunk
     torch_temporaries = 6 * chunk if impl == "torch" else 0
-    bound = upcast + plan.rest_bytes(V, H) + chunk + per_token + torch_temporaries
+    sums = plan.rest_bytes(V, H) if grad_plan == "tokens" else 4 * 300 * H
+    bound = upcast + sums + chunk + per_token + torch_temporaries
     assert extra <= bound, (extra, bound)
     if impl == "triton":  # (the PyTorch rows' temporaries blur the difference)
         assert bound < upcast + 4 * V * H + chunk  # what a whole fp32 sum beside a chunk would hold at least

@@ -11,14 +11,15 @@ from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
-def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, dl_ptr,
-                         stride_l, stride_dl, V, inv_t, beta,
+def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, lse_ptr, g_ptr,
+                         dl_ptr, stride_l, stride_dl, V, inv_t, beta,
                          HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, WITH_ENT: tl.constexpr,
-                         BLOCK_V: tl.constexpr):
+                         WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
     """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature.
 
     logits [M, V] fp32 (stride stride_l); dl (stride stride_dl, the GEMM input dtype) may alias logits;
-    targets [M] int; g0, n, ref [M] fp32 (n, ref only with HAS_KL); outputs lp [M] fp32, ent [M] fp32 (WITH_ENT).
+    targets [M] int; g0, n, ref [M] fp32 (n, ref only with HAS_KL); outputs lp [M] fp32, ent [M] fp32 (WITH_ENT),
+    and with WITH_STATS lse and g [M] fp32 (what a later pass over vocabulary slabs needs for the same dlogits).
     Grid (M,).
     """
     i_r = tl.program_id(0).to(tl.int64)
@@ -31,5 +32,8 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
     g = tl.load(g0_ptr + i_r)
     if HAS_KL:
         g += beta * tl.load(n_ptr + i_r) * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp))
+    if WITH_STATS:
+        tl.store(lse_ptr + i_r, lse)
+        tl.store(g_ptr + i_r, g)
     row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t,
                       HAS_BIAS, False, BLOCK_V)

@@ -9,7 +9,11 @@ Three strategies, chosen per call (`fused_loss_forward`):
   known from the mask) → dlogits over the same logits → GEMMs. Also 6·N·H·V FLOPs.
 * otherwise (a sequence longer than a chunk, or the vocab plan under a memory budget): pass 1 computes ℓ for all
   tokens (`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes the logits
-  (`logprobs_backward`, token or vocab plan): 8·N·H·V FLOPs.
+  (`logprobs_backward`, in the plan that fits): 8·N·H·V FLOPs.
+
+Under a memory budget the first two can run in the split plan (plan.py): their chunks sum dW for the first
+plan.dw_rows vocabulary rows only and keep each token's lse and ∂loss/∂ℓ, from which a tail pass over vocabulary
+slabs (`split_pipeline`) gives the other rows' dW.
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
 carry zero weight and zero gradient, so their rows are dropped before the GEMMs and their grad_hidden rows are zero.
@@ -22,23 +26,27 @@ import torch
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
-    logprobs_forward, plan_for, row_config, stats_dtype, torch_rows
+    logprobs_forward, plan_for, row_config, split_pipeline, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
 from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
-def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl) -> None:
-    """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)), written into dl."""
+def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl,
+                  lse=None, g=None) -> None:
+    """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)), written into dl; with
+    lse and g given, also each row's log-sum-exp and that token gradient."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl)
+        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl, lse, g)
         return
     M, V = logits.shape
     block, warps = row_config(V)
     has_kl = ref is not None
+    with_stats = lse is not None
     onpolicy_rows_kernel[(M,)](
         logits, logits if bias is None else bias, tgt, g0, n if has_kl else g0, ref if has_kl else g0, lp,
-        lp if ent is None else ent, dl, logits.stride(0), dl.stride(0), V, inv_t, beta,
-        HAS_BIAS=bias is not None, HAS_KL=has_kl, WITH_ENT=ent is not None, BLOCK_V=block, num_warps=warps)
+        lp if ent is None else ent, lse if with_stats else lp, g if with_stats else lp, dl, logits.stride(0),
+        dl.stride(0), V, inv_t, beta, HAS_BIAS=bias is not None, HAS_KL=has_kl, WITH_ENT=ent is not None,
+        WITH_STATS=with_stats, BLOCK_V=block, num_warps=warps)
 
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
@@ -73,12 +81,12 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
     plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
-    sequences = whole_sequence_pieces(row_counts, plan.max_rows) if plan and plan.kind == "tokens" and old is not None \
-        else None
-    if plan and plan.kind == "tokens" and old is None:
-        lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan.rows)
+    chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
+    sequences = whole_sequence_pieces(row_counts, plan.max_rows) if chunked and old is not None else None
+    if chunked and old is None:
+        lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan)
     elif sequences is not None:
-        lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences)
+        lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences, plan)
     else:
         lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args, shard=shard)
     # loss and metrics of the whole batch (the passes above may have evaluated the objective on pieces of it)
@@ -120,8 +128,10 @@ class _Batch:
 
 
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                       need_dx, need_dw, need_db, cast_dw, rows: int):
+                       need_dx, need_dw, need_db, cast_dw, plan):
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
+    split = plan.kind == "split"
+    lse_v, g_v = batch.empty(split), batch.empty(split)  # what the split plan's tail pass needs
     tgt = batch.tgt
     token = {}  # the per-token inputs of the row kernel, prepared at its first call
 
@@ -137,10 +147,23 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
         n_v, ref_v = token["n"], token["ref"]
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
-                      None if ent_v is None else ent_v[sl], dl)
+                      None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else ()))
 
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, rows, rows_impl,
-                                      cast_dw=cast_dw)
+    if split:
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail_rows_fn(rows_impl, bias, tgt, lse_v,
+                                                                                      g_v, inv_t),
+                                           need_dx, need_db, plan.rows, rows_impl, plan)
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
+                                      rows_impl, cast_dw=cast_dw)
+
+
+def tail_rows_fn(rows_impl: str, bias, tgt, lse_v, g_v, inv_t: float):
+    """The split plan's tail: a vocabulary slab's dlogits from each row's lse and token gradient (the one-hot term
+    only on rows whose target lies in the slab)."""
+    def row_fn(sl, sv, logits, dl):
+        dlogits_rows(rows_impl, logits, None if bias is None else bias[sv], tgt[sl] - sv.start, lse_v[sl], None,
+                     g_v[sl], None, inv_t, dl)
+    return row_fn
 
 
 def whole_sequence_pieces(counts, max_tokens: int):
@@ -159,9 +182,11 @@ def whole_sequence_pieces(counts, max_tokens: int):
 
 
 def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                        need_dx, need_dw, need_db, cast_dw, sequences):
+                        need_dx, need_dw, need_db, cast_dw, sequences, plan):
     B, T = batch.shape
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
+    split = plan.kind == "split"
+    g_full = batch.empty(split)  # each token's gradient, for the split plan's tail pass
     rows_of = {tokens.start: rows for rows, tokens in sequences}
     tgt, old, ref = batch.tgt, batch.old, batch.ref
     positions = torch.arange(B * T, device=batch.x.device) if batch.valid is None else batch.valid
@@ -176,9 +201,15 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
         g = objective.rows_grad(lp_block, old[rows], batch.adv[rows], batch.mask_f[rows],
                                 None if ref is None else ref[rows], batch.scales[rows])
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
+        if split:
+            g_full[sl] = g_v
         dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, inv_t, dl)
 
     pieces = [tokens for _, tokens in sequences]
+    if split:
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail_rows_fn(rows_impl, bias, tgt, lse_v,
+                                                                                      g_full, inv_t),
+                                           need_dx, need_db, pieces, rows_impl, plan)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
                                       cast_dw=cast_dw)
 

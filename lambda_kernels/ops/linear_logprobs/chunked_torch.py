@@ -52,9 +52,12 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
     dl.copy_(dz * inv_t)
 
 
-def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl):
-    """Log-probs (and entropy), then dlogits for g = g0 + β·n·(1 − exp(ref − ℓ)) (KL only when ref is given)."""
-    lse = torch.empty_like(lp)
-    logprob_rows(logits, bias, tgt, inv_t, lp, lse, ent)
-    g = g0 if ref is None else g0 + beta * n * (1.0 - torch.exp(ref - lp))
-    dlogits_rows(logits, bias, tgt, lse, None, g, None, inv_t, dl)
+def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl, lse=None, g=None):
+    """Log-probs (and entropy), then dlogits for g = g0 + β·n·(1 − exp(ref − ℓ)) (KL only when ref is given); lse
+    and g, when given, receive each row's log-sum-exp and that token gradient."""
+    row_lse = torch.empty_like(lp) if lse is None else lse
+    logprob_rows(logits, bias, tgt, inv_t, lp, row_lse, ent)
+    row_g = g0 if ref is None else g0 + beta * n * (1.0 - torch.exp(ref - lp))
+    if g is not None:
+        g.copy_(row_g)
+    dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, inv_t, dl)

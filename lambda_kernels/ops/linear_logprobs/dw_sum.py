@@ -44,24 +44,29 @@ def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: to
 
 
 class HalfHeadGradSum:
-    """fp32 dW sum of a [V, H] half-precision head: rows [0, split) in `grad`'s bytes, rows [split, V) in `rest`.
+    """fp32 dW sum of a [V, H] half-precision head: rows [0, split) in `grad`'s bytes, rows [split, rows) in `rest`
+    (rows = V, or fewer for the split plan, whose tail pass writes the gradient rows [rows, V) after `finish`).
 
     `parts()` gives the (vocabulary rows, fp32 sum) pairs the dW GEMMs write; `finish(scale)` turns the sums into
-    the gradient (scaled, e.g. by grad_output) and returns `grad`. It runs once: afterwards the fp32 sums are gone.
+    the gradient rows [0, rows) (scaled, e.g. by grad_output) and returns `grad`. It runs once: afterwards the fp32
+    sums are gone.
     """
 
     def __init__(self, grad: torch.Tensor, rest: torch.Tensor):
         self.grad, self.rest = grad, rest
-        V, H = grad.shape
-        self.split = V - rest.shape[0]
+        self.split = split_rows(grad.shape[0])
+        self.rows = self.split + rest.shape[0]
         self.finished = False
 
     @classmethod
-    def allocate(cls, weight: torch.Tensor) -> "HalfHeadGradSum":
+    def allocate(cls, weight: torch.Tensor, rows: int | None = None) -> "HalfHeadGradSum":
+        """The gradient of `weight` and the sums of its vocabulary rows [0, rows) (default all), rows ≥ split."""
         assert weight.element_size() == 2, weight.dtype  # the layout puts two fp32 rows in one row pair's bytes
         V, H = weight.shape
+        rows = V if rows is None else rows
+        assert split_rows(V) <= rows <= V, (rows, V)
         grad = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
-        rest = torch.empty((V - split_rows(V), H), dtype=torch.float32, device=weight.device)
+        rest = torch.empty((rows - split_rows(V), H), dtype=torch.float32, device=weight.device)
         return cls(grad, rest)
 
     def _low(self) -> torch.Tensor:
@@ -70,12 +75,12 @@ class HalfHeadGradSum:
         return self.grad.view(-1)[: 2 * self.split * H].view(torch.float32).view(self.split, H)
 
     def parts(self) -> list[tuple[slice, torch.Tensor]]:
-        V = self.grad.shape[0]
         parts = [(slice(0, self.split), self._low())] if self.split else []
-        return parts + [(slice(self.split, V), self.rest)]
+        return parts + ([(slice(self.split, self.rows), self.rest)] if self.rows > self.split else [])
 
     def finish(self, rows_impl: str, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """grad ← (the fp32 sums · scale) in the head's dtype, in place (see the module docstring); frees `rest`."""
+        """grad[:rows] ← (the fp32 sums · scale) in the head's dtype, in place (see the module docstring); frees
+        `rest`."""
         if self.finished:
             raise RuntimeError("this dW sum was already cast into its gradient (a second backward through the fused "
                                "loss's graph is not supported: call it again instead of retain_graph=True)")
@@ -92,6 +97,6 @@ class HalfHeadGradSum:
             b = min(n, 2 * a, a + TORCH_BLOCK) if rows_impl == "torch" else min(n, 2 * a)
             scale_cast(rows_impl, low[a:b], scale, self.grad.dtype, out=out[a:b])
             a = b
-        scale_cast(rows_impl, self.rest.view(-1), scale, self.grad.dtype, out=out[n:])
+        scale_cast(rows_impl, self.rest.view(-1), scale, self.grad.dtype, out=out[n: self.rows * H])
         self.rest = None
         return self.grad

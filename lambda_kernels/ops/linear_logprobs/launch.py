@@ -154,7 +154,7 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
                   pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
-                  cast_dw: bool = True):
+                  cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None):
     """Both gradient plans: per slab of `slab_cols` vocabulary rows (None: the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
     logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl: the backend of the dW sum's cast.
@@ -168,6 +168,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     uncast `HalfHeadGradSum` where there is one (the caller scales and casts it in one pass later); db [V] in bias's
     dtype), None where not needed. The first piece of each dW sum is written, not added, so no accumulator is
     zero-filled.
+    dw_rows (the split plan's chunks, one slab): dW is summed for the vocabulary rows [0, dw_rows) only; the
+    gradient's other rows are left for the tail pass. dw_out (its tail pass): the weight-dtype gradient the slabs'
+    dW is cast into, instead of a new one.
     """
     N, H = x.shape
     V = weight.shape[0]
@@ -181,11 +184,11 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     if need_dw:
         if weight.dtype == sdt:  # the sum is the gradient
             dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
-        elif len(slabs) > 1:
-            dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        elif len(slabs) > 1 or dw_out is not None:
+            dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if dw_out is None else dw_out
             dw_slab = torch.empty((slabs[0].stop, H), dtype=sdt, device=weight.device)
         else:
-            dw_sum = HalfHeadGradSum.allocate(weight)
+            dw_sum = HalfHeadGradSum.allocate(weight, dw_rows)
     if need_db:
         db = torch.zeros((V,), dtype=sdt, device=x.device)
     if N > 0:
@@ -219,8 +222,27 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
         for _, acc in (dw_sum.parts() if dw_sum is not None else [(None, dw)]):
             acc.zero_()
     if dw_sum is not None:
-        dw = dw_sum.finish(rows_impl) if cast_dw else dw_sum
+        dw = dw_sum.finish(rows_impl) if cast_dw or dw_rows is not None else dw_sum
     return (dx if fp32_dx else _cast(dx, x)), dw, _cast(db, bias)
+
+
+def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, need_dx: bool, need_db: bool,
+                   pieces: int | list[slice], rows_impl: str, plan: GradPlan):
+    """The split plan (plan.py) for a half head's dX, dW (and db): `grad_pipeline` over the token pieces gives dX,
+    db and the dW rows [0, plan.dw_rows), cast in place; then the tail pass casts the other dW rows into the same
+    gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
+    slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
+    Returns (dX, dW, db) as grad_pipeline does, dW always cast."""
+    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl,
+                               dw_rows=plan.dw_rows)
+    v0 = plan.dw_rows
+    if v0 < weight.shape[0]:
+        def tail_slab(sl, sv, logits, dl):  # sv counts from v0
+            tail_row_fn(sl, slice(v0 + sv.start, v0 + sv.stop), logits, dl)
+
+        grad_pipeline(x, weight[v0:], None, tail_slab, False, True, False, plan.tail.rows, rows_impl,
+                      slab_cols=plan.tail.cols, dw_out=dw[v0:])
+    return dx, dw, db
 
 
 def _cast(grad, like):
@@ -249,8 +271,11 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
                      tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
                      g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
 
-    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
-                               plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw)
+    if plan.kind == "split":
+        dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan)
+    else:
+        dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
+                                   plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)
     return dx, dw, db

@@ -5,7 +5,7 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
     LAMBDA_KERNELS_LOGITS_BUDGET   bytes of one fp32 logits chunk (default 1 GiB)
     LAMBDA_KERNELS_MEMORY_BUDGET   bytes of all the workspace of a call: logits chunks *and* fp32 accumulators
                                    (default: unset, no cap beyond the logits budget)
-    LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" to force a plan
+    LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" / "split" to force a plan
 
 Workspace counts the logits buffers and the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
 dW sum keeps half of itself in its gradient's bytes: `dw_sum`); besides them a call holds per-token vectors and the
@@ -20,12 +20,17 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
     vocab   the log-sum-exp of every row first (the forward pass), then slabs of C vocabulary rows, logits [N, C]
             for all rows (or [M, C] pieces): dW of a slab is complete after its rows, so the fp32 accumulator is one
             slab (4·C·H); dX is summed over slabs in fp32 (4·N·H for a bf16/fp16 hidden). 8·N·H·V FLOPs.
+    split   the token plan, but its chunks sum dW only for the vocabulary rows [0, V_t): the first half of them in
+            the gradient's own bytes, the rest in 4·(V_t − V/2)·H bytes beside the chunk; then a tail pass, the
+            vocab plan over rows [V_t, V) without dX, from the lse and token gradients the chunks left behind.
+            (8·V − 2·V_t)·N·H FLOPs: between the two others, and one pass for dX and the on-policy loss.
 
-Why both: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
-the whole vocabulary. Summing dW over rows in fp32 therefore costs either an fp32 accumulator of the whole head
-(tokens) or a second pass over the logits (vocab); no order of the work avoids both. Without a memory budget the
-faster token plan runs; with one, the token plan runs when its accumulator and a chunk of at least
-TOKEN_PLAN_MIN_ROWS rows fit, the vocab plan otherwise.
+Why three: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
+the whole vocabulary. Summing a vocabulary row's dW over rows in fp32 therefore costs either fp32 room for it across
+the chunks (tokens) or a second pass over its logits (vocab); split does the first for as many rows as the budget
+holds and the second for the others. Without a memory budget the token plan runs. With one, the feasible plan that
+`modelled_seconds` rates fastest: a model of an H100's GEMM rate, copy bandwidth and dW-sum traffic that reproduces
+run 3's kernel times of both measured plans within 7% (benchmarks/RESULTS.md), not a sweep.
 """
 from __future__ import annotations
 
@@ -40,12 +45,16 @@ BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
 MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
 PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
-PLAN_CHOICES = ("auto", "tokens", "vocab")
-# Below this many rows per chunk the vocab plan is faster. Each token-plan chunk reads and writes the fp32 dW sum
-# (8·V·H bytes) where the vocab plan spends a second logits GEMM (2·m·H·V FLOPs): break-even at
-# m = 4·(matmul rate / bandwidth)·(exposed share of that traffic) ≈ 4·(703 TFLOP/s / 3.0 TB/s)·(0.4–0.7) ≈ 380–660
-# rows on an H100 (the shares seen in run 3's profiles at 1.5B and 7B; benchmarks/RESULTS.md). A model, not a sweep.
-TOKEN_PLAN_MIN_ROWS = 768
+PLAN_CHOICES = ("auto", "tokens", "vocab", "split")
+# Token chunks under a memory budget have at least this many rows: thinner GEMMs lose tensor-core efficiency, which
+# `modelled_seconds` does not know.
+TOKEN_PLAN_MIN_ROWS = 512
+# The rates plans are rated by (`modelled_seconds`; only their ratios matter): an H100's bf16 matmul rate and copy
+# bandwidth (benchmarks/RESULTS.md, run 3), and the share of a chunk's fp32 dW read+write that its GEMM does not
+# hide (0.4–0.7 in run 3's profiles at 1.5B and 7B).
+MATMUL_RATE = 703e12
+COPY_RATE = 3.0e12
+DW_TRAFFIC_EXPOSED = 0.5
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
 # id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
@@ -150,7 +159,9 @@ def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
 @dataclass(frozen=True)
 class GradPlan:
     """kind "tokens": chunks of `rows` rows over the whole vocabulary (cols = V); "vocab": slabs of `cols`
-    vocabulary rows, each over the rows in pieces of `rows` (rows = N when a slab of all rows fits).
+    vocabulary rows, each over the rows in pieces of `rows` (rows = N when a slab of all rows fits); "split":
+    token chunks as "tokens" summing dW for the vocabulary rows [0, dw_rows) only, then `tail` (a vocab plan over
+    the rows [dw_rows, V), without dX).
 
     max_rows: the most rows a chunk may hold (`rows` is that, balanced over N); chunks cut along sequences use it.
     """
@@ -159,17 +170,24 @@ class GradPlan:
     rows: int
     cols: int
     max_rows: int = 0
+    dw_rows: int = 0
+    tail: "GradPlan | None" = None
 
     def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
         """fp32 bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside)."""
-        logits = 4 * self.rows * self.cols
+        # (chunks cut along whole sequences may hold up to max_rows rows)
+        logits = 4 * max(self.rows, self.max_rows) * self.cols
         if self.kind == "tokens":
             return logits + (rest_bytes(V, H) if dw_accumulator else 0)
+        if self.kind == "split":  # the chunks' sums are cast before the tail runs
+            chunks = logits + 4 * (self.dw_rows - split_rows(V)) * H
+            return max(chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False))
         return logits + (4 * self.cols * H if dw_accumulator else 0) + (4 * N * H if dx_accumulator else 0)
 
 
 def plan_choice() -> str:
-    """LAMBDA_KERNELS_GRAD_PLAN: "auto" (default: by the budgets), "tokens" or "vocab" (forced, e.g. to compare)."""
+    """LAMBDA_KERNELS_GRAD_PLAN: "auto" (default: by the budgets), "tokens", "vocab" or "split" (forced, e.g. to
+    compare or test)."""
     return env_choice(PLAN_ENV, PLAN_CHOICES, "auto")
 
 
@@ -179,29 +197,90 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
     dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces);
-    dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks).
-    Auto: the token plan unless a memory budget is set that cannot hold its accumulator beside a chunk of
-    TOKEN_PLAN_MIN_ROWS rows (without an accumulator, any chunk of one row or more will do).
+    dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks; no split
+    plan then).
+    Auto: the token plan without a memory budget, or where a budget leaves no fp32 sum to hold (an fp32 or frozen
+    head); else the fastest by `modelled_seconds` of the plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows).
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
     acc = (rest_bytes(V, H) if dw_accumulator else 0) + (4 * N * H if dx_sum_in_tokens else 0)
     row = 4 * max(V, 1)
     choice = plan_choice()
-    if choice == "auto":
-        fits = memory is None or memory - acc >= row * (1 if acc == 0 else min(N, TOKEN_PLAN_MIN_ROWS))
-        choice = "tokens" if fits else "vocab"
-        chunk = logits if memory is None else min(logits, memory - acc)
-    else:  # forced: the accumulator is accepted, the chunk is the forward pass's
-        chunk = forward_budget_bytes()
-    if choice == "tokens":
-        chunk = max(chunk, row)
-        return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=chunk // row)
-    return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
+    if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
+        choice = "tokens"  # no fp32 dW sum to split (or dX summed across ranks, which the split plan does not do)
+    if choice == "tokens" or choice == "auto" and (memory is None or acc == 0):
+        chunk = forward_budget_bytes() if choice == "tokens" else logits if memory is None else min(logits, memory)
+        return _token_plan(N, V, max(chunk, row))
+    if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
+        return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
+    if choice == "vocab" or dx_sum_in_tokens:
+        return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
+    if choice == "split":  # forced: the chunks of the forward pass, and V_t as the memory budget allows
+        chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
+        room = 0 if memory is None else memory - 4 * chunk.max_rows * V
+        return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
+    vocab = _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator, warn=False)
+    fitting = [vocab] if vocab.workspace_bytes(N, V, H, True, dx_accumulator) <= memory else []
+    # the token chunks write dX of a half hidden per chunk, not into an fp32 sum; what the budget holds for it
+    # instead is the rows' hidden states gathered out of the padding and their dX before the scatter back
+    budget = memory - (4 * N * H if dx_accumulator else 0)
+    cap = piece_cap(min(logits, budget) // row)
+    for rows in sorted({cap, cap * 3 // 4, cap // 2, cap // 4, TOKEN_PLAN_MIN_ROWS}, reverse=True):
+        rows = piece_cap(rows)
+        if rows < min(N, TOKEN_PLAN_MIN_ROWS) or rows > cap:
+            continue
+        chunk = _token_plan(N, V, rows * row)
+        room = budget - 4 * chunk.max_rows * V
+        if room < 0:
+            continue
+        dw_rows = min(V, split_rows(V) + room // (4 * H))
+        p = chunk if dw_rows == V else _split_plan(N, V, H, chunk, dw_rows, budget, logits)
+        if p.workspace_bytes(N, V, H, True, False) <= budget:
+            fitting.append(p)
+    if not fitting:  # only a thin vocab plan can get close: it warns
+        return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
+    return min(fitting, key=lambda p: modelled_seconds(p, N, V, H))
+
+
+def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
+    row = 4 * max(V, 1)
+    return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=chunk // row)
+
+
+def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int) -> GradPlan:
+    tail = _vocab_plan(N, V - dw_rows, H, memory, logits, True, False, warn=False)
+    return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
+
+
+def modelled_seconds(p: GradPlan, N: int, V: int, H: int) -> float:
+    """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
+    COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
+    the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab after a log-prob pass that
+    costs 8), each extra piece's fp32 dW read+write, fp32 dX sums per slab, and the casts. Run 3 measured 15.9 /
+    35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 / 34.0) and 20.1 / 42.3 ms without host time for
+    the vocab plan (model 20.9 / 42.1)."""
+    F, B, exposed = MATMUL_RATE, COPY_RATE, DW_TRAFFIC_EXPOSED
+
+    def extra_pieces(rows: int) -> int:
+        return max(-(-N // max(rows, 1)) - 1, 0)
+
+    if p.kind == "vocab":
+        slabs = -(-V // max(p.cols, 1))
+        return (8 * N * H * V / F + 18 * N * V / B + slabs * 8 * N * H * exposed / B
+                + extra_pieces(p.rows) * 8 * V * H * exposed / B + 6 * V * H / B)
+    vt = p.dw_rows if p.kind == "split" else V
+    t = (4 * N * H * V + 2 * N * H * vt) / F + 14 * N * V / B + extra_pieces(p.rows) * 8 * vt * H * exposed / B \
+        + 6 * vt * H / B
+    if p.kind == "split":
+        rest = V - vt
+        t += 4 * N * H * rest / F + 10 * N * rest / B + extra_pieces(p.tail.rows) * 8 * rest * H * exposed / B \
+            + 6 * rest * H / B
+    return t
 
 
 def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accumulator: bool,
-                dx_accumulator: bool) -> GradPlan:
+                dx_accumulator: bool, warn: bool = True) -> GradPlan:
     N = max(N, 1)
     logits_room = logits // 4  # fp32 elements of one logits slab
     room = logits_room if memory is None else max(memory - (4 * N * H if dx_accumulator else 0), 0) // 4
@@ -215,7 +294,9 @@ def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accu
         return GradPlan("vocab", split_size(N, rows_cap), cols)
     # No plan meets the budget (the fp32 dX sum, or one thin slab's accumulator, is over it on its own): say so, and
     # take the efficient plan, all rows against slabs as wide as the logits budget allows.
-    warnings.warn(f"{MEMORY_BUDGET_ENV}={memory} bytes cannot hold the fp32 gradient sums of this call (N={N}, V={V}, "
-                  f"H={H}); running over it with vocabulary slabs of all rows. Raise the budget to remove this.",
-                  RuntimeWarning, stacklevel=4)
+    if warn:
+        warnings.warn(f"{MEMORY_BUDGET_ENV}={memory} bytes cannot hold the fp32 gradient sums of this call (N={N}, "
+                      f"V={V}, H={H}); running over it with vocabulary slabs of all rows. Raise the budget to remove "
+                      "this.",
+                      RuntimeWarning, stacklevel=4)
     return GradPlan("vocab", N, split_size(V, max(logits_room // N, min(V, MIN_SLAB_COLS))))
