@@ -5,7 +5,7 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits,
                  ≈ 6·N·H·V FLOPs (the 1.5B/7B/8B shapes), else two, ≈ 8·N·H·V (the 65,536-token row)
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G (workspace ≤ 1 GiB, accumulators included): the
-                 split plan at these shapes (token chunks summing dW for 63–93% of the vocabulary, a tail pass
+                 split plan at these shapes (token chunks summing dW for 63–95% of the vocabulary, a tail pass
                  over vocabulary slabs for the rest: (8·V − 2·V_t)·N·H FLOPs); the note column names the plan
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
@@ -247,7 +247,7 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
     if not provider_available(provider):
         return {**row, "error": "not importable"}
     n_valid = int(inp["mask"].sum())
-    if provider in FUSED_OURS:
+    if provider in FUSED_OURS:  # (off-policy, token chunks hold whole sequences, up to the plan's max_rows)
         row["plan"] = plan_note(provider, n_valid, V, H)
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
     flops = (2 if provider in LOGPROBS_ONLY else 6) * H * V

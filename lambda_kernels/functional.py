@@ -277,11 +277,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     variable LAMBDA_KERNELS_LOGITS_BUDGET (bytes, or e.g. "256M", "2G"). Backward recomputes each chunk's logits
     from the saved log-sum-exp: dX, dW (accumulated in fp32 across chunks) and dbias, exact.
 
-    Memory: a bf16/fp16 head that is trained also needs its fp32 dW sum, 4·V·H bytes (2.0 GiB at V152064, H3584).
-    Set LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") to bound *all* the workspace, accumulators included: when the
-    fp32 sum does not fit, the backward runs over slabs of the vocabulary instead (each slab's dW complete in one
-    GEMM over the rows, an fp32 accumulator of one slab, plus an fp32 dX sum of 4·N·H bytes). The results are the
-    same to fp32 rounding; see `ops/linear_logprobs/plan.py` for the plans.
+    Memory: a bf16/fp16 head that is trained also needs its fp32 dW sum, 4·V·H bytes, half of which live in the
+    gradient tensor's own bytes until an in-place cast: 2·V·H extra (1.0 GiB at V152064, H3584). Set
+    LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") to bound *all* the workspace, accumulators included: when that does not
+    fit, the backward sums dW in fp32 only for the vocabulary rows it can hold room for and gets the others from
+    vocabulary slabs over all rows (the split plan), or runs over slabs entirely (the vocab plan), whichever a cost
+    model rates faster. The results are the same to fp32 rounding; see `ops/linear_logprobs/plan.py` for the plans.
 
     Under `torch.no_grad()` this is the fast path for old-policy and reference log-probs; its values are
     bit-identical to the differentiable call on the same inputs (same chunks, same kernels), so on-policy ratios
@@ -372,9 +373,11 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
       chunks hold whole sequences and the objective runs on each chunk's rows (rows do not interact), again one
       pass (6·N·H·V); a longer sequence (e.g. 65,536 tokens) takes a second pass that recomputes the logits.
 
-    A trained bf16/fp16 head adds its fp32 dW sum (4·V·H bytes) to the logits chunk. LAMBDA_KERNELS_MEMORY_BUDGET
-    (e.g. "1G") bounds the whole workspace instead: when the fp32 sum does not fit, the gradient pass runs over
-    vocabulary slabs after a log-prob pass (8·N·H·V FLOPs, on- and off-policy), same results to fp32 rounding.
+    A trained bf16/fp16 head adds the part of its fp32 dW sum that does not fit in the gradient's own bytes
+    (2·V·H) to the logits chunk. LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") bounds the whole workspace instead: when
+    that does not fit, the chunks sum dW for only some vocabulary rows and a tail pass over vocabulary slabs gives
+    the others (the split plan, still one pass for the loss and dX), or the gradient pass runs over vocabulary slabs
+    after a log-prob pass (8·N·H·V FLOPs); same results to fp32 rounding.
 
     Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
     gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and

@@ -40,6 +40,43 @@ def test_finish_is_the_cast_of_the_scaled_sum(impl, dtype, V, H, device, monkeyp
     assert torch.equal(grad, (full * scale.reshape(1)).to(dtype))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("V,H", [(123, 40), (301, 7), (4000, 3)])
+def test_finish_casts_in_an_order_that_is_safe_on_a_gpu(impl, V, H, device, monkeypatch):
+    """The rules that keep the in-place cast right when many programs of a launch run at once (the interpreter runs
+    them one by one, so the values alone would not show a break): the first block through a temporary, then blocks
+    whose outputs lie below their own inputs (disjoint bytes, landing on fp32 values earlier launches read), in
+    order; `rest` last."""
+    monkeypatch.setattr(dw_sum_mod, "FIRST_BLOCK", 5)
+    monkeypatch.setattr(dw_sum_mod, "TORCH_BLOCK", 300)
+    s, full = _filled(V, H, torch.float16, device)
+    base = s.grad.untyped_storage().data_ptr()
+    calls = []
+
+    def byte_range(t):
+        start = t.data_ptr() - base if t.untyped_storage().data_ptr() == base else None
+        return None if start is None else (start, start + t.numel() * t.element_size())
+
+    original = dw_sum_mod.scale_cast
+
+    def spy(rows_impl, src, scale, dtype, out=None):
+        calls.append((byte_range(src), None if out is None else byte_range(out)))
+        return original(rows_impl, src, scale, dtype, out=out)
+
+    monkeypatch.setattr(dw_sum_mod, "scale_cast", spy)
+    grad = s.finish(impl)
+    assert torch.equal(grad, full.to(torch.float16))
+    low_bytes = 4 * plan.split_rows(V) * H
+    low = [c for c in calls if c[0] is not None]
+    assert low[0] == ((0, 20), None) and calls[:len(low)] == low  # first block (5 values) via a temporary; rest last
+    read = 20
+    for (src0, src1), (out0, out1) in low[1:]:
+        assert src0 == read and out1 <= src0  # the next block; outputs below its own inputs
+        read = src1
+    assert read == low_bytes and len(low) > 3  # several in-place blocks covered the low part
+    assert all(src is None and out[1] <= 2 * V * H for src, out in calls[len(low):])  # rest, into the gradient
+
+
 @pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
 def test_finish_without_scale_and_with_default_blocks(impl, dtype, device):
     s, full = _filled(123, 40, dtype, device, seed=1)

@@ -61,8 +61,8 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point), so
         # a second backward through a retained graph fails autograd's version check instead of silently scaling
-        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises
-        # on a second backward (its fp32 values are gone by then).
+        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`); a second
+        # backward raises too (autograd's version check, or finish's own error: its fp32 values are gone by then).
         dx, dw, db, dw_grad, dw_rest = ctx.saved_tensors
         grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
                  for g in (dx, dw, db)]

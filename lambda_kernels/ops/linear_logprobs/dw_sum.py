@@ -92,11 +92,16 @@ class HalfHeadGradSum:
         first = min(n, FIRST_BLOCK)
         if first:  # its output overlaps its own input: through a temporary
             out[:first].copy_(scale_cast(rows_impl, low[:first], scale, self.grad.dtype))
+        # the PyTorch path's temporaries are a block's size; a Triton launch needs none
+        cap = TORCH_BLOCK if rows_impl == "torch" else max(n, self.rest.numel())
         a = first
         while a < n:
-            b = min(n, 2 * a, a + TORCH_BLOCK) if rows_impl == "torch" else min(n, 2 * a)
+            b = min(n, 2 * a, a + cap)
             scale_cast(rows_impl, low[a:b], scale, self.grad.dtype, out=out[a:b])
             a = b
-        scale_cast(rows_impl, self.rest.view(-1), scale, self.grad.dtype, out=out[n: self.rows * H])
+        rest = self.rest.view(-1)  # onto bytes the blocks above have read, in blocks of `cap`
+        for a in range(0, rest.numel(), max(cap, 1)):
+            b = min(rest.numel(), a + cap)
+            scale_cast(rows_impl, rest[a:b], scale, self.grad.dtype, out=out[n + a: n + b])
         self.rest = None
         return self.grad

@@ -142,11 +142,12 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, inv_t: float, lp, lse, en
     return cap, run
 
 
-def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False) -> GradPlan:
+def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False) -> GradPlan:
     """The gradient plan (`plan.grad_plan`) of a pass over x [N, H] and weight [V, H]."""
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0], weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
-                     dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half)
+                     dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
+                     lse_known=lse_known)
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
@@ -263,7 +264,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
     g_ent = None if g_ent is None else g_ent.to(sdt).contiguous()
     tgt = tgt if shard is None else shard.local_targets(tgt)
     fp32_dx = shard is not None
-    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx)
+    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True)
 
     def row_fn(sl, sv, logits, dl):
         # in a slab of the vocabulary the one-hot term lands only on rows whose target lies in it

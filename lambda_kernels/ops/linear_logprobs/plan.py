@@ -23,7 +23,9 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
     split   the token plan, but its chunks sum dW only for the vocabulary rows [0, V_t): the first half of them in
             the gradient's own bytes, the rest in 4·(V_t − V/2)·H bytes beside the chunk; then a tail pass, the
             vocab plan over rows [V_t, V) without dX, from the lse and token gradients the chunks left behind.
-            (8·V − 2·V_t)·N·H FLOPs: between the two others, and one pass for dX and the on-policy loss.
+            (8·V − 2·V_t)·N·H FLOPs, one pass for dX and the on-policy loss: between the two others where the
+            log-sum-exp is not yet known (the fused loss's one-pass paths); a backward that has it (after a log-prob
+            pass) does the vocab plan's slabs alone, 6·N·H·V, so split is never its choice.
 
 Why three: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
 the whole vocabulary. Summing a vocabulary row's dW over rows in fp32 therefore costs either fp32 room for it across
@@ -192,13 +194,14 @@ def plan_choice() -> str:
 
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
-              dx_sum_in_tokens: bool = False) -> GradPlan:
+              dx_sum_in_tokens: bool = False, lse_known: bool = False) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
     dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces);
     dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks; no split
-    plan then).
+    plan then); lse_known: the caller has every row's log-sum-exp already (a backward after a log-prob pass), so the
+    vocab plan needs no log-prob pass of its own and the split plan, which recomputes more logits, never wins.
     Auto: the token plan without a memory budget, or where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head); else the fastest by `modelled_seconds` of the plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows).
     """
@@ -209,43 +212,60 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     choice = plan_choice()
     if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
         choice = "tokens"  # no fp32 dW sum to split (or dX summed across ranks, which the split plan does not do)
-    if choice == "tokens" or choice == "auto" and (memory is None or acc == 0):
+    if choice == "tokens" or choice == "auto" and (memory is None or acc == 0 and memory >= row):
         chunk = forward_budget_bytes() if choice == "tokens" else logits if memory is None else min(logits, memory)
         return _token_plan(N, V, max(chunk, row))
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
         return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
-    if choice == "vocab" or dx_sum_in_tokens:
+    if choice == "vocab" or dx_sum_in_tokens or not dw_accumulator:
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
-    if choice == "split":  # forced: the chunks of the forward pass, and V_t as the memory budget allows
+    if choice == "split":  # forced (tests, comparisons): the forward pass's chunks, V_t as the budget allows, a tail
         chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
-    vocab = _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator, warn=False)
-    fitting = [vocab] if vocab.workspace_bytes(N, V, H, True, dx_accumulator) <= memory else []
-    # the token chunks write dX of a half hidden per chunk, not into an fp32 sum; what the budget holds for it
-    # instead is the rows' hidden states gathered out of the padding and their dX before the scatter back
-    budget = memory - (4 * N * H if dx_accumulator else 0)
-    cap = piece_cap(min(logits, budget) // row)
-    for rows in sorted({cap, cap * 3 // 4, cap // 2, cap // 4, TOKEN_PLAN_MIN_ROWS}, reverse=True):
-        rows = piece_cap(rows)
-        if rows < min(N, TOKEN_PLAN_MIN_ROWS) or rows > cap:
-            continue
-        chunk = _token_plan(N, V, rows * row)
-        room = budget - 4 * chunk.max_rows * V
-        if room < 0:
-            continue
-        dw_rows = min(V, split_rows(V) + room // (4 * H))
-        p = chunk if dw_rows == V else _split_plan(N, V, H, chunk, dw_rows, budget, logits)
-        if p.workspace_bytes(N, V, H, True, False) <= budget:
-            fitting.append(p)
+    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, lse_known)
+               if p.workspace_bytes(N, V, H, True, dx_accumulator and p.kind == "vocab")
+               + (0 if p.kind == "vocab" else _token_reserve(N, H, dx_accumulator)) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
-    return min(fitting, key=lambda p: modelled_seconds(p, N, V, H))
+    return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known))
+
+
+def _token_reserve(N: int, H: int, dx_accumulator: bool) -> int:
+    """What token chunks hold for a half hidden's dX besides the plan's workspace: the rows' hidden states gathered
+    out of the padding and their dX before the scatter back (the vocab plan's fp32 dX sum stands in for these)."""
+    return 4 * N * H if dx_accumulator else 0
+
+
+def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool,
+                       lse_known: bool) -> list[GradPlan]:
+    """Plans a half head with a dW sum may take under a memory budget: the vocab plan; token chunks of every size
+    from TOKEN_PLAN_MIN_ROWS up (128-row steps, or ~24 sizes when that is too many), each with the dW rows
+    [0, V_t) the rest of the budget holds, which is the token plan where V_t reaches V and a split plan below."""
+    candidates = [_vocab_plan(N, V, H, memory, logits, True, dx_accumulator, warn=False)]
+    budget = memory - _token_reserve(N, H, dx_accumulator)
+    row = 4 * max(V, 1)
+    cap = piece_cap(min(logits, budget) // row)
+    low = min(N, TOKEN_PLAN_MIN_ROWS)
+    if cap < max(low, 1):
+        return candidates
+    step = 128 if (cap - low) // 128 <= 24 else -(-(cap - low) // 24)
+    sizes = set(range(piece_cap(max(low, 128)), cap + 1, step)) | {cap, piece_cap((budget - rest_bytes(V, H)) // row)}
+    for rows in sorted(r for r in sizes if max(low, 1) <= r <= cap):
+        chunk = _token_plan(N, V, rows * row)
+        room = budget - 4 * chunk.max_rows * V
+        dw_rows = min(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
+        if dw_rows == V:
+            candidates.append(chunk)
+        elif dw_rows >= 0 and not lse_known:  # (with lse known the vocab plan does less of the same work)
+            candidates.append(_split_plan(N, V, H, chunk, dw_rows, budget, logits))
+    return candidates
 
 
 def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
     row = 4 * max(V, 1)
-    return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=chunk // row)
+    # (max_rows: chunks along whole sequences never need more than N rows)
+    return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=min(chunk // row, max(N, 1)))
 
 
 def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int) -> GradPlan:
@@ -253,13 +273,14 @@ def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, l
     return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
 
 
-def modelled_seconds(p: GradPlan, N: int, V: int, H: int) -> float:
+def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = False) -> float:
     """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
     COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
-    the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab after a log-prob pass that
-    costs 8), each extra piece's fp32 dW read+write, fp32 dX sums per slab, and the casts. Run 3 measured 15.9 /
-    35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 / 34.0) and 20.1 / 42.3 ms without host time for
-    the vocab plan (model 20.9 / 42.1)."""
+    the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known;
+    a log-prob pass before the slabs costs 8, unless lse_known), each extra piece's fp32 dW read+write, fp32 dX sums
+    per slab, and the casts. Run 3
+    measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 / 34.0), and ~20.1 / 42.3 ms for
+    the vocab plan (its medians less the host time of the token plan's rows; model 21.0 / 42.0)."""
     F, B, exposed = MATMUL_RATE, COPY_RATE, DW_TRAFFIC_EXPOSED
 
     def extra_pieces(rows: int) -> int:
@@ -267,11 +288,13 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int) -> float:
 
     if p.kind == "vocab":
         slabs = -(-V // max(p.cols, 1))
-        return (8 * N * H * V / F + 18 * N * V / B + slabs * 8 * N * H * exposed / B
+        log_prob_pass = 0.0 if lse_known else 2 * N * H * V / F + 8 * N * V / B
+        return (log_prob_pass + 6 * N * H * V / F + 10 * N * V / B + slabs * 8 * N * H * exposed / B
                 + extra_pieces(p.rows) * 8 * V * H * exposed / B + 6 * V * H / B)
     vt = p.dw_rows if p.kind == "split" else V
-    t = (4 * N * H * V + 2 * N * H * vt) / F + 14 * N * V / B + extra_pieces(p.rows) * 8 * vt * H * exposed / B \
-        + 6 * vt * H / B
+    row_bytes = 10 if lse_known else 14  # (a backward's chunks read the logits once, for dlogits)
+    t = (4 * N * H * V + 2 * N * H * vt) / F + row_bytes * N * V / B \
+        + extra_pieces(p.rows) * 8 * vt * H * exposed / B + 6 * vt * H / B
     if p.kind == "split":
         rest = V - vt
         t += 4 * N * H * rest / F + 10 * N * rest / B + extra_pieces(p.tail.rows) * 8 * rest * H * exposed / B \
