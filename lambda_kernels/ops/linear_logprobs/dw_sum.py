@@ -3,7 +3,8 @@
 The token plan sums dW = Σ_chunks Dᵀ·X_c in fp32 (a half-precision sum drifts), and the result is cast to the
 head's dtype. Held naively that is an fp32 [V, H] sum (4·V·H bytes) and, at the cast, the [V, H] gradient beside it
 (2·V·H more). Here the gradient tensor is allocated first and its 2·V·H bytes hold the fp32 sums of the vocabulary
-rows [0, split) (split ≈ V/2) while the chunks run; only rows [split, V) get a buffer of their own (`rest`). The
+rows [0, split) (split ≈ V/2) while the chunks run; only rows [split, V) get a buffer of their own (`rest`; the
+split plan's chunks sum rows [split, V_t) only, and its tail pass writes the gradient rows [V_t, V) later). The
 cast then runs in place: the half-precision values of rows [0, split) are written over the first half of their own
 fp32 bytes, after which `rest` is cast into the second half. Workspace beside the gradient: 2·V·H bytes throughout,
 the cast included (it was 2·V·H during the chunks and 4·V·H at the cast).

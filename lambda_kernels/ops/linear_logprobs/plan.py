@@ -278,9 +278,9 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
     the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known;
     a log-prob pass before the slabs costs 8, unless lse_known), each extra piece's fp32 dW read+write, fp32 dX sums
-    per slab, and the casts. Run 3
-    measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 / 34.0), and ~20.1 / 42.3 ms for
-    the vocab plan (its medians less the host time of the token plan's rows; model 21.0 / 42.0)."""
+    per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
+    34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
+    21.0 / 42.0)."""
     F, B, exposed = MATMUL_RATE, COPY_RATE, DW_TRAFFIC_EXPOSED
 
     def extra_pieces(rows: int) -> int:
