@@ -150,9 +150,9 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                       None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else ()))
 
     if split:
-        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail_rows_fn(rows_impl, bias, tgt, lse_v,
-                                                                                      g_v, inv_t),
-                                           need_dx, need_db, plan.rows, rows_impl, plan)
+        tail = tail_rows_fn(rows_impl, bias, tgt, lse_v, g_v, inv_t)
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, plan.rows,
+                                           rows_impl, plan)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
                                       rows_impl, cast_dw=cast_dw)
 
@@ -207,9 +207,9 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
 
     pieces = [tokens for _, tokens in sequences]
     if split:
-        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail_rows_fn(rows_impl, bias, tgt, lse_v,
-                                                                                      g_full, inv_t),
-                                           need_dx, need_db, pieces, rows_impl, plan)
+        tail = tail_rows_fn(rows_impl, bias, tgt, lse_v, g_full, inv_t)
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
+                                           plan)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
                                       cast_dw=cast_dw)
 
