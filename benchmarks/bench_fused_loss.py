@@ -7,6 +7,8 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G (workspace ≤ 1 GiB, accumulators included): the
                  split plan at these shapes (token chunks summing dW for 63–95% of the vocabulary, a tail pass
                  over vocabulary slabs for the rest: (8·V − 2·V_t)·N·H FLOPs); the note column names the plan
+                 and its time by the planner's cost model (kernels only), to check the model
+  ours_on_1g_vocab  the same with the vocab plan forced (LAMBDA_KERNELS_GRAD_PLAN=vocab): what 1G ran before
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -37,7 +39,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
-from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, grad_plan
+from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
 
 from .harness import LOSS_OPTIONS, ceilings, do_bench, scoped_env
 
@@ -48,12 +50,15 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_1g")
+OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_on_1g_vocab", "ours_logprobs", "ours_logprobs_masked",
+        "ours_logprobs_masked_tma"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_1g", "ours_on_1g_vocab")
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset
-PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"}, "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
+PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"},
+                "ours_on_1g_vocab": {MEMORY_BUDGET_ENV: "1G", PLAN_ENV: "vocab"},
+                "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 BASELINES = ["naive", "compiled", "liger", "cce"]
 BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
@@ -169,7 +174,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     h = sub["hidden"].clone().requires_grad_()
     w = inp["weight"].detach().clone().requires_grad_()
     out = {}
-    for name, old, provider in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "ours_on_1g")):
+    for name, old, provider in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "ours_on_1g"),
+                                 ("on_1g_vocab", None, "ours_on_1g_vocab")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS)
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
@@ -216,10 +222,8 @@ def provider_available(provider: str) -> bool:
     return True
 
 
-def plan_note(provider: str, n_valid: int, V: int, H: int) -> str:
-    """The gradient plan this provider's budgets give a bf16 head with every gradient over n_valid real tokens."""
-    with provider_env(provider):
-        p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+def plan_note(p) -> str:
+    """A gradient plan (`plan.GradPlan`) in a few words."""
     if p.kind == "split":
         return (f"split plan, {p.rows} rows, dW of {p.dw_rows} vocab rows in the chunks, tail {p.tail.rows} rows × "
                 f"{p.tail.cols} vocab")
@@ -228,10 +232,14 @@ def plan_note(provider: str, n_valid: int, V: int, H: int) -> str:
 
 def test_plan_note_and_table(monkeypatch):
     monkeypatch.delenv(MEMORY_BUDGET_ENV, raising=False)
-    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("split plan, 1152 rows, dW of ")  # 7B
-    assert plan_note("ours_on", 5734, 152064, 3584) == "tokens plan, 1536 rows"
-    monkeypatch.setenv("LAMBDA_KERNELS_GRAD_PLAN", "vocab")
-    assert plan_note("ours_on_1g", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
+
+    def note(provider, N, V, H):
+        with provider_env(provider):
+            return plan_note(grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True))
+
+    assert note("ours_on_1g", 5734, 152064, 3584).startswith("split plan, 1152 rows, dW of ")  # 7B
+    assert note("ours_on", 5734, 152064, 3584) == "tokens plan, 1536 rows"
+    assert note("ours_on_1g_vocab", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
     row = dict(shape="s", provider="ours_on_1g", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
@@ -248,7 +256,10 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         return {**row, "error": "not importable"}
     n_valid = int(inp["mask"].sum())
     if provider in FUSED_OURS:  # (off-policy, token chunks hold whole sequences, up to the plan's max_rows)
-        row["plan"] = plan_note(provider, n_valid, V, H)
+        with provider_env(provider):
+            p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+        # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
+        row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
     flops = (2 if provider in LOGPROBS_ONLY else 6) * H * V
     try:
