@@ -8,7 +8,7 @@ from lambda_kernels.ops.linear_logprobs import dw_sum as dw_sum_mod
 from lambda_kernels.ops.linear_logprobs import plan
 from lambda_kernels.ops.linear_logprobs.dw_sum import HalfHeadGradSum
 
-from ._helpers import IMPLS
+from ._helpers import IMPLS, record_calls
 from ._memory import PeakNewBytes
 
 def _filled(V, H, dtype, device, seed=0):
@@ -113,6 +113,18 @@ def test_fused_loss_second_backward_raises_instead_of_casting_twice(device):
     torch.autograd.grad(loss, weight, retain_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(loss, weight)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_loss_leaves_the_sums_own_tensor_as_the_gradient(impl, device, monkeypatch):
+    """weight.grad is the tensor `finish` cast in place: autograd takes it over, no copy (which it would make if
+    anything still held a reference to it when the gradient is accumulated)."""
+    from ._lm_head import make_batch
+
+    cast = record_calls(monkeypatch, HalfHeadGradSum, "finish", lambda self, *a, **kw: self.grad.data_ptr())
+    hidden, weight, b, ids, mask, adv = make_batch(dtype=torch.float16, device=device, seed=3)
+    lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)[0].backward()
+    assert cast == [weight.grad.data_ptr()]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

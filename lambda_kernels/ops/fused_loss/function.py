@@ -48,11 +48,9 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params, needs)
         values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
         ctx.mark_non_differentiable(values)
-        # an uncast half-head dW sum is saved as its two tensors (the gradient, whose bytes hold half the sum, and
-        # the rest) and rebuilt in the backward
-        dw_sum = dw if isinstance(dw, HalfHeadGradSum) else None
-        ctx.save_for_backward(dx, None if dw_sum else dw, db, *((dw_sum.grad, dw_sum.rest) if dw_sum else (None,) * 2))
-        ctx.dw_sum_cast = False
+        # an uncast half-head dW sum is neither input nor output: kept on ctx as it is (its `finish` frees `rest`)
+        ctx.dw_sum = dw if isinstance(dw, HalfHeadGradSum) else None
+        ctx.save_for_backward(dx, None if ctx.dw_sum else dw, db)
         ctx.rows_impl = params.rows_impl
         return loss, values
 
@@ -61,16 +59,13 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point), so
         # a second backward through a retained graph fails autograd's version check instead of silently scaling
-        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`); a second
-        # backward raises too (autograd's version check, or finish's own error: its fp32 values are gone by then).
-        dx, dw, db, dw_grad, dw_rest = ctx.saved_tensors
+        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises on
+        # a second backward (its fp32 values are gone by then).
+        dx, dw, db = ctx.saved_tensors
         grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
                  for g in (dx, dw, db)]
-        if dw_grad is not None:  # (dw is None then)
-            dw_sum = HalfHeadGradSum(dw_grad, dw_rest)
-            dw_sum.finished = ctx.dw_sum_cast
-            ctx.dw_sum_cast = True
-            grads[1] = dw_sum.finish(ctx.rows_impl, grad_loss)
+        if ctx.dw_sum is not None:  # (dw is None then)
+            grads[1] = ctx.dw_sum.finish(ctx.rows_impl, grad_loss)
         return (*grads, None, None, None, None, None, None, None)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
-    logprobs_forward, plan_for, row_config, split_pipeline, stats_dtype, torch_rows
+    logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
 from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
@@ -150,20 +150,11 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                       None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else ()))
 
     if split:
-        tail = tail_rows_fn(rows_impl, bias, tgt, lse_v, g_v, inv_t)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, inv_t)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, plan.rows,
                                            rows_impl, plan)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
                                       rows_impl, cast_dw=cast_dw)
-
-
-def tail_rows_fn(rows_impl: str, bias, tgt, lse_v, g_v, inv_t: float):
-    """The split plan's tail: a vocabulary slab's dlogits from each row's lse and token gradient (the one-hot term
-    only on rows whose target lies in the slab)."""
-    def row_fn(sl, sv, logits, dl):
-        dlogits_rows(rows_impl, logits, None if bias is None else bias[sv], tgt[sl] - sv.start, lse_v[sl], None,
-                     g_v[sl], None, inv_t, dl)
-    return row_fn
 
 
 def whole_sequence_pieces(counts, max_tokens: int):
@@ -207,7 +198,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
 
     pieces = [tokens for _, tokens in sequences]
     if split:
-        tail = tail_rows_fn(rows_impl, bias, tgt, lse_v, g_full, inv_t)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_full, None, inv_t)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
                                            plan)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,

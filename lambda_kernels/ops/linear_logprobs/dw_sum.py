@@ -50,7 +50,7 @@ class HalfHeadGradSum:
 
     `parts()` gives the (vocabulary rows, fp32 sum) pairs the dW GEMMs write; `finish(scale)` turns the sums into
     the gradient rows [0, rows) (scaled, e.g. by grad_output) and returns `grad`. It runs once: afterwards the fp32
-    sums are gone.
+    sums are gone and the object holds no tensor (autograd can then take the gradient over without a copy).
     """
 
     def __init__(self, grad: torch.Tensor, rest: torch.Tensor):
@@ -80,8 +80,8 @@ class HalfHeadGradSum:
         return parts + ([(slice(self.split, self.rows), self.rest)] if self.rows > self.split else [])
 
     def finish(self, rows_impl: str, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """grad[:rows] ← (the fp32 sums · scale) in the head's dtype, in place (see the module docstring); frees
-        `rest`."""
+        """grad[:rows] ← (the fp32 sums · scale) in the head's dtype, in place (see the module docstring); drops
+        `rest` and `grad`, which it returns."""
         if self.finished:
             raise RuntimeError("this dW sum was already cast into its gradient (a second backward through the fused "
                                "loss's graph is not supported: call it again instead of retain_graph=True)")
@@ -104,5 +104,5 @@ class HalfHeadGradSum:
         for a in range(0, rest.numel(), max(cap, 1)):
             b = min(rest.numel(), a + cap)
             scale_cast(rows_impl, rest[a:b], scale, self.grad.dtype, out=out[n + a: n + b])
-        self.rest = None
-        return self.grad
+        grad, self.grad, self.rest = self.grad, None, None  # no reference left here: the caller owns the gradient
+        return grad

@@ -156,7 +156,8 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
                   pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
                   cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None):
-    """Both gradient plans: per slab of `slab_cols` vocabulary rows (None: the whole vocabulary, the token plan) and
+    """The token and vocab plans (and each pass of the split plan): per slab of `slab_cols` vocabulary rows (None:
+    the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
     logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl: the backend of the dW sum's cast.
 
@@ -223,7 +224,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
         for _, acc in (dw_sum.parts() if dw_sum is not None else [(None, dw)]):
             acc.zero_()
     if dw_sum is not None:
-        dw = dw_sum.finish(rows_impl) if cast_dw or dw_rows is not None else dw_sum
+        dw = dw_sum.finish(rows_impl) if cast_dw else dw_sum
     return (dx if fp32_dx else _cast(dx, x)), dw, _cast(db, bias)
 
 
@@ -234,8 +235,8 @@ def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, n
     gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
     slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
     Returns (dX, dW, db) as grad_pipeline does, dW always cast."""
-    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl,
-                               dw_rows=plan.dw_rows)
+    dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl, cast_dw=True,
+                               dw_rows=plan.dw_rows)  # (cast before the tail writes the gradient's other rows)
     v0 = plan.dw_rows
     if v0 < weight.shape[0]:
         def tail_slab(sl, sv, logits, dl):  # sv counts from v0
@@ -248,6 +249,16 @@ def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, n
 
 def _cast(grad, like):
     return grad if grad is None or grad.dtype == like.dtype else grad.to(like.dtype)
+
+
+def slab_dlogits(rows_impl: str, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float) -> RowGradFn:
+    """The row function of a pass whose rows' lse (and H) and upstream gradients are known: dlogits of any rows and
+    any vocabulary slab (the one-hot term only on rows whose target lies in the slab). ent, g_ent may be None."""
+    def row_fn(sl, sv, logits, dl):
+        dlogits_rows(rows_impl, logits, None if bias is None else bias[sv],
+                     tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
+                     g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
+    return row_fn
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
@@ -266,12 +277,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
     fp32_dx = shard is not None
     plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True)
 
-    def row_fn(sl, sv, logits, dl):
-        # in a slab of the vocabulary the one-hot term lands only on rows whose target lies in it
-        dlogits_rows(rows_impl, logits, None if bias is None else bias[sv],
-                     tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
-                     g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
-
+    row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, inv_t)
     if plan.kind == "split":
         dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan)
     else:

@@ -224,7 +224,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
     fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, lse_known)
-               if p.workspace_bytes(N, V, H, True, dx_accumulator and p.kind == "vocab")
+               if p.workspace_bytes(N, V, H, True, dx_accumulator)
                + (0 if p.kind == "vocab" else _token_reserve(N, H, dx_accumulator)) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
