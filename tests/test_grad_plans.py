@@ -1,5 +1,7 @@
 """The memory budget and the two gradient plans (token chunks, vocabulary slabs): which plan runs, what it holds,
 and that the vocab plan's values and gradients match the oracles as the token plan's do."""
+import warnings
+
 import pytest
 import torch
 
@@ -58,13 +60,16 @@ def test_small_budgets_pick_a_sane_plan(monkeypatch):
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "59759")
     p = _plan(255, 14940, 16)
     assert p.kind == "vocab" and p.cols == 128 and p.rows < 255 and _workspace(p, 255, 14940, 16) <= 59759
-    # budgets no plan can meet (the fp32 dX sum alone is over them): a warning, and all rows against wide slabs
+    # Llama-3.1-8B's head and a 65,536-token row under 1 GiB: the vocab plan's fp32 dX sum alone (4·N·H) is 1 GiB,
+    # but token chunks hold their gathered rows and dX per chunk only, so a split plan fits, without a warning
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1G")
-    with pytest.warns(RuntimeWarning, match="cannot hold the fp32 gradient sums"):
-        p = _plan(65536, 128256, 4096)  # Llama-3.1-8B head, a 65,536-token row: 4·N·H = 1.0 GiB
-    assert p.kind == "vocab" and p.rows == 65536 and p.cols == 4096  # slabs of 1 GiB of logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = _plan(65536, 128256, 4096)
+    assert p.kind == "split" and _workspace(p, 65536, 128256, 4096) + 4 * p.max_rows * 4096 <= GiB
+    # budgets no plan can meet: a warning, and all rows against wide slabs
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1")
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="cannot hold the fp32 gradient sums"):
         p = _plan(500, 300, 40)
     assert p.kind == "vocab" and (p.rows, p.cols) == (500, 300)
     with pytest.warns(RuntimeWarning):
@@ -322,16 +327,20 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
     N, V, H = SHAPES[shape]
     p = _plan(N, V, H)
     assert p.kind == "split" and plan.split_rows(V) <= p.dw_rows < V and p.rows >= plan.TOKEN_PLAN_MIN_ROWS
-    reserve = 4 * N * H  # the gathered rows and their dX
-    assert _workspace(p, N, V, H, dx=False) + reserve <= GiB
+    def reserve(rows):  # a chunk's rows gathered out of the padding and their dX
+        return 4 * rows * H
+
+    assert _workspace(p, N, V, H, dx=False) + reserve(p.max_rows) <= GiB
+    assert p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False) + 2 * N * H <= GiB  # the tail's gathered rows
     assert plan.piece_cap(plan.forward_budget_bytes() // (4 * V)) * V * 4 <= GiB  # the log-prob pass's chunks too
     monkeypatch.setenv(plan.PLAN_ENV, "vocab")
     others = [_plan(N, V, H)]
-    for rows in range(512, plan.piece_cap((GiB - reserve) // (4 * V)) + 1, 128):
+    for rows in range(512, plan.piece_cap(GiB // (4 * V + 4 * H)) + 1, 128):
         chunk = plan._token_plan(N, V, rows * 4 * V)
-        dw_rows = min(V, plan.split_rows(V) + (GiB - reserve - 4 * chunk.max_rows * V) // (4 * H))
-        others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB - reserve, GiB))
-    fits = [q for q in others if _workspace(q, N, V, H, dx=q.kind == "vocab") + (q.kind != "vocab") * reserve <= GiB]
+        dw_rows = min(V, plan.split_rows(V) + (GiB - reserve(chunk.max_rows) - 4 * chunk.max_rows * V) // (4 * H))
+        others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB, GiB, True))
+    fits = [q for q in others
+            if _workspace(q, N, V, H, dx=q.kind == "vocab") + (q.kind != "vocab") * reserve(q.max_rows) <= GiB]
     assert len(fits) > 5 and plan.modelled_seconds(p, N, V, H) <= min(plan.modelled_seconds(q, N, V, H) for q in fits)
     assert plan.modelled_seconds(p, N, V, H) < 0.91 * plan.modelled_seconds(others[0], N, V, H)  # vs the vocab plan
     monkeypatch.setenv(plan.PLAN_ENV, "auto")

@@ -18,9 +18,9 @@ B, T, H, V = 4, 50, 16, 3000
 CHUNK_ROWS = 16  # the 200 tokens need 13 chunks: a stray [tokens × vocab] buffer would break every bound below
 MEMORY_BUDGET = 4 * 200 * 150  # below one logits chunk, so that it is the bound that binds
 FULL_LOGITS = 4 * B * T * V
-# per-token vectors (ℓ, lse, gradients of ℓ, indices), 0-d results, and in the fused loss two hidden-sized buffers:
-# the real tokens' hidden states gathered out of the padding, and their dX before it is scattered back
-SLACK = 128 * B * T + 2 * 4 * B * T * H + 8192
+# per-token vectors (ℓ, lse, gradients of ℓ, indices), 0-d results, and two chunk-sized buffers: a chunk's real
+# tokens' hidden states gathered out of the padding, and their dX before it is scattered back (no [tokens, H] copy)
+SLACK = 128 * B * T + 2 * 4 * CHUNK_ROWS * H + 8192
 TORCH_ROWS_TEMPORARIES = 6  # chunk-sized fp32 temporaries of chunked_torch's row operations, at most
 
 
@@ -95,3 +95,32 @@ def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, 
         workspace = 4 * V * CHUNK_ROWS if memory_budget is None else memory_budget
         assert extra <= _bound(impl, workspace), (memory_budget, extra, workspace)
         assert extra >= workspace // 2, (memory_budget, extra, workspace)  # the tracker sees the logits buffers
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("call", ["on", "off", "logprobs"])
+def test_real_tokens_are_gathered_chunk_by_chunk(impl, call, monkeypatch, device):
+    """With padding, each chunk's real rows are gathered into a chunk-sized buffer and its dX scattered back from
+    another: nothing of [real tokens, H] is held. A wide H and a narrow V make such a copy larger than the bound
+    (the off-policy 50-token rows exceed a chunk, so that loss takes its two passes)."""
+    wide_h, narrow_v = 512, 300
+    monkeypatch.setenv(plan.BUDGET_ENV, str(4 * narrow_v * CHUNK_ROWS))
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    hidden, _, ids, mask, adv, noise = _inputs(device)
+    weight = torch.randn(narrow_v, wide_h, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
+    hidden = torch.randn(B, T, wide_h, generator=torch.Generator().manual_seed(2)).to(device)
+    ids = ids % narrow_v
+    old = _old_logprobs(hidden, weight, ids, noise) if call == "off" else None
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with PeakNewBytes() as mem:
+        if call == "logprobs":
+            lk.linear_logprobs(h, w, ids, mask=mask, impl=impl).sum().backward()
+        else:
+            loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old, impl=impl)
+            loss.backward()
+    extra = mem.peak_excluding(h.grad, w.grad)
+    chunk = 4 * narrow_v * CHUNK_ROWS
+    bound = (chunk if impl == "triton" else TORCH_ROWS_TEMPORARIES * chunk) + 128 * B * T + 8192 \
+        + 2 * 4 * CHUNK_ROWS * wide_h
+    real_rows = 4 * int(mask.sum()) * wide_h  # one fp32 copy of the real tokens' hidden states
+    assert bound < real_rows + chunk and extra <= bound, (extra, bound, real_rows)

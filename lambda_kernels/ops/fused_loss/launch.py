@@ -28,6 +28,7 @@ from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
 from ..linear_logprobs.plan import memory_budget_bytes
+from ..real_tokens import PendingRows
 from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
@@ -68,11 +69,12 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
     valid = real_rows
-    x = hidden.reshape(B * T, H)
+    x = hidden.reshape(B * T, H)  # every row: the passes gather the real ones piece by piece (no [N′, H] copy)
     tgt = ids.reshape(-1)
     if valid is not None:
-        x, tgt = x.index_select(0, valid), tgt.index_select(0, valid)
-    batch = _Batch(x.contiguous(), tgt.contiguous(), valid, (B, T), mask_f, adv, old, ref, scales, sdt)
+        tgt = tgt.index_select(0, valid)
+    batch = _Batch(x if valid is not None else x.contiguous(), tgt.contiguous(), valid, (B, T), mask_f, adv, old,
+                   ref, scales, sdt)
     need_grad = need_dx or need_dw or need_db
     # the fp32 dW sum of a half head (`dw_sum.HalfHeadGradSum`) is kept until the backward, which scales and casts
     # it in place in one pass (its `rest`, 2·V·H bytes, lives on between forward and backward); under a memory
@@ -80,7 +82,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     cast_dw = memory_budget_bytes() is not None
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
-    plan = plan_for(batch.x, weight, need_dx, need_dw) if need_grad and shard is None else None
+    plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
     chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
     sequences = whole_sequence_pieces(row_counts, plan.max_rows) if chunked and old is not None else None
     if chunked and old is None:
@@ -96,23 +98,18 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     if with_entropy:
         m_v = flat_mask if valid is None else flat_mask.index_select(0, valid)
         metrics["entropy"] = ((m_v.to(sdt) * ent_v).sum() / flat_mask.sum().clamp(min=1.0)).to(torch.float32)
-    dx = None
-    if need_dx:
-        if valid is None:
-            dx = dx_v.reshape(B, T, H)
-        else:
-            dx = torch.zeros((B * T, H), dtype=hidden.dtype, device=hidden.device).index_copy_(0, valid, dx_v)
-            dx = dx.reshape(B, T, H)
+    dx = dx_v.reshape(B, T, H) if need_dx else None  # (every row: 0 at padding)
     loss = loss.to(torch.float32) if loss.dtype != torch.float64 else loss
     return loss, {k: metrics[k].detach().to(torch.float32) for k in metric_names(beta, with_entropy)}, (dx, dw, db)
 
 
 class _Batch:
-    """The real tokens of a [B, T] batch (x, tgt: rows of `valid` in order; valid None: every token is real) and the
-    per-token inputs of the loss."""
+    """The real tokens of a [B, T] batch and the per-token inputs of the loss. x: the hidden states of every token
+    [B·T, H]; valid: the positions of the n real ones in it (None: every token is real); tgt [n]: their targets."""
 
     def __init__(self, x, tgt, valid, shape, mask_f, adv, old, ref, scales, sdt):
         self.x, self.tgt, self.valid, self.shape = x, tgt, valid, shape
+        self.n = tgt.shape[0]
         self.mask_f, self.adv, self.old, self.ref, self.scales, self.sdt = mask_f, adv, old, ref, scales, sdt
 
     def real(self, full: torch.Tensor) -> torch.Tensor:
@@ -124,7 +121,7 @@ class _Batch:
         return _scatter_logprobs(lp_v, self.valid, self.ref, self.shape, self.sdt, lp_v.device)
 
     def empty(self, with_it: bool = True):
-        return torch.empty((self.x.shape[0],), dtype=self.sdt, device=self.x.device) if with_it else None
+        return torch.empty((self.n,), dtype=self.sdt, device=self.x.device) if with_it else None
 
 
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
@@ -152,9 +149,9 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, inv_t)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, plan.rows,
-                                           rows_impl, plan)
+                                           rows_impl, plan, batch.valid)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
-                                      rows_impl, cast_dw=cast_dw)
+                                      rows_impl, cast_dw=cast_dw, rows=batch.valid)
 
 
 def whole_sequence_pieces(counts, max_tokens: int):
@@ -200,20 +197,22 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_full, None, inv_t)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
-                                           plan)
+                                           plan, batch.valid)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
-                                      cast_dw=cast_dw)
+                                      cast_dw=cast_dw, rows=batch.valid)
 
 
 def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
                 need_dx, need_dw, need_db, cast_dw, shard=None):
-    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl, shard)
+    rows = None if batch.valid is None else PendingRows(batch.x.shape[0], batch.valid, lambda: batch.n)
+    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl, shard,
+                                          rows)
     grads = (None, None, None)
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True)
         grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
-                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw)
+                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw, rows=batch.valid)
     return lp_v, ent_v, grads
 
 

@@ -42,13 +42,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
-        # the backward sweeps the rows several times (and per vocabulary slab): it works on one gathered copy
-        x_rows = x if rows is None else x.index_select(0, rows)
-        dx, dw, db = logprobs_backward(x_rows, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
+        # (with rows, the passes gather them piece by piece and dX comes back for every row of x)
+        dx, dw, db = logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
                                        params.rows_impl, need_dx, need_dw, need_db and bias is not None,
-                                       params.shard)
-        if rows is not None and dx is not None:
-            dx = torch.zeros_like(x).index_copy_(0, rows, dx)
+                                       params.shard, rows=rows)
         return dx, dw, db, None, None, None
 
 

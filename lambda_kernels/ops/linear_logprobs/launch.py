@@ -142,10 +142,11 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, inv_t: float, lp, lse, en
     return cap, run
 
 
-def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False) -> GradPlan:
-    """The gradient plan (`plan.grad_plan`) of a pass over x [N, H] and weight [V, H]."""
+def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False,
+             n: int | None = None) -> GradPlan:
+    """The gradient plan (`plan.grad_plan`) of a pass over n rows (default: all N) of x [N, H] and weight [V, H]."""
     half = weight.dtype not in (torch.float32, torch.float64)
-    return grad_plan(x.shape[0], weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
+    return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
                      lse_known=lse_known)
 
@@ -155,7 +156,8 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
                   pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
-                  cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None):
+                  cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None,
+                  rows: torch.Tensor | None = None):
     """The token and vocab plans (and each pass of the split plan): per slab of `slab_cols` vocabulary rows (None:
     the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
@@ -173,16 +175,27 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     dw_rows (the split plan's chunks, one slab): dW is summed for the vocabulary rows [0, dw_rows) only; the
     gradient's other rows are left for the tail pass. dw_out (its tail pass): the weight-dtype gradient the slabs'
     dW is cast into, instead of a new one.
+    rows: None (the pass is over every row of x), or the positions [n] in x of the rows it is over (the real tokens):
+    `pieces` then cut [0, n), each piece's rows are gathered into a piece-sized buffer (no [n, H] copy of x), and dX
+    comes back for every row of x, 0 at the others (scattered piece by piece, or at the end when summed in fp32).
     """
-    N, H = x.shape
+    H = x.shape[1]
+    N = x.shape[0] if rows is None else rows.shape[0]
     V = weight.shape[0]
     sdt = stats_dtype(x)
     pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
     slabs = _pieces(V, slab_cols or V)
     sum_dx = fp32_dx or len(slabs) > 1
-    dx = dw = dw_slab = dw_sum = db = None
+    most = max((sl.stop - sl.start for sl in pieces), default=0)
+    x_buf = torch.empty((most, H), dtype=x.dtype, device=x.device) if rows is not None else None
+    dx = dx_buf = dw = dw_slab = dw_sum = db = None
     if need_dx:
-        dx = torch.zeros((N, H), dtype=sdt, device=x.device) if sum_dx else torch.empty_like(x)
+        if sum_dx:
+            dx = torch.zeros((N, H), dtype=sdt, device=x.device)
+        elif rows is None:
+            dx = torch.empty_like(x)
+        else:  # each piece's dX goes through a piece-sized buffer into its rows of x
+            dx, dx_buf = torch.zeros_like(x), torch.empty((most, H), dtype=x.dtype, device=x.device)
     if need_dw:
         if weight.dtype == sdt:  # the sum is the gradient
             dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
@@ -194,7 +207,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     if need_db:
         db = torch.zeros((V,), dtype=sdt, device=x.device)
     if N > 0:
-        buf = torch.empty((max(sl.stop - sl.start for sl in pieces) * slabs[0].stop,), dtype=sdt, device=x.device)
+        buf = torch.empty((most * slabs[0].stop,), dtype=sdt, device=x.device)
         for sv in slabs:
             gemm = Gemm(weight[sv])
             cols = sv.stop - sv.start
@@ -204,46 +217,57 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                 sums = dw_sum.parts() if dw_sum is not None else [
                     (slice(0, cols), dw[sv] if dw_slab is None else dw_slab[:cols])]
             for i, sl in enumerate(pieces):
-                logits = buf[: (sl.stop - sl.start) * cols].view(sl.stop - sl.start, cols)
-                gemm.logits(x[sl], logits)
+                m = sl.stop - sl.start
+                x_c = gather_rows(x, rows, sl, x_buf)
+                logits = buf[: m * cols].view(m, cols)
+                gemm.logits(x_c, logits)
                 dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
                 row_fn(sl, sv, logits, dl)
                 if need_dx:
                     if sum_dx:
                         gemm.dx_accumulate(dx[sl], dl)
-                    else:
+                    elif rows is None:
                         gemm.dx(dl, dx[sl])
+                    else:
+                        gemm.dx(dl, dx_buf[:m])
+                        dx.index_copy_(0, rows[sl], dx_buf[:m])
                 for cols_d, acc in sums:
-                    (gemm.dw_accumulate if i else gemm.dw_write)(acc, dl[:, cols_d], x[sl])
+                    (gemm.dw_accumulate if i else gemm.dw_write)(acc, dl[:, cols_d], x_c)
                 if need_db:
                     db[sv] += dl.sum(dim=0, dtype=sdt)
             if dw_slab is not None:
                 dw[sv].copy_(dw_slab[:cols])
-        del buf, logits, dl
+        del buf, logits, dl, x_c
     elif need_dw:  # no rows: no piece wrote it
         for _, acc in (dw_sum.parts() if dw_sum is not None else [(None, dw)]):
             acc.zero_()
+    del x_buf, dx_buf
     if dw_sum is not None:
         dw = dw_sum.finish(rows_impl) if cast_dw else dw_sum
-    return (dx if fp32_dx else _cast(dx, x)), dw, _cast(db, bias)
+    if dx is not None and not fp32_dx:
+        dx = _cast(dx, x)
+    if dx is not None and sum_dx and rows is not None:  # the fp32 sum was over the gathered rows
+        dx = torch.zeros((x.shape[0], H), dtype=dx.dtype, device=x.device).index_copy_(0, rows, dx)
+    return dx, dw, _cast(db, bias)
 
 
 def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, need_dx: bool, need_db: bool,
-                   pieces: int | list[slice], rows_impl: str, plan: GradPlan):
+                   pieces: int | list[slice], rows_impl: str, plan: GradPlan, rows: torch.Tensor | None = None):
     """The split plan (plan.py) for a half head's dX, dW (and db): `grad_pipeline` over the token pieces gives dX,
     db and the dW rows [0, plan.dw_rows), cast in place; then the tail pass casts the other dW rows into the same
     gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
     slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
-    Returns (dX, dW, db) as grad_pipeline does, dW always cast."""
+    rows: as in grad_pipeline (both passes gather their pieces). Returns (dX, dW, db) as grad_pipeline does, dW
+    always cast."""
     dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl, cast_dw=True,
-                               dw_rows=plan.dw_rows)  # (cast before the tail writes the gradient's other rows)
+                               dw_rows=plan.dw_rows, rows=rows)  # (cast before the tail writes the other rows)
     v0 = plan.dw_rows
     if v0 < weight.shape[0]:
         def tail_slab(sl, sv, logits, dl):  # sv counts from v0
             tail_row_fn(sl, slice(v0 + sv.start, v0 + sv.stop), logits, dl)
 
         grad_pipeline(x, weight[v0:], None, tail_slab, False, True, False, plan.tail.rows, rows_impl,
-                      slab_cols=plan.tail.cols, dw_out=dw[v0:])
+                      slab_cols=plan.tail.cols, dw_out=dw[v0:], rows=rows)
     return dx, dw, db
 
 
@@ -262,10 +286,13 @@ def slab_dlogits(rows_impl: str, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float)
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
-                      need_dx: bool, need_dw: bool, need_db: bool, shard=None, cast_dw: bool = True):
+                      need_dx: bool, need_dw: bool, need_db: bool, shard=None, cast_dw: bool = True,
+                      rows: torch.Tensor | None = None):
     """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits.
 
-    cast_dw=False: dW may come back as its fp32 sum (see `grad_pipeline`).
+    cast_dw=False: dW may come back as its fp32 sum (see `grad_pipeline`). rows: None (tgt, lse, ... are per row
+    of x), or the positions [n] in x of the rows they are for: the passes gather those rows piece by piece, and dX
+    comes back for every row of x, 0 at the others.
 
     shard: a vocabulary-parallel head (lse and H are the whole vocabulary's): this rank's dW/db rows, and dX summed
     over the group in fp32.
@@ -275,14 +302,20 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
     g_ent = None if g_ent is None else g_ent.to(sdt).contiguous()
     tgt = tgt if shard is None else shard.local_targets(tgt)
     fp32_dx = shard is not None
-    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True)
+    x_all, gather = x, rows
+    if shard is not None and rows is not None:  # the group sums dX of the gathered rows only: one copy of them
+        x, gather = x.index_select(0, rows), None
+    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0])
 
     row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, inv_t)
     if plan.kind == "split":
-        dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan)
+        dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan,
+                                    gather)
     else:
         dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
-                                   plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw)
+                                   plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw, rows=gather)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)
+        if rows is not None:
+            dx = torch.zeros_like(x_all).index_copy_(0, rows, dx)
     return dx, dw, db

@@ -222,19 +222,21 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     if choice == "split":  # forced (tests, comparisons): the forward pass's chunks, V_t as the budget allows, a tail
         chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
-        return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
+        return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits,
+                           dx_accumulator)
     fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, lse_known)
                if p.workspace_bytes(N, V, H, True, dx_accumulator)
-               + (0 if p.kind == "vocab" else _token_reserve(N, H, dx_accumulator)) <= memory]
+               + (0 if p.kind == "vocab" else _token_reserve(p.max_rows, H, dx_accumulator)) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
     return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known))
 
 
-def _token_reserve(N: int, H: int, dx_accumulator: bool) -> int:
-    """What token chunks hold for a half hidden's dX besides the plan's workspace: the rows' hidden states gathered
-    out of the padding and their dX before the scatter back (the vocab plan's fp32 dX sum stands in for these)."""
-    return 4 * N * H if dx_accumulator else 0
+def _token_reserve(rows: int, H: int, dx_accumulator: bool) -> int:
+    """What a token chunk of `rows` rows holds for a half hidden's dX besides the plan's workspace: its rows gathered
+    out of the padding and their dX before the scatter back (`launch.grad_pipeline`'s piece buffers; the vocab
+    plan's fp32 dX sum stands in for these)."""
+    return 4 * rows * H if dx_accumulator else 0
 
 
 def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool,
@@ -243,22 +245,22 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
     from TOKEN_PLAN_MIN_ROWS up (128-row steps, or ~24 sizes when that is too many), each with the dW rows
     [0, V_t) the rest of the budget holds, which is the token plan where V_t reaches V and a split plan below."""
     candidates = [_vocab_plan(N, V, H, memory, logits, True, dx_accumulator, warn=False)]
-    budget = memory - _token_reserve(N, H, dx_accumulator)
     row = 4 * max(V, 1)
-    cap = piece_cap(min(logits, budget) // row)
+    held = row + _token_reserve(1, H, dx_accumulator)  # bytes per row of a chunk
+    cap = min(piece_cap(logits // row), piece_cap(memory // held))
     low = min(N, TOKEN_PLAN_MIN_ROWS)
     if cap < max(low, 1):
         return candidates
     step = 128 if (cap - low) // 128 <= 24 else -(-(cap - low) // 24)
-    sizes = set(range(piece_cap(max(low, 128)), cap + 1, step)) | {cap, piece_cap((budget - rest_bytes(V, H)) // row)}
+    sizes = set(range(piece_cap(max(low, 128)), cap + 1, step)) | {cap, piece_cap((memory - rest_bytes(V, H)) // held)}
     for rows in sorted(r for r in sizes if max(low, 1) <= r <= cap):
         chunk = _token_plan(N, V, rows * row)
-        room = budget - 4 * chunk.max_rows * V
+        room = memory - _token_reserve(chunk.max_rows, H, dx_accumulator) - 4 * chunk.max_rows * V
         dw_rows = min(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
         if dw_rows == V:
             candidates.append(chunk)
         elif dw_rows >= 0 and not lse_known:  # (with lse known the vocab plan does less of the same work)
-            candidates.append(_split_plan(N, V, H, chunk, dw_rows, budget, logits))
+            candidates.append(_split_plan(N, V, H, chunk, dw_rows, memory, logits, dx_accumulator))
     return candidates
 
 
@@ -268,8 +270,11 @@ def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
     return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=min(chunk // row, max(N, 1)))
 
 
-def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int) -> GradPlan:
-    tail = _vocab_plan(N, V - dw_rows, H, memory, logits, True, False, warn=False)
+def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int,
+                dx_accumulator: bool) -> GradPlan:
+    # (the tail's pieces of rows are gathered out of the padding into a buffer of up to N rows of a half hidden)
+    room = None if memory is None else memory - (2 * N * H if dx_accumulator else 0)
+    tail = _vocab_plan(N, V - dw_rows, H, room, logits, True, False, warn=False)
     return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
 
 
