@@ -256,8 +256,13 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         return {**row, "error": "not importable"}
     n_valid = int(inp["mask"].sum())
     if provider in FUSED_OURS:  # (off-policy, token chunks hold whole sequences, up to the plan's max_rows)
+        # on-policy token chunks plan for all B·T rows, as they queue their first chunk before the real ones are
+        # counted (`fused_loss.launch._PiecesAhead`); the other paths plan for the real rows
         with provider_env(provider):
-            p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+            p = grad_plan(N if provider.startswith("ours_on") else n_valid, V, H, dw_accumulator=True,
+                          dx_accumulator=True)
+            if p.kind == "vocab":
+                p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
         # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
         row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12

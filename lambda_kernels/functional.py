@@ -250,15 +250,15 @@ def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.
     return queue_token_check(op, name, ids, V, real), real_token_positions(real.reshape(-1))
 
 
-def _check_tokens_find_real(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
-    """The token-id check of ids [R, C] with mask [R, C], waited for → (each row's count of real tokens, the
-    positions of the real tokens in ids.reshape(-1), or None when every token is real). After its one host read,
-    the LM-head GEMMs are the next launches."""
-    from .ops.real_tokens import PendingRows
+def _pending_tokens(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
+    """The token-id check of ids [R, C] with mask [R, C], queued, and the real tokens' positions (`PendingTokens`):
+    the pass waits for the check's one host read when it needs the counts, after queueing what it can."""
+    from .ops.real_tokens import PendingTokens, queue_token_check, real_token_positions
 
-    finish, positions = _queue_real_rows(op, name, ids, V, mask)
-    counts = finish()
-    return counts, PendingRows(ids.numel(), positions, lambda: sum(counts)).rows()
+    real = mask != 0
+    finish = queue_token_check(op, name, ids, V, real)  # first: its read then waits for the least work
+    flat = real.reshape(-1)
+    return PendingTokens(ids.numel(), real_token_positions(flat), finish, flat.sum())
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:
@@ -426,8 +426,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
     shard = _vocab_shard(op, process_group, weight, device)
-    row_counts, real_rows = _check_tokens_find_real(
-        op, "completion_ids", completion_ids, weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
+    tokens = _pending_tokens(op, "completion_ids", completion_ids,
+                             weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
     from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
     from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
@@ -435,7 +435,6 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
     objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
     fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
-                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard,
-                              row_counts=tuple(row_counts), real_rows=real_rows)
+                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
     return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                    ref_logprobs, scales, fparams)

@@ -13,11 +13,14 @@ import torch
 def real_token_positions(real: torch.Tensor) -> torch.Tensor:
     """[N + 1] int64 whose first n_real entries are the positions of the True entries of real [N] bool, in order,
     without knowing n_real: each real token goes to slot (its rank among the real ones), padding to the spare slot N.
-    The spare slot holds a padding position and the other entries are 0, all in bounds, so a gather over any prefix
-    reads only x's rows."""
-    slot = torch.where(real, torch.cumsum(real, dim=0) - 1, real.numel())
-    index = torch.zeros((real.numel() + 1,), dtype=torch.int64, device=real.device)
-    return index.scatter_(0, slot, torch.arange(real.numel(), device=real.device))
+    Every entry after the real ones holds one padding position (0 when there is no padding), all in bounds, so a
+    gather over any prefix reads only x's rows, and a pass that runs ahead of n_real over those filler rows computes
+    rows of padding, whose loss weight is 0 (the fused loss's on-policy pass relies on it)."""
+    N = real.numel()
+    slot = torch.where(real, torch.cumsum(real, dim=0) - 1, N)
+    index = torch.zeros((N + 1,), dtype=torch.int64, device=real.device)
+    index.scatter_(0, slot, torch.arange(N, device=real.device))
+    return torch.where(torch.arange(N + 1, device=real.device) < real.sum(), index, index[N])
 
 
 class HostRead:
@@ -69,6 +72,28 @@ class PendingRows:
         """The positions [n] of the computed rows in order, or None when they are all N rows."""
         n = self.count()
         return None if self.positions is None or n == self.total else self.positions[:n]
+
+
+class PendingTokens(PendingRows):
+    """The `PendingRows` of a [R, C] batch, whose check also brings each row's count of real tokens.
+
+    n_device: the number of real tokens as a 0-d device tensor, for work queued before the host knows it."""
+
+    def __init__(self, total: int, positions: torch.Tensor, finish: Callable[[], list], n_device: torch.Tensor):
+        self._finish = finish
+        self._counts: list | None = None
+        self.n_device = n_device
+        super().__init__(total, positions, lambda: sum(self.row_counts()))
+
+    def live(self) -> torch.Tensor:
+        """[total] bool, on the device: which entries of `positions` are real tokens (the first n), queued now."""
+        return torch.arange(self.total, device=self.n_device.device) < self.n_device
+
+    def row_counts(self) -> list:
+        """Each row's count of real tokens, after the check (which runs once)."""
+        if self._counts is None:
+            self._counts = list(self._finish())
+        return self._counts
 
 
 def gather_rows(x: torch.Tensor, rows, sl: slice, buf: torch.Tensor | None) -> torch.Tensor:

@@ -20,9 +20,9 @@ from .objectives import metric_names
 @dataclass(frozen=True)
 class FusedLossParams:
     """Inputs autograd does not track: the objective (kernel or reference, holding ObjectiveParams), β,
-    1/temperature, entropy metric on/off, the row backend, and from the argument check the number of real
-    (unmasked) tokens of each row (read on the host) and their positions in the flattened batch (int64 on the
-    device, None when every token is real)."""
+    1/temperature, entropy metric on/off, the row backend, and the real (unmasked) tokens (`PendingTokens`: their
+    positions in the flattened batch on the device, each row's count from the id check's host read, waited for
+    inside the pass)."""
 
     objective: Any
     beta: float
@@ -30,15 +30,14 @@ class FusedLossParams:
     with_entropy: bool
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
-    row_counts: tuple = ()
-    real_rows: Any = None
+    tokens: Any = None
 
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
                               beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
-                              shard=params.shard, row_counts=params.row_counts, real_rows=params.real_rows)
+                              shard=params.shard, tokens=params.tokens)
 
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):

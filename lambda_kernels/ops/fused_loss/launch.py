@@ -17,8 +17,9 @@ slabs (`split_pipeline`) gives the other rows' dW.
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
 carry zero weight and zero gradient, so their rows are dropped before the GEMMs and their grad_hidden rows are zero.
-The per-row counts of real tokens and their positions come from the argument check (one host sync); nothing here
-syncs.
+The real tokens' positions are found on the device; their per-row counts come from the argument check's one host
+read, which the on-policy token chunks wait for only after their first chunk is queued (`_PiecesAhead`); nothing
+else here syncs.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import torch
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
-from ..linear_logprobs.plan import memory_budget_bytes
-from ..real_tokens import PendingRows
+from ..linear_logprobs.plan import memory_budget_bytes, piece_cap, pieces, split_size
+from ..real_tokens import PendingRows, PendingTokens
 from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
@@ -52,7 +53,7 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
                        inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
-                       need_db: bool, row_counts, real_rows, shard=None):
+                       need_db: bool, tokens: PendingTokens, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
     dW may come back as the fp32 sum of a half head (`dw_sum.HalfHeadGradSum`; token plan, no
@@ -60,21 +61,16 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     is a tensor of its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
-    objective: `objectives.KernelObjective` or `ReferenceObjective`. row_counts: the number of tokens with mask ≠ 0
-    in each row, known on the host (no sync here); real_rows: their positions in the flattened [B·T] batch, or None
-    when every token is real. shard: a vocabulary-parallel head
+    objective: `objectives.KernelObjective` or `ReferenceObjective`. tokens: the tokens with mask ≠ 0
+    (`real_tokens.PendingTokens`: their positions in the flattened [B·T] batch, on the device; each row's count from
+    the id check's one host read, which raises on a bad id). The on-policy token-chunk pass queues its first chunk
+    before it waits for that read (`_runs_ahead`); the other paths wait first. shard: a vocabulary-parallel head
     (`linear_logprobs.vocab_parallel`): always the two passes, whose log-prob statistics are combined over the group.
     """
     B, T, H = hidden.shape
     sdt = stats_dtype(hidden)
     flat_mask = mask_f.reshape(-1)
-    valid = real_rows
     x = hidden.reshape(B * T, H)  # every row: the passes gather the real ones piece by piece (no [N′, H] copy)
-    tgt = ids.reshape(-1)
-    if valid is not None:
-        tgt = tgt.index_select(0, valid)
-    batch = _Batch(x if valid is not None else x.contiguous(), tgt.contiguous(), valid, (B, T), mask_f, adv, old,
-                   ref, scales, sdt)
     need_grad = need_dx or need_dw or need_db
     # the fp32 dW sum of a half head (`dw_sum.HalfHeadGradSum`) is kept until the backward, which scales and casts
     # it in place in one pass (its `rest`, 2·V·H bytes, lives on between forward and backward); under a memory
@@ -82,38 +78,67 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     cast_dw = memory_budget_bytes() is not None
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
-    plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
-    chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
-    sequences = whole_sequence_pieces(row_counts, plan.max_rows) if chunked and old is not None else None
-    if chunked and old is None:
-        lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan)
-    elif sequences is not None:
-        lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences, plan)
+    ahead = None
+    if need_grad and shard is None and old is None and _runs_ahead(rows_impl, hidden):
+        ahead = plan_for(x, weight, need_dx, need_dw)  # for all B·T rows: the real ones are at most that many
+        if ahead.kind not in ("tokens", "split") or B * T <= ahead.max_rows:
+            ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
+    if ahead is not None:
+        # a row per entry of the positions, the real ones first: the pass learns their number after its first chunk
+        batch = _Batch(x, ids, tokens.positions[: B * T], (B, T), mask_f, adv, old, ref, scales, sdt)
+        lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, ahead, tokens)
+        n = batch.settle(tokens.count(), tokens.rows())
+        lp_v, ent_v = lp_v[:n], (None if ent_v is None else ent_v[:n])
     else:
-        lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args, shard=shard)
+        batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, scales, sdt)  # (waits for the read)
+        plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
+        chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
+        sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and old is not None else None
+        if chunked and old is None:
+            lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan)
+        elif sequences is not None:
+            lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences, plan)
+        else:
+            lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args, shard=shard)
     # loss and metrics of the whole batch (the passes above may have evaluated the objective on pieces of it)
     loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False)
 
     metrics = dict(metrics)
     if with_entropy:
-        m_v = flat_mask if valid is None else flat_mask.index_select(0, valid)
+        m_v = flat_mask if batch.valid is None else flat_mask.index_select(0, batch.valid)
         metrics["entropy"] = ((m_v.to(sdt) * ent_v).sum() / flat_mask.sum().clamp(min=1.0)).to(torch.float32)
     dx = dx_v.reshape(B, T, H) if need_dx else None  # (every row: 0 at padding)
     loss = loss.to(torch.float32) if loss.dtype != torch.float64 else loss
     return loss, {k: metrics[k].detach().to(torch.float32) for k in metric_names(beta, with_entropy)}, (dx, dw, db)
 
 
+def _runs_ahead(rows_impl: str, hidden) -> bool:
+    """Whether the on-policy pass may queue its first chunk before the host knows the number of real tokens: its
+    filler rows (padding, after the real ones) then reach the row kernel, which reads targets only through masked
+    loads and compares (ids there may be anything); the PyTorch rows index with them, so they wait."""
+    return rows_impl == "triton" and hidden.dtype != torch.float64
+
+
 class _Batch:
     """The real tokens of a [B, T] batch and the per-token inputs of the loss. x: the hidden states of every token
-    [B·T, H]; valid: the positions of the n real ones in it (None: every token is real); tgt [n]: their targets."""
+    [B·T, H]; valid: the positions of the n rows the pass computes (None: every token, all real); tgt [n]: their
+    targets. A pass that runs ahead of the count computes a row per entry of the positions, real ones first and
+    then padding, until `settle` keeps the real ones."""
 
-    def __init__(self, x, tgt, valid, shape, mask_f, adv, old, ref, scales, sdt):
-        self.x, self.tgt, self.valid, self.shape = x, tgt, valid, shape
-        self.n = tgt.shape[0]
+    def __init__(self, x, ids, valid, shape, mask_f, adv, old, ref, scales, sdt):
+        tgt = ids.reshape(-1)
+        self.tgt = (tgt if valid is None else tgt.index_select(0, valid)).contiguous()
+        self.x = x if valid is not None else x.contiguous()
+        self.valid, self.shape, self.n = valid, shape, self.tgt.shape[0]
         self.mask_f, self.adv, self.old, self.ref, self.scales, self.sdt = mask_f, adv, old, ref, scales, sdt
 
+    def settle(self, n: int, valid) -> int:
+        """The real rows once their number n is known (valid: their positions, None when every token is real)."""
+        self.n, self.valid, self.tgt = n, valid, self.tgt[:n]
+        return n
+
     def real(self, full: torch.Tensor) -> torch.Tensor:
-        """[B, T] → the values at the real tokens, [N′] contiguous."""
+        """[B, T] → the values at the computed rows, [n] contiguous."""
         flat = full.reshape(-1)
         return (flat if self.valid is None else flat.index_select(0, self.valid)).contiguous()
 
@@ -124,9 +149,31 @@ class _Batch:
         return torch.empty((self.n,), dtype=self.sdt, device=self.x.device) if with_it else None
 
 
+class _PiecesAhead:
+    """The row pieces of an on-policy pass that queues its first chunk before the host knows n, the number of real
+    tokens: a whole chunk [0, cap) first (its rows past n are padding, made to add nothing: `live`), then the host
+    waits for the id check's read (which raises on a bad id) and the rows [cap, n) follow in balanced pieces. The
+    first chunk's GEMM runs while the host waits, instead of the GPU idling until the host has queued it."""
+
+    def __init__(self, tokens: PendingTokens, cap: int):
+        self.tokens, self.most = tokens, cap
+
+    def __iter__(self):
+        cap = self.most
+        yield slice(0, cap)
+        rest = self.tokens.count() - cap
+        if rest > 0:
+            yield from (slice(cap + sl.start, cap + sl.stop) for sl in pieces(rest, split_size(rest, cap)))
+
+
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
-                       need_dx, need_dw, need_db, cast_dw, plan):
+                       need_dx, need_dw, need_db, cast_dw, plan, ahead: PendingTokens | None = None):
+    """ahead: the pass runs ahead of the count of real tokens (`_PiecesAhead`): batch has a row per entry of the
+    positions, and the filler rows past the real ones get zero inputs (hidden state, token gradient, KL weight and
+    ℓ_ref), so their dlogits are exactly 0 and they add nothing, whatever the padding holds."""
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
+    live = None if ahead is None else ahead.live()
+    row_pieces = plan.rows if ahead is None else _PiecesAhead(ahead, piece_cap(plan.max_rows))
     split = plan.kind == "split"
     lse_v, g_v = batch.empty(split), batch.empty(split)  # what the split plan's tail pass needs
     tgt = batch.tgt
@@ -136,11 +183,15 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
         if not token:
             # after the first logits GEMM is queued, so that this host work (a dozen small launches, the trace
             # kernel among them) overlaps it instead of leaving the GPU idle before it
-            token["g0"] = batch.real(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales).to(batch.sdt))
+            def rows_of(full):
+                v = batch.real(full.to(batch.sdt))
+                return v if live is None else torch.where(live, v, 0.0)
+
+            token["g0"] = rows_of(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales))
             token["n"] = token["ref"] = None
             if beta > 0:
-                token["n"] = batch.real((batch.mask_f * batch.scales.unsqueeze(1)).to(batch.sdt))
-                token["ref"] = batch.real(batch.ref.to(batch.sdt))
+                token["n"] = rows_of(batch.mask_f * batch.scales.unsqueeze(1))
+                token["ref"] = rows_of(batch.ref)
         n_v, ref_v = token["n"], token["ref"]
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
@@ -148,10 +199,11 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
 
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, inv_t)
-        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, plan.rows,
-                                           rows_impl, plan, batch.valid)
-    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows,
-                                      rows_impl, cast_dw=cast_dw, rows=batch.valid)
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, row_pieces,
+                                           rows_impl, plan, batch.valid, live,
+                                           None if ahead is None else ahead.rows)  # (the tail: real rows only)
+    return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, row_pieces,
+                                      rows_impl, cast_dw=cast_dw, rows=batch.valid, live=live)
 
 
 def whole_sequence_pieces(counts, max_tokens: int):

@@ -157,7 +157,7 @@ RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows,
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
                   pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
                   cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None,
-                  rows: torch.Tensor | None = None):
+                  rows: torch.Tensor | None = None, live: torch.Tensor | None = None):
     """The token and vocab plans (and each pass of the split plan): per slab of `slab_cols` vocabulary rows (None:
     the whole vocabulary, the token plan) and
     per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
@@ -178,6 +178,10 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     rows: None (the pass is over every row of x), or the positions [n] in x of the rows it is over (the real tokens):
     `pieces` then cut [0, n), each piece's rows are gathered into a piece-sized buffer (no [n, H] copy of x), and dX
     comes back for every row of x, 0 at the others (scattered piece by piece, or at the end when summed in fp32).
+    `pieces` may then also be an iterable with a `most` attribute (its largest piece), whose later pieces the host
+    learns while the GPU runs the first (`fused_loss.launch._PiecesAhead`). live (with rows, bool per entry of rows):
+    the entries that are real rows; the others (filler of a pass that runs ahead of the count of real rows) go to
+    the GEMMs as zeros, so that with dlogits 0 from row_fn they add exactly 0 whatever their hidden states hold.
     """
     H = x.shape[1]
     N = x.shape[0] if rows is None else rows.shape[0]
@@ -186,7 +190,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     pieces = _pieces(N, pieces) if isinstance(pieces, int) else pieces
     slabs = _pieces(V, slab_cols or V)
     sum_dx = fp32_dx or len(slabs) > 1
-    most = max((sl.stop - sl.start for sl in pieces), default=0)
+    most = getattr(pieces, "most", None) or max((sl.stop - sl.start for sl in pieces), default=0)
     x_buf = torch.empty((most, H), dtype=x.dtype, device=x.device) if rows is not None else None
     dx = dx_buf = dw = dw_slab = dw_sum = db = None
     if need_dx:
@@ -219,6 +223,8 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             for i, sl in enumerate(pieces):
                 m = sl.stop - sl.start
                 x_c = gather_rows(x, rows, sl, x_buf)
+                if live is not None:
+                    x_c.masked_fill_(~live[sl, None], 0)  # (x_c is x_buf's: x itself is never written)
                 logits = buf[: m * cols].view(m, cols)
                 gemm.logits(x_c, logits)
                 dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
@@ -252,22 +258,24 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
 
 
 def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, need_dx: bool, need_db: bool,
-                   pieces: int | list[slice], rows_impl: str, plan: GradPlan, rows: torch.Tensor | None = None):
+                   pieces: int | list[slice], rows_impl: str, plan: GradPlan, rows: torch.Tensor | None = None,
+                   live: torch.Tensor | None = None, tail_rows: Callable[[], torch.Tensor | None] | None = None):
     """The split plan (plan.py) for a half head's dX, dW (and db): `grad_pipeline` over the token pieces gives dX,
     db and the dW rows [0, plan.dw_rows), cast in place; then the tail pass casts the other dW rows into the same
     gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
     slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
-    rows: as in grad_pipeline (both passes gather their pieces). Returns (dX, dW, db) as grad_pipeline does, dW
-    always cast."""
+    rows, live: as in grad_pipeline (both passes gather their pieces); tail_rows, asked for after the chunks: the
+    tail's rows instead of `rows` (those of a chunk pass that ran ahead of the count, known by then). Returns (dX,
+    dW, db) as grad_pipeline does, dW always cast."""
     dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl, cast_dw=True,
-                               dw_rows=plan.dw_rows, rows=rows)  # (cast before the tail writes the other rows)
+                               dw_rows=plan.dw_rows, rows=rows, live=live)  # (cast before the tail's rows)
     v0 = plan.dw_rows
     if v0 < weight.shape[0]:
         def tail_slab(sl, sv, logits, dl):  # sv counts from v0
             tail_row_fn(sl, slice(v0 + sv.start, v0 + sv.stop), logits, dl)
 
         grad_pipeline(x, weight[v0:], None, tail_slab, False, True, False, plan.tail.rows, rows_impl,
-                      slab_cols=plan.tail.cols, dw_out=dw[v0:], rows=rows)
+                      slab_cols=plan.tail.cols, dw_out=dw[v0:], rows=rows if tail_rows is None else tail_rows())
     return dx, dw, db
 
 
