@@ -163,3 +163,39 @@ def test_half_head_holds_half_the_fp32_sum_beside_its_gradient(impl, op, grad_pl
     assert extra <= bound, (extra, bound)
     if impl == "triton":  # (the PyTorch rows' temporaries blur the difference)
         assert bound < upcast + 4 * V * H + chunk  # what a whole fp32 sum beside a chunk would hold at least
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES + [(impl, dt) for impl in IMPLS
+                                                      for dt in (torch.float32, torch.float64)])
+def test_scale_unless_one(impl, dtype, device):
+    """A gradient scaled in place by grad_output: by the fp32 scale (the torch fallback and fp64 by the scale in the
+    gradient's dtype); bytes untouched when the scale is 1; autograd's version counter bumped either way."""
+    g = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3).to(device=device, dtype=dtype)
+    for scale in (1.0, -2.5, 0.3, float("nan")):
+        got = g.clone()
+        version = got._version
+        out = dw_sum_mod.scale_unless_one(impl, got, torch.tensor(scale, device=device))
+        assert out is got and got._version > version
+        s = torch.tensor(scale, dtype=torch.float32)
+        exact = impl == "triton" and dtype != torch.float64
+        want = (g.float() * s).to(dtype) if exact else g * s.to(dtype)
+        if scale == 1.0:
+            assert torch.equal(got, g)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("budget", [None, "1G"])
+def test_fused_loss_second_backward_of_cast_gradients_raises(budget, device, monkeypatch):
+    """Gradients already in their dtype (dX, db; dW too under a budget) are scaled in place by the backward: a
+    second backward through a retained graph must fail autograd's version check, not scale them twice."""
+    from ._lm_head import make_batch
+
+    if budget:
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, budget)
+    hidden, weight, b, ids, mask, adv = make_batch(dtype=torch.float16, device=device, seed=5)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b)
+    first = torch.autograd.grad(loss * 2.0, (hidden, b), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss * 2.0, (hidden, b))
+    assert all(torch.isfinite(g).all() for g in first)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..linear_logprobs.dw_sum import HalfHeadGradSum
+from ..linear_logprobs.dw_sum import HalfHeadGradSum, scale_unless_one
 from .launch import fused_loss_forward
 from .objectives import metric_names
 
@@ -56,13 +56,12 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradients were computed in the forward: there is no graph through them
     def backward(ctx, grad_loss, _grad_metrics):
-        # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point), so
-        # a second backward through a retained graph fails autograd's version check instead of silently scaling
-        # twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises on
+        # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point; no
+        # pass at all when grad_loss is 1: `scale_unless_one`), so a second backward through a retained graph fails
+        # autograd's version check instead of silently scaling twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises on
         # a second backward (its fp32 values are gone by then).
         dx, dw, db = ctx.saved_tensors
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype) if g.dtype != torch.float64 else grad_loss)
-                 for g in (dx, dw, db)]
+        grads = [None if g is None else scale_unless_one(ctx.rows_impl, g, grad_loss) for g in (dx, dw, db)]
         if ctx.dw_sum is not None:  # (dw is None then)
             grads[1] = ctx.dw_sum.finish(ctx.rows_impl, grad_loss)
         return (*grads, None, None, None, None, None, None, None)

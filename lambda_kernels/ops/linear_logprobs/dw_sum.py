@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernels import scale_cast_kernel
+from .kernels import scale_cast_kernel, scale_unless_one_kernel
 from .plan import split_rows
 
 SCALE_CAST_BLOCK = 4096
@@ -42,6 +42,22 @@ def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: to
         scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, out, n, BLOCK=SCALE_CAST_BLOCK,
                                                                num_warps=8)
     return out
+
+
+def scale_unless_one(rows_impl: str, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale in place (a 0-d or 1-element tensor, read on the device): a gradient computed for
+    grad_output = 1 scaled by the real one. The Triton kernel skips the pass where scale is 1 (`loss.backward()`),
+    which a multiply would not: 4 bytes per bf16 weight, ~0.7 ms for a 7B head on an H100."""
+    if rows_impl == "torch" or grad.dtype == torch.float64 or not grad.is_contiguous():
+        return grad.mul_(scale.to(grad.dtype))
+    n = grad.numel()
+    if n:
+        scale = scale.to(device=grad.device, dtype=torch.float32).reshape(1)
+        scale_unless_one_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](grad, scale, n, BLOCK=SCALE_CAST_BLOCK,
+                                                                     num_warps=8)
+    # an in-place write as autograd sees it (a mul_ would count too): a saved tensor used again fails its check
+    torch.autograd.graph.increment_version(grad)
+    return grad
 
 
 class HalfHeadGradSum:
