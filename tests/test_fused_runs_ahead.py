@@ -22,7 +22,8 @@ def order(monkeypatch):
     """("chunk", rows) for each piece of rows gathered for a GEMM, and "read" when the host waits for the check."""
     set_chunk_rows(monkeypatch, CHUNK)
     events = []
-    record_calls(monkeypatch, launch, "gather_rows", lambda x, rows, sl, buf: events.append(("chunk", sl.stop - sl.start)))
+    record_calls(monkeypatch, launch, "gather_rows",
+                 lambda x, rows, sl, buf: events.append(("chunk", sl.stop - sl.start)))
     record_calls(monkeypatch, real_tokens.HostRead, "values", lambda self: events.append("read"))
     return events
 

@@ -58,8 +58,8 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         # Gradients already in their input's dtype are scaled in place (they are ours, and memory is the point; no
         # pass at all when grad_loss is 1: `scale_unless_one`), so a second backward through a retained graph fails
-        # autograd's version check instead of silently scaling twice. A half head's fp32 dW sum is scaled and cast in place into its gradient (`finish`), which raises on
-        # a second backward (its fp32 values are gone by then).
+        # autograd's version check instead of silently scaling twice. A half head's fp32 dW sum is scaled and cast
+        # in place into its gradient (`finish`), which raises on a second backward (its fp32 values are gone).
         dx, dw, db = ctx.saved_tensors
         grads = [None if g is None else scale_unless_one(ctx.rows_impl, g, grad_loss) for g in (dx, dw, db)]
         if ctx.dw_sum is not None:  # (dw is None then)
