@@ -1,14 +1,16 @@
 """The fused GRPO-λ loss from hidden states: ours against what users would run instead, at real model shapes.
 
 Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an LM head [V, H], bf16):
-  ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None): one pass, ≈ 6·N·H·V FLOPs
-  ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits,
-                 ≈ 6·N·H·V FLOPs (the 1.5B/7B/8B shapes), else two, ≈ 8·N·H·V (the 65,536-token row)
-  ours_on_1g     ours_on under LAMBDA_KERNELS_MEMORY_BUDGET=1G (workspace ≤ 1 GiB, accumulators included): the
-                 split plan at these shapes (token chunks summing dW for 63–95% of the vocabulary, a tail pass
-                 over vocabulary slabs for the rest: (8·V − 2·V_t)·N·H FLOPs); the note column names the plan
-                 and its time by the planner's cost model (kernels only), to check the model
-  ours_on_1g_vocab  the same with the vocab plan forced (LAMBDA_KERNELS_GRAD_PLAN=vocab): what 1G ran before
+  ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None), defaults: workspace ≤ the default memory
+                 budget (960 MiB, accumulators included), which at these shapes is the split plan (token chunks in
+                 one pass summing dW for 66–99% of the vocabulary, a tail pass over vocabulary slabs for the rest:
+                 (8·V − 2·V_t)·N·H FLOPs); the note column names each fused row's plan and its time by the
+                 planner's cost model (kernels only), to check the model
+  ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits
+                 (the 1.5B/7B/8B shapes), else two (the 65,536-token row)
+  ours_on_unbounded  ours_on with LAMBDA_KERNELS_MEMORY_BUDGET=none: the token plan, ≈ 6·N·H·V FLOPs with the
+                 2·V·H-byte fp32 dW sum of the bf16 head beside the chunk (the default before 2026-11-27)
+  ours_on_vocab  ours_on with the vocab plan forced (LAMBDA_KERNELS_GRAD_PLAN=vocab): 8·N·H·V FLOPs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -50,14 +52,15 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_1g", "ours_on_1g_vocab", "ours_logprobs", "ours_logprobs_masked",
+OURS = ["ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_logprobs", "ours_logprobs_masked",
         "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_1g", "ours_on_1g_vocab")
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab")
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
-# environment per provider (the library reads these on every call); every other provider runs with them unset
-PROVIDER_ENV = {"ours_on_1g": {MEMORY_BUDGET_ENV: "1G"},
-                "ours_on_1g_vocab": {MEMORY_BUDGET_ENV: "1G", PLAN_ENV: "vocab"},
+# environment per provider (the library reads these on every call); every other provider runs with them unset,
+# which is the library's defaults
+PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
+                "ours_on_vocab": {PLAN_ENV: "vocab"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 BASELINES = ["naive", "compiled", "liger", "cce"]
@@ -174,8 +177,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     h = sub["hidden"].clone().requires_grad_()
     w = inp["weight"].detach().clone().requires_grad_()
     out = {}
-    for name, old, provider in (("on", None, None), ("off", sub["old"], None), ("on_1g", None, "ours_on_1g"),
-                                 ("on_1g_vocab", None, "ours_on_1g_vocab")):
+    for name, old, provider in (("on", None, None), ("off", sub["old"], None),
+                                 ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS)
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
@@ -237,10 +240,11 @@ def test_plan_note_and_table(monkeypatch):
         with provider_env(provider):
             return plan_note(grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True))
 
-    assert note("ours_on_1g", 5734, 152064, 3584).startswith("split plan, 1152 rows, dW of ")  # 7B
-    assert note("ours_on", 5734, 152064, 3584) == "tokens plan, 1536 rows"
-    assert note("ours_on_1g_vocab", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
-    row = dict(shape="s", provider="ours_on_1g", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
+    # 7B: on-policy plans for all B·T = 8192 rows (it queues its first chunk before the real ones are counted)
+    assert note("ours_on", 8192, 152064, 3584).startswith("split plan, 1024 rows, dW of ")
+    assert note("ours_on_unbounded", 8192, 152064, 3584) == "tokens plan, 1664 rows"
+    assert note("ours_on_vocab", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
+    row = dict(shape="s", provider="ours_on", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
     assert "[tokens plan, 896 rows]" in format_row(row)

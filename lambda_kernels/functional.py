@@ -278,11 +278,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     from the saved log-sum-exp: dX, dW (accumulated in fp32 across chunks) and dbias, exact.
 
     Memory: a bf16/fp16 head that is trained also needs its fp32 dW sum, 4·V·H bytes, half of which live in the
-    gradient tensor's own bytes until an in-place cast: 2·V·H extra (1.0 GiB at V152064, H3584). Set
-    LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") to bound *all* the workspace, accumulators included: when that does not
-    fit, the backward sums dW in fp32 only for the vocabulary rows it can hold room for and gets the others from
-    vocabulary slabs over all rows (the split plan), or runs over slabs entirely (the vocab plan), whichever a cost
-    model rates faster. The results are the same to fp32 rounding; see `ops/linear_logprobs/plan.py` for the plans.
+    gradient tensor's own bytes until an in-place cast: 2·V·H extra (1.0 GiB at V152064, H3584).
+    LAMBDA_KERNELS_MEMORY_BUDGET bounds *all* the workspace, accumulators included (default 960 MiB; "none" for no
+    bound, the fastest): when the sum does not fit, the backward runs over vocabulary slabs (or, in the fused loss,
+    sums dW in fp32 only for the vocabulary rows it has room for and gets the others from slabs over all rows),
+    whichever a cost model rates faster. The results are the same to fp32 rounding; see
+    `ops/linear_logprobs/plan.py` for the plans.
 
     Under `torch.no_grad()` this is the fast path for old-policy and reference log-probs; its values are
     bit-identical to the differentiable call on the same inputs (same chunks, same kernels), so on-policy ratios
@@ -373,11 +374,12 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
       chunks hold whole sequences and the objective runs on each chunk's rows (rows do not interact), again one
       pass (6·N·H·V); a longer sequence (e.g. 65,536 tokens) takes a second pass that recomputes the logits.
 
-    A trained bf16/fp16 head adds the part of its fp32 dW sum that does not fit in the gradient's own bytes
-    (2·V·H) to the logits chunk. LAMBDA_KERNELS_MEMORY_BUDGET (e.g. "1G") bounds the whole workspace instead: when
-    that does not fit, the chunks sum dW for only some vocabulary rows and a tail pass over vocabulary slabs gives
-    the others (the split plan, still one pass for the loss and dX), or the gradient pass runs over vocabulary slabs
-    after a log-prob pass (8·N·H·V FLOPs); same results to fp32 rounding.
+    A trained bf16/fp16 head needs an fp32 dW sum, half of which fits in the gradient's own bytes; the other half
+    (2·V·H) and the logits chunk must fit LAMBDA_KERNELS_MEMORY_BUDGET (the whole workspace: 960 MiB by default,
+    "none" for no bound). Where they do not (a 7B head), the chunks sum dW for only some vocabulary rows and a tail
+    pass over vocabulary slabs gives the others (the split plan: still one pass for the loss and dX, (8·V −
+    2·V_t)·N·H FLOPs), or the gradient pass runs over vocabulary slabs after a log-prob pass (8·N·H·V FLOPs),
+    whichever a cost model rates faster; same results to fp32 rounding.
 
     Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
     gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and

@@ -153,25 +153,29 @@ def test_grad_output_scaling_and_no_grad(impl, dtype, on_policy, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("budget", [None, "1G"])
+@pytest.mark.parametrize("budget", ["none", None, "1G"])  # None: the default budget
 def test_half_head_dw_cast_in_backward_unless_memory_budget(impl, budget, device, monkeypatch):
-    """A half head's fp32 dW sum is held until the backward and scaled+cast there in one pass; under a memory
-    budget (token plan still chosen here) it is cast in the forward instead. Same gradients either way."""
+    """A half head's fp32 dW sum is held until the backward and scaled+cast there in one pass without a memory
+    budget ("none"); under one (the default; token plan still chosen here) it is cast in the forward instead. Same
+    gradients either way."""
     from lambda_kernels.ops.linear_logprobs import plan
     from lambda_kernels.ops.linear_logprobs.dw_sum import HalfHeadGradSum
 
-    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
     hidden, weight, b, ids, mask, adv = make_batch(dtype=torch.float16, device=device, seed=12)
     want = torch.autograd.grad(lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)[0],
                                (hidden, weight, b))
-    if budget:
+    if budget is None:
+        monkeypatch.delenv(plan.MEMORY_BUDGET_ENV)
+    else:
         monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, budget)
+    held = budget == "none"
     casts = record_calls(monkeypatch, HalfHeadGradSum, "finish",
                          lambda self, impl_, scale=None: "forward" if scale is None else "backward")
     loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
-    assert casts == (["forward"] if budget else [])
+    assert casts == ([] if held else ["forward"])
     got = torch.autograd.grad(loss, (hidden, weight, b))
-    assert casts == (["forward"] if budget else ["backward"])  # dW only: dX and db are small and cast in the forward
+    assert casts == (["backward"] if held else ["forward"])  # dW only: dX and db are small and cast in the forward
     for a, e in zip(got, want):
         assert a.dtype == torch.float16
         torch.testing.assert_close(a, e, rtol=0, atol=0)

@@ -29,11 +29,27 @@ def _workspace(p, N, V, H, half=True, dw=True, dx=True):
 
 # ------------------------------------------------------------------------------------------------ plan choice
 def test_without_memory_budget_the_token_plan_runs(monkeypatch):
-    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
     for N, V, H in SHAPES.values():
         p = _plan(N, V, H)
         assert p.kind == "tokens" and p.cols == V
         assert 4 * p.rows * V <= GiB  # only the logits chunk is bounded; the fp32 dW accumulator comes on top
+
+
+def test_default_budget_keeps_the_issue_shapes_under_1_gib(monkeypatch):
+    """By default the whole workspace stays within 960 MiB (1 GiB less a margin for what the plans do not count):
+    a trained bf16 head at the issue's shapes takes a split plan (on-policy plans for all B·T rows, as it queues
+    its first chunk before it counts the real ones); a frozen or fp32 head, or a small one, the token plan."""
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    assert plan.memory_budget_bytes() == plan.DEFAULT_MEMORY_BUDGET == 960 << 20
+    for N, V, H in list(SHAPES.values()) + [(8192, 151936, 1536), (8192, 152064, 3584), (16384, 128256, 4096)]:
+        p = _plan(N, V, H)
+        assert p.kind == "split" and plan.split_rows(V) <= p.dw_rows < V, (N, V, H, p)
+        assert _workspace(p, N, V, H, dx=False) + 4 * p.max_rows * H <= 960 << 20
+        assert p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False) + 2 * N * H <= 960 << 20
+        assert _plan(N, V, H, dw=False).kind == _plan(N, V, H, half=False).kind == "tokens"
+    N, V, H = 2048, 32000, 2048  # a small head: its 2·V·H sum and a full chunk fit, so nothing changes
+    assert _plan(N, V, H) == plan._token_plan(N, V, GiB - (64 << 20))
 
 
 def test_token_plan_when_the_accumulator_fits_or_is_not_needed(monkeypatch):
@@ -105,10 +121,12 @@ def test_budget_strings(monkeypatch):
     monkeypatch.setenv(plan.BUDGET_ENV, "1G")
     assert plan.forward_budget_bytes() == 512 << 20  # the memory budget caps the forward chunk too
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "half a gig")
-    with pytest.raises(RuntimeError, match="LAMBDA_KERNELS_MEMORY_BUDGET must be a byte count"):
+    with pytest.raises(RuntimeError, match='LAMBDA_KERNELS_MEMORY_BUDGET must be a byte count .* or "none"; got'):
         plan.memory_budget_bytes()
-    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "None")
     assert plan.memory_budget_bytes() is None
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV)
+    assert plan.memory_budget_bytes() == plan.DEFAULT_MEMORY_BUDGET
 
 
 @pytest.mark.parametrize("total, cap, size", [(10, 100, 10), (300, 128, 100), (1000, 300, 256), (5734, 26000, 5734),

@@ -3,7 +3,8 @@ backward only scales it, so no logits or log-probs are kept between forward and 
 LM head (`linear_logprobs.dw_sum.HalfHeadGradSum`: half of it in the gradient's own bytes) is held until the
 backward, which scales and casts it in place in one pass (4·V·H bytes held between forward and backward, the
 gradient's 2·V·H included, instead of the cast's 2·V·H; the peak is unchanged, as a cast in the forward would write
-the same bytes). Under LAMBDA_KERNELS_MEMORY_BUDGET it is cast in the forward."""
+the same bytes). Under a memory budget (LAMBDA_KERNELS_MEMORY_BUDGET, set by default) it is cast in the forward; only
+with "none" is it held."""
 from __future__ import annotations
 
 from dataclasses import dataclass

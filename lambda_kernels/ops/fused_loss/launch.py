@@ -56,9 +56,9 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
                        need_db: bool, tokens: PendingTokens, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
-    dW may come back as the fp32 sum of a half head (`dw_sum.HalfHeadGradSum`; token plan, no
-    LAMBDA_KERNELS_MEMORY_BUDGET): the backward scales and casts it in one pass (`finish`); otherwise every gradient
-    is a tensor of its input's dtype.
+    dW may come back as the fp32 sum of a half head (`dw_sum.HalfHeadGradSum`; token plan with
+    LAMBDA_KERNELS_MEMORY_BUDGET=none): the backward scales and casts it in one pass (`finish`); otherwise every
+    gradient is a tensor of its input's dtype.
 
     hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. tokens: the tokens with mask ≠ 0
@@ -72,9 +72,9 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     flat_mask = mask_f.reshape(-1)
     x = hidden.reshape(B * T, H)  # every row: the passes gather the real ones piece by piece (no [N′, H] copy)
     need_grad = need_dx or need_dw or need_db
-    # the fp32 dW sum of a half head (`dw_sum.HalfHeadGradSum`) is kept until the backward, which scales and casts
-    # it in place in one pass (its `rest`, 2·V·H bytes, lives on between forward and backward); under a memory
-    # budget it is cast here, as the budget bounds what a call holds
+    # under a memory budget (the default) the fp32 dW sum of a half head is cast here, as the budget bounds what a
+    # call holds; without one ("none") it is kept until the backward, which scales and casts it in place in one pass
+    # (`dw_sum.HalfHeadGradSum`: its `rest`, 2·V·H bytes, lives on between forward and backward)
     cast_dw = memory_budget_bytes() is not None
     gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 

@@ -4,7 +4,9 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
 
     LAMBDA_KERNELS_LOGITS_BUDGET   bytes of one fp32 logits chunk (default 1 GiB)
     LAMBDA_KERNELS_MEMORY_BUDGET   bytes of all the workspace of a call: logits chunks *and* fp32 accumulators
-                                   (default: unset, no cap beyond the logits budget)
+                                   (default 960 MiB: 1 GiB less 64 MiB for what the plans do not count, per-token
+                                   vectors and the allocator's rounding; "none": no cap beyond the logits budget,
+                                   which lets a half head's token plan hold its 2·V·H-byte dW sum, the fastest)
     LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" / "split" to force a plan
 
 Workspace counts the logits buffers and the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
@@ -30,7 +32,7 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
 Why three: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
 the whole vocabulary. Summing a vocabulary row's dW over rows in fp32 therefore costs either fp32 room for it across
 the chunks (tokens) or a second pass over its logits (vocab); split does the first for as many rows as the budget
-holds and the second for the others. Without a memory budget the token plan runs. With one, the feasible plan that
+holds and the second for the others. Without a memory budget ("none") the token plan runs. With one, the plan that
 `modelled_seconds` rates fastest: a model of an H100's GEMM rate, copy bandwidth and dW-sum traffic that reproduces
 run 3's kernel times of both measured plans within 7% (benchmarks/RESULTS.md), not a sweep.
 """
@@ -46,6 +48,9 @@ from ..._core.runtime import env_choice
 BUDGET_ENV = "LAMBDA_KERNELS_LOGITS_BUDGET"
 MEMORY_BUDGET_ENV = "LAMBDA_KERNELS_MEMORY_BUDGET"
 DEFAULT_BUDGET = 1 << 30  # 1 GiB of fp32 logits per chunk
+# All the workspace of a call, by default: the issue's "≤ 1 GiB extra", less what the plans' accounting leaves out
+DEFAULT_MEMORY_BUDGET = (1 << 30) - (64 << 20)
+NO_MEMORY_BUDGET = ("none", "unbounded")
 PLAN_ENV = "LAMBDA_KERNELS_GRAD_PLAN"
 PLAN_CHOICES = ("auto", "tokens", "vocab", "split")
 # Token chunks under a memory budget have at least this many rows: thinner GEMMs lose tensor-core efficiency, which
@@ -65,10 +70,10 @@ FIRST_PIECE_ROWS = 512
 SPLIT_ALIGN = 8  # `split_rows` a multiple of 8: the dlogits columns from there start 16-byte aligned for cuBLAS
 
 
-def _parse_bytes(name: str, raw: str) -> int:
+def _parse_bytes(name: str, raw: str, alternative: str = "") -> int:
     match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)(i?[bB])?", raw)
     if match is None:
-        raise RuntimeError(f"{name} must be a byte count such as 1073741824, 512M or 1G; got {raw!r}.")
+        raise RuntimeError(f"{name} must be a byte count such as 1073741824, 512M or 1G{alternative}; got {raw!r}.")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
     return int(match.group(1)) * scale
 
@@ -80,9 +85,12 @@ def logits_budget_bytes() -> int:
 
 
 def memory_budget_bytes() -> int | None:
-    """Bytes of workspace (logits and accumulators) a call may hold: env LAMBDA_KERNELS_MEMORY_BUDGET, else None."""
+    """Bytes of workspace (logits and accumulators) a call may hold: env LAMBDA_KERNELS_MEMORY_BUDGET, else
+    DEFAULT_MEMORY_BUDGET; None for "none" (no cap beyond the logits budget)."""
     raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
-    return _parse_bytes(MEMORY_BUDGET_ENV, raw) if raw else None
+    if raw.lower() in NO_MEMORY_BUDGET:
+        return None
+    return _parse_bytes(MEMORY_BUDGET_ENV, raw, ' or "none"') if raw else DEFAULT_MEMORY_BUDGET
 
 
 def forward_budget_bytes() -> int:
@@ -202,8 +210,9 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks; no split
     plan then); lse_known: the caller has every row's log-sum-exp already (a backward after a log-prob pass), so the
     vocab plan needs no log-prob pass of its own and the split plan, which recomputes more logits, never wins.
-    Auto: the token plan without a memory budget, or where a budget leaves no fp32 sum to hold (an fp32 or frozen
-    head); else the fastest by `modelled_seconds` of the plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows).
+    Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
+    head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
+    plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
@@ -215,6 +224,10 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     if choice == "tokens" or choice == "auto" and (memory is None or acc == 0 and memory >= row):
         chunk = forward_budget_bytes() if choice == "tokens" else logits if memory is None else min(logits, memory)
         return _token_plan(N, V, max(chunk, row))
+    if choice == "auto":  # a budget that does not bind changes nothing: the token plan with the logits budget's chunks
+        full = _token_plan(N, V, max(min(logits, memory), row))
+        if 4 * full.max_rows * V + acc + _token_reserve(full.max_rows, H, dx_accumulator) <= memory:
+            return full
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
         return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
     if choice == "vocab" or dx_sum_in_tokens or not dw_accumulator:
@@ -248,7 +261,7 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
     row = 4 * max(V, 1)
     held = row + _token_reserve(1, H, dx_accumulator)  # bytes per row of a chunk
     cap = min(piece_cap(logits // row), piece_cap(memory // held))
-    low = min(N, TOKEN_PLAN_MIN_ROWS)
+    low = min(N, TOKEN_PLAN_MIN_ROWS, piece_cap(logits // row))  # (a logits budget for thinner chunks: as asked)
     if cap < max(low, 1):
         return candidates
     step = 128 if (cap - low) // 128 <= 24 else -(-(cap - low) // 24)
