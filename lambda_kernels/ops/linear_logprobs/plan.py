@@ -21,7 +21,8 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
             beside the chunk (1.0 GiB at H3584, V152064; `dw_sum`). On-policy this is one pass: 6·N·H·V FLOPs.
     vocab   the log-sum-exp of every row first (the forward pass), then slabs of C vocabulary rows, logits [N, C]
             for all rows (or [M, C] pieces): dW of a slab is complete after its rows, so the fp32 accumulator is one
-            slab (4·C·H); dX is summed over slabs in fp32 (4·N·H for a bf16/fp16 hidden). 8·N·H·V FLOPs.
+            slab (4·C·H); dX is summed over slabs in fp32 (4·N·H for a bf16/fp16 hidden, and up to 2·N·H for
+            the rows gathered out of the padding). 8·N·H·V FLOPs.
     split   the token plan, but its chunks sum dW only for the vocabulary rows [0, V_t): the first half of them in
             the gradient's own bytes, the rest in 4·(V_t − V/2)·H bytes beside the chunk; then a tail pass, the
             vocab plan over rows [V_t, V) without dX, from the lse and token gradients the chunks left behind.
@@ -192,7 +193,7 @@ class GradPlan:
         if self.kind == "split":  # the chunks' sums are cast before the tail runs
             chunks = logits + 4 * (self.dw_rows - split_rows(V)) * H
             return max(chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False))
-        return logits + (4 * self.cols * H if dw_accumulator else 0) + (4 * N * H if dx_accumulator else 0)
+        return logits + (4 * self.cols * H if dw_accumulator else 0) + (6 * N * H if dx_accumulator else 0)
 
 
 def plan_choice() -> str:
@@ -324,7 +325,8 @@ def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accu
                 dx_accumulator: bool, warn: bool = True) -> GradPlan:
     N = max(N, 1)
     logits_room = logits // 4  # fp32 elements of one logits slab
-    room = logits_room if memory is None else max(memory - (4 * N * H if dx_accumulator else 0), 0) // 4
+    # (a half hidden's dX: its fp32 sum, 4·N·H, and the pieces' rows gathered out of the padding, ≤ 2·N·H)
+    room = logits_room if memory is None else max(memory - (6 * N * H if dx_accumulator else 0), 0) // 4
     acc_cols = H if dw_accumulator and memory is not None else 0  # slab accumulator elements per vocabulary row
     cols_all_rows = min(room // (N + acc_cols), logits_room // N)
     if cols_all_rows >= min(V, MIN_SLAB_COLS):
