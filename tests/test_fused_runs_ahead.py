@@ -119,3 +119,25 @@ def test_positions_filler_is_padding():
     positions = real_tokens.real_token_positions(real)
     assert positions[:3].tolist() == [1, 2, 5] and all(not real[p] for p in positions[3:].tolist())
     assert real_tokens.real_token_positions(torch.ones(4, dtype=torch.bool)).tolist() == [0, 1, 2, 3, 0]
+
+
+# (the interpreter's numpy warns about the exp and the 0·inf that the where then drops)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_kl_term_of_zero_weight_is_zero_even_where_exp_overflows(impl, order, device):
+    """Filler rows have KL weight n = 0 but the ℓ of whatever their padding targets give: with a very unlikely
+    target (a bias of −300 at τ = 0.5: ℓ ≈ −600, exp(0 − ℓ) = inf) the KL term must still be 0, not 0·inf = NaN."""
+    hidden, weight, b, ids, _, adv = make_batch(device=device, seed=12)
+    mask = _mask(3, device)
+    with torch.no_grad():
+        b[7] = -300.0
+    ids = torch.where(mask, ids % 7, torch.full_like(ids, 7))  # padding targets the unlikely token
+    ref = torch.full(ids.shape, -4.0, device=device)
+    kw = dict(ref_logprobs=ref, beta=0.04, temperature=0.5)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (order[0] == "read") == (impl == "torch")  # the Triton rows ran ahead over the filler
+    assert_matches(loss, _, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw), atol_loss=1e-5,
+                   rtol_grad=1e-4)

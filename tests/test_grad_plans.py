@@ -385,3 +385,32 @@ def test_cost_model_reproduces_run_3():
         N, V, H = SHAPES[shape]
         p = plan.GradPlan(kind, rows, V if cols is None else cols)
         assert abs(plan.modelled_seconds(p, N, V, H) * 1e3 / measured_ms - 1) < 0.07, (shape, kind)
+
+
+def test_long_row_backward_with_lse_splits_where_the_vocab_plan_does_not_fit(monkeypatch):
+    """A backward after a log-prob pass prefers the vocab plan, but at 65,536 tokens of H4096 its fp32 dX sum and
+    gathered rows (6·N·H = 1.5 GiB) exceed the default budget: a split plan fits instead, without a warning."""
+    monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    N, V, H = 65536, 128256, 4096
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = plan.grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True, lse_known=True)
+    assert p.kind == "split" and _workspace(p, N, V, H, dx=False) + 4 * p.max_rows * H <= plan.DEFAULT_MEMORY_BUDGET
+    N, V, H = SHAPES["qwen2.5-7b"]  # where the vocab plan fits, it stays the choice
+    assert plan.grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True, lse_known=True).kind == "vocab"
+
+
+@pytest.mark.parametrize("rows, gathers", [(None, 1), (8, 3 * 4)])  # one piece: once; 4 pieces × 3 slabs
+def test_vocab_plan_gathers_a_single_piece_once(rows, gathers, device, vocab_plan, monkeypatch):
+    """Masked rows gathered for the GEMMs: one piece of all rows is gathered once for all the vocabulary slabs (not
+    once per slab); pieces of fewer rows are gathered per slab, so that no buffer holds more than a piece."""
+    N, H, V = 37, 40, 300
+    x, w, b, t = make_inputs(N, H, V, device=device)
+    mask = torch.arange(N, device=device) % 4 != 0  # 27 real rows
+    n = int(mask.sum())
+    vocab_plan(rows or n, 100, n)
+    lp = lk.linear_logprobs(x, w, t, bias=b, mask=mask)
+    seen = record_calls(monkeypatch, launch, "gather_rows", lambda x_, rows_, sl, buf: sl.stop - sl.start)
+    lp.sum().backward()
+    assert len(seen) == gathers and sum(seen) == n * (1 if rows is None else 3)
+    assert (x.grad[~mask] == 0).all() and torch.isfinite(x.grad).all()

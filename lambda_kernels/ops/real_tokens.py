@@ -52,8 +52,9 @@ class PendingRows:
     check's one device→host read, so that the pass queues its first chunk before the host waits for that read.
 
     total: the rows of the pass's input (N); positions: the [N + 1] of `real_token_positions` (the computed rows'
-    positions first, then in-bounds filler), or None when every row is computed; check(): waits for the read,
-    raises on a bad token id, and returns the number of rows computed, n.
+    positions first, then in-bounds filler; or just the computed rows' positions when the count is already known),
+    or None when every row is computed; check(): waits for the read, raises on a bad token id, and returns the
+    number of rows computed, n.
     """
 
     def __init__(self, total: int, positions: torch.Tensor | None, check: Callable[[], int]):

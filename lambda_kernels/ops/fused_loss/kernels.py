@@ -31,7 +31,10 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
         tl.store(ent_ptr + i_r, ent)
     g = tl.load(g0_ptr + i_r)
     if HAS_KL:
-        g += beta * tl.load(n_ptr + i_r) * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp))
+        # a token of weight n = 0 gets no KL term, even where exp overflows (0·inf): the filler rows of a pass that
+        # runs ahead of the count of real tokens have n = 0 and whatever ℓ their padding targets give
+        n = tl.load(n_ptr + i_r)
+        g += tl.where(n != 0.0, beta * n * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp)), 0.0)
     if WITH_STATS:
         tl.store(lse_ptr + i_r, lse)
         tl.store(g_ptr + i_r, g)

@@ -16,7 +16,8 @@ plan.dw_rows vocabulary rows only and keep each token's lse and ∂loss/∂ℓ, 
 slabs (`split_pipeline`) gives the other rows' dW.
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
-carry zero weight and zero gradient, so their rows are dropped before the GEMMs and their grad_hidden rows are zero.
+carry zero weight and zero gradient, so their rows are dropped before the GEMMs (but for the filler of an on-policy
+first chunk queued ahead of the count, which gets zero inputs and adds nothing) and their grad_hidden rows are zero.
 The real tokens' positions are found on the device; their per-row counts come from the argument check's one host
 read, which the on-policy token chunks wait for only after their first chunk is queued (`_PiecesAhead`); nothing
 else here syncs.

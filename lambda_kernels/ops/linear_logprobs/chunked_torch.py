@@ -57,7 +57,7 @@ def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, 
     and g, when given, receive each row's log-sum-exp and that token gradient."""
     row_lse = torch.empty_like(lp) if lse is None else lse
     logprob_rows(logits, bias, tgt, inv_t, lp, row_lse, ent)
-    row_g = g0 if ref is None else g0 + beta * n * (1.0 - torch.exp(ref - lp))
+    row_g = g0 if ref is None else g0 + torch.where(n != 0, beta * n * (1.0 - torch.exp(ref - lp)), 0.0)
     if g is not None:
         g.copy_(row_g)
     dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, inv_t, dl)

@@ -183,6 +183,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     the entries that are real rows; the others (filler of a pass that runs ahead of the count of real rows) go to
     the GEMMs as zeros, so that with dlogits 0 from row_fn they add exactly 0 whatever their hidden states hold.
     """
+    assert live is None or rows is not None, "live rows need gathered rows: x itself is never written"
     H = x.shape[1]
     N = x.shape[0] if rows is None else rows.shape[0]
     V = weight.shape[0]
@@ -210,6 +211,10 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             dw_sum = HalfHeadGradSum.allocate(weight, dw_rows)
     if need_db:
         db = torch.zeros((V,), dtype=sdt, device=x.device)
+    # one piece of gathered rows over several slabs (the vocab plan's usual case, the split plan's tail): gathered
+    # once, not once per slab
+    gather_once = rows is not None and isinstance(pieces, list) and len(pieces) == 1
+    x_c = None
     if N > 0:
         buf = torch.empty((most * slabs[0].stop,), dtype=sdt, device=x.device)
         for sv in slabs:
@@ -222,7 +227,8 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                     (slice(0, cols), dw[sv] if dw_slab is None else dw_slab[:cols])]
             for i, sl in enumerate(pieces):
                 m = sl.stop - sl.start
-                x_c = gather_rows(x, rows, sl, x_buf)
+                if x_c is None or not gather_once:
+                    x_c = gather_rows(x, rows, sl, x_buf)
                 if live is not None:
                     x_c.masked_fill_(~live[sl, None], 0)  # (x_c is x_buf's: x itself is never written)
                 logits = buf[: m * cols].view(m, cols)

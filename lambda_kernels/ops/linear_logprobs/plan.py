@@ -28,7 +28,8 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
             vocab plan over rows [V_t, V) without dX, from the lse and token gradients the chunks left behind.
             (8·V − 2·V_t)·N·H FLOPs, one pass for dX and the on-policy loss: between the two others where the
             log-sum-exp is not yet known (the fused loss's one-pass paths); a backward that has it (after a log-prob
-            pass) does the vocab plan's slabs alone, 6·N·H·V, so split is never its choice.
+            pass) does the vocab plan's slabs alone, 6·N·H·V, so split is its choice only where the vocab plan's fp32
+            dX sum does not fit (a long row of a wide hidden).
 
 Why three: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
 the whole vocabulary. Summing a vocabulary row's dW over rows in fp32 therefore costs either fp32 room for it across
@@ -208,22 +209,25 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
     dx_accumulator: the same for dX and the hidden states (only the vocab plan sums dX across pieces);
-    dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks; no split
-    plan then); lse_known: the caller has every row's log-sum-exp already (a backward after a log-prob pass), so the
-    vocab plan needs no log-prob pass of its own and the split plan, which recomputes more logits, never wins.
+    dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks, from one
+    gathered copy of the rows; no split plan then); lse_known: the caller has every row's log-sum-exp already (a
+    backward after a log-prob pass), so the vocab plan needs no log-prob pass of its own and the split plan, which
+    recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows).
     Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
     plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
     """
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
-    acc = (rest_bytes(V, H) if dw_accumulator else 0) + (4 * N * H if dx_sum_in_tokens else 0)
+    acc = (rest_bytes(V, H) if dw_accumulator else 0) + (6 * N * H if dx_sum_in_tokens else 0)
     row = 4 * max(V, 1)
     choice = plan_choice()
     if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
         choice = "tokens"  # no fp32 dW sum to split (or dX summed across ranks, which the split plan does not do)
     if choice == "tokens" or choice == "auto" and (memory is None or acc == 0 and memory >= row):
-        chunk = forward_budget_bytes() if choice == "tokens" else logits if memory is None else min(logits, memory)
+        chunk = forward_budget_bytes() if choice == "tokens" else logits
+        if choice == "auto" and memory is not None:  # the chunk and its rows' gather buffers within the budget
+            chunk = min(logits, memory // (row + _token_reserve(1, H, dx_accumulator)) * row)
         return _token_plan(N, V, max(chunk, row))
     if choice == "auto":  # a budget that does not bind changes nothing: the token plan with the logits budget's chunks
         full = _token_plan(N, V, max(min(logits, memory), row))
@@ -238,7 +242,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits,
                            dx_accumulator)
-    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, lse_known)
+    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator)
                if p.workspace_bytes(N, V, H, True, dx_accumulator)
                + (0 if p.kind == "vocab" else _token_reserve(p.max_rows, H, dx_accumulator)) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
@@ -247,14 +251,14 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
 
 
 def _token_reserve(rows: int, H: int, dx_accumulator: bool) -> int:
-    """What a token chunk of `rows` rows holds for a half hidden's dX besides the plan's workspace: its rows gathered
-    out of the padding and their dX before the scatter back (`launch.grad_pipeline`'s piece buffers; the vocab
-    plan's fp32 dX sum stands in for these)."""
-    return 4 * rows * H if dx_accumulator else 0
+    """What a token chunk of `rows` rows of a half hidden holds besides the plan's workspace: its rows gathered out
+    of the padding, and with dX (dx_accumulator) their dX before the scatter back (`launch.grad_pipeline`'s piece
+    buffers; the vocab plan counts its own). An fp32 hidden's buffers (twice the bytes) are left to the margin of
+    DEFAULT_MEMORY_BUDGET."""
+    return (4 if dx_accumulator else 2) * rows * H
 
 
-def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool,
-                       lse_known: bool) -> list[GradPlan]:
+def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool) -> list[GradPlan]:
     """Plans a half head with a dW sum may take under a memory budget: the vocab plan; token chunks of every size
     from TOKEN_PLAN_MIN_ROWS up (128-row steps, or ~24 sizes when that is too many), each with the dW rows
     [0, V_t) the rest of the budget holds, which is the token plan where V_t reaches V and a split plan below."""
@@ -273,7 +277,7 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
         dw_rows = min(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
         if dw_rows == V:
             candidates.append(chunk)
-        elif dw_rows >= 0 and not lse_known:  # (with lse known the vocab plan does less of the same work)
+        elif dw_rows >= 0:  # (with lse known the vocab plan does less of the same work where it fits)
             candidates.append(_split_plan(N, V, H, chunk, dw_rows, memory, logits, dx_accumulator))
     return candidates
 
@@ -287,7 +291,7 @@ def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
 def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int,
                 dx_accumulator: bool) -> GradPlan:
     # (the tail's pieces of rows are gathered out of the padding into a buffer of up to N rows of a half hidden)
-    room = None if memory is None else memory - (2 * N * H if dx_accumulator else 0)
+    room = None if memory is None else memory - 2 * N * H
     tail = _vocab_plan(N, V - dw_rows, H, room, logits, True, False, warn=False)
     return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
 
