@@ -3,7 +3,7 @@
 Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an LM head [V, H], bf16):
   ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None), defaults: workspace ≤ the default memory
                  budget (960 MiB, accumulators included), which at these shapes is the split plan (token chunks in
-                 one pass summing dW for 66–99% of the vocabulary, a tail pass over vocabulary slabs for the rest:
+                 one pass summing dW for 63–99% of the vocabulary, a tail pass over vocabulary slabs for the rest:
                  (8·V − 2·V_t)·N·H FLOPs); the note column names each fused row's plan and its time by the
                  planner's cost model (kernels only), to check the model
   ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits

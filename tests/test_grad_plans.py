@@ -27,6 +27,14 @@ def _workspace(p, N, V, H, half=True, dw=True, dx=True):
     return p.workspace_bytes(N, V, H, dw and half, dx and half)
 
 
+def _split_phases(p, N, V, H):
+    """(bytes while a split plan's chunks run, bytes while its tail runs) for a half head with dX: the chunk, the
+    fp32 dW rows beyond the gradient's bytes and the chunk's gathered rows and dX; then the tail's slab, dW slab
+    and gathered rows."""
+    chunks = 4 * p.max_rows * V + 4 * (p.dw_rows - plan.split_rows(V)) * H + 4 * p.max_rows * H
+    return chunks, p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False)
+
+
 # ------------------------------------------------------------------------------------------------ plan choice
 def test_without_memory_budget_the_token_plan_runs(monkeypatch):
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
@@ -45,8 +53,7 @@ def test_default_budget_keeps_the_issue_shapes_under_1_gib(monkeypatch):
     for N, V, H in list(SHAPES.values()) + [(8192, 151936, 1536), (8192, 152064, 3584), (16384, 128256, 4096)]:
         p = _plan(N, V, H)
         assert p.kind == "split" and plan.split_rows(V) <= p.dw_rows < V, (N, V, H, p)
-        assert _workspace(p, N, V, H, dx=False) + 4 * p.max_rows * H <= 960 << 20
-        assert p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False) + 2 * N * H <= 960 << 20
+        assert max(_split_phases(p, N, V, H)) <= 960 << 20
         assert _plan(N, V, H, dw=False).kind == _plan(N, V, H, half=False).kind == "tokens"
     N, V, H = 2048, 32000, 2048  # a small head: its 2·V·H sum and a full chunk fit, so nothing changes
     assert _plan(N, V, H) == plan._token_plan(N, V, GiB - (64 << 20))
@@ -82,7 +89,7 @@ def test_small_budgets_pick_a_sane_plan(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p = _plan(65536, 128256, 4096)
-    assert p.kind == "split" and _workspace(p, 65536, 128256, 4096) + 4 * p.max_rows * 4096 <= GiB
+    assert p.kind == "split" and max(_split_phases(p, 65536, 128256, 4096)) <= GiB
     # budgets no plan can meet: a warning, and all rows against wide slabs
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "1")
     with pytest.warns(RuntimeWarning, match="cannot hold the fp32 gradient sums"):
@@ -346,11 +353,11 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
     N, V, H = SHAPES[shape]
     p = _plan(N, V, H)
     assert p.kind == "split" and plan.split_rows(V) <= p.dw_rows < V and p.rows >= plan.TOKEN_PLAN_MIN_ROWS
+
     def reserve(rows):  # a chunk's rows gathered out of the padding and their dX
         return 4 * rows * H
 
-    assert _workspace(p, N, V, H, dx=False) + reserve(p.max_rows) <= GiB
-    assert p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False) + 2 * N * H <= GiB  # the tail's gathered rows
+    assert max(_split_phases(p, N, V, H)) <= GiB
     assert plan.piece_cap(plan.forward_budget_bytes() // (4 * V)) * V * 4 <= GiB  # the log-prob pass's chunks too
     monkeypatch.setenv(plan.PLAN_ENV, "vocab")
     others = [_plan(N, V, H)]
@@ -358,8 +365,12 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
         chunk = plan._token_plan(N, V, rows * 4 * V)
         dw_rows = min(V, plan.split_rows(V) + (GiB - reserve(chunk.max_rows) - 4 * chunk.max_rows * V) // (4 * H))
         others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB, GiB, True))
-    fits = [q for q in others
-            if _workspace(q, N, V, H, dx=q.kind == "vocab") + (q.kind != "vocab") * reserve(q.max_rows) <= GiB]
+    def held(q):  # a split plan's two phases; a token plan's chunk, dW rows and gather buffers; the vocab plan's
+        if q.kind == "split":
+            return max(_split_phases(q, N, V, H))
+        return _workspace(q, N, V, H) + (q.kind == "tokens") * reserve(q.max_rows)
+
+    fits = [q for q in others if held(q) <= GiB]
     assert len(fits) > 5 and plan.modelled_seconds(p, N, V, H) <= min(plan.modelled_seconds(q, N, V, H) for q in fits)
     assert plan.modelled_seconds(p, N, V, H) < 0.91 * plan.modelled_seconds(others[0], N, V, H)  # vs the vocab plan
     monkeypatch.setenv(plan.PLAN_ENV, "auto")
@@ -395,7 +406,7 @@ def test_long_row_backward_with_lse_splits_where_the_vocab_plan_does_not_fit(mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p = plan.grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True, lse_known=True)
-    assert p.kind == "split" and _workspace(p, N, V, H, dx=False) + 4 * p.max_rows * H <= plan.DEFAULT_MEMORY_BUDGET
+    assert p.kind == "split" and max(_split_phases(p, N, V, H)) <= plan.DEFAULT_MEMORY_BUDGET
     N, V, H = SHAPES["qwen2.5-7b"]  # where the vocab plan fits, it stays the choice
     assert plan.grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True, lse_known=True).kind == "vocab"
 
@@ -414,3 +425,43 @@ def test_vocab_plan_gathers_a_single_piece_once(rows, gathers, device, vocab_pla
     lp.sum().backward()
     assert len(seen) == gathers and sum(seen) == n * (1 if rows is None else 3)
     assert (x.grad[~mask] == 0).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("budget", [None, "2G", "1536M", "256M"])  # None: the default
+def test_every_plan_without_a_warning_fits_its_budget(budget, monkeypatch):
+    """Over shapes from tiny to a 262,144-token row and every kind of pass (dW and/or dX, the lse known or not):
+    a plan returned without a warning holds at most the budget by the planner's own accounting, both phases of a
+    split plan and the gathered rows of frozen hidden states included; a budget that does not bind changes
+    nothing."""
+    if budget is None:
+        monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, budget)
+    memory = plan.memory_budget_bytes()
+    shapes = [(7, 123, 16), (1600, 152064, 1536), (5734, 152064, 3584), (16384, 128256, 4096),
+              (65536, 151936, 1536), (131072, 152064, 8192), (262144, 151936, 3584)]
+    for N, V, H in shapes:
+        for dw, dx, lse_known in [(True, True, False), (True, True, True), (True, False, True), (False, True, False)]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                p = plan.grad_plan(N, V, H, dw_accumulator=dw, dx_accumulator=dx, lse_known=lse_known)
+            assert p.rows >= 1 and p.cols >= 1
+            if caught:
+                continue
+            if p.kind == "tokens" and not dw:
+                held = 4 * p.max_rows * V + plan._token_reserve(p.max_rows, H, dx)
+            else:
+                held = plan._held_bytes(p, N, V, H, dx)
+            assert held <= memory, (N, V, H, dw, dx, lse_known, p)
+            if p.kind == "vocab":  # what grad_pipeline allocates: slab logits, dW slab, gathered rows, fp32 dX sum
+                assert held >= 4 * p.rows * p.cols + dw * 4 * p.cols * H + 2 * N * H + dx * 4 * N * H
+            monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
+            free = plan.grad_plan(N, V, H, dw_accumulator=dw, dx_accumulator=dx, lse_known=lse_known)
+            monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(memory))
+            free_held = 4 * free.max_rows * V + (plan.rest_bytes(V, H) if dw else 0) \
+                + plan._token_reserve(free.max_rows, H, dx)
+            if free_held <= memory:  # the budget does not bind: the plan without one
+                assert p == free, (N, V, H, dw, dx, p, free)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
+    assert all(plan.grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True).kind == "tokens"
+               for N, V, H in shapes)

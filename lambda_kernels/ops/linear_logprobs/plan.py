@@ -9,9 +9,10 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
                                    which lets a half head's token plan hold its 2·V·H-byte dW sum, the fastest)
     LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" / "split" to force a plan
 
-Workspace counts the logits buffers and the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
-dW sum keeps half of itself in its gradient's bytes: `dw_sum`); besides them a call holds per-token vectors and the
-fp32 bias gradient sum (4·V bytes). fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`)
+Workspace counts the logits buffers, the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
+dW sum keeps half of itself in its gradient's bytes: `dw_sum`) and the buffers of rows gathered out of the padding
+with their dX (`_token_reserve`, `_slab_rows_bytes`); besides them a call holds per-token vectors and the fp32 bias
+gradient sum (4·V bytes). fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`)
 a few chunk-sized temporaries more.
 
 Gradient plans (the forward-only log-prob pass is always token chunks):
@@ -186,7 +187,9 @@ class GradPlan:
     tail: "GradPlan | None" = None
 
     def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
-        """fp32 bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside)."""
+        """Bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside): logits,
+        fp32 sums, and the rows a vocabulary pass gathers out of the padding (a token chunk's gather buffers are
+        `_token_reserve`'s)."""
         # (chunks cut along whole sequences may hold up to max_rows rows)
         logits = 4 * max(self.rows, self.max_rows) * self.cols
         if self.kind == "tokens":
@@ -194,7 +197,8 @@ class GradPlan:
         if self.kind == "split":  # the chunks' sums are cast before the tail runs
             chunks = logits + 4 * (self.dw_rows - split_rows(V)) * H
             return max(chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False))
-        return logits + (4 * self.cols * H if dw_accumulator else 0) + (6 * N * H if dx_accumulator else 0)
+        return logits + (4 * self.cols * H if dw_accumulator else 0) + _slab_rows_bytes(N, H, dw_accumulator,
+                                                                                        dx_accumulator)
 
 
 def plan_choice() -> str:
@@ -224,15 +228,15 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     choice = plan_choice()
     if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
         choice = "tokens"  # no fp32 dW sum to split (or dX summed across ranks, which the split plan does not do)
-    if choice == "tokens" or choice == "auto" and (memory is None or acc == 0 and memory >= row):
-        chunk = forward_budget_bytes() if choice == "tokens" else logits
-        if choice == "auto" and memory is not None:  # the chunk and its rows' gather buffers within the budget
-            chunk = min(logits, memory // (row + _token_reserve(1, H, dx_accumulator)) * row)
-        return _token_plan(N, V, max(chunk, row))
-    if choice == "auto":  # a budget that does not bind changes nothing: the token plan with the logits budget's chunks
-        full = _token_plan(N, V, max(min(logits, memory), row))
-        if 4 * full.max_rows * V + acc + _token_reserve(full.max_rows, H, dx_accumulator) <= memory:
-            return full
+    if choice == "tokens" or choice == "auto" and memory is None:
+        return _token_plan(N, V, max(forward_budget_bytes() if choice == "tokens" else logits, row))
+    if choice == "auto":  # a budget that does not bind changes nothing: the plan without one, where it fits
+        free = _token_plan(N, V, max(logits, row))
+        if 4 * free.max_rows * V + acc + _token_reserve(free.max_rows, H, dx_accumulator) <= memory:
+            return free
+        if acc == 0 and memory >= row:  # no fp32 sum (an fp32 or frozen head): shorter chunks within the budget
+            return _token_plan(N, V, max(min(logits, memory // (row + _token_reserve(1, H, dx_accumulator)) * row),
+                                         row))
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
         return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
     if choice == "vocab" or dx_sum_in_tokens or not dw_accumulator:
@@ -243,11 +247,21 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits,
                            dx_accumulator)
     fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator)
-               if p.workspace_bytes(N, V, H, True, dx_accumulator)
-               + (0 if p.kind == "vocab" else _token_reserve(p.max_rows, H, dx_accumulator)) <= memory]
+               if _held_bytes(p, N, V, H, dx_accumulator) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
     return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known))
+
+
+def _held_bytes(p: GradPlan, N: int, V: int, H: int, dx_accumulator: bool) -> int:
+    """The most a half head's plan p holds at once: its workspace, plus a token chunk's gather buffers while the
+    chunks run (a split plan's tail runs after them, with its own gathered rows)."""
+    if p.kind == "vocab":
+        return p.workspace_bytes(N, V, H, True, dx_accumulator)
+    chunks = p.workspace_bytes(N, V, H, True, dx_accumulator) if p.kind == "tokens" else (
+        4 * max(p.rows, p.max_rows) * V + 4 * (p.dw_rows - split_rows(V)) * H)
+    chunks += _token_reserve(p.max_rows, H, dx_accumulator)
+    return chunks if p.kind == "tokens" else max(chunks, p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False))
 
 
 def _token_reserve(rows: int, H: int, dx_accumulator: bool) -> int:
@@ -290,9 +304,8 @@ def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
 
 def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int,
                 dx_accumulator: bool) -> GradPlan:
-    # (the tail's pieces of rows are gathered out of the padding into a buffer of up to N rows of a half hidden)
-    room = None if memory is None else memory - 2 * N * H
-    tail = _vocab_plan(N, V - dw_rows, H, room, logits, True, False, warn=False)
+    # (a tail that does not fit, the vocab plan's fallback, makes the plan fail the caller's fit check)
+    tail = _vocab_plan(N, V - dw_rows, H, memory, logits, True, False, warn=False)
     return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
 
 
@@ -325,12 +338,20 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     return t
 
 
+def _slab_rows_bytes(N: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
+    """What a vocab plan holds per row of a half hidden besides logits and dW: the pieces' rows gathered out of the
+    padding (≤ 2·N·H) and, with dX, its fp32 sum over slabs (4·N·H). (An fp32 hidden's are left to the margin.)"""
+    if dx_accumulator:
+        return 6 * N * H
+    return 2 * N * H if dw_accumulator else 0
+
+
 def _vocab_plan(N: int, V: int, H: int, memory: int | None, logits: int, dw_accumulator: bool,
                 dx_accumulator: bool, warn: bool = True) -> GradPlan:
     N = max(N, 1)
     logits_room = logits // 4  # fp32 elements of one logits slab
-    # (a half hidden's dX: its fp32 sum, 4·N·H, and the pieces' rows gathered out of the padding, ≤ 2·N·H)
-    room = logits_room if memory is None else max(memory - (6 * N * H if dx_accumulator else 0), 0) // 4
+    room = logits_room if memory is None else max(memory - _slab_rows_bytes(N, H, dw_accumulator, dx_accumulator),
+                                                  0) // 4
     acc_cols = H if dw_accumulator and memory is not None else 0  # slab accumulator elements per vocabulary row
     cols_all_rows = min(room // (N + acc_cols), logits_room // N)
     if cols_all_rows >= min(V, MIN_SLAB_COLS):
