@@ -364,7 +364,7 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
     for rows in range(512, plan.piece_cap(GiB // (4 * V + 4 * H)) + 1, 128):
         chunk = plan._token_plan(N, V, rows * 4 * V)
         dw_rows = min(V, plan.split_rows(V) + (GiB - reserve(chunk.max_rows) - 4 * chunk.max_rows * V) // (4 * H))
-        others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB, GiB, True))
+        others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB, GiB))
     def held(q):  # a split plan's two phases; a token plan's chunk, dW rows and gather buffers; the vocab plan's
         if q.kind == "split":
             return max(_split_phases(q, N, V, H))

@@ -11,9 +11,9 @@ Three strategies, chosen per call (`fused_loss_forward`):
   tokens (`logprobs_forward`), the objective gives ∂loss/∂ℓ [B, T], pass 2 recomputes the logits
   (`logprobs_backward`, in the plan that fits): 8·N·H·V FLOPs.
 
-Under a memory budget the first two can run in the split plan (plan.py): their chunks sum dW for the first
-plan.dw_rows vocabulary rows only and keep each token's lse and ∂loss/∂ℓ, from which a tail pass over vocabulary
-slabs (`split_pipeline`) gives the other rows' dW.
+Under a memory budget (960 MiB by default) the first two can run in the split plan (plan.py): their chunks sum dW
+for the first plan.dw_rows vocabulary rows only and keep each token's lse and ∂loss/∂ℓ, from which a tail pass over
+vocabulary slabs (`split_pipeline`) gives the other rows' dW.
 
 Loss and metrics always come from the objective on the whole batch's ℓ. Padding costs nothing: tokens with mask 0
 carry zero weight and zero gradient, so their rows are dropped before the GEMMs (but for the filler of an on-policy

@@ -244,8 +244,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     if choice == "split":  # forced (tests, comparisons): the forward pass's chunks, V_t as the budget allows, a tail
         chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
-        return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits,
-                           dx_accumulator)
+        return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
     fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator)
                if _held_bytes(p, N, V, H, dx_accumulator) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
@@ -292,7 +291,7 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
         if dw_rows == V:
             candidates.append(chunk)
         elif dw_rows >= 0:  # (with lse known the vocab plan does less of the same work where it fits)
-            candidates.append(_split_plan(N, V, H, chunk, dw_rows, memory, logits, dx_accumulator))
+            candidates.append(_split_plan(N, V, H, chunk, dw_rows, memory, logits))
     return candidates
 
 
@@ -302,8 +301,7 @@ def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
     return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=min(chunk // row, max(N, 1)))
 
 
-def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int,
-                dx_accumulator: bool) -> GradPlan:
+def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int) -> GradPlan:
     # (a tail that does not fit, the vocab plan's fallback, makes the plan fail the caller's fit check)
     tail = _vocab_plan(N, V - dw_rows, H, memory, logits, True, False, warn=False)
     return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
