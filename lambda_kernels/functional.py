@@ -253,12 +253,10 @@ def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.
 def _pending_tokens(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
     """The token-id check of ids [R, C] with mask [R, C], queued, and the real tokens' positions (`PendingTokens`):
     the pass waits for the check's one host read when it needs the counts, after queueing what it can."""
-    from .ops.real_tokens import PendingTokens, queue_token_check, real_token_positions
+    from .ops.real_tokens import PendingTokens
 
-    real = mask != 0
-    finish = queue_token_check(op, name, ids, V, real)  # first: its read then waits for the least work
-    flat = real.reshape(-1)
-    return PendingTokens(ids.numel(), real_token_positions(flat), finish, flat.sum())
+    finish, positions = _queue_real_rows(op, name, ids, V, mask)
+    return PendingTokens(ids.numel(), positions, finish, (mask != 0).sum())
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernels import scale_cast_kernel, scale_unless_one_kernel
+from .kernels import scale_cast_kernel
 from .plan import split_rows
 
 SCALE_CAST_BLOCK = 4096
@@ -32,15 +32,11 @@ def scale_cast(rows_impl: str, src: torch.Tensor, scale: torch.Tensor, dtype: to
     """(src · scale) in `dtype`, into `out` (same shape; may share src's storage if their bytes are disjoint) or a
     new tensor. src contiguous fp32, scale a 0-d or 1-element fp32 tensor (read on the device: no host sync)."""
     assert src.is_contiguous() and src.dtype == torch.float32, (src.dtype, src.stride())
-    scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
     if out is None:
         out = torch.empty(src.shape, dtype=dtype, device=src.device)
     if rows_impl == "torch":
-        return out.copy_(src * scale)
-    n = src.numel()
-    if n:
-        scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, out, n, BLOCK=SCALE_CAST_BLOCK,
-                                                               num_warps=8)
+        return out.copy_(src * scale.to(device=src.device, dtype=torch.float32))
+    _launch_scale(src, scale, out, skip_one=False)
     return out
 
 
@@ -50,14 +46,18 @@ def scale_unless_one(rows_impl: str, grad: torch.Tensor, scale: torch.Tensor) ->
     which a multiply would not: 4 bytes per bf16 weight, ~0.7 ms for a 7B head on an H100."""
     if rows_impl == "torch" or grad.dtype == torch.float64 or not grad.is_contiguous():
         return grad.mul_(scale.to(grad.dtype))
-    n = grad.numel()
-    if n:
-        scale = scale.to(device=grad.device, dtype=torch.float32).reshape(1)
-        scale_unless_one_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](grad, scale, n, BLOCK=SCALE_CAST_BLOCK,
-                                                                     num_warps=8)
+    _launch_scale(grad, scale, grad, skip_one=True)
     # an in-place write as autograd sees it (a mul_ would count too): a saved tensor used again fails its check
     torch.autograd.graph.increment_version(grad)
     return grad
+
+
+def _launch_scale(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, skip_one: bool) -> None:
+    n = src.numel()
+    if n:
+        scale = scale.to(device=src.device, dtype=torch.float32).reshape(1)
+        scale_cast_kernel[(triton.cdiv(n, SCALE_CAST_BLOCK),)](src, scale, dst, n, SKIP_ONE=skip_one,
+                                                               BLOCK=SCALE_CAST_BLOCK, num_warps=8)
 
 
 class HalfHeadGradSum:

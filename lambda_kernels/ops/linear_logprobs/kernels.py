@@ -1,5 +1,5 @@
 """Row kernels on a materialised fp32 logits chunk: log-sum-exp, target log-prob, entropy, and dlogits in place;
-and the scale-and-cast of a half head's fp32 dW sum.
+and the scale-and-cast of a half head's fp32 dW sum (also in place, for a gradient scaled by grad_output).
 
 The GEMMs around them (logits = X·Wᵀ, dX = D·W, dW += Dᵀ·X) are cuBLAS calls in launch.py; these kernels do the
 row-wise work, one program per row, looping over the vocabulary in tiles of BLOCK_V with an online log-sum-exp.
@@ -130,27 +130,25 @@ def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr
 
 
 @triton.jit
-def scale_cast_kernel(src_ptr, scale_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst = (src · scale) cast to dst's dtype: a half LM head's fp32 dW sum becomes its gradient in one pass
-    (read 4, write 2 bytes per element) instead of a cast and a scaling (`dw_sum`).
+def scale_cast_kernel(src_ptr, scale_ptr, dst_ptr, n, SKIP_ONE: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = (src · scale) in dst's dtype, fp32 arithmetic: a half LM head's fp32 dW sum becomes its gradient in one
+    pass (read 4, write 2 bytes per element) instead of a cast and a scaling (`dw_sum`). SKIP_ONE (in place: dst is
+    src, a gradient scaled by grad_output): where scale is 1, as after a plain `loss.backward()`, each program
+    returns after one scalar load instead of reading and writing every byte.
 
-    src [n] fp32, scale [1] fp32 (grad_output, read on the device: no host sync), dst [n]. Grid (cdiv(n, BLOCK),).
+    src [n], scale [1] fp32 (read on the device: no host sync), dst [n]. Grid (cdiv(n, BLOCK),).
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
     scale = tl.load(scale_ptr)
-    x = tl.load(src_ptr + offs, mask=inside)
-    tl.store(dst_ptr + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=inside)
+    if SKIP_ONE:
+        if scale != 1.0:
+            _scale_block(src_ptr, scale, dst_ptr, n, BLOCK)
+    else:
+        _scale_block(src_ptr, scale, dst_ptr, n, BLOCK)
 
 
 @triton.jit
-def scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
-    """x *= scale in place (fp32 arithmetic, stored in x's dtype), where scale ≠ 1: with scale = 1, the grad_output
-    of a plain `loss.backward()`, each program returns after one scalar load, so the pass over x costs nothing (a
-    multiply by 1 would read and write every byte). scale [1] fp32, read on the device: no host sync."""
-    scale = tl.load(scale_ptr)
-    if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        x = tl.load(x_ptr + offs, mask=inside)
-        tl.store(x_ptr + offs, (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty), mask=inside)
+def _scale_block(src_ptr, scale, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(src_ptr + offs, mask=inside).to(tl.float32)
+    tl.store(dst_ptr + offs, (x * scale).to(dst_ptr.dtype.element_ty), mask=inside)
