@@ -76,3 +76,9 @@ def test_split_plan_row_kernel_variant_compiles(report):
     """The on-policy row kernel that also stores lse and the token gradient (the split plan's chunks), spill-free
     (checked for every kernel above)."""
     assert any(k["name"] == "onpolicy_rows_kernel" and k["constants"].get("WITH_STATS") for k in report["kernels"])
+
+
+def test_scale_kernel_compiles_both_ways(report):
+    """The scale-and-cast of a half head's dW sum and the in-place grad_output scaling that skips scale 1."""
+    skips = {bool(k["constants"].get("SKIP_ONE")) for k in report["kernels"] if k["name"] == "scale_cast_kernel"}
+    assert skips == {False, True}
