@@ -70,6 +70,23 @@ def test_token_plan_when_the_accumulator_fits_or_is_not_needed(monkeypatch):
         assert p.kind == "tokens" and _workspace(p, N, V, H, **kwargs) <= GiB
 
 
+@pytest.mark.parametrize("dtype, need_dx, per_row", [(torch.float32, True, 8), (torch.float32, False, 4),
+                                                     (torch.float16, True, 4), (torch.float16, False, 2)])
+def test_token_chunks_count_their_gather_buffers_in_the_hiddens_dtype(dtype, need_dx, per_row, monkeypatch):
+    """A token chunk's gathered rows (and their dX) take the hidden's element size per value: an fp32 hidden's
+    chunks are cut shorter than a half one's under the same budget, so that logits + buffers fit it."""
+    N, V, H = 4096, 3000, 1024
+    x = torch.empty((N, H), dtype=dtype, device="meta")
+    w = torch.empty((V, H), dtype=dtype, device="meta")
+    budget = 4 * 256 * V + per_row * 256 * H  # exactly 256 rows' logits and buffers
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget))
+    need_dw = dtype == torch.float32  # (an fp32 head has no separate dW sum; a frozen half head neither)
+    p = launch.plan_for(x, w, need_dx, need_dw)
+    assert p.kind == "tokens" and p.max_rows == 256, p
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget - 1))  # one byte less: the next size down
+    assert launch.plan_for(x, w, need_dx, need_dw).max_rows < 256
+
+
 def test_small_budgets_pick_a_sane_plan(monkeypatch):
     # no accumulator (fp32 or frozen head): short token chunks, within the budget
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * 128 * 10))
@@ -449,9 +466,9 @@ def test_every_plan_without_a_warning_fits_its_budget(budget, monkeypatch):
             if caught:
                 continue
             if p.kind == "tokens" and not dw:
-                held = 4 * p.max_rows * V + plan._token_reserve(p.max_rows, H, dx)
+                held = 4 * p.max_rows * V + plan._token_reserve(p.max_rows, H, 4 if dx else 2)
             else:
-                held = plan._held_bytes(p, N, V, H, dx)
+                held = plan._held_bytes(p, N, V, H, dx, 4 if dx else 2)
             assert held <= memory, (N, V, H, dw, dx, lse_known, p)
             if p.kind == "vocab":  # what grad_pipeline allocates: slab logits, dW slab, gathered rows, fp32 dX sum
                 assert held >= 4 * p.rows * p.cols + dw * 4 * p.cols * H + 2 * N * H + dx * 4 * N * H
@@ -459,7 +476,7 @@ def test_every_plan_without_a_warning_fits_its_budget(budget, monkeypatch):
             free = plan.grad_plan(N, V, H, dw_accumulator=dw, dx_accumulator=dx, lse_known=lse_known)
             monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(memory))
             free_held = 4 * free.max_rows * V + (plan.rest_bytes(V, H) if dw else 0) \
-                + plan._token_reserve(free.max_rows, H, dx)
+                + plan._token_reserve(free.max_rows, H, 4 if dx else 2)
             if free_held <= memory:  # the budget does not bind: the plan without one
                 assert p == free, (N, V, H, dw, dx, p, free)
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")

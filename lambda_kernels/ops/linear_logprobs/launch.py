@@ -148,7 +148,7 @@ def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
-                     lse_known=lse_known)
+                     lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1))
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)

@@ -208,7 +208,7 @@ def plan_choice() -> str:
 
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
-              dx_sum_in_tokens: bool = False, lse_known: bool = False) -> GradPlan:
+              dx_sum_in_tokens: bool = False, lse_known: bool = False, gathered: int | None = None) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
@@ -216,7 +216,8 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     dx_sum_in_tokens: the token plan keeps dX in fp32 too (a vocabulary-parallel head sums it over ranks, from one
     gathered copy of the rows; no split plan then); lse_known: the caller has every row's log-sum-exp already (a
     backward after a log-prob pass), so the vocab plan needs no log-prob pass of its own and the split plan, which
-    recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows).
+    recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows); gathered: the
+    bytes per row and hidden unit of a token chunk's gather buffers (`_token_reserve`; default: a half hidden's).
     Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
     plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
@@ -224,6 +225,8 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     memory = memory_budget_bytes()
     logits = logits_budget_bytes()
     acc = (rest_bytes(V, H) if dw_accumulator else 0) + (6 * N * H if dx_sum_in_tokens else 0)
+    if gathered is None:
+        gathered = 4 if dx_accumulator else 2
     row = 4 * max(V, 1)
     choice = plan_choice()
     if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
@@ -232,10 +235,10 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         return _token_plan(N, V, max(forward_budget_bytes() if choice == "tokens" else logits, row))
     if choice == "auto":  # a budget that does not bind changes nothing: the plan without one, where it fits
         free = _token_plan(N, V, max(logits, row))
-        if 4 * free.max_rows * V + acc + _token_reserve(free.max_rows, H, dx_accumulator) <= memory:
+        if 4 * free.max_rows * V + acc + _token_reserve(free.max_rows, H, gathered) <= memory:
             return free
         if acc == 0 and memory >= row:  # no fp32 sum (an fp32 or frozen head): shorter chunks within the budget
-            return _token_plan(N, V, max(min(logits, memory // (row + _token_reserve(1, H, dx_accumulator)) * row),
+            return _token_plan(N, V, max(min(logits, memory // (row + _token_reserve(1, H, gathered)) * row),
                                          row))
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
         return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
@@ -245,39 +248,40 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
         room = 0 if memory is None else memory - 4 * chunk.max_rows * V
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
-    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator)
-               if _held_bytes(p, N, V, H, dx_accumulator) <= memory]
+    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, gathered)
+               if _held_bytes(p, N, V, H, dx_accumulator, gathered) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
     return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known))
 
 
-def _held_bytes(p: GradPlan, N: int, V: int, H: int, dx_accumulator: bool) -> int:
+def _held_bytes(p: GradPlan, N: int, V: int, H: int, dx_accumulator: bool, gathered: int) -> int:
     """The most a half head's plan p holds at once: its workspace, plus a token chunk's gather buffers while the
     chunks run (a split plan's tail runs after them, with its own gathered rows)."""
     if p.kind == "vocab":
         return p.workspace_bytes(N, V, H, True, dx_accumulator)
     chunks = p.workspace_bytes(N, V, H, True, dx_accumulator) if p.kind == "tokens" else (
         4 * max(p.rows, p.max_rows) * V + 4 * (p.dw_rows - split_rows(V)) * H)
-    chunks += _token_reserve(p.max_rows, H, dx_accumulator)
+    chunks += _token_reserve(p.max_rows, H, gathered)
     return chunks if p.kind == "tokens" else max(chunks, p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False))
 
 
-def _token_reserve(rows: int, H: int, dx_accumulator: bool) -> int:
-    """What a token chunk of `rows` rows of a half hidden holds besides the plan's workspace: its rows gathered out
-    of the padding, and with dX (dx_accumulator) their dX before the scatter back (`launch.grad_pipeline`'s piece
-    buffers; the vocab plan counts its own). An fp32 hidden's buffers (twice the bytes) are left to the margin of
-    DEFAULT_MEMORY_BUDGET."""
-    return (4 if dx_accumulator else 2) * rows * H
+def _token_reserve(rows: int, H: int, gathered: int) -> int:
+    """What a token chunk of `rows` rows holds besides the plan's workspace: its rows gathered out of the padding,
+    and with dX their dX before the scatter back (`launch.grad_pipeline`'s piece buffers, in the hidden's dtype;
+    the vocab plan counts its own), `gathered` bytes per row and hidden unit: the hidden's element size, twice that
+    with dX (`launch.plan_for`)."""
+    return gathered * rows * H
 
 
-def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool) -> list[GradPlan]:
+def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool,
+                       gathered: int) -> list[GradPlan]:
     """Plans a half head with a dW sum may take under a memory budget: the vocab plan; token chunks of every size
     from TOKEN_PLAN_MIN_ROWS up (128-row steps, or ~24 sizes when that is too many), each with the dW rows
     [0, V_t) the rest of the budget holds, which is the token plan where V_t reaches V and a split plan below."""
     candidates = [_vocab_plan(N, V, H, memory, logits, True, dx_accumulator, warn=False)]
     row = 4 * max(V, 1)
-    held = row + _token_reserve(1, H, dx_accumulator)  # bytes per row of a chunk
+    held = row + _token_reserve(1, H, gathered)  # bytes per row of a chunk
     cap = min(piece_cap(logits // row), piece_cap(memory // held))
     low = min(N, TOKEN_PLAN_MIN_ROWS, piece_cap(logits // row))  # (a logits budget for thinner chunks: as asked)
     if cap < max(low, 1):
@@ -286,7 +290,7 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
     sizes = set(range(piece_cap(max(low, 128)), cap + 1, step)) | {cap, piece_cap((memory - rest_bytes(V, H)) // held)}
     for rows in sorted(r for r in sizes if max(low, 1) <= r <= cap):
         chunk = _token_plan(N, V, rows * row)
-        room = memory - _token_reserve(chunk.max_rows, H, dx_accumulator) - 4 * chunk.max_rows * V
+        room = memory - _token_reserve(chunk.max_rows, H, gathered) - 4 * chunk.max_rows * V
         dw_rows = min(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
         if dw_rows == V:
             candidates.append(chunk)
