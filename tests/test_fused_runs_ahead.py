@@ -44,8 +44,6 @@ def _dirty(hidden, ids, mask, ref):
     return h.requires_grad_(), bad_ids, torch.where(mask, ref, torch.full_like(ref, float("inf")))
 
 
-# (the objective kernel's masked lanes compute inf − inf at the padding's ℓ_ref; numpy warns in the interpreter)
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("n_real", [0, 3, CHUNK, 29, 51])  # none, fewer than a chunk, one, several, no padding
 @pytest.mark.parametrize("memory_budget", [None, "split"])
 def test_padding_in_the_first_chunk_adds_nothing(n_real, memory_budget, order, device, monkeypatch):

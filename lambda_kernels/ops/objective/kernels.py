@@ -40,11 +40,12 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         m_t = o_t < T
         b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
         b_valid = b_m != 0
-        b_lp = tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+        m_v = m_t & b_valid  # padding's ℓ, ℓ_old, ℓ_ref are never read (they may be ±inf or NaN: no inf − inf)
+        b_lp = tl.load(lp_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
         if ON_POLICY:
             b_d = tl.zeros((BLOCK_T,), tl.float32)
         else:
-            b_old = tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+            b_old = tl.load(old_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
             b_d = tl.where(b_valid, b_m * (b_lp - b_old), 0.0)
         b_z, carry_f, carry_p = trace_forward_block(b_d, o_t, m_t, carry_f, carry_p, scratch_f, scratch_p,
                                                     a, log2a, T, STYLE)
@@ -58,7 +59,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         b_clipped = tl.minimum(tl.maximum(b_ratio, ratio_low), ratio_high)
         b_tok = -tl.minimum(b_ratio * b_adv, b_clipped * b_adv)
         if HAS_KL:
-            b_ref = tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+            b_ref = tl.load(ref_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
             b_dr = b_ref - b_lp
             b_kl = tl.exp(b_dr) - b_dr - 1.0
             b_tok += beta * b_kl
@@ -156,9 +157,9 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_pt
         b_g, carry_r, carry_s = trace_backward_block(b_c, o_t, m_t, carry_r, carry_s, scratch_r, scratch_s,
                                                      a, log2a, T, STYLE)
         b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
-        if HAS_KL:
-            b_lp = tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
-            b_ref = tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+        if HAS_KL:  # (padding's ℓ, ℓ_ref unread, as in the forward)
+            b_lp = tl.load(lp_ptr + row + o_t, mask=m_t & (b_m != 0), other=0.0).to(tl.float32)
+            b_ref = tl.load(ref_ptr + row + o_t, mask=m_t & (b_m != 0), other=0.0).to(tl.float32)
             b_g += beta * (1.0 - tl.exp(b_ref - b_lp))
         b_grad = tl.where(b_m != 0, row_scale * b_m * b_g, 0.0)
         tl.store(glp_ptr + row + o_t, b_grad.to(glp_ptr.dtype.element_ty), mask=m_t)
