@@ -444,5 +444,6 @@ def test_smoke_interpreter(benchmark, provider, smoke_inputs, monkeypatch):
 
 if __name__ == "__main__":
     print(ceilings())
-    for line in markdown_table(main(shapes=os.environ.get("SHAPES", "").split(",") if os.environ.get("SHAPES") else None)).splitlines():
+    only = os.environ.get("SHAPES")
+    for line in markdown_table(main(shapes=only.split(",") if only else None)).splitlines():
         print(line)

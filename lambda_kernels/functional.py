@@ -113,8 +113,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     return gae_forward(rewards.detach(), values.detach(), mask, gamma, lam)
 
 
-def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask, ref_logprobs, trace,
-                         lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
+def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
+                         ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
                          max_completion_length, num_items_in_batch) -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
@@ -146,7 +146,8 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
                                  f"got shape {list(num_items_in_batch.shape)}.")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
                 or not num_items_in_batch > 0:
-            raise ValueError(f"{op}: `num_items_in_batch` must be a positive number or None; got {num_items_in_batch!r}.")
+            raise ValueError(f"{op}: `num_items_in_batch` must be a positive number or None; "
+                             f"got {num_items_in_batch!r}.")
     checks.same_device(op, [lead, ("old_logprobs", old_logprobs),
                             ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,

@@ -249,7 +249,8 @@ def test_bad_inputs():
     f = lk.fused_grpo_lambda_loss
     with pytest.raises(ValueError, match=op + r"`hidden` must have shape \[B, T, H\] = \[2, 4, H\].*shift by one"):
         f(hidden, weight, ids[:, :4], mask[:, :4], adv)
-    with pytest.raises(ValueError, match=r"`weight` must have shape \[V, H\] with H = 8 \(hidden's last dim\); got \[20, 9\]"):
+    with pytest.raises(ValueError,
+                       match=r"`weight` must have shape \[V, H\] with H = 8 \(hidden's last dim\); got \[20, 9\]"):
         f(hidden, torch.randn(20, 9), ids, mask, adv)
     with pytest.raises(TypeError, match="`completion_ids` must be an int64 or int32 tensor of token ids"):
         f(hidden, weight, ids.float(), mask, adv)
@@ -263,7 +264,8 @@ def test_bad_inputs():
     for t in [0, -0.5, float("nan"), float("inf")]:
         with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
             f(hidden, weight, ids, mask, adv, temperature=t)
-    with pytest.raises(TypeError, match=r"`weight` must have the dtype of `hidden` \(torch.float32\); got torch.bfloat16"):
+    with pytest.raises(TypeError,
+                       match=r"`weight` must have the dtype of `hidden` \(torch.float32\); got torch.bfloat16"):
         f(hidden, weight.bfloat16(), ids, mask, adv)
     with pytest.raises(ValueError, match="`ref_logprobs` is required when beta > 0"):
         f(hidden, weight, ids, mask, adv, beta=0.1)

@@ -199,9 +199,11 @@ def test_chunk_rows_budget_and_grid_limits(monkeypatch):
 def test_bad_inputs():
     x, w, b, t = make_inputs(4, 8, 20)
     op = "linear_logprobs: "
-    with pytest.raises(ValueError, match=r"linear_logprobs: `weight` must have shape \[V, H\] with H = 8 \(hidden's last dim\); got \[20, 7\]"):
+    with pytest.raises(ValueError, match=r"linear_logprobs: `weight` must have shape \[V, H\] with H = 8 "
+                                         r"\(hidden's last dim\); got \[20, 7\]"):
         lk.linear_logprobs(x, w[:, :7], t)
-    with pytest.raises(TypeError, match=op + "`targets` must be an int64 or int32 tensor of token ids; got torch.float32"):
+    with pytest.raises(TypeError,
+                       match=op + "`targets` must be an int64 or int32 tensor of token ids; got torch.float32"):
         lk.linear_logprobs(x, w, t.float())
     with pytest.raises(ValueError, match=r"`targets` must have shape \[4\].*shift targets by one"):
         lk.linear_logprobs(x, w, t[:3])
@@ -212,7 +214,8 @@ def test_bad_inputs():
     for bad_t in [0.0, -1.0, float("nan"), float("inf"), True, "1"]:
         with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
             lk.linear_logprobs(x, w, t, temperature=bad_t)
-    with pytest.raises(TypeError, match=r"`weight` must have the dtype of `hidden` \(torch.float32\); got torch.float16"):
+    with pytest.raises(TypeError,
+                       match=r"`weight` must have the dtype of `hidden` \(torch.float32\); got torch.float16"):
         lk.linear_logprobs(x, w.half(), t)
     with pytest.raises(ValueError, match=r"`bias` must have shape \[20\]"):
         lk.linear_logprobs(x, w, t, bias=b[:5])

@@ -234,9 +234,11 @@ def bad_call(**overrides):
 
 
 @pytest.mark.parametrize("overrides, exc, match", [
-    (dict(logprobs=torch.randn(2, 5, 1)), ValueError, r"grpo_lambda_loss: `logprobs` must be 2-D; got shape \[2, 5, 1\]"),
+    (dict(logprobs=torch.randn(2, 5, 1)), ValueError,
+     r"grpo_lambda_loss: `logprobs` must be 2-D; got shape \[2, 5, 1\]"),
     (dict(old_logprobs=torch.randn(2, 4)), ValueError, r"`old_logprobs` must have shape \[2, 5\]; got \[2, 4\]"),
-    (dict(advantages=torch.randn(3)), ValueError, r"`advantages` must have shape \[2\]; got \[3\]\. Pass one advantage"),
+    (dict(advantages=torch.randn(3)), ValueError,
+     r"`advantages` must have shape \[2\]; got \[3\]\. Pass one advantage"),
     (dict(mask=torch.ones(2, 6)), ValueError, r"`mask` must have shape \[2, 5\]"),
     (dict(logprobs=torch.ones(2, 5, dtype=torch.long)), TypeError, r"`logprobs` must be a floating tensor"),
     (dict(mask=torch.ones(2, 5, dtype=torch.complex64)), TypeError, r"`mask` must be bool, integer or floating"),
@@ -263,7 +265,8 @@ def test_bad_input(overrides, exc, match):
 def test_65536_token_row_on_gpu(trace):
     lp, old, adv, mask, ref = make_batch(1, 65536, seed=3, spread=0.001)
     kw = dict(ref_logprobs=ref, trace=trace, lam=0.99, beta=0.04, adv_clamp_min=-0.1)
-    loss, metrics = lk.grpo_lambda_loss(lp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), **{**kw, "ref_logprobs": ref.cuda()})
+    loss, metrics = lk.grpo_lambda_loss(lp.cuda(), old.cuda(), adv.cuda(), mask.cuda(),
+                                        **{**kw, "ref_logprobs": ref.cuda()})
     loss_ref, metrics_ref = R.grpo_lambda_loss(lp, old, adv, mask, **kw)
     torch.testing.assert_close(loss.cpu().double(), loss_ref.detach(), atol=1e-4, rtol=1e-4)
     for k in metrics_ref:

@@ -48,7 +48,8 @@ def mask_tensor(op: str, name: str, t, shape: Sequence[int]) -> torch.Tensor:
 
 def same_shape(op: str, name: str, t: torch.Tensor, shape: Sequence[int], hint: str = "") -> None:
     if list(t.shape) != list(shape):
-        raise ValueError(f"{op}: `{name}` must have shape {list(shape)}; got {_shape(t)}." + (f" {hint}" if hint else ""))
+        raise ValueError(f"{op}: `{name}` must have shape {list(shape)}; got {_shape(t)}."
+                         + (f" {hint}" if hint else ""))
 
 
 def same_device(op: str, named: Iterable[tuple[str, torch.Tensor | None]]) -> torch.device:

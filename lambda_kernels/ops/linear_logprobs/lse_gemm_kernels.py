@@ -125,8 +125,8 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
 # hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
-                          stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr,
-                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+                          EVEN_K: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, QUARTERS: tl.constexpr):
     """One tile of z = (X·Wᵀ + b)·inv_t → per-row (m, s, t) of the tile into part[0..2, tile column, row], and z at
     the target into zt[row] for the one tile column that holds it.
