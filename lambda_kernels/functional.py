@@ -72,7 +72,7 @@ def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: floa
 
     Args:
         x: `[B, T]` floating (fp16/bf16/fp32/fp64); the gradient comes back in x's dtype.
-        mask: `[B, T]` bool/int/float.
+        mask: `[B, T]` bool/int/float; x where mask = 0 is never used (it may hold NaN or ±inf).
         lam, gamma: in [0, 1].
         style: "recent" or "both".
         impl: "auto" | "triton" | "torch".
@@ -178,7 +178,8 @@ def grpo_lambda_loss(
         old_logprobs: `[B, T]` of the sampling policy, or None for on-policy (ℓ_old = ℓ.detach(): ratios are 1 and
             the gradient is GRPO's with the per-token advantages of the trace).
         advantages: `[B]` (one per sequence) or `[B, T]` (per token).
-        mask: `[B, T]` bool/int/float loss mask.
+        mask: `[B, T]` bool/int/float loss mask; the log-probs where it is 0 are never used (padding may hold NaN
+            or ±inf), and their gradient is 0.
         ref_logprobs: `[B, T]` of the frozen reference model; required when beta > 0.
         trace: None (plain GRPO), "recent" or "both". lam, gamma: the trace decay a = γ·λ, each in [0, 1].
         adv_clamp_min: clamp advantages from below (the paper uses −0.1 with a trace); None = no clamp.
@@ -390,7 +391,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
             pass `h[:, P - 1:-1]`.
         weight: `[V, H]` LM head (nn.Linear layout, same dtype as hidden; may be tied to the embeddings).
         completion_ids: `[B, T]` int64/int32 token ids, in [0, V) at unmasked positions (masked ones are not read).
-        completion_mask: `[B, T]` bool/int/float loss mask.
+        completion_mask: `[B, T]` bool/int/float loss mask; where it is 0 nothing is read that could change the
+            result (hidden states, ids, old and reference log-probs may hold anything there).
         advantages: `[B]` or `[B, T]`.
         old_logprobs: `[B, T]` of the sampling policy, or None for on-policy (the fast single-pass path).
         ref_logprobs: `[B, T]` of the reference model; required when beta > 0.

@@ -20,6 +20,12 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def _unmasked(t: torch.Tensor, m: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """t in dt with 0 where m = 0 (a select, not a product, so that 0·inf and NaN do not reach the sums; the
+    gradient of a masked entry is 0)."""
+    return torch.where(m != 0, t.to(dt), torch.zeros((), dtype=dt, device=t.device))
+
+
 def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
@@ -27,9 +33,9 @@ def grpo_lambda_loss(
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
-    lp = logprobs.to(dt)
-    old = lp.detach() if old_logprobs is None else old_logprobs.to(dt)
     m = mask.to(dt)
+    lp = _unmasked(logprobs, m, dt)  # masked tokens' values are never used: padding may hold ±inf or NaN
+    old = lp.detach() if old_logprobs is None else _unmasked(old_logprobs, m, dt)
     B, T = lp.shape
     adv = advantages.to(dt)
     adv = adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv
@@ -43,7 +49,7 @@ def grpo_lambda_loss(
     clipped = ratio.clamp(1 - epsilon_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     if beta > 0:
-        d_ref = ref_logprobs.to(dt) - lp
+        d_ref = _unmasked(ref_logprobs, m, dt) - lp
         kl = torch.exp(d_ref) - d_ref - 1
         per_token = per_token + beta * kl
     loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()

@@ -46,5 +46,6 @@ def trace_scan(d: torch.Tensor, a: float, style: str) -> torch.Tensor:
 def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: float = 1.0, style: str = "both"):
     """z [B, T] fp32 (fp64 for fp64 input) with z_t = Σ_{j≤t} w(t, j)·m_j·x_j, a = γλ; see grpo_lambda.md §3–4."""
     dt = compute_dtype(x)
-    d = x.to(dt) * mask.to(dt)
+    m = mask.to(dt)
+    d = torch.where(m != 0, x.to(dt) * m, torch.zeros((), dtype=dt, device=x.device))  # (masked x never read)
     return trace_scan(d, gamma * lam, style)
