@@ -84,9 +84,9 @@ def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: floa
     device = checks.same_device(op, [("x", x), ("mask", mask)])
     if resolve_impl(op, impl, device) == "torch":
         return reference.lambda_trace(x, mask, lam=lam, gamma=gamma, style=style).to(torch.float32)
-    from .ops.lambda_trace.function import LambdaTraceFunction
+    from .ops.lambda_trace.function import lambda_trace_apply
 
-    return LambdaTraceFunction.apply(x, mask, params)
+    return lambda_trace_apply(x, mask, params)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
@@ -180,7 +180,8 @@ def grpo_lambda_loss(
         advantages: `[B]` (one per sequence) or `[B, T]` (per token).
         mask: `[B, T]` bool/int/float loss mask; the log-probs where it is 0 are never used (padding may hold NaN
             or ±inf), and their gradient is 0.
-        ref_logprobs: `[B, T]` of the frozen reference model; required when beta > 0.
+        ref_logprobs: `[B, T]` of the frozen reference model; required when beta > 0. old_logprobs, ref_logprobs
+            and advantages are constants of the loss: no gradient reaches them, detached or not.
         trace: None (plain GRPO), "recent" or "both". lam, gamma: the trace decay a = γ·λ, each in [0, 1].
         adv_clamp_min: clamp advantages from below (the paper uses −0.1 with a trace); None = no clamp.
         epsilon_low, epsilon_high: clip range; epsilon_high=None means epsilon_low.
@@ -188,7 +189,8 @@ def grpo_lambda_loss(
         impl: "auto" | "triton" | "torch".
 
     Returns:
-        loss: fp32 scalar. metrics: detached fp32 scalars "clip_ratio/low_mean", "clip_ratio/high_mean",
+        loss: fp32 scalar (whatever the inputs' dtype; it may be edited in place, e.g. `loss /= steps`).
+        metrics: detached fp32 scalars "clip_ratio/low_mean", "clip_ratio/high_mean",
         "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0), masked means over tokens.
     """
     op = "grpo_lambda_loss"
@@ -199,11 +201,12 @@ def grpo_lambda_loss(
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     if resolve_impl(op, impl, logprobs.device) == "torch":
-        return reference.grpo_lambda_loss(
+        loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
             adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch)
+        return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
     return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask, ref_logprobs, params, num_items_in_batch)

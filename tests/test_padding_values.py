@@ -33,18 +33,21 @@ def _objective_run(impl, lp, old, adv, mask, ref, **kw):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("on_policy", [True, False])
 @pytest.mark.parametrize("trace", [None, "both"])
-def test_objective_ignores_padding(impl, on_policy, trace, device):
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_objective_ignores_padding(impl, on_policy, trace, per_token_adv, device):
     g = torch.Generator().manual_seed(3)
     mask = random_mask(B, T, seed=3).to(device)
     lp = (-torch.rand(B, T, generator=g)).to(device)
     old = None if on_policy else lp + 0.1 * torch.randn(B, T, generator=g).to(device)
     ref = lp + 0.2 * torch.randn(B, T, generator=g).to(device)
-    adv = torch.randn(B, generator=g).to(device)
+    adv = torch.randn(*((B, T) if per_token_adv else (B,)), generator=g).to(device)
     kw = dict(trace=trace, lam=0.9, beta=0.04, adv_clamp_min=-0.1)
     clean = _objective_run(impl, torch.where(mask, lp, 0.0), None if old is None else torch.where(mask, old, 0.0),
-                           adv, mask, torch.where(mask, ref, 0.0), **kw)
+                           torch.where(mask, adv, 0.0) if per_token_adv else adv, mask, torch.where(mask, ref, 0.0),
+                           **kw)
     dirty = _objective_run(impl, _garbage(lp, mask, float("nan")),
-                           None if old is None else _garbage(old, mask, float("inf")), adv, mask,
+                           None if old is None else _garbage(old, mask, float("inf")),
+                           _garbage(adv, mask, float("nan")) if per_token_adv else adv, mask,
                            _garbage(ref, mask, float("-inf")), **kw)
     _assert_same(dirty, clean)
     assert (dirty[-1][~mask] == 0).all()

@@ -34,11 +34,13 @@ def grpo_lambda_loss(
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
     m = mask.to(dt)
-    lp = _unmasked(logprobs, m, dt)  # masked tokens' values are never used: padding may hold ±inf or NaN
-    old = lp.detach() if old_logprobs is None else _unmasked(old_logprobs, m, dt)
+    # masked tokens' values are never used (padding may hold ±inf or NaN); ℓ_old, ℓ_ref and the advantages are
+    # constants of the loss (no gradient flows to them)
+    lp = _unmasked(logprobs, m, dt)
+    old = lp.detach() if old_logprobs is None else _unmasked(old_logprobs.detach(), m, dt)
     B, T = lp.shape
-    adv = advantages.to(dt)
-    adv = adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv
+    adv = advantages.detach().to(dt)
+    adv = _unmasked(adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv, m, dt)
     if adv_clamp_min is not None:
         adv = adv.clamp(min=adv_clamp_min)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -49,7 +51,7 @@ def grpo_lambda_loss(
     clipped = ratio.clamp(1 - epsilon_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     if beta > 0:
-        d_ref = _unmasked(ref_logprobs, m, dt) - lp
+        d_ref = _unmasked(ref_logprobs.detach(), m, dt) - lp
         kl = torch.exp(d_ref) - d_ref - 1
         per_token = per_token + beta * kl
     loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()

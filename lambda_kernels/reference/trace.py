@@ -17,6 +17,8 @@ def trace_weight_matrix(T: int, a: float, style: str, dtype=torch.float64) -> to
 
 def _forward_scan(d: torch.Tensor, a: float) -> torch.Tensor:
     """y_t = d_t + a·y_{t−1}, y_{−1} = 0, per row."""
+    if d.shape[1] == 0:
+        return d.clone()
     out, state = [], torch.zeros_like(d[:, 0])
     for t in range(d.shape[1]):
         state = d[:, t] + a * state

@@ -37,10 +37,11 @@ class KernelObjective:
         return objective_rows_grad(lp, old, adv, mask_f, ref, scales, self.params)
 
     def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
-        from ..objective.launch import objective_backward, objective_forward
+        from ..objective.launch import metric_views, objective_backward, objective_forward
 
-        loss, metrics, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
-                                                 self.num_items_in_batch)
+        loss, values, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
+                                                self.num_items_in_batch)
+        metrics = metric_views(values)
         grad = None
         if need_grad:
             one = torch.ones((), dtype=torch.float32, device=lp.device)

@@ -8,6 +8,7 @@ from ..lambda_trace.launch import kernel_mask
 from .kernels import gae_chunk_apply_kernel, gae_chunk_local_kernel, gae_kernel
 
 
+@torch.compiler.disable  # kernels launched by hand: a graph break for torch.compile, not a trace through them
 def gae_forward(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """(advantages, returns), fp32 [B, T] each."""
     rewards, values = rewards.contiguous(), values.contiguous()

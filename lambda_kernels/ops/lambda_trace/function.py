@@ -21,3 +21,8 @@ class LambdaTraceFunction(torch.autograd.Function):
             return None, None, None
         grad_x = trace_backward(grad_z.to(torch.float32), mask, ctx.params, out_dtype=ctx.x_dtype)
         return grad_x, None, None
+
+
+@torch.compiler.disable  # kernels launched by hand: a graph break for torch.compile, not a trace through them
+def lambda_trace_apply(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
+    return LambdaTraceFunction.apply(x, mask, params)

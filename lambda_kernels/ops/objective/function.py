@@ -4,28 +4,27 @@ from __future__ import annotations
 import torch
 
 from ..._core.params import ObjectiveParams
-from .launch import METRIC_OUTPUTS, objective_backward, objective_forward
-
-_METRIC_NAMES = tuple(METRIC_OUTPUTS) + ("kl",)
+from .launch import metric_views, objective_backward, objective_forward
 
 
 class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lp, old, adv, mask, ref, num_items_in_batch, params: ObjectiveParams):
         need_grad = ctx.needs_input_grad[0]
-        loss, metrics, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch)
-        outs = tuple(metrics[name] for name in _METRIC_NAMES)  # "kl" is 0 when beta = 0 (dropped by the caller)
-        ctx.mark_non_differentiable(*outs)
+        loss, values, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch)
+        # the metrics leave as the one buffer, split outside: views of it made in here would be outputs that
+        # could not be edited in place (an all_reduce of a metric, say)
+        ctx.mark_non_differentiable(values)
         # the metrics get no gradient: don't let autograd fill zero tensors for them on every backward
         ctx.set_materialize_grads(False)
         if need_grad:
             ctx.save_for_backward(lp, ref, *saved)
         ctx.params = params
         ctx.lp_dtype = lp.dtype
-        return (loss,) + outs
+        return loss, values
 
     @staticmethod
-    def backward(ctx, grad_loss, *_metric_grads):
+    def backward(ctx, grad_loss, _grad_values):
         lp, ref, *saved = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
@@ -33,10 +32,11 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
         return grad_lp, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # kernels launched by hand: a graph break for torch.compile, not a trace through them
 def grpo_lambda_objective(lp, old, adv, mask, ref, params: ObjectiveParams, num_items_in_batch=None):
     """(loss, metrics) through the kernels; no gradient flows to old, adv, ref (they are constants of the loss)."""
     old = None if old is None else old.detach()
     ref = None if ref is None else ref.detach()
-    loss, *values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, num_items_in_batch, params)
-    metrics = {name: v for name, v in zip(_METRIC_NAMES, values) if name != "kl" or params.beta > 0}
+    loss, values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, num_items_in_batch, params)
+    metrics = {name: v for name, v in metric_views(values).items() if name != "kl" or params.beta > 0}
     return loss, metrics

@@ -24,7 +24,8 @@ def _placeholder(device) -> torch.Tensor:
 
 
 def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_grad: bool, num_items_in_batch=None):
-    """(loss 0-d fp32, metrics {name: 0-d fp32, "kl" included}, saved), `saved` feeding `objective_backward`.
+    """(loss 0-d fp32, values [N_OUT] fp32 (the metrics: `metric_views`), saved), `saved` feeding
+    `objective_backward`.
 
     lp/old/ref [B, T] any float (old None = on-policy; ref may be None when beta = 0), adv [B] or [B, T], mask
     [B, T] bool/int/float, num_items_in_batch None, a number or a 1-element tensor (dapo's denominator).
@@ -42,16 +43,23 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
         items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
         if items_is_tensor:  # e.g. a CPU count from a trainer's gradient accumulation: read it where the kernel runs
             num_items_in_batch = num_items_in_batch.reshape(1).to(device=device, dtype=torch.float32)
-        length = T if params.max_completion_length is None else params.max_completion_length
+        length = max(T if params.max_completion_length is None else params.max_completion_length, 1)  # (T = 0)
         objective_finalize_kernel[(1,)](
             stats, num_items_in_batch if items_is_tensor else _placeholder(device), scales, out, B,
             float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
             1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
             BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
+    # the loss gets storage of its own (one 4-byte copy): a caller may edit it in place (`loss /= accumulation`),
+    # which autograd forbids on a view of a buffer the metrics also view
+    return out[OUT_LOSS].clone(), out, ((coef, scales, mask_k) if need_grad else None)
+
+
+def metric_views(out: torch.Tensor) -> dict:
+    """{name: 0-d view of out}, "kl" included (0 when beta = 0; callers report it only when beta > 0)."""
     metrics = {name: out[i] for name, i in METRIC_OUTPUTS.items()}
-    metrics["kl"] = out[OUT_KL]  # 0 when beta = 0; callers report it only when beta > 0
-    return out[OUT_LOSS], metrics, ((coef, scales, mask_k) if need_grad else None)
+    metrics["kl"] = out[OUT_KL]
+    return metrics
 
 
 def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coef, stats) -> None:

@@ -1,0 +1,128 @@
+"""What a trainer does with the results, the same under both implementations: edit the loss or a metric in place
+(`loss /= accumulation_steps`, an all_reduce of a metric) before backward, pass ℓ_old / ℓ_ref / advantages that
+still require grad (they are constants: no gradient reaches them), get an fp32 loss whatever the input dtype,
+compile the caller with torch.compile (the kernels are a graph break), and call with T = 0."""
+import pytest
+import torch
+
+import lambda_kernels as lk
+
+from ._helpers import IMPLS, random_mask
+from ._lm_head import make_batch
+
+B, T = 3, 11
+
+
+def _objective_inputs(device, dtype=torch.float32, T=T):
+    g = torch.Generator().manual_seed(7)
+    lp = (-torch.rand(B, T, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+    old = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    adv = torch.randn(B, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return lp, old, adv, random_mask(B, T, seed=7).to(device), ref
+
+
+KW = dict(trace="both", lam=0.9, beta=0.04, adv_clamp_min=-0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_objective_loss_and_metrics_can_be_edited_in_place(impl, on_policy, device):
+    lp, old, adv, mask, ref = _objective_inputs(device)
+    grads = []
+    for edit in (False, True):
+        leaf = lp.clone().requires_grad_()
+        loss, metrics = lk.grpo_lambda_loss(leaf, None if on_policy else old, adv, mask, ref_logprobs=ref,
+                                            impl=impl, **KW)
+        if edit:
+            loss /= 4
+            for v in metrics.values():
+                v.mul_(100)  # e.g. dist.all_reduce(v) before the backward
+        else:
+            loss = loss / 4
+        loss.backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_fused_loss_and_metrics_can_be_edited_in_place(impl, on_policy, device):
+    hidden, weight, b, ids, mask, adv = make_batch(B=2, T=7, H=16, V=50, device=device, seed=8)
+    old = None if on_policy else torch.full((2, 7), -4.0, device=device)
+    loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=old,
+                                              return_entropy=True, impl=impl)
+    loss /= 4
+    for v in metrics.values():
+        v.add_(1.0)
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_old_ref_and_advantages_are_constants(impl, device):
+    """ℓ_old = ℓ itself (not detached) gives the gradient of ℓ_old = ℓ.detach(); nothing reaches old/ref/adv."""
+    lp, _, adv, mask, ref = _objective_inputs(device)
+    leaf = lp.clone().requires_grad_()
+    old_leaf, ref_leaf, adv_leaf = (t.clone().requires_grad_() for t in (lp, ref, adv))
+    loss, _ = lk.grpo_lambda_loss(leaf, old_leaf, adv_leaf, mask, ref_logprobs=ref_leaf, impl=impl, **KW)
+    loss.backward()
+    assert old_leaf.grad is None and ref_leaf.grad is None and adv_leaf.grad is None
+    same = lp.clone().requires_grad_()
+    loss2, _ = lk.grpo_lambda_loss(same, same, adv, mask, ref_logprobs=ref, impl=impl, **KW)
+    loss2.backward()
+    detached = lp.clone().requires_grad_()
+    loss3, _ = lk.grpo_lambda_loss(detached, detached.detach(), adv, mask, ref_logprobs=ref, impl=impl, **KW)
+    loss3.backward()
+    torch.testing.assert_close(same.grad, detached.grad)
+    assert same.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loss_is_fp32_for_fp64_inputs(impl, device):
+    lp, old, adv, mask, ref = _objective_inputs(device, dtype=torch.float64)
+    leaf = lp.clone().requires_grad_()
+    loss, metrics = lk.grpo_lambda_loss(leaf, old, adv, mask, ref_logprobs=ref, impl=impl, **KW)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in metrics.values())
+    assert leaf.grad.dtype == torch.float64
+    hidden, weight, b, ids, mask, adv = make_batch(B=2, T=5, H=8, V=20, dtype=torch.float64, device=device)
+    loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_ops_inside_torch_compile(impl, device):
+    lp, old, adv, mask, ref = _objective_inputs(device)
+
+    def step(x):
+        z = lk.lambda_trace(torch.tanh(x), mask, lam=0.9, impl=impl)
+        loss, metrics = lk.grpo_lambda_loss(x + 0.1 * z, old, adv, mask, ref_logprobs=ref, impl=impl, **KW)
+        a, ret = lk.gae(x.detach(), ref, mask, gamma=0.99, lam=0.95, impl=impl)
+        return loss * 2.0, metrics["ratio_mean"], a.sum() + ret.sum()
+
+    compiled = torch.compile(step, backend="aot_eager" if device.type == "cpu" else "inductor")
+    results = []
+    for fn in (compiled, step):
+        leaf = lp.clone().requires_grad_()
+        out = fn(leaf)
+        out[0].backward()
+        results.append((*out, leaf.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
+@pytest.mark.parametrize("trace", [None, "both"])
+def test_empty_sequences(impl, loss_type, trace, device):
+    """T = 0: a zero loss with an empty gradient, an empty trace and an empty GAE, by both implementations."""
+    lp, old, adv, mask, ref = _objective_inputs(device, T=0)
+    leaf = lp.clone().requires_grad_()
+    loss, metrics = lk.grpo_lambda_loss(leaf, old, adv, mask, ref_logprobs=ref, impl=impl, loss_type=loss_type,
+                                        **{**KW, "trace": trace})
+    loss.backward()
+    assert loss.item() == 0.0 and leaf.grad.shape == (B, 0)
+    assert lk.lambda_trace(lp, mask, lam=0.9, impl=impl).shape == (B, 0)
+    assert all(t.shape == (B, 0) for t in lk.gae(lp, ref, mask, gamma=1.0, lam=0.9, impl=impl))
