@@ -29,6 +29,13 @@ def test_zero_std_group_is_exactly_zero(scale):
     assert (adv[:3] == 0).all() and (adv[3:] != 0).all()
 
 
+def test_fp64_rewards_are_centred_in_fp64():
+    """Large rewards with small spreads (e.g. raw scores): fp32 centring would round them to equal values."""
+    r = torch.tensor([1e8, 1e8 + 4, 1e8 + 1, 1e8 + 3], dtype=torch.float64)
+    adv = lk.group_advantages(r, 2, scale="none")
+    assert adv.dtype == torch.float32 and adv.tolist() == [-2.0, 2.0, -1.0, 1.0]
+
+
 def test_group_size_one_gives_zero():
     assert (lk.group_advantages(torch.tensor([1.0, 2.0]), 1) == 0).all()
 
