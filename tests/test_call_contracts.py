@@ -126,3 +126,24 @@ def test_empty_sequences(impl, loss_type, trace, device):
     assert loss.item() == 0.0 and leaf.grad.shape == (B, 0)
     assert lk.lambda_trace(lp, mask, lam=0.9, impl=impl).shape == (B, 0)
     assert all(t.shape == (B, 0) for t in lk.gae(lp, ref, mask, gamma=1.0, lam=0.9, impl=impl))
+
+
+# (the interpreter's numpy warns about the exp that overflows, on purpose, and the inf·0 the selects then drop)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_overflowing_ratio_with_zero_or_positive_advantage(impl, device):
+    """A traced log-ratio past exp's fp32 range (ρ̃ = inf): a token with Â = 0 (a zero-std group) adds exactly 0 and
+    a clipped one (Â > 0) the constant clip·Â, with no inf·0 = NaN in the loss or the gradient; the same in both
+    implementations."""
+    T = 12
+    lp = torch.full((2, T), -1.0, device=device)
+    old = lp - 10.0  # Δ = 10 per token: with λ = 1 the recent trace passes 88 at the 9th token
+    adv = torch.tensor([0.0, 1.0], device=device)
+    mask = torch.ones(2, T, dtype=torch.bool, device=device)
+    leaf = lp.clone().requires_grad_()
+    loss, metrics = lk.grpo_lambda_loss(leaf, old, adv, mask, trace="recent", lam=1.0, impl=impl)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(-1.2 * T / (2 * T), device=device))  # row 1: all clipped
+    assert (leaf.grad == 0).all() and metrics["clip_ratio/high_mean"].item() == 0.5

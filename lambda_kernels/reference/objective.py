@@ -47,9 +47,17 @@ def grpo_lambda_loss(
 
     delta = m * (lp - old)
     z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
-    ratio = torch.exp(z)
-    clipped = ratio.clamp(1 - epsilon_low, 1 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    with torch.no_grad():
+        ratio = torch.exp(z)
+        low = (ratio < 1 - epsilon_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+    # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is; written so,
+    # a token with Â = 0 or a clipped one adds no inf·0 (NaN) to the value or the gradient where exp(z) overflows
+    active = (adv != 0) & ~(low | high)
+    zero = torch.zeros((), dtype=dt, device=z.device)
+    ratio_active = torch.exp(torch.where(active, z, zero))
+    constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
+    per_token = torch.where(active, -ratio_active * adv, constant)
     if beta > 0:
         d_ref = _unmasked(ref_logprobs.detach(), m, dt) - lp
         kl = torch.exp(d_ref) - d_ref - 1
@@ -58,13 +66,12 @@ def grpo_lambda_loss(
 
     with torch.no_grad():
         count = m.sum().clamp(min=1.0)
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(dt)
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(dt)
+        low, high = low.to(dt), high.to(dt)
         metrics = {
             "clip_ratio/low_mean": (m * low).sum() / count,
             "clip_ratio/high_mean": (m * high).sum() / count,
             "clip_ratio/region_mean": (m * torch.maximum(low, high)).sum() / count,
-            "ratio_mean": (m * ratio).sum() / count,
+            "ratio_mean": torch.where(m != 0, m * ratio, zero).sum() / count,
         }
         if beta > 0:
             metrics["kl"] = (m * kl).sum() / count

@@ -57,7 +57,9 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         if HAS_CLAMP:
             b_adv = tl.maximum(b_adv, clamp_min)
         b_clipped = tl.minimum(tl.maximum(b_ratio, ratio_low), ratio_high)
-        b_tok = -tl.minimum(b_ratio * b_adv, b_clipped * b_adv)
+        # a token with Â = 0 adds exactly 0, also where exp(z) overflowed to inf (inf·0 would be NaN)
+        b_live = b_adv != 0
+        b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
         if HAS_KL:
             b_ref = tl.load(ref_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
             b_dr = b_ref - b_lp
@@ -73,7 +75,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         acc_count += b_m
         if NEED_GRAD:
             # d(−min(ρ̃Â, clip(ρ̃)Â))/dz = −Â·ρ̃ where the unclipped branch is active, 0 where clipping fired
-            b_c = tl.where(b_valid & ~(b_low | b_high), -b_m * b_adv * b_ratio, 0.0)
+            b_c = tl.where(b_valid & b_live & ~(b_low | b_high), -b_m * b_adv * b_ratio, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)
     o_s = tl.arange(0, 8)
     stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
