@@ -314,7 +314,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             "remove padding"). Masked positions get log-prob 0 (and entropy 0) and no gradient; their hidden states
             and targets reach no result (padding ids such as -100, and NaN states, are fine there; a first chunk
             computed before the count of real tokens is known may run over some of them and be discarded). The
-            real tokens' values are computed as by a call on just those rows (same chunks, same kernels).
+            real tokens' values are computed as by a call on just those rows (same chunks, same kernels; a CPU
+            matmul may still round a row an ulp differently, by the gathered copy's memory alignment).
 
     Returns:
         fp32 log-probs (≤ 0) with the shape of `targets`, or `(logprobs, entropy)` with entropy in [0, log V]

@@ -147,3 +147,16 @@ def test_overflowing_ratio_with_zero_or_positive_advantage(impl, device):
     assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
     torch.testing.assert_close(loss, torch.tensor(-1.2 * T / (2 * T), device=device))  # row 1: all clipped
     assert (leaf.grad == 0).all() and metrics["clip_ratio/high_mean"].item() == 0.5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_entropy_can_be_edited_in_place(impl, masked, device):
+    hidden, weight, b, ids, mask, _ = make_batch(B=2, T=5, H=8, V=30, device=device, seed=9)
+    lp, ent = lk.linear_logprobs(hidden, weight, ids, bias=b, return_entropy=True, impl=impl,
+                                 mask=mask if masked else None)
+    expected = ent.detach().clone()
+    ent.mul_(0.5)  # e.g. for logging
+    (-lp.sum() + ent.sum()).backward()
+    torch.testing.assert_close(ent.detach(), expected * 0.5)
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()

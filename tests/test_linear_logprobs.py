@@ -131,6 +131,21 @@ def test_leading_dims_int32_targets_and_frozen_inputs(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_of_confident_rows_keeps_its_relative_precision(impl, device):
+    """A low temperature makes rows nearly one-hot: H ~ 1e-6..1e-2 beside tempered logits ~ 1e2. Forming
+    log p = z − lse would cost an ulp of the logits (~1e-5 absolute, ~10% of a 1e-4 entropy); both row backends stay
+    within 1e-3 relative of fp64, plus two ulps of 1 (log s, s = 1 + Σ of the other tokens' e^(z − m), is fp32)."""
+    x, w, b, t = make_inputs(24, 16, 64, device=device, seed=4)
+    with torch.no_grad():
+        _, ent = lk.linear_logprobs(x, w, t, bias=b, temperature=0.05, return_entropy=True, impl=impl)
+        _, ent64 = R.linear_logprobs(x.double(), w.double(), t, bias=b.double(), temperature=0.05,
+                                     return_entropy=True)
+    confident = ent64 < 1e-2
+    assert confident.sum() >= 4, "the inputs should give some confident rows"
+    torch.testing.assert_close(ent.double()[confident], ent64[confident], rtol=1e-3, atol=2.5e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_entropy_only_and_tied_weight(impl, device):
     """Loss on the entropy alone (ℓ unused), with the head tied to the input embedding."""
     V, H, N = 123, 40, 20

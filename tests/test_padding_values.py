@@ -105,3 +105,18 @@ def test_fused_loss_ignores_padding(impl, on_policy, device):
         assert torch.isfinite(d).all()
         torch.testing.assert_close(d, c, rtol=1e-6, atol=1e-7)
     assert (dirty[-3][~mask] == 0).all()
+
+
+def test_reference_fused_loss_ignores_padding():
+    """The oracle keeps the same contract: -100 ids and NaN hidden states at the padding change nothing."""
+    hidden, weight, b, ids, mask, adv = make_batch(seed=10, dtype=torch.float64)
+    results = []
+    for h, i in ((torch.where(mask.unsqueeze(-1), hidden, 0.0), torch.where(mask, ids, 0)),
+                 (_garbage(hidden, mask.unsqueeze(-1), float("nan")), torch.where(mask, ids, -100))):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, weight, b)]
+        loss, metrics = R.fused_grpo_lambda_loss(leaves[0], leaves[1], i, mask, adv, bias=leaves[2], beta=0.04,
+                                                 ref_logprobs=torch.zeros(mask.shape, dtype=torch.float64) - 3,
+                                                 return_entropy=True)
+        loss.backward()
+        results.append([loss, *metrics.values(), *(t.grad for t in leaves)])
+    _assert_same(results[1], results[0])

@@ -48,9 +48,10 @@ def fused_grpo_lambda_loss(
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
     process_group=None,
 ):
-    """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits."""
+    """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits; the
+    padding's hidden states and ids are not used (as the library's)."""
     out = linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy, process_group=process_group)
+                          return_entropy=return_entropy, process_group=process_group, mask=completion_mask)
     logp, entropy = out if return_entropy else (out, None)
     loss, metrics = grpo_lambda_loss(
         logp, old_logprobs, advantages, completion_mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam,

@@ -30,9 +30,12 @@ def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
     # discarded by the caller, as the Triton kernel's masked load is
     t = tgt.long().clamp(0, logits.shape[1] - 1)
     lp.copy_((z.gather(1, t.unsqueeze(1)).squeeze(1) - row_lse).clamp(max=0.0))
-    if ent is not None:
-        logp = z - row_lse.unsqueeze(1)
-        h = -(logp.exp() * _finite(logp)).sum(dim=1)
+    if ent is not None:  # H = log s − t/s, s = Σ e^(z−m), t = Σ e^(z−m)·(z − m), as the kernel: no z − lse, whose
+        # cancellation (an ulp of the largest logit) would swamp a confident row's small H
+        d = z - z.amax(dim=1, keepdim=True)
+        e = d.exp()
+        s = e.sum(dim=1)
+        h = s.log() - (e * _finite(d)).sum(dim=1) / s
         ent.copy_(h.clamp(min=0.0, max=math.log(logits.shape[1])))
 
 
