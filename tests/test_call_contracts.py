@@ -160,3 +160,12 @@ def test_entropy_can_be_edited_in_place(impl, masked, device):
     (-lp.sum() + ent.sum()).backward()
     torch.testing.assert_close(ent.detach(), expected * 0.5)
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_num_items_as_a_host_tensor_of_one_element(device):
+    """A trainer's token count over gradient accumulation, a [1] CPU tensor, with inputs on the test device."""
+    lp, old, adv, mask, ref = _objective_inputs(device)
+    losses = [lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, impl=impl, num_items_in_batch=n, **KW)[0]
+              for impl in IMPLS for n in (torch.tensor([7.0]), 7)]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0])

@@ -1,7 +1,7 @@
 """Log-probs (and entropy) of target tokens from hidden states and an LM head, with full logits (the oracle)."""
 import torch
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, zero_where_masked
 from .objective import grpo_lambda_loss
 
 
@@ -15,7 +15,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     is used (NaN or -100 there change nothing).
     """
     real = None if mask is None else mask != 0
-    targets, hidden = _zero_where_masked(targets, real), _zero_where_masked(hidden, real)
+    targets, hidden = zero_where_masked(targets, real), zero_where_masked(hidden, real)
     dt = compute_dtype(hidden, weight)
     if process_group is not None:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
@@ -25,21 +25,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
     if process_group is not None:
         logits = _GatherVocab.apply(logits, process_group)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    logp = _zero_where_masked(logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), real)
+    logp = zero_where_masked(logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), real)
     if not return_entropy:
         return logp
     # p·log p is 0 at a −inf logit (a banned token): a finite stand-in for log p keeps value and gradient NaN-free
     finite_logp = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros((), dtype=logp_all.dtype))
     entropy = -(logp_all.exp() * finite_logp).sum(-1)
-    return logp, _zero_where_masked(entropy, real)
-
-
-def _zero_where_masked(values, real):
-    """values [...] or [..., H] with 0 where real [...] is False (no gradient flows there)."""
-    if real is None:
-        return values
-    real = real.reshape(real.shape + (1,) * (values.dim() - real.dim()))
-    return torch.where(real, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return logp, zero_where_masked(entropy, real)
 
 
 def fused_grpo_lambda_loss(

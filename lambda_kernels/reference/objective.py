@@ -1,7 +1,7 @@
 """GRPO / GRPO-λ token objective in plain PyTorch, written from grpo_lambda.md §2–3 (autograd does the backward)."""
 import torch
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, zero_where_masked
 from .trace import trace_scan
 
 
@@ -9,7 +9,8 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
     """n_{i,t}: the weight of token (i, t) in the aggregated loss (TRL's loss types)."""
     B, T = m.shape
     if loss_type == "dapo":
-        n_items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
+        n_items = m.sum() if num_items_in_batch is None else torch.as_tensor(  # (a [1] CPU count, too)
+            num_items_in_batch, dtype=m.dtype, device=m.device).reshape(())
         return m / n_items.clamp(min=1.0 if num_items_in_batch is None else 1e-12)
     if loss_type == "bnpo":
         return m / m.sum().clamp(min=1.0)
@@ -18,12 +19,6 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
     if loss_type == "dr_grpo":
         return m / (B * (T if max_completion_length is None else max_completion_length))
     raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def _unmasked(t: torch.Tensor, m: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """t in dt with 0 where m = 0 (a select, not a product, so that 0·inf and NaN do not reach the sums; the
-    gradient of a masked entry is 0)."""
-    return torch.where(m != 0, t.to(dt), torch.zeros((), dtype=dt, device=t.device))
 
 
 def grpo_lambda_loss(
@@ -36,11 +31,11 @@ def grpo_lambda_loss(
     m = mask.to(dt)
     # masked tokens' values are never used (padding may hold ±inf or NaN); ℓ_old, ℓ_ref and the advantages are
     # constants of the loss (no gradient flows to them)
-    lp = _unmasked(logprobs, m, dt)
-    old = lp.detach() if old_logprobs is None else _unmasked(old_logprobs.detach(), m, dt)
+    lp = zero_where_masked(logprobs.to(dt), m != 0)
+    old = lp.detach() if old_logprobs is None else zero_where_masked(old_logprobs.detach().to(dt), m != 0)
     B, T = lp.shape
     adv = advantages.detach().to(dt)
-    adv = _unmasked(adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv, m, dt)
+    adv = zero_where_masked(adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv, m != 0)
     if adv_clamp_min is not None:
         adv = adv.clamp(min=adv_clamp_min)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -59,7 +54,7 @@ def grpo_lambda_loss(
     constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
     per_token = torch.where(active, -ratio_active * adv, constant)
     if beta > 0:
-        d_ref = _unmasked(ref_logprobs.detach(), m, dt) - lp
+        d_ref = zero_where_masked(ref_logprobs.detach().to(dt), m != 0) - lp
         kl = torch.exp(d_ref) - d_ref - 1
         per_token = per_token + beta * kl
     loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()

@@ -1,7 +1,7 @@
 """λ-trace z_t = Σ_{j≤t} w(t, j) · m_j · x_j, as a sequential O(T) scan (the spec's closed forms, §4)."""
 import torch
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, zero_where_masked
 
 
 def trace_weight_matrix(T: int, a: float, style: str, dtype=torch.float64) -> torch.Tensor:
@@ -49,5 +49,5 @@ def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: floa
     """z [B, T] fp32 (fp64 for fp64 input) with z_t = Σ_{j≤t} w(t, j)·m_j·x_j, a = γλ; see grpo_lambda.md §3–4."""
     dt = compute_dtype(x)
     m = mask.to(dt)
-    d = torch.where(m != 0, x.to(dt) * m, torch.zeros((), dtype=dt, device=x.device))  # (masked x never read)
+    d = zero_where_masked(x.to(dt) * m, m != 0)  # (masked x never read)
     return trace_scan(d, gamma * lam, style)

@@ -31,8 +31,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, tgt[: rows.count()], rows.rows(), lse, ent)
         ctx.params = params
         ctx.set_materialize_grads(False)
-        # the caller gets its own copy of H (N floats): editing it in place must not change what the backward reads
-        return (lp, ent.clone()) if params.return_entropy else lp
+        if params.return_entropy and rows.rows() is None:  # (with rows, the caller's H is a scatter of it: a copy)
+            ent = ent.clone()  # the caller's own H: editing it in place must not change what the backward reads
+        return (lp, ent) if params.return_entropy else lp
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):

@@ -11,9 +11,10 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
 
 Workspace counts the logits buffers, the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
 dW sum keeps half of itself in its gradient's bytes: `dw_sum`) and the buffers of rows gathered out of the padding
-with their dX (`_token_reserve`, `_slab_rows_bytes`); besides them a call holds per-token vectors and the fp32 bias
-gradient sum (4·V bytes). fp64 inputs take twice the bytes, and the PyTorch row fallback (`impl="torch"`)
-a few chunk-sized temporaries more.
+with their dX (`_token_reserve`, at the hidden's element size; `_slab_rows_bytes`, at a half hidden's: an fp32/fp64
+hidden takes the vocab plan only when forced, or under a budget below one row of logits); besides them a call holds
+per-token vectors and the fp32 bias gradient sum (4·V bytes). fp64 logits take twice the bytes, and the PyTorch row
+fallback (`impl="torch"`) a few chunk-sized temporaries more.
 
 Gradient plans (the forward-only log-prob pass is always token chunks):
 

@@ -40,12 +40,13 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         m_t = o_t < T
         b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
         b_valid = b_m != 0
-        m_v = m_t & b_valid  # padding's ℓ, ℓ_old, ℓ_ref are never read (they may be ±inf or NaN: no inf − inf)
-        b_lp = tl.load(lp_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
+        # padding's ℓ, ℓ_old, ℓ_ref are zeroed by selects (they may be ±inf or NaN: no inf − inf in any lane); the
+        # loads stay masked by the bounds only, so that they need not wait for the mask's
+        b_lp = tl.where(b_valid, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
         if ON_POLICY:
             b_d = tl.zeros((BLOCK_T,), tl.float32)
         else:
-            b_old = tl.load(old_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
+            b_old = tl.where(b_valid, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_d = tl.where(b_valid, b_m * (b_lp - b_old), 0.0)
         b_z, carry_f, carry_p = trace_forward_block(b_d, o_t, m_t, carry_f, carry_p, scratch_f, scratch_p,
                                                     a, log2a, T, STYLE)
@@ -61,7 +62,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         b_live = b_adv != 0
         b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
         if HAS_KL:
-            b_ref = tl.load(ref_ptr + row + o_t, mask=m_v, other=0.0).to(tl.float32)
+            b_ref = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_dr = b_ref - b_lp
             b_kl = tl.exp(b_dr) - b_dr - 1.0
             b_tok += beta * b_kl
@@ -88,12 +89,13 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
 
 
 @triton.jit
-def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, B, num_items, inv_b_len,
+def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss_ptr, B, num_items, inv_b_len,
                               LOSS_TYPE: tl.constexpr, NUM_ITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
     """Aggregation: the row scales s_i of `loss_type`, the loss Σ_i s_i·(Σ_t m·L)_i and the token-mean metrics.
 
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
-    0: none); scale [B] fp32 out; out [N_OUT] fp32 out (loss, low, high, region, ratio, kl). `inv_b_len` is
+    0: none); scale [B] fp32 out; out [N_OUT] fp32 out (loss, low, high, region, ratio, kl); loss [] fp32 out, the
+    loss again in storage of its own (a caller may edit it in place: not a view of `out`). `inv_b_len` is
     1/(B·max_completion_length) for dr_grpo. Grid (1,): B is small and this replaces a dozen tiny torch ops.
     """
     o_b = tl.arange(0, BLOCK_B)
@@ -130,7 +132,9 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, B, n
         loss_acc += tl.where(in_b, scales * loss_rows, 0.0)
     low = tl.sum(tl.where(o_s == 2, tot, 0.0), axis=0)
     high = tl.sum(tl.where(o_s == 3, tot, 0.0), axis=0)
-    out = tl.where(o_s == 0, tl.sum(loss_acc, axis=0), 0.0)
+    loss = tl.sum(loss_acc, axis=0)
+    tl.store(loss_ptr, loss)
+    out = tl.where(o_s == 0, loss, 0.0)
     out += tl.where(o_s == 1, low * inv_count, 0.0)
     out += tl.where(o_s == 2, high * inv_count, 0.0)
     out += tl.where(o_s == 3, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
@@ -159,9 +163,9 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_pt
         b_g, carry_r, carry_s = trace_backward_block(b_c, o_t, m_t, carry_r, carry_s, scratch_r, scratch_s,
                                                      a, log2a, T, STYLE)
         b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
-        if HAS_KL:  # (padding's ℓ, ℓ_ref unread, as in the forward)
-            b_lp = tl.load(lp_ptr + row + o_t, mask=m_t & (b_m != 0), other=0.0).to(tl.float32)
-            b_ref = tl.load(ref_ptr + row + o_t, mask=m_t & (b_m != 0), other=0.0).to(tl.float32)
+        if HAS_KL:  # (padding's ℓ, ℓ_ref zeroed, as in the forward)
+            b_lp = tl.where(b_m != 0, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
+            b_ref = tl.where(b_m != 0, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_g += beta * (1.0 - tl.exp(b_ref - b_lp))
         b_grad = tl.where(b_m != 0, row_scale * b_m * b_g, 0.0)
         tl.store(glp_ptr + row + o_t, b_grad.to(glp_ptr.dtype.element_ty), mask=m_t)

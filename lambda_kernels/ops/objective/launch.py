@@ -11,7 +11,7 @@ from ..._core.normalizers import LOSS_TYPES
 from ..._core.params import ObjectiveParams
 from ..._core.tuning import scan_config
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
-from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_KL, OUT_LOSS, OUT_LOW, OUT_RATIO, OUT_REGION, \
+from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_KL, OUT_LOW, OUT_RATIO, OUT_REGION, \
     objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}  # the finalize kernel's LOSS_TYPE
@@ -37,6 +37,7 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
     coef = torch.empty((B, T), dtype=torch.float32, device=device) if need_grad else None
     scales = torch.empty((B,), dtype=torch.float32, device=device)
     out = torch.zeros((N_OUT,), dtype=torch.float32, device=device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
     mask_k = kernel_mask(mask)
     if B > 0:
         _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
@@ -45,14 +46,14 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
             num_items_in_batch = num_items_in_batch.reshape(1).to(device=device, dtype=torch.float32)
         length = max(T if params.max_completion_length is None else params.max_completion_length, 1)  # (T = 0)
         objective_finalize_kernel[(1,)](
-            stats, num_items_in_batch if items_is_tensor else _placeholder(device), scales, out, B,
+            stats, num_items_in_batch if items_is_tensor else _placeholder(device), scales, out, loss, B,
             float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
             1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
             BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
-    # the loss gets storage of its own (one 4-byte copy): a caller may edit it in place (`loss /= accumulation`),
-    # which autograd forbids on a view of a buffer the metrics also view
-    return out[OUT_LOSS].clone(), out, ((coef, scales, mask_k) if need_grad else None)
+    # (the loss has storage of its own: a caller may edit it in place, `loss /= accumulation`, which autograd forbids
+    # on a view of a buffer the metrics also view)
+    return loss, out, ((coef, scales, mask_k) if need_grad else None)
 
 
 def metric_views(out: torch.Tensor) -> dict:
