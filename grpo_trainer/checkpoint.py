@@ -86,6 +86,15 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
     return final
 
 
+def remove_partial_saves(output_dir) -> None:
+    """Delete the temporary folders of saves that a kill interrupted (never a complete checkpoint)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def find_checkpoint(output_dir, resume: str) -> Path:
     """'latest' -> the newest complete checkpoint in output_dir; otherwise `resume` must be a checkpoint folder."""
     from .config import ConfigError
@@ -94,7 +103,8 @@ def find_checkpoint(output_dir, resume: str) -> Path:
         found = list_checkpoints(output_dir)
         if not found:
             raise ConfigError(f"resume must point to a checkpoint; got 'latest' but {checkpoint_root(output_dir)} "
-                              "holds none. Drop --resume to start a new run.")
+                              "holds none (a run stopped before its first checkpoint has nothing to resume). Start "
+                              "over without --resume and with --overwrite_output_dir true.")
         return found[-1][1]
     p = Path(resume)
     if not (p / "trainer_state.json").is_file():

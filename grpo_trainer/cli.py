@@ -63,4 +63,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"grpo-lambda {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last complete one is intact
+        hint = (" Continue from the last checkpoint with the same options and --resume latest."
+                if args.command == TRAIN else "")
+        print(f"grpo-lambda {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
     return 0

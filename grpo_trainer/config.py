@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ class GRPOLambdaConfig:
     reward_funcs: list = opt(["arithmetic", "format"], "Reward functions, by registry name (arithmetic, math, "
                                                        "format) or dotted path 'pkg.module:func' / 'pkg.module.func'.",
                              TRAIN, "rewards")
-    reward_weights: Optional[list] = opt([1.0, 0.1], "One weight per reward function (None: all 1.0).", TRAIN,
+    reward_weights: Optional[list] = opt([1.0, 0.1], "One weight per reward function (None: all 1.0; the default "
+                                                     "1.0,0.1 goes with the default reward_funcs only).", TRAIN,
                                          "rewards")
     eval_reward: str = opt("auto", "Reward that defines accuracy in evaluation (a 0/1 function); 'auto' picks "
                                    "'arithmetic' for the arithmetic task and 'math' otherwise.", group="rewards")
@@ -172,8 +174,8 @@ class GRPOLambdaConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save_yaml(self, path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save_yaml(self, path, **replace) -> None:
+        Path(path).write_text(yaml.safe_dump({**self.to_dict(), **replace}, sort_keys=False))
 
     def torch_device(self):
         """The torch.device of `device` ("auto": CUDA when available); ConfigError if it cannot be used here."""
@@ -210,7 +212,17 @@ class GRPOLambdaConfig:
         _unit_open_closed("eval_top_p", self.eval_top_p)
         _non_negative_int("num_threads", self.num_threads)
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
-        self.torch_device()
+        if command == TRAIN and self.model_dtype == "float16":
+            raise ConfigError("model_dtype must be float32 or bfloat16 to train; got float16. AdamW on fp16 weights "
+                              "(no fp32 master weights, no loss scaling here) overflows to inf within a few steps. "
+                              "Use bfloat16 on GPUs (float16 is fine for `evaluate`).")
+        device = self.torch_device()
+        if self.model_name_or_path is not None:
+            p = str(self.model_name_or_path)
+            # a hub id is "name" or "org/name": anything else (absolute, relative with a dot, deeper) is a folder
+            if (p.startswith(("/", ".", "~")) or p.count("/") >= 2) and not Path(p).expanduser().exists():
+                raise ConfigError(f"model_name_or_path must be an existing folder or a Hugging Face hub id "
+                                  f"('org/name'); got {p!r}, which does not exist.")
         if command == EVAL:
             if self.model_name_or_path is None:
                 raise ConfigError("model_name_or_path must name the checkpoint to evaluate; got None. "
@@ -249,6 +261,10 @@ class GRPOLambdaConfig:
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         _positive_int("num_iterations", self.num_iterations)
         _choice("impl", self.impl, IMPLS)
+        if self.impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ConfigError("impl must be 'auto' or 'torch' on the CPU; got 'triton', whose kernels run on CPU "
+                              "tensors only in Triton's interpreter. Set TRITON_INTERPRET=1 (slow; for tests) or use "
+                              "--device cuda.")
         # optimisation
         _positive_number("learning_rate", self.learning_rate,
                          "Typical values: 1e-6 to 1e-5 for pretrained models, 1e-4 to 1e-3 for the tiny default.")
@@ -409,5 +425,7 @@ def build_config(yaml_path=None, overrides: Optional[dict] = None, command: str 
         values.update(load_yaml(yaml_path))
     values.update(overrides or {})
     values = {k.replace("-", "_"): v for k, v in values.items()}  # keys may use dashes, in the file too
+    if "reward_funcs" in values and "reward_weights" not in values:
+        values["reward_weights"] = None  # the default weights are the default functions': others weigh 1.0 each
     kwargs = {k: coerce(k, v) for k, v in values.items()}
     return GRPOLambdaConfig(**kwargs).validate(command)

@@ -71,8 +71,8 @@ def load_hf(spec: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"dataset {spec!r} needs the `datasets` library: pip install 'lambda-kernels[datasets]'. "
-                           "Or export the data to JSONL with prompt/answer columns.") from None
+        raise ConfigError(f"dataset {spec!r} needs the `datasets` library: pip install 'lambda-kernels[datasets]'. "
+                          "Or export the data to JSONL with prompt/answer columns.") from None
     body = spec[3:]
     body, _, split = body.partition("@")
     name, _, subset = body.partition(":")
@@ -124,6 +124,10 @@ def load_datasets(cfg: GRPOLambdaConfig, *, need_train: bool = True) -> tuple[li
             _, held = arithmetic_split(cfg.arithmetic_max_operand, cfg.arithmetic_ops, cfg.eval_size, cfg.seed)
         else:
             held = _normalise(load_rows(cfg.eval_dataset), cfg, cfg.eval_dataset)[: cfg.eval_size]
+    if not held:
+        raise ConfigError(f"the held-out split must hold at least one problem; got none from {cfg.dataset!r} "
+                          f"(min(eval_size, rows // 5) of its rows are held out). Use a dataset of at least 5 rows "
+                          "or pass --eval_dataset.")
     if need_train and not train:
         raise ConfigError(f"dataset must leave at least one training row after the held-out split; got "
                           f"{cfg.dataset!r}. Lower --eval_size or pass --eval_dataset.")

@@ -131,17 +131,22 @@ class GRPOLambdaTrainer:
         earlier_run = self.metrics_path.exists() or ckpt.checkpoint_root(self.out).exists()
         if self.resume_path is None and earlier_run and not cfg.overwrite_output_dir:
             # never delete an interrupted run's checkpoints because --resume was forgotten
+            resumable = "Pass --resume latest to continue it, " if ckpt.list_checkpoints(self.out) else (
+                "It has no checkpoint to resume: pass ")
             raise ConfigError(
                 f"output_dir {str(self.out)!r} already holds an earlier run (metrics.jsonl or checkpoints/); got no "
-                "--resume. Pass --resume latest to continue it, --overwrite_output_dir true to start over there, "
-                "or choose another --output_dir.")
+                f"--resume. {resumable}--overwrite_output_dir true to start over there, or choose another "
+                "--output_dir.")
+        if self.resume_path is not None:
+            self._check_resumable(len(self.train_rows))
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume_path is None:  # a new run owns the folder's run files
             shutil.rmtree(ckpt.checkpoint_root(self.out), ignore_errors=True)
             self.metrics_path.unlink(missing_ok=True)
         else:
+            ckpt.remove_partial_saves(self.out)
             self._warn_config_changes()
-        cfg.save_yaml(self.out / "config.yaml")
+        cfg.save_yaml(self.out / "config.yaml", resume=None)  # (what the run is; resuming it is not an option of it)
 
         self.model, self.tokenizer = load_policy(cfg, path=str(self.resume_path) if self.resume_path else None)
         self.model.train()
@@ -171,6 +176,26 @@ class GRPOLambdaTrainer:
         return HFGenerationBackend(self.model, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
                                    max_completion_length=cfg.max_completion_length)
 
+    def _check_resumable(self, n_rows: int):
+        """Checkpoint and options must belong together: the same data and seed (exact resume), and the warm-up's
+        reference model where the KL needs it (kept beside the checkpoints of the run that wrote them)."""
+        sampler = json.loads((self.resume_path / "trainer_state.json").read_text())["sampler"]
+        if (sampler["n_rows"], sampler["seed"]) != (n_rows, self.cfg.seed):
+            raise ConfigError(f"seed and data must be the checkpoint's to resume it: {sampler['n_rows']} training "
+                              f"rows and seed {sampler['seed']}; got {n_rows} rows and seed {self.cfg.seed}. Resume "
+                              "with the interrupted run's --seed and dataset options (its config.yaml).")
+        sft = self._sft_model_dir()
+        if self.cfg.beta > 0 and self.cfg.sft_warmup_steps > 0 and not sft.is_dir():
+            raise ConfigError(f"resume needs the warm-up model the KL is measured against, {str(sft)!r}, beside the "
+                              f"checkpoints of the run that wrote {str(self.resume_path)!r}; got no such folder. "
+                              "Keep that run's folder whole.")
+
+    def _sft_model_dir(self) -> Path:
+        """The warm-up result of this run, or of the run whose checkpoint it resumes (possibly another folder)."""
+        if self.resume_path is None:
+            return self.out / "sft_model"
+        return self.resume_path.parent.parent / "sft_model"  # <run>/checkpoints/checkpoint-k
+
     def _warn_config_changes(self):
         saved = self.out / "config.yaml"
         if not saved.is_file():
@@ -189,7 +214,7 @@ class GRPOLambdaTrainer:
         if self.resume_path is None:
             ref = copy.deepcopy(self.model)
         elif cfg.sft_warmup_steps > 0:
-            ref, _ = load_policy(cfg, path=str(self.out / "sft_model"))
+            ref, _ = load_policy(cfg, path=str(self._sft_model_dir()))
         else:
             ref, _ = load_policy(cfg)
         ref.eval()
@@ -217,8 +242,13 @@ class GRPOLambdaTrainer:
     def _truncate_metrics(self, step: int):
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        if lines:  # a kill in the middle of a write leaves a torn last line: drop it
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def _print(self, msg: str):

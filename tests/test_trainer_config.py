@@ -86,6 +86,10 @@ def test_python_dash_m_entry_point():
     ({"hidden_size": 30, "num_attention_heads": 4}, r"hidden_size must be a multiple of num_attention_heads = 4"),
     ({"max_steps": 0}, r"max_steps must be an integer >= 1; got 0"),
     ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
+    ({"model_dtype": "float16"}, r"model_dtype must be float32 or bfloat16 to train; got float16.*overflows"),
+    ({"model_name_or_path": "/nonexistent/model"}, r"must be an existing folder or a Hugging Face hub id.*"
+                                                   r"'/nonexistent/model', which does not exist"),
+    ({"model_name_or_path": "outputs/no-such-run/final"}, r"which does not exist"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -158,7 +162,7 @@ def test_vllm_fails_clearly_when_missing():
 def test_hf_datasets_fail_clearly_when_missing():
     from grpo_trainer.data import load_rows
 
-    with pytest.raises(RuntimeError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
+    with pytest.raises(ConfigError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
         load_rows("hf:openai/gsm8k:main@train")
 
 
@@ -208,3 +212,48 @@ def test_device_and_dtype_options():
             GRPOLambdaConfig(device="cuda").validate("train")
     with pytest.raises(ConfigError, match=r"model_dtype must be one of"):
         GRPOLambdaConfig(model_dtype="int8").validate("train")
+
+
+def test_fp16_model_can_still_be_evaluated(tmp_path):
+    cfg = dataclasses.replace(GRPOLambdaConfig(), model_dtype="float16", model_name_or_path=str(tmp_path))
+    cfg.validate("evaluate")
+
+
+def test_hub_ids_are_not_taken_for_missing_folders():
+    dataclasses.replace(GRPOLambdaConfig(), model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct").validate()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match=r"impl must be 'auto' or 'torch' on the CPU; got 'triton'"):
+        dataclasses.replace(GRPOLambdaConfig(), impl="triton", device="cpu").validate()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dataclasses.replace(GRPOLambdaConfig(), impl="triton", device="cpu").validate()
+
+
+def test_other_reward_functions_weigh_one_each_unless_given():
+    """The default weights (1.0, 0.1) belong to the default functions: naming others resets them."""
+    assert build_config(None, {"reward_funcs": "arithmetic"}).reward_weights is None
+    assert build_config(None, {"reward_funcs": "arithmetic", "reward_weights": "2.0"}).reward_weights == [2.0]
+    assert build_config(None, {}).reward_weights == [1.0, 0.1]
+
+
+def test_an_empty_held_out_split_is_an_error(tmp_path):
+    from grpo_trainer.data import load_datasets
+
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(4)))
+    with pytest.raises(ConfigError, match=r"held-out split must hold at least one problem.*at least 5 rows"):
+        load_datasets(dataclasses.replace(GRPOLambdaConfig(), dataset=str(path)))
+
+
+def test_interrupt_says_how_to_resume(monkeypatch, capsys):
+    import grpo_trainer.trainer as trainer_mod
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "train", interrupted)
+    assert cli.main(["train"]) == 130
+    assert "interrupted. Continue from the last checkpoint with the same options and --resume latest" in \
+        capsys.readouterr().err

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import grpo_trainer.trainer as trainer_mod
@@ -99,8 +100,24 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         train(interrupted)
     monkeypatch.setattr(GRPOLambdaTrainer, "rl_step", real_step)
     assert [r["step"] for r in metrics(interrupted)] == [1, 2]
-    train(dataclasses.replace(interrupted, resume="latest"))
+    # what a kill can leave behind: a torn last metrics line, a half-written checkpoint folder
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    partial = tmp_path / "resumed" / "checkpoints" / ".tmp-checkpoint-4-12345"
+    partial.mkdir()
+    from grpo_trainer.config import ConfigError
 
+    with pytest.raises(ConfigError, match=r"seed and data must be the checkpoint's.*seed 42; got .* seed 7"):
+        GRPOLambdaTrainer(dataclasses.replace(interrupted, resume="latest", seed=7))
+    # a checkpoint resumed into another folder (a fork) finds the reference model beside its checkpoints
+    fork = tiny(tmp_path, "fork", **common, resume=str(tmp_path / "resumed" / "checkpoints" / "checkpoint-2"))
+    train(fork)
+    train(dataclasses.replace(interrupted, resume="latest"))
+    assert not partial.exists()
+    assert yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())["resume"] is None
+
+    wf = weights(tmp_path / "fork" / "final")
+    assert all(torch.equal(wf[k], w) for k, w in weights(tmp_path / "straight" / "final").items())
     a, b = metrics(straight), metrics(interrupted)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -240,6 +257,14 @@ def test_new_run_never_deletes_an_earlier_runs_checkpoints(tmp_path):
     ckpt_dir = tmp_path / "out" / "checkpoints" / "checkpoint-2"
     ckpt_dir.mkdir(parents=True)
     (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1}\n')
+    # killed before its first complete checkpoint: nothing to resume, and the hints say so (not "--resume latest",
+    # which would refuse in turn)
+    with pytest.raises(ConfigError, match=r"already holds an earlier run.*no checkpoint to resume.*"
+                                          r"--overwrite_output_dir"):
+        GRPOLambdaTrainer(cfg)
+    with pytest.raises(ConfigError, match=r"holds none.*--overwrite_output_dir true"):
+        GRPOLambdaTrainer(dataclasses.replace(cfg, resume="latest"))
+    (ckpt_dir / "trainer_state.json").write_text("{}")  # a complete checkpoint: resuming is the hint
     with pytest.raises(ConfigError, match=r"already holds an earlier run.*--resume latest.*--overwrite_output_dir"):
         GRPOLambdaTrainer(cfg)
     assert ckpt_dir.is_dir()
