@@ -102,7 +102,9 @@ def test_per_token_ops_inside_torch_compile(impl, device):
         a, ret = lk.gae(x.detach(), ref, mask, gamma=0.99, lam=0.95, impl=impl)
         return loss * 2.0, metrics["ratio_mean"], a.sum() + ret.sum()
 
-    compiled = torch.compile(step, backend="aot_eager" if device.type == "cpu" else "inductor")
+    # aot_eager on every device: the graph breaks are the point, and inductor would only add compile time to the GPU
+    # check's test stage
+    compiled = torch.compile(step, backend="aot_eager")
     results = []
     for fn in (compiled, step):
         leaf = lp.clone().requires_grad_()
