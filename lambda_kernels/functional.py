@@ -247,12 +247,13 @@ def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
 
 
 def _queue_real_rows(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
-    """(`queue_token_check` of ids [R, C] with mask [R, C], the [R·C + 1] positions of `real_token_positions`): the
-    positions are queued before the check's one host read, which brings their number (the sum of the counts)."""
+    """(`queue_token_check` of ids [R, C] with mask [R, C], then `real_token_positions`' [R·C + 1] positions and
+    0-d device count): the positions are queued before the check's one host read, which brings the host their
+    number (the sum of the counts)."""
     from .ops.real_tokens import queue_token_check, real_token_positions
 
     real = mask != 0
-    return queue_token_check(op, name, ids, V, real), real_token_positions(real.reshape(-1))
+    return (queue_token_check(op, name, ids, V, real), *real_token_positions(real.reshape(-1)))
 
 
 def _pending_tokens(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.Tensor):
@@ -260,8 +261,8 @@ def _pending_tokens(op: str, name: str, ids: torch.Tensor, V: int, mask: torch.T
     the pass waits for the check's one host read when it needs the counts, after queueing what it can."""
     from .ops.real_tokens import PendingTokens
 
-    finish, positions = _queue_real_rows(op, name, ids, V, mask)
-    return PendingTokens(ids.numel(), positions, finish, (mask != 0).sum())
+    finish, positions, n_real = _queue_real_rows(op, name, ids, V, mask)
+    return PendingTokens(ids.numel(), positions, finish, n_real)
 
 
 def _check_ids_dtype(op: str, name: str, ids) -> None:
@@ -351,7 +352,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
         rows = PendingRows(targets.numel(), None, count)
     else:  # all the tokens as one row: one count
-        finish, positions = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
+        finish, positions, _ = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
         rows = PendingRows(targets.numel(), positions, lambda: finish()[0])
 
     lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,

@@ -114,9 +114,9 @@ def test_positions_filler_is_padding():
     """The entries after the real tokens' positions hold a padding position (what the first chunk computes past
     them), or 0 when there is no padding."""
     real = torch.tensor([False, True, True, False, False, True, False])
-    positions = real_tokens.real_token_positions(real)
+    positions, _ = real_tokens.real_token_positions(real)
     assert positions[:3].tolist() == [1, 2, 5] and all(not real[p] for p in positions[3:].tolist())
-    assert real_tokens.real_token_positions(torch.ones(4, dtype=torch.bool)).tolist() == [0, 1, 2, 3, 0]
+    assert real_tokens.real_token_positions(torch.ones(4, dtype=torch.bool))[0].tolist() == [0, 1, 2, 3, 0]
 
 
 # (the interpreter's numpy warns about the exp and the 0·inf that the where then drops)

@@ -151,8 +151,8 @@ def test_bad_id_raises_after_the_first_chunk(gemm, masked, order, device):
 
 def test_positions_filler_is_in_bounds():
     real = torch.tensor([False, True, True, False, False, True, False])
-    positions = real_tokens.real_token_positions(real)
-    assert positions[:3].tolist() == [1, 2, 5]
+    positions, n_real = real_tokens.real_token_positions(real)
+    assert positions[:3].tolist() == [1, 2, 5] and n_real.item() == 3
     assert positions.shape == (8,) and ((positions >= 0) & (positions < 7)).all()
 
 

@@ -10,17 +10,21 @@ from typing import Callable
 import torch
 
 
-def real_token_positions(real: torch.Tensor) -> torch.Tensor:
-    """[N + 1] int64 whose first n_real entries are the positions of the True entries of real [N] bool, in order,
-    without knowing n_real: each real token goes to slot (its rank among the real ones), padding to the spare slot N.
+def real_token_positions(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, n_real) of real [N] bool: n_real, the number of its True entries, a 0-d int64 device tensor;
+    positions, [N + 1] int64 whose first n_real entries are the positions of the True entries in order, found
+    without the host knowing n_real: each real token goes to slot (its rank among the real ones), padding to the
+    spare slot N.
     Every entry after the real ones holds one padding position (0 when there is no padding), all in bounds, so a
     gather over any prefix reads only x's rows, and a pass that runs ahead of n_real over those filler rows computes
     rows of padding, whose loss weight is 0 (the fused loss's on-policy pass relies on it)."""
     N = real.numel()
-    slot = torch.where(real, torch.cumsum(real, dim=0) - 1, N)
+    rank = torch.cumsum(real, dim=0)  # (its last entry is n_real: no reduction of its own)
+    n_real = rank[-1] if N else torch.zeros((), dtype=torch.int64, device=real.device)
+    slot = torch.where(real, rank - 1, N)
     index = torch.zeros((N + 1,), dtype=torch.int64, device=real.device)
     index.scatter_(0, slot, torch.arange(N, device=real.device))
-    return torch.where(torch.arange(N + 1, device=real.device) < real.sum(), index, index[N])
+    return torch.where(torch.arange(N + 1, device=real.device) < n_real, index, index[N]), n_real
 
 
 class HostRead:

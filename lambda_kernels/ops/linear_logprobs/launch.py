@@ -159,9 +159,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                   cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None,
                   rows: torch.Tensor | None = None, live: torch.Tensor | None = None):
     """The token and vocab plans (and each pass of the split plan): per slab of `slab_cols` vocabulary rows (None:
-    the whole vocabulary, the token plan) and
-    per piece of rows (`pieces`: row slices in order, or a piece size), the fp32 logits, then `row_fn(rows, cols,
-    logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl: the backend of the dW sum's cast.
+    the whole vocabulary, the token plan) and per piece of rows (`pieces`: row slices in order, or a piece size),
+    the fp32 logits, then `row_fn(rows, cols, logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl:
+    the backend of the dW sum's cast.
 
     dW is summed over the pieces in fp32 (fp64 for fp64): for one slab that sum is the whole head's (the gradient
     itself for an fp32 head; for a half one a `dw_sum.HalfHeadGradSum`, half of it in the gradient's own bytes, cast

@@ -187,6 +187,12 @@ class GradPlan:
     dw_rows: int = 0
     tail: "GradPlan | None" = None
 
+    def split_phase_bytes(self, N: int, V: int, H: int) -> tuple[int, int]:
+        """A split plan's workspace while its chunks run (logits, fp32 dW rows beyond the gradient's bytes) and
+        then while its tail runs (the chunks' sums are cast before it)."""
+        chunks = 4 * max(self.rows, self.max_rows) * self.cols + 4 * (self.dw_rows - split_rows(V)) * H
+        return chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False)
+
     def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
         """Bytes this plan holds at once besides the gradients it returns (outputs and per-row stats aside): logits,
         fp32 sums, and the rows a vocabulary pass gathers out of the padding (a token chunk's gather buffers are
@@ -195,9 +201,8 @@ class GradPlan:
         logits = 4 * max(self.rows, self.max_rows) * self.cols
         if self.kind == "tokens":
             return logits + (rest_bytes(V, H) if dw_accumulator else 0)
-        if self.kind == "split":  # the chunks' sums are cast before the tail runs
-            chunks = logits + 4 * (self.dw_rows - split_rows(V)) * H
-            return max(chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False))
+        if self.kind == "split":
+            return max(self.split_phase_bytes(N, V, H))
         return logits + (4 * self.cols * H if dw_accumulator else 0) + _slab_rows_bytes(N, H, dw_accumulator,
                                                                                         dx_accumulator)
 
@@ -261,10 +266,11 @@ def _held_bytes(p: GradPlan, N: int, V: int, H: int, dx_accumulator: bool, gathe
     chunks run (a split plan's tail runs after them, with its own gathered rows)."""
     if p.kind == "vocab":
         return p.workspace_bytes(N, V, H, True, dx_accumulator)
-    chunks = p.workspace_bytes(N, V, H, True, dx_accumulator) if p.kind == "tokens" else (
-        4 * max(p.rows, p.max_rows) * V + 4 * (p.dw_rows - split_rows(V)) * H)
-    chunks += _token_reserve(p.max_rows, H, gathered)
-    return chunks if p.kind == "tokens" else max(chunks, p.tail.workspace_bytes(N, V - p.dw_rows, H, True, False))
+    reserve = _token_reserve(p.max_rows, H, gathered)
+    if p.kind == "tokens":
+        return p.workspace_bytes(N, V, H, True, dx_accumulator) + reserve
+    chunks, tail = p.split_phase_bytes(N, V, H)
+    return max(chunks + reserve, tail)
 
 
 def _token_reserve(rows: int, H: int, gathered: int) -> int:
