@@ -158,10 +158,10 @@ def test_vllm_fails_clearly_when_missing():
         VLLMGenerationBackend("x", None, max_prompt_length=8, max_completion_length=8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hf_datasets_fail_clearly_when_missing():
+def test_hf_datasets_fail_clearly_when_missing(monkeypatch):
     from grpo_trainer.data import load_rows
 
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError, installed or not
     with pytest.raises(ConfigError, match=r"needs the `datasets` library.*lambda-kernels\[datasets\]"):
         load_rows("hf:openai/gsm8k:main@train")
 

@@ -1,0 +1,232 @@
+"""TRL as a drop-in: TRL's `GRPOTrainer` with its loss and log-probs computed by lambda_kernels.
+
+    from grpo_trainer.trl_trainer import GRPOLambdaTRLConfig, GRPOLambdaTRLTrainer
+
+    args = GRPOLambdaTRLConfig(output_dir="out", trace="both", lam=0.99, adv_clamp_min=-0.1)  # + any GRPOConfig option
+    trainer = GRPOLambdaTRLTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)  # GRPOTrainer's arguments
+    trainer.train()
+
+Everything else is TRL's: generation (transformers or vLLM), rewards, advantages, reference model, logging,
+checkpoints. Two methods change:
+- the training loss is `fused_grpo_lambda_loss` on the backbone's last hidden states and the LM head (no
+  [B, T, V] logits; one pass when on-policy), with the GRPO-λ trace on top of TRL's clipped objective;
+- the old-policy and reference log-probs come from `linear_logprobs`, the same kernels as the loss, so that an
+  on-policy ratio is exactly 1.
+`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo; same normalisers and metric names), which
+`tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer.
+
+TRL options the fused loss does not implement are refused at start-up rather than silently ignored (see
+`_UNSUPPORTED`). Written against TRL 1.16 (it overrides the private `_compute_loss` and
+`_get_per_token_logps_and_entropies`); tested on the CPU with one process, not under DDP/FSDP/DeepSpeed or PEFT.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
+
+from .config import IMPLS, TRACES, _choice, _finite, _unit_closed
+from .model import check_supported
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError("grpo_trainer.trl_trainer needs TRL: pip install 'lambda-kernels[trl]'. "
+                      "Without TRL, `grpo-lambda train` is the trainer of this package.") from exc
+
+# The overrides below replace private methods of TRL's GRPOTrainer: if a TRL release renames one, ours would never be
+# called and TRL's own loss would run under our name. Refuse to import instead.
+_OVERRIDDEN = ("_compute_loss", "_get_per_token_logps_and_entropies")
+if not all(callable(getattr(GRPOTrainer, name, None)) for name in _OVERRIDDEN):  # pragma: no cover
+    import trl
+
+    raise ImportError(f"grpo_trainer.trl_trainer was written against TRL 1.16, whose GRPOTrainer has {_OVERRIDDEN}; "
+                      f"the installed TRL {trl.__version__} lacks some of them. pip install 'trl>=1.16,<2'.")
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# (what is refused, the GRPOConfig option(s) to change): checked on the trainer once TRL has read its arguments
+_UNSUPPORTED = (
+    (lambda t: t.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
+    (lambda t: t.args.delta is not None, "delta (two-sided clipping) must be None"),
+    (lambda t: t.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
+    (lambda t: t._entropy_bonus_enabled, "entropy_coef must be 0 and use_adaptive_entropy false"),
+    (lambda t: t.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
+    (lambda t: t.beta != 0.0 and t.args.use_bias_correction_kl, "use_bias_correction_kl must be false when beta != 0"),
+    (lambda t: t.use_vllm and t.vllm_importance_sampling_correction,
+     "vllm_importance_sampling_correction must be false with use_vllm"),
+    (lambda t: t.aux_loss_enabled, "router_aux_loss_coef must be 0 for a mixture-of-experts model"),
+    (lambda t: bool(t.tools), "tools (and environments) must not be given: tool-output tokens need a loss mask"),
+)
+_MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                      "image_position_ids", "token_type_ids", "mm_token_type_ids", "num_images", "num_tiles")
+
+
+@dataclass
+class GRPOLambdaTRLConfig(GRPOConfig):
+    """TRL's GRPOConfig plus the GRPO-λ options (defaults: the paper's trace "both", λ 0.99, clamp −0.1)."""
+
+    trace: Optional[str] = field(default="both", metadata={
+        "help": f"GRPO-λ eligibility trace: one of {list(TRACES)}, or None for TRL's plain GRPO loss."})
+    lam: float = field(default=0.99, metadata={"help": "Trace λ in [0, 1]."})
+    trace_gamma: float = field(default=1.0, metadata={
+        "help": "Discount γ in [0, 1] of the trace (it decays by γ·λ per token)."})
+    adv_clamp_min: Optional[float] = field(default=-0.1, metadata={
+        "help": "Clamp advantages from below (the paper's -0.1; only with a trace); None = no clamp."})
+    use_bias_correction_kl: bool = field(default=False, metadata={
+        "help": "Must stay false when beta != 0: the fused loss's KL term is the plain k3 estimator, without TRL's "
+                "importance-ratio factor (TRL's default is true)."})
+    impl: str = field(default="auto", metadata={
+        "help": f"lambda_kernels implementation: one of {list(IMPLS)} ('auto' = Triton on GPU, PyTorch on CPU)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trace is not None:
+            _choice("trace", self.trace, TRACES + (None,))
+        _unit_closed("lam", self.lam)
+        _unit_closed("trace_gamma", self.trace_gamma)
+        if self.adv_clamp_min is not None:
+            _finite("adv_clamp_min", self.adv_clamp_min)
+        _choice("impl", self.impl, IMPLS)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+
+
+def add_hidden_states_forward(model) -> None:
+    """Let `model(..., completion_hidden_states=T)` return the backbone's last hidden states that predict the
+    last T input tokens ([B, T, H], no LM head).
+
+    Through the model's own call, not `model.base_model(...)` from outside, so that wrappers (accelerate, DDP) see
+    a forward; any other call is the model's forward as before (generation is unchanged)."""
+    original_forward = model.forward
+
+    @functools.wraps(original_forward)
+    def forward(*args, completion_hidden_states: Optional[int] = None, **kwargs):
+        if completion_hidden_states is None:
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = model.base_model(*args, **kwargs).last_hidden_state
+        return hidden[:, -completion_hidden_states - 1:-1]
+
+    model.forward = forward
+
+
+class GRPOLambdaTRLTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer (same arguments) whose loss is `fused_grpo_lambda_loss` and whose old/reference log-probs
+    are `linear_logprobs`. `args` must be a `GRPOLambdaTRLConfig`."""
+
+    def __init__(self, model, reward_funcs=None, args: Optional[GRPOLambdaTRLConfig] = None, *rest, **kwargs):
+        if args is None:
+            args = GRPOLambdaTRLConfig(output_dir=f"{getattr(model, 'name_or_path', model)}-GRPO-lambda"
+                                       .replace("/", "_"))
+        if not isinstance(args, GRPOLambdaTRLConfig):
+            raise TypeError(f"GRPOLambdaTRLTrainer: `args` must be a GRPOLambdaTRLConfig; got {type(args).__name__}. "
+                            "It is TRL's GRPOConfig with the GRPO-λ options: GRPOLambdaTRLConfig(**your_options).")
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        refused = [what for bad, what in _UNSUPPORTED if bad(self)]
+        if refused:
+            raise ValueError("GRPOLambdaTRLTrainer: the fused GRPO-λ loss does not implement these TRL options: "
+                             + "; ".join(refused) + ". Change them, or use trl.GRPOTrainer for them.")
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                base = m.get_base_model() if hasattr(m, "get_base_model") else m  # PEFT: patch the wrapped model
+                check_supported(base)
+                add_hidden_states_forward(base)
+
+    # ---- the two methods that change
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """Log-probs (and entropies) [B, T] of the last `logits_to_keep` tokens, through `linear_logprobs`."""
+        _refuse_multimodal(multimodal)
+        if compute_aux_loss:
+            raise ValueError("GRPOLambdaTRLTrainer: the MoE auxiliary loss is not supported (router_aux_loss_coef=0).")
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            hidden = self._completion_hidden(model, input_ids[rows], attention_mask[rows], logits_to_keep)
+            hidden, weight, bias = self._lm_head(model, hidden)
+            out = linear_logprobs(hidden, weight, input_ids[rows, -logits_to_keep:], bias=bias,
+                                  temperature=self.temperature, return_entropy=compute_entropy, impl=self.args.impl,
+                                  mask=attention_mask[rows, -logits_to_keep:])
+            logp, entropy = out if compute_entropy else (out, None)
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _compute_loss(self, model, inputs):
+        if "tool_mask" in inputs:
+            raise ValueError("GRPOLambdaTRLTrainer: tool-calling batches (tool_mask) are not supported.")
+        _refuse_multimodal(inputs)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        hidden = self._completion_hidden(model, input_ids, attention_mask, completion_ids.size(1))
+        hidden, weight, bias = self._lm_head(model, hidden)
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items = None
+        if self.loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens, per process and window
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * accumulation / self.args.steps_per_generation
+        loss, metrics = fused_grpo_lambda_loss(
+            hidden, weight, completion_ids, completion_mask, inputs["advantages"],
+            old_logprobs=inputs.get("old_per_token_logps"),
+            ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
+            temperature=self.temperature, trace=self.args.trace, lam=self.args.lam, gamma=self.args.trace_gamma,
+            adv_clamp_min=self.args.adv_clamp_min if self.args.trace is not None else None,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
+            impl=self.args.impl)
+        if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
+            loss = loss / accumulation
+        self._log_token_means(mode, metrics, completion_mask)
+        return loss
+
+    # ---- helpers
+
+    def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
+        with self.accelerator.autocast():
+            return model(input_ids=input_ids, attention_mask=attention_mask, completion_hidden_states=logits_to_keep)
+
+    def _lm_head(self, model, hidden):
+        """(hidden, weight, bias) in the dtype the LM head's matmul would run in."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise TypeError(f"GRPOLambdaTRLTrainer: the LM head must be a torch.nn.Linear; got {type(head).__name__}. "
+                            "An adapter on the LM head (PEFT target_modules with lm_head) is not supported.")
+        device = hidden.device.type
+        with self.accelerator.autocast():
+            autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if self.args.cast_lm_head_to_fp32:
+            dtype = torch.float32
+        elif autocast_dtype is not None and hidden.dtype == torch.float32:
+            # mixed precision with fp32 weights: the final norm returns fp32 and F.linear would run the head in the
+            # autocast dtype (as TRL's head does); cast both, differentiably, so the gradients reach the fp32 weights
+            dtype = autocast_dtype
+        else:
+            dtype = hidden.dtype
+        weight, bias = head.weight, head.bias
+        return hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+    def _log_token_means(self, mode, metrics, mask):
+        """TRL's metric names; masked token means combined over processes by token count, as TRL does."""
+        count = mask.sum().to(torch.float32)
+        names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        if self.beta != 0.0:
+            names.append("kl")
+        for name in names:
+            totals = self.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
+            self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+def _refuse_multimodal(named: dict) -> None:
+    given = [k for k in _MULTIMODAL_INPUTS if named.get(k) is not None]
+    if given:
+        raise ValueError(f"GRPOLambdaTRLTrainer: text-only models are supported; got {given}. "
+                         "Use trl.GRPOTrainer for vision-language models.")

@@ -1,0 +1,218 @@
+"""TRL as a drop-in (grpo_trainer.trl_trainer): with trace=None the loss and its gradients are TRL's own
+GRPOTrainer's, for every loss type both support; GRPO-λ trains through TRL's loop; unsupported options are refused.
+
+Comparisons run without autocast (bf16=False): under it TRL rounds the head's logits to bf16 where the fused loss
+does not, so the two would differ by bf16 rounding, not by their math."""
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from grpo_trainer.config import ConfigError  # noqa: E402
+from grpo_trainer.model import _prepare_tokenizer, build_char_tokenizer  # noqa: E402
+from grpo_trainer.trl_trainer import GRPOLambdaTRLConfig, GRPOLambdaTRLTrainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and the character tokenizer, saved (TRL loads its reference model from a path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _prepare_tokenizer(build_char_tokenizer())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("trl_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def digit_share(prompts, completions, **_):
+    """A reward that varies between completions of a random model: the share of digits."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def make_trainer(model_dir, tmp_path, cls=GRPOLambdaTRLTrainer, dtype="float32", bf16=False, **options):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_cls = GRPOLambdaTRLConfig if cls is GRPOLambdaTRLTrainer else trl.GRPOConfig
+    args = config_cls(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=2, report_to="none", use_cpu=True, bf16=bf16,
+                      logging_steps=1, save_strategy="no", seed=0, **options)
+    data = datasets.Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(5) for b in range(4)])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return cls(model, digit_share, args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir))
+
+
+def loss_inputs(vocab, dtype, on_policy):
+    """A hand-made micro-batch as TRL's _prepare_inputs hands it to _compute_loss: left-padded prompts,
+    right-padded completions, off-policy log-probs far from the policy's (ratios far outside the clip range)."""
+    g = torch.Generator().manual_seed(1)
+    B, P, T = 4, 5, 6
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    completion_mask[2, 5:] = 0
+    inputs = dict(prompt_ids=torch.randint(4, vocab, (B, P), generator=g), prompt_mask=prompt_mask,
+                  completion_ids=torch.randint(4, vocab, (B, T), generator=g), completion_mask=completion_mask,
+                  advantages=torch.randn(B, generator=g, dtype=dtype),
+                  ref_per_token_logps=-4 * torch.rand(B, T, generator=g, dtype=dtype),
+                  num_items_in_batch=completion_mask.sum().to(dtype))
+    if not on_policy:
+        inputs["old_per_token_logps"] = -4 * torch.rand(B, T, generator=g, dtype=dtype)
+    return inputs
+
+
+def loss_and_grads(trainer, inputs, loss_type):
+    trainer.loss_type = loss_type
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets; divides the loss as TRL does
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach().double(), [p.grad.double() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, tol, on_policy):
+    """TRL folds its log-sum-exp in fp32 whatever the model's dtype: tol is its precision, not ours."""
+    ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, beta=0.04)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, beta=0.04,
+                          use_bias_correction_kl=False)
+    inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
+    for loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"):
+        loss, grads = loss_and_grads(ours, inputs, loss_type)
+        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
+        assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=0), (loss_type, loss, ref_loss)
+        scale = max(g.abs().max().item() for g in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
+
+
+def test_logprobs_for_old_and_reference_are_trls(model_dir, tmp_path):
+    ours = make_trainer(model_dir, tmp_path, trace=None)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        lp, ent, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, mask, 6, batch_size=3,
+                                                             compute_entropy=True)
+        ref_lp, ref_ent, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, mask, 6,
+                                                                       compute_entropy=True)
+    assert lp.shape == ent.shape == (4, 6) and bool((lp[inputs["completion_mask"] == 0] == 0).all())
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent * inputs["completion_mask"], ref_ent * inputs["completion_mask"], rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp_path, impl):
+    """TRL computes ℓ_old with _get_per_token_logps_and_entropies when num_iterations > 1: on the first iteration
+    the ratios must then be exactly 1 (the loss bit for bit the on-policy one, nothing clipped). The gradient takes
+    the off-policy route (two passes), so it matches to rounding."""
+    trainer = make_trainer(model_dir, tmp_path, impl=impl, trace="both", beta=0.04)
+    inputs = loss_inputs(len(trainer.processing_class), torch.float32, on_policy=True)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 6)
+    on_policy = loss_and_grads(trainer, inputs, "dapo")
+    with_old = loss_and_grads(trainer, {**inputs, "old_per_token_logps": old}, "dapo")
+    assert torch.equal(on_policy[0], with_old[0])
+    for a, b in zip(on_policy[1], with_old[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 0
+
+
+def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path):
+    """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights.
+    SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level differences of near-zero
+    gradients would flip whole steps."""
+    options = dict(num_iterations=2, optim="sgd", learning_rate=0.5)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
+    before = [p.detach().clone() for p in ours.model.parameters()]
+    ours.train()
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **options)
+    theirs.train()
+    assert [e.get("reward") for e in ours.state.log_history] == [e.get("reward") for e in theirs.state.log_history]
+    moved = max((p - b).abs().max().item() for p, b in zip(ours.model.parameters(), before))
+    assert moved > 1e-3
+    for p, r in zip(ours.model.parameters(), theirs.model.parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-5)
+
+
+def test_grpo_lambda_trains_through_trls_loop(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, tmp_path, trace="both", lam=0.99, adv_clamp_min=-0.1, beta=0.04,
+                           learning_rate=1e-2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for name in ("loss", "entropy", "kl", "clip_ratio/region_mean", "reward"):
+            assert torch.isfinite(torch.tensor(entry[name])), (name, entry)
+    assert max((p - b).abs().max().item() for p, b in zip(trainer.model.parameters(), before)) > 1e-3
+    # evaluation: TRL's prediction_step calls the loss under no_grad, in eval mode (no accumulation scaling)
+    results = trainer.evaluate(eval_dataset=trainer.train_dataset.select(range(8)))
+    assert torch.isfinite(torch.tensor(results["eval_loss"])) and "eval_clip_ratio/region_mean" in results
+    # GRPO-λ is not TRL's loss: the same batch gives another loss than trace=None
+    inputs = loss_inputs(len(trainer.processing_class), torch.float32, on_policy=False)
+    traced, _ = loss_and_grads(trainer, inputs, "dapo")
+    trainer.args.trace = None
+    plain, _ = loss_and_grads(trainer, inputs, "dapo")
+    assert not torch.isclose(traced, plain)
+
+
+def test_under_autocast_the_head_runs_in_the_autocast_dtype(model_dir, tmp_path):
+    """bf16=True (transformers' default, on the CPU too): an fp32 model's final norm returns fp32 hidden states and
+    the head runs in bf16, as F.linear under autocast (and TRL's head) would; gradients still reach the fp32
+    weights."""
+    trainer = make_trainer(model_dir, tmp_path, impl="torch", bf16=True)
+    inputs = loss_inputs(len(trainer.processing_class), torch.float32, on_policy=False)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    hidden = trainer._completion_hidden(trainer.model, ids, mask, 6)
+    assert hidden.dtype == torch.float32
+    assert [t.dtype for t in trainer._lm_head(trainer.model, hidden)[:2]] == [torch.bfloat16] * 2
+    loss, grads = loss_and_grads(trainer, inputs, "dapo")
+    assert torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert trainer.model.get_output_embeddings().weight.grad.abs().max() > 0
+    trainer.train()
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(loss_type="sapo"), "loss_type must be one of"),
+    (dict(trace="bogus"), "trace must be one of"),
+    (dict(lam=1.5), "lam must be in"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(adv_clamp_min=float("nan")), "adv_clamp_min must be a finite number"),
+])
+def test_bad_options_are_config_errors(options, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(top_entropy_quantile=0.5), "top_entropy_quantile must be 1.0"),
+    (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
+    (dict(entropy_coef=0.01), "entropy_coef must be 0"),
+    (dict(beta=0.04, use_bias_correction_kl=True), "use_bias_correction_kl must be false when beta != 0"),
+    (dict(delta=2.0), "delta"),
+])
+def test_unsupported_trl_options_are_refused(model_dir, tmp_path, options, match):
+    with pytest.raises(ValueError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
+        make_trainer(model_dir, tmp_path, **options)
+
+
+def test_plain_grpo_config_is_refused(model_dir, tmp_path):
+    with pytest.raises(TypeError, match="must be a GRPOLambdaTRLConfig"):
+        GRPOLambdaTRLTrainer(str(model_dir), digit_share, trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
