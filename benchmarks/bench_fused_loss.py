@@ -18,6 +18,9 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   naive          full logits, fp32 log_softmax, gather, plain GRPO in torch (the anchors' definition)
   compiled       `naive` under torch.compile
   liger / cce    Liger's LigerFusedLinearGRPOLoss and CCE's linear_cross_entropy, when importable
+  trl            TRL's fused LM head (TRL ≥ 1.16 trains GRPO with it: ChunkedLogProbFunction over the real tokens'
+                 rows, vocabulary chunks of 32768) and plain GRPO on its log-probs, when importable
+  trl_logprobs   the same head under torch.no_grad (TRL's old/ref log-probs): compare with ours_logprobs_masked
 Ours runs GRPO-λ (trace="both", λ = 0.99, clamp −0.1, β = 0.04 k3 KL); the baselines run plain GRPO with the same
 KL (they have no trace), so ours does strictly more work.
 
@@ -63,8 +66,13 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_vocab": {PLAN_ENV: "vocab"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
-BASELINES = ["naive", "compiled", "liger", "cce"]
-BASELINE_MAX_LOGITS = 16384 * 128256  # the largest anchor shape; the 65,536-token row would need > 100 GB: not run
+BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
+BASELINE_LOGPROBS = ("trl_logprobs",)  # forward only: 2·N·H·V
+# the largest anchor shape; the 65,536-token row would need > 100 GB of logits: not run for the baselines that hold
+# them (and, as in the anchors' table, not for Liger and CCE); TRL's head holds one chunk, like ours
+BASELINE_MAX_LOGITS = 16384 * 128256
+CHUNKED_BASELINES = ("trl", "trl_logprobs")
+TRL_VOCAB_CHUNK = 32768  # TRL 1.16's vocabulary chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
 def make_inputs(B, T, H, V, device, dtype=torch.bfloat16, pad=0.3, seed=0) -> dict:
@@ -121,6 +129,22 @@ def _baseline_fn(provider):
             out = lig(h, w, ids, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)
             return out[0] if isinstance(out, tuple) else out
         return liger_loss
+    if provider in CHUNKED_BASELINES:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        def trl_logprobs(h, w, ids, mask):
+            """TRL's fused head as its GRPOTrainer calls it on a Triton device: the real tokens' rows only."""
+            keep = mask.bool()
+            lp = ChunkedLogProbFunction.apply(h[keep], w, None, ids[keep], 1.0, TRL_VOCAB_CHUNK, None, 1.0,
+                                              ("log_probs",))[0]
+            return lp.new_zeros(mask.shape).masked_scatter(keep, lp)
+
+        if provider == "trl_logprobs":
+            return trl_logprobs
+
+        def trl_loss(h, w, ids, mask, adv, old, ref):
+            return grpo_from_logp(trl_logprobs(h, w, ids, mask), old, ref, adv, mask)
+        return trl_loss
     if provider == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -160,6 +184,11 @@ def make_step(provider: str, inp: dict):
             return loss
         return step
     fn = _baseline_fn(provider)
+    if provider in BASELINE_LOGPROBS:
+        def step():
+            with torch.no_grad():
+                return fn(h, w, inp["ids"], inp["mask"])
+        return step
 
     def step():
         h.grad = w.grad = None
@@ -220,6 +249,8 @@ def provider_available(provider: str) -> bool:
             import liger_kernel.chunked_loss  # noqa: F401
         elif provider == "cce":
             import cut_cross_entropy  # noqa: F401
+        elif provider in CHUNKED_BASELINES:
+            import trl.kernels.chunked_logprob  # noqa: F401
     except Exception:
         return False
     return True
@@ -254,7 +285,7 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
     N = B * T
     row = dict(shape=shape, provider=provider, B=B, T=T, H=H, V=V)
-    if provider in BASELINES and N * V > BASELINE_MAX_LOGITS:
+    if provider in BASELINES and provider not in CHUNKED_BASELINES and N * V > BASELINE_MAX_LOGITS:
         return {**row, "error": "not run: full logits would not fit"}
     if not provider_available(provider):
         return {**row, "error": "not importable"}
@@ -270,7 +301,7 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
         row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
-    flops = (2 if provider in LOGPROBS_ONLY else 6) * H * V
+    flops = (2 if provider in LOGPROBS_ONLY + BASELINE_LOGPROBS else 6) * H * V
     try:
         step = make_step(provider, inp)
         t0 = time.perf_counter()
@@ -410,7 +441,7 @@ def test_fused_loss_benchmarks(benchmark, shape, provider):
     if not provider_available(provider):
         pytest.skip(f"{provider} is not installed")
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
-    if provider in BASELINES and B * T * V > BASELINE_MAX_LOGITS:
+    if provider in BASELINES and provider not in CHUNKED_BASELINES and B * T * V > BASELINE_MAX_LOGITS:
         pytest.skip("full logits would not fit")
     inp, err = _shape_inputs(shape)
     if provider in OURS:
@@ -434,12 +465,22 @@ def smoke_inputs():
     return inp
 
 
-@pytest.mark.parametrize("provider", OURS + ["naive"])
+@pytest.mark.parametrize("provider", OURS + ["naive", "trl", "trl_logprobs"])
 def test_smoke_interpreter(benchmark, provider, smoke_inputs, monkeypatch):
-    """CPU smoke case: the benchmark code paths run (kernels interpreted, tiny shapes); timings mean nothing."""
+    """CPU smoke case: the benchmark code paths run (kernels interpreted, tiny shapes); timings mean nothing.
+    The baselines' results are checked against the reference here (the GPU run times them only)."""
+    if not provider_available(provider):
+        pytest.skip(f"{provider} is not installed (the `trl` extra)")
     monkeypatch.setenv("LAMBDA_KERNELS_LOGITS_BUDGET", str(4 * 123 * 8))
     step = make_step(provider, smoke_inputs)
-    benchmark.pedantic(step, rounds=1, iterations=1)
+    out = benchmark.pedantic(step, rounds=1, iterations=1)
+    inp = smoke_inputs
+    ref_lp = R.linear_logprobs(inp["hidden"].detach(), inp["weight"].detach(), inp["ids"], mask=inp["mask"])
+    if provider == "trl_logprobs":
+        torch.testing.assert_close(out, ref_lp, rtol=1e-5, atol=1e-5)
+    elif provider in ("naive", "trl"):
+        expected = grpo_from_logp(ref_lp, inp["old"], inp["ref"], inp["adv"], inp["mask"])
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":
