@@ -4,6 +4,7 @@ offline), or any Hugging Face causal LM; hidden states aligned with completion t
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -93,13 +94,40 @@ def load_policy(cfg: GRPOLambdaConfig, path: str | None = None):
     return model.to(device=cfg.torch_device(), dtype=getattr(torch, cfg.model_dtype)), tokenizer
 
 
+def logit_scale(model) -> float:
+    """The factor the model applies to its head's output before the softmax, 1.0 for most models.
+
+    Cohere multiplies by `logit_scale`, Muse Glimmer by `output_multiplier`, Falcon-H1 by `lm_head_multiplier`,
+    HyperCLOVA X by `logits_scaling`; Granite and MiniCPM3 divide by `logits_scaling` (the list TRL's fused head
+    applies). Read from the text config, so a vision-language model's language head counts too. The fused ops take
+    it folded into the temperature: softmax(s·z / τ) = softmax(z / (τ/s)).
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(cfg, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None) if scale is None else scale
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    scale = 1.0 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"model_name_or_path must name a model whose logits are a positive multiple of "
+                         f"hidden·Wᵀ (+ bias); got a logit scale of {scale} ({type(model).__name__}).")
+    return scale
+
+
 def check_supported(model) -> None:
-    cfg = model.config
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            raise ValueError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias); "
-                             f"got {attr}={getattr(cfg, attr)} ({type(model).__name__}), which the fused loss "
-                             "does not apply.")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias), up to a scale; "
+                         f"got final_logit_softcapping={cfg.final_logit_softcapping} ({type(model).__name__}), "
+                         "which the fused loss does not apply.")
+    logit_scale(model)
+
+
+def head_temperature(model, temperature: float) -> float:
+    """The temperature to give the fused ops on `model`'s hidden states: the sampling temperature with the model's
+    logit scale folded in (so the log-probs are those of the distribution generation samples from)."""
+    return temperature / logit_scale(model)
 
 
 def save_pretrained(model, tokenizer, directory) -> None:
@@ -139,5 +167,6 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
     hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias = lm_head(model)
-    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature, impl=impl,
+    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=head_temperature(model, temperature),
+                           impl=impl,
                            mask=completion_mask)

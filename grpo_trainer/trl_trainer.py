@@ -12,12 +12,16 @@ checkpoints. Two methods change:
   [B, T, V] logits; one pass when on-policy), with the GRPO-λ trace on top of TRL's clipped objective;
 - the old-policy and reference log-probs come from `linear_logprobs`, the same kernels as the loss, so that an
   on-policy ratio is exactly 1.
-`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo; same normalisers and metric names), which
-`tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer.
+`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, with TRL's normalisers), which
+`tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
+logit scale (Granite, Cohere, ...) is folded into the temperature, as TRL's head applies it. Metrics keep TRL's
+names; the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` are not logged (the fused loss returns
+token means only).
 
-TRL options the fused loss does not implement are refused at start-up rather than silently ignored (see
-`_UNSUPPORTED`). Written against TRL 1.16 (it overrides the private `_compute_loss` and
-`_get_per_token_logps_and_entropies`); tested on the CPU with one process, not under DDP/FSDP/DeepSpeed or PEFT.
+TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
+when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
+`_compute_loss` and `_get_per_token_logps_and_entropies`); tested on the CPU with one process, not under
+DDP/FSDP/DeepSpeed or PEFT.
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ import torch
 
 from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
-from .config import IMPLS, TRACES, _choice, _finite, _unit_closed
-from .model import check_supported
+from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
+from .model import check_supported, head_temperature
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -48,18 +52,24 @@ if not all(callable(getattr(GRPOTrainer, name, None)) for name in _OVERRIDDEN): 
                       f"the installed TRL {trl.__version__} lacks some of them. pip install 'trl>=1.16,<2'.")
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-# (what is refused, the GRPOConfig option(s) to change): checked on the trainer once TRL has read its arguments
-_UNSUPPORTED = (
-    (lambda t: t.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
-    (lambda t: t.args.delta is not None, "delta (two-sided clipping) must be None"),
-    (lambda t: t.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
-    (lambda t: t._entropy_bonus_enabled, "entropy_coef must be 0 and use_adaptive_entropy false"),
-    (lambda t: t.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
-    (lambda t: t.beta != 0.0 and t.args.use_bias_correction_kl, "use_bias_correction_kl must be false when beta != 0"),
-    (lambda t: t.use_vllm and t.vllm_importance_sampling_correction,
+# TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
+# (test on the options, what to set): checked when the config is built, before any model is loaded
+_UNSUPPORTED_OPTIONS = (
+    (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
+    (lambda a: a.delta is not None, "delta (two-sided clipping) must be None"),
+    (lambda a: a.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
+    (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
+     "entropy_coef must be 0 and use_adaptive_entropy false"),
+    (lambda a: a.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
+    (lambda a: a.beta != 0.0 and a.use_bias_correction_kl, "use_bias_correction_kl must be false when beta != 0"),
+    (lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
      "vllm_importance_sampling_correction must be false with use_vllm"),
+)
+# the same, for what only the trainer knows (the model, the tools)
+_NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
+_UNSUPPORTED_SETUP = (
     (lambda t: t.aux_loss_enabled, "router_aux_loss_coef must be 0 for a mixture-of-experts model"),
-    (lambda t: bool(t.tools), "tools (and environments) must not be given: tool-output tokens need a loss mask"),
+    (lambda t: bool(t.tools), _NO_TOOLS),
 )
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                       "image_position_ids", "token_type_ids", "mm_token_type_ids", "num_images", "num_tiles")
@@ -92,6 +102,7 @@ class GRPOLambdaTRLConfig(GRPOConfig):
             _finite("adv_clamp_min", self.adv_clamp_min)
         _choice("impl", self.impl, IMPLS)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _refuse([what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)], ConfigError)
 
 
 def add_hidden_states_forward(model) -> None:
@@ -124,11 +135,10 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         if not isinstance(args, GRPOLambdaTRLConfig):
             raise TypeError(f"GRPOLambdaTRLTrainer: `args` must be a GRPOLambdaTRLConfig; got {type(args).__name__}. "
                             "It is TRL's GRPOConfig with the GRPO-λ options: GRPOLambdaTRLConfig(**your_options).")
+        if kwargs.get("tools") or kwargs.get("environment_factory"):  # before TRL loads anything for them
+            _refuse([_NO_TOOLS], ValueError)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        refused = [what for bad, what in _UNSUPPORTED if bad(self)]
-        if refused:
-            raise ValueError("GRPOLambdaTRLTrainer: the fused GRPO-λ loss does not implement these TRL options: "
-                             + "; ".join(refused) + ". Change them, or use trl.GRPOTrainer for them.")
+        _refuse([what for bad, what in _UNSUPPORTED_SETUP if bad(self)], ValueError)
         for m in (self.model, self.ref_model):
             if m is not None:
                 base = m.get_base_model() if hasattr(m, "get_base_model") else m  # PEFT: patch the wrapped model
@@ -150,7 +160,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             hidden = self._completion_hidden(model, input_ids[rows], attention_mask[rows], logits_to_keep)
             hidden, weight, bias = self._lm_head(model, hidden)
             out = linear_logprobs(hidden, weight, input_ids[rows, -logits_to_keep:], bias=bias,
-                                  temperature=self.temperature, return_entropy=compute_entropy, impl=self.args.impl,
+                                  temperature=self._head_temperature(model), return_entropy=compute_entropy,
+                                  impl=self.args.impl,
                                   mask=attention_mask[rows, -logits_to_keep:])
             logp, entropy = out if compute_entropy else (out, None)
             logps.append(logp)
@@ -178,7 +189,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             hidden, weight, completion_ids, completion_mask, inputs["advantages"],
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
-            temperature=self.temperature, trace=self.args.trace, lam=self.args.lam, gamma=self.args.trace_gamma,
+            temperature=self._head_temperature(model), trace=self.args.trace, lam=self.args.lam,
+            gamma=self.args.trace_gamma,
             adv_clamp_min=self.args.adv_clamp_min if self.args.trace is not None else None,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
@@ -193,6 +205,12 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
         with self.accelerator.autocast():
             return model(input_ids=input_ids, attention_mask=attention_mask, completion_hidden_states=logits_to_keep)
+
+    def _head_temperature(self, model) -> float:
+        """TRL's temperature with the model's logit scale folded in (Granite, Cohere, ...), as TRL's head applies it."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return head_temperature(unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped,
+                                self.temperature)
 
     def _lm_head(self, model, hidden):
         """(hidden, weight, bias) in the dtype the LM head's matmul would run in."""
@@ -223,6 +241,12 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         for name in names:
             totals = self.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+def _refuse(refused: list, error) -> None:
+    if refused:
+        raise error("GRPOLambdaTRLTrainer: the fused GRPO-λ loss does not implement these TRL options: "
+                    + "; ".join(refused) + ". Change them, or use trl.GRPOTrainer for them.")
 
 
 def _refuse_multimodal(named: dict) -> None:

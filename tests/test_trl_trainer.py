@@ -25,7 +25,29 @@ def model_dir(tmp_path_factory):
         vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    with torch.no_grad():  # raise EOS on prompt-like states so completions end at different lengths (else every
+        # one is cut at max_completion_length and the loss types' normalisers all agree)
+        ids = tok([f"{a}+{b}=" for a in range(5) for b in range(4)], return_tensors="pt", padding=True)
+        h = model.base_model(**ids).last_hidden_state[ids["attention_mask"].bool()].mean(0)
+        model.get_output_embeddings().weight[tok.eos_token_id] += 3 * h / h.pow(2).sum()
     path = tmp_path_factory.mktemp("trl_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def granite_dir(tmp_path_factory):
+    """A tiny Granite: untied head, logits divided by logits_scaling = 4 (TRL's head applies it; so must ours)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    tok = _prepare_tokenizer(build_char_tokenizer())
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, logits_scaling=4.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("trl_granite")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -36,16 +58,18 @@ def digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-def make_trainer(model_dir, tmp_path, cls=GRPOLambdaTRLTrainer, dtype="float32", bf16=False, **options):
+def make_trainer(model_dir, tmp_path, cls=GRPOLambdaTRLTrainer, dtype="float32", bf16=False, tools=None,
+                 **options):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_cls = GRPOLambdaTRLConfig if cls is GRPOLambdaTRLTrainer else trl.GRPOConfig
-    args = config_cls(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, max_steps=2, report_to="none", use_cpu=True, bf16=bf16,
-                      logging_steps=1, save_strategy="no", seed=0, **options)
+    options = dict(dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=2,
+                        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0), **options)
+    args = config_cls(output_dir=str(tmp_path / cls.__name__), bf16=bf16, **options)
     data = datasets.Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(5) for b in range(4)])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    return cls(model, digit_share, args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir))
+    return cls(model, digit_share, args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
+               tools=tools)
 
 
 def loss_inputs(vocab, dtype, on_policy):
@@ -97,6 +121,20 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
         assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
 
 
+def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path):
+    ours = make_trainer(granite_dir, tmp_path, trace=None, beta=0.04, temperature=0.7)
+    theirs = make_trainer(granite_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7,
+                          use_bias_correction_kl=False)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    for loss_type in ("dapo", "grpo"):
+        loss, grads = loss_and_grads(ours, inputs, loss_type)
+        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
+        assert torch.isclose(loss, ref_loss, rtol=2e-6, atol=0), (loss_type, loss, ref_loss)
+        scale = max(g.abs().max().item() for g in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=2e-6 * scale, msg=loss_type)
+
+
 def test_logprobs_for_old_and_reference_are_trls(model_dir, tmp_path):
     ours = make_trainer(model_dir, tmp_path, trace=None)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
@@ -133,17 +171,21 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
     assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 0
 
 
-def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type):
     """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights.
     SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level differences of near-zero
     gradients would flip whole steps."""
-    options = dict(num_iterations=2, optim="sgd", learning_rate=0.5)
+    options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, loss_type=loss_type, max_completion_length=8,
+                   per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04)
     ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
     before = [p.detach().clone() for p in ours.model.parameters()]
     ours.train()
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **options)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, use_bias_correction_kl=False, **options)
     theirs.train()
-    assert [e.get("reward") for e in ours.state.log_history] == [e.get("reward") for e in theirs.state.log_history]
+    logs = [e for e in ours.state.log_history if "reward" in e]
+    assert [e["reward"] for e in logs] == [e.get("reward") for e in theirs.state.log_history if "reward" in e]
+    assert any(e["completions/min_length"] < e["completions/max_length"] for e in logs)  # normalisers differ
     moved = max((p - b).abs().max().item() for p, b in zip(ours.model.parameters(), before))
     assert moved > 1e-3
     for p, r in zip(ours.model.parameters(), theirs.model.parameters()):
@@ -207,10 +249,25 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(beta=0.04, use_bias_correction_kl=True), "use_bias_correction_kl must be false when beta != 0"),
     (dict(delta=2.0), "delta"),
+    (dict(use_vllm=True), "vllm_importance_sampling_correction must be false"),
 ])
-def test_unsupported_trl_options_are_refused(model_dir, tmp_path, options, match):
-    with pytest.raises(ValueError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
-        make_trainer(model_dir, tmp_path, **options)
+def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
+    with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
+        GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+def test_tools_are_refused(model_dir, tmp_path):
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first integer
+            b: the second integer
+        """
+        return a + b
+
+    with pytest.raises(ValueError, match="does not implement these TRL options: tools"):
+        make_trainer(model_dir, tmp_path, tools=[add])
 
 
 def test_plain_grpo_config_is_refused(model_dir, tmp_path):
