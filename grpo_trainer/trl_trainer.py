@@ -20,8 +20,8 @@ token means only).
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
-`_compute_loss` and `_get_per_token_logps_and_entropies`); tested on the CPU with one process, not under
-DDP/FSDP/DeepSpeed or PEFT.
+`_compute_loss` and `_get_per_token_logps_and_entropies`); tested on the CPU with one process (LoRA adapters through
+PEFT included), not under DDP/FSDP/DeepSpeed.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def digit_share(prompts, completions, **_):
 
 
 def make_trainer(model_dir, tmp_path, cls=GRPOLambdaTRLTrainer, dtype="float32", bf16=False, tools=None,
-                 **options):
+                 peft_config=None, **options):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_cls = GRPOLambdaTRLConfig if cls is GRPOLambdaTRLTrainer else trl.GRPOConfig
@@ -69,7 +69,7 @@ def make_trainer(model_dir, tmp_path, cls=GRPOLambdaTRLTrainer, dtype="float32",
     data = datasets.Dataset.from_list([{"prompt": f"{a}+{b}="} for a in range(5) for b in range(4)])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     return cls(model, digit_share, args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
-               tools=tools)
+               tools=tools, peft_config=peft_config)
 
 
 def loss_inputs(vocab, dtype, on_policy):
@@ -190,6 +190,29 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     assert moved > 1e-3
     for p, r in zip(ours.model.parameters(), theirs.model.parameters()):
         torch.testing.assert_close(p, r, rtol=0, atol=1e-5)
+
+
+def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
+    """PEFT: the hidden states come through the adapters, and the reference log-probs (adapters disabled by TRL)
+    through the base weights; the adapters end where TRL's do."""
+    peft = pytest.importorskip("peft")
+
+    def lora():  # gaussian init: the adapters change the output from the first step
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
+                               init_lora_weights="gaussian")
+
+    options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, beta=0.04)
+    ours = make_trainer(model_dir, tmp_path, trace=None, peft_config=lora(), **options)
+    ours.train()
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, use_bias_correction_kl=False,
+                          peft_config=lora(), **options)
+    theirs.train()
+    trained = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora" in n for n in trained)
+    for (n, p), (_, r) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-6, msg=n)
+    kl = [e["kl"] for e in ours.state.log_history if "kl" in e]
+    assert kl[-1] > 0 and kl == pytest.approx([e["kl"] for e in theirs.state.log_history if "kl" in e], rel=1e-5)
 
 
 def test_grpo_lambda_trains_through_trls_loop(model_dir, tmp_path):
