@@ -62,8 +62,6 @@ _UNSUPPORTED_OPTIONS = (
      "entropy_coef must be 0 and use_adaptive_entropy false"),
     (lambda a: a.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
     (lambda a: a.beta != 0.0 and a.use_bias_correction_kl, "use_bias_correction_kl must be false when beta != 0"),
-    (lambda a: a.use_vllm and a.vllm_importance_sampling_correction,
-     "vllm_importance_sampling_correction must be false with use_vllm"),
 )
 # the same, for what only the trainer knows (the model, the tools)
 _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
@@ -185,13 +183,13 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
+        advantages, adv_clamp_min = self._advantages(inputs, completion_mask.shape)
         loss, metrics = fused_grpo_lambda_loss(
-            hidden, weight, completion_ids, completion_mask, inputs["advantages"],
+            hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
             temperature=self._head_temperature(model), trace=self.args.trace, lam=self.args.lam,
-            gamma=self.args.trace_gamma,
-            adv_clamp_min=self.args.adv_clamp_min if self.args.trace is not None else None,
+            gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             impl=self.args.impl)
@@ -201,6 +199,22 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         return loss
 
     # ---- helpers
+
+    def _advantages(self, inputs, shape):
+        """(advantages, adv_clamp_min) for the fused loss: TRL's, with its vLLM importance-sampling weights folded in.
+
+        TRL multiplies each token's policy loss by a weight w ≥ 0 (not the KL term). For w ≥ 0,
+        w·(−min(ρ̃Â, clip(ρ̃)Â)) = −min(ρ̃·wÂ, clip(ρ̃)·wÂ), so per-token advantages wÂ give the weighted loss
+        exactly; the clamp comes first (the weight multiplies the whole clamped term), then no second clamp."""
+        advantages = inputs["advantages"]
+        clamp = self.args.adv_clamp_min if self.args.trace is not None else None
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            return advantages, clamp
+        if clamp is not None:
+            advantages = advantages.clamp(min=clamp)
+        weights = inputs["importance_sampling_ratio"]  # [B, T] (token modes) or [B, 1] (sequence modes)
+        per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        return (per_token * weights).expand(shape).contiguous(), None
 
     def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
         with self.accelerator.autocast():

@@ -135,6 +135,57 @@ def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path
             torch.testing.assert_close(g, r, rtol=0, atol=2e-6 * scale, msg=loss_type)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
+    """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
+    masked); the fused loss takes it folded into per-token advantages. (Only _compute_loss runs: no vLLM here.)"""
+    ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, use_bias_correction_kl=False)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    g = torch.Generator().manual_seed(2)
+    weights = 2 * torch.rand(4, 6 if level == "token" else 1, generator=g)
+    weights[0, 0] = 0.0  # TRL's masking modes zero a ratio out of bounds
+    inputs["importance_sampling_ratio"] = weights
+    for trainer in (ours, theirs):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
+    for loss_type in ("dapo", "grpo"):
+        loss, grads = loss_and_grads(ours, inputs, loss_type)
+        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
+        assert torch.isclose(loss, ref_loss, rtol=2e-6, atol=0), (loss_type, loss, ref_loss)
+        scale = max(g.abs().max().item() for g in ref_grads)
+        for g_, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g_, r, rtol=0, atol=2e-6 * scale, msg=loss_type)
+
+
+def test_vllm_importance_weights_with_a_trace_multiply_the_clamped_term(model_dir, tmp_path):
+    """GRPO-λ: the weight multiplies −min(ρ̃·Â_c, clip(ρ̃)·Â_c) with Â_c = max(Â, clamp), written out here from the
+    public per-token ops (log-probs, trace) and compared with the trainer's fused loss."""
+    import lambda_kernels as lk
+
+    trainer = make_trainer(model_dir, tmp_path, trace="both", lam=0.9, adv_clamp_min=-0.1, impl="torch")
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    inputs = loss_inputs(len(trainer.processing_class), torch.float64, on_policy=False)
+    inputs = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    inputs["importance_sampling_ratio"] = w = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(3))
+    loss, grads = loss_and_grads(trainer, inputs, "bnpo")
+
+    trainer.model.zero_grad()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    m = inputs["completion_mask"]
+    hidden = trainer._completion_hidden(trainer.model, ids, torch.cat([inputs["prompt_mask"], m], dim=1), 6)
+    head = trainer.model.get_output_embeddings()
+    lp = lk.linear_logprobs(hidden, head.weight, inputs["completion_ids"], mask=m, impl="torch")
+    z = lk.lambda_trace(lp - inputs["old_per_token_logps"], m, lam=0.9, style="both", impl="torch")
+    adv = inputs["advantages"].clamp(min=-0.1).unsqueeze(1)
+    ratio = torch.exp(z)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv) * w
+    expected = (per_token * m).sum() / m.sum() / trainer.current_gradient_accumulation_steps
+    expected.backward()
+    assert torch.isclose(loss, expected.double(), rtol=1e-5), (loss, expected)
+    for g_, p in zip(grads, trainer.model.parameters()):
+        torch.testing.assert_close(g_, p.grad.double(), rtol=1e-4, atol=1e-7)
+
+
 def test_logprobs_for_old_and_reference_are_trls(model_dir, tmp_path):
     ours = make_trainer(model_dir, tmp_path, trace=None)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
@@ -272,7 +323,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(beta=0.04, use_bias_correction_kl=True), "use_bias_correction_kl must be false when beta != 0"),
     (dict(delta=2.0), "delta"),
-    (dict(use_vllm=True), "vllm_importance_sampling_correction must be false"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
