@@ -72,7 +72,9 @@ BASELINE_LOGPROBS = ("trl_logprobs",)  # forward only: 2·N·H·V
 # them (and, as in the anchors' table, not for Liger and CCE); TRL's head holds one chunk, like ours
 BASELINE_MAX_LOGITS = 16384 * 128256
 CHUNKED_BASELINES = ("trl", "trl_logprobs")
-TRL_VOCAB_CHUNK = 32768  # TRL 1.16's vocabulary chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+# TRL 1.16's vocabulary chunk, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: copied, as importing that module pulls
+# in TRL's trainer stack (datasets, ...), which the GPU machine does not have; the kernels module needs only torch
+TRL_VOCAB_CHUNK = 32768
 
 
 def make_inputs(B, T, H, V, device, dtype=torch.bfloat16, pad=0.3, seed=0) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import GRPOLambdaConfig
+from .config import ConfigError, GRPOLambdaConfig
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD, BOS, EOS = 0, 1, 2
@@ -94,34 +94,58 @@ def load_policy(cfg: GRPOLambdaConfig, path: str | None = None):
     return model.to(device=cfg.torch_device(), dtype=getattr(torch, cfg.model_dtype)), tokenizer
 
 
-def logit_scale(model) -> float:
-    """The factor the model applies to its head's output before the softmax, 1.0 for most models.
+# How architectures scale their head's output before the softmax, from transformers' modelling code (5.24):
+# config attribute → {model_type: "multiply" | "divide"}. Any other model type whose config sets one of these to a
+# value other than 1 is refused: whether its head applies it is unknown (MPT's config has a logit_scale its
+# modelling code ignores).
+LOGIT_SCALES = {
+    "logit_scale": dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass"), "multiply"),
+    "lm_head_multiplier": {"falcon_h1": "multiply"},
+    "output_multiplier": dict.fromkeys(("muse_glimmer", "muse_spark"), "multiply"),
+    "logits_scaling": {"hyperclovax": "multiply", **dict.fromkeys(
+        ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
+         "minicpm3"), "divide")},
+}
 
-    Cohere multiplies by `logit_scale`, Muse Glimmer by `output_multiplier`, Falcon-H1 by `lm_head_multiplier`,
-    HyperCLOVA X by `logits_scaling`; Granite and MiniCPM3 divide by `logits_scaling` (the list TRL's fused head
-    applies). Read from the text config, so a vision-language model's language head counts too. The fused ops take
-    it folded into the temperature: softmax(s·z / τ) = softmax(z / (τ/s)).
-    """
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = getattr(cfg, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(cfg, name, None) if scale is None else scale
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    scale = 1.0 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"model_name_or_path must name a model whose logits are a positive multiple of "
-                         f"hidden·Wᵀ (+ bias); got a logit scale of {scale} ({type(model).__name__}).")
+
+def text_config(model):
+    """The config of the language model (a vision-language model's `text_config`, else the config itself)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def logit_scale(model) -> float:
+    """The factor the model applies to its head's output before the softmax: 1.0 for most models, Cohere's
+    `logit_scale`, Granite's 1/`logits_scaling`, ... (`LOGIT_SCALES`). The fused ops take it folded into the
+    temperature: softmax(s·z / τ) = softmax(z / (τ/s))."""
+    cfg = text_config(model)
+    types = {getattr(model.config, "model_type", None), getattr(cfg, "model_type", None)}
+    scale = 1.0
+    for attr, ops in LOGIT_SCALES.items():
+        value = getattr(cfg, attr, None)
+        op = next((ops[t] for t in types if t in ops), None)
+        if value is None or (op is None and value == 1):
+            continue
+        if op is None:
+            raise ConfigError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias) up to a known "
+                             f"scale; got {attr}={value!r} on a {'/'.join(sorted(filter(None, types)))} model, which "
+                             f"the fused loss does not know how to apply (it knows {attr} for {sorted(ops)}).")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"model_name_or_path must name a model whose logits are a positive multiple of "
+                             f"hidden·Wᵀ (+ bias); got {attr}={value!r} ({type(model).__name__}).")
+        scale *= value if op == "multiply" else 1 / value
     return scale
 
 
 def check_supported(model) -> None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """Refuse, at start-up, a model whose next-token distribution is not softmax(s·(hidden·Wᵀ + b) / τ)."""
+    cfg = text_config(model)
     if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias), up to a scale; "
+        raise ConfigError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias), up to a scale; "
                          f"got final_logit_softcapping={cfg.final_logit_softcapping} ({type(model).__name__}), "
                          "which the fused loss does not apply.")
     logit_scale(model)
+    if hasattr(model, "get_output_embeddings"):
+        lm_head(model)
 
 
 def head_temperature(model, temperature: float) -> float:
@@ -141,7 +165,14 @@ def save_pretrained(model, tokenizer, directory) -> None:
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V, H], bias or None) of the output layer (tied to the input embeddings or not)."""
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    # exactly nn.Linear: a subclass may do more than x·Wᵀ + b (a learned per-token scale, a quantised weight, an
+    # adapter), which the fused ops would silently drop
+    if type(head) is not torch.nn.Linear:
+        raise ConfigError(f"the LM head must be a plain torch.nn.Linear; got {type(head).__name__} "
+                        f"({type(model).__name__}). The fused loss computes x·Wᵀ + b from its weight and bias only: "
+                        "an adapter on the head (PEFT target_modules with lm_head), a quantised head or a head with "
+                        "extra parameters is not supported.")
+    return head.weight, head.bias
 
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:

@@ -26,6 +26,7 @@ PEFT included), not under DDP/FSDP/DeepSpeed.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,7 +35,7 @@ import torch
 from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
 from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
-from .model import check_supported, head_temperature
+from .model import check_supported, head_temperature, lm_head
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -51,10 +52,18 @@ if not all(callable(getattr(GRPOTrainer, name, None)) for name in _OVERRIDDEN): 
     raise ImportError(f"grpo_trainer.trl_trainer was written against TRL 1.16, whose GRPOTrainer has {_OVERRIDDEN}; "
                       f"the installed TRL {trl.__version__} lacks some of them. pip install 'trl>=1.16,<2'.")
 
+TESTED_TRL = "1.16."
+if not __import__("trl").__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's internals, not only names
+    warnings.warn(f"grpo_trainer.trl_trainer is tested with TRL {TESTED_TRL}x; TRL {__import__('trl').__version__} "
+                  "is installed. Check the loss against trl.GRPOTrainer with trace=None (tests/test_trl_trainer.py).",
+                  stacklevel=2)
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo", "luspo")
 # TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
-# (test on the options, what to set): checked when the config is built, before any model is loaded
+# Pairs (is it set?, what to set instead), checked when the config is built, before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
+    (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
     (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
     (lambda a: a.delta is not None, "delta (two-sided clipping) must be None"),
     (lambda a: a.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
@@ -68,6 +77,9 @@ _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need
 _UNSUPPORTED_SETUP = (
     (lambda t: t.aux_loss_enabled, "router_aux_loss_coef must be 0 for a mixture-of-experts model"),
     (lambda t: bool(t.tools), _NO_TOOLS),
+    (lambda t: getattr(t, "_is_vlm", False), "the model must be text-only (not a vision-language model)"),
+    # the LM head's weight is read outside the module's own forward, where FSDP and ZeRO-3 keep it sharded
+    (lambda t: t.accelerator.distributed_type in ("FSDP", "DEEPSPEED"), "FSDP and DeepSpeed must not be used"),
 )
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                       "image_position_ids", "token_type_ids", "mm_token_type_ids", "num_images", "num_tiles")
@@ -92,6 +104,8 @@ class GRPOLambdaTRLConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.trace, str) and self.trace.lower() == "none":  # from a command line or YAML
+            self.trace = None
         if self.trace is not None:
             _choice("trace", self.trace, TRACES + (None,))
         _unit_closed("lam", self.lam)
@@ -99,16 +113,18 @@ class GRPOLambdaTRLConfig(GRPOConfig):
         if self.adv_clamp_min is not None:
             _finite("adv_clamp_min", self.adv_clamp_min)
         _choice("impl", self.impl, IMPLS)
-        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        if self.loss_type not in TRL_ONLY_LOSS_TYPES:  # (those are refused below, with the other TRL options)
+            _choice("loss_type", self.loss_type, LOSS_TYPES)
         _refuse([what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)], ConfigError)
 
 
 def add_hidden_states_forward(model) -> None:
-    """Let `model(..., completion_hidden_states=T)` return the backbone's last hidden states that predict the
-    last T input tokens ([B, T, H], no LM head).
+    """Let `model(..., completion_hidden_states=T)` return `(hidden, weight, bias)`: the backbone's last hidden states
+    that predict the last T input tokens ([B, T, H], no LM head) and the LM head's parameters.
 
-    Through the model's own call, not `model.base_model(...)` from outside, so that wrappers (accelerate, DDP) see
-    a forward; any other call is the model's forward as before (generation is unchanged)."""
+    Through the model's own call, so that a wrapper (DDP) sees a forward whose outputs reach every parameter the
+    loss uses, the head's included (DDP with find_unused_parameters would otherwise take the head for unused and
+    fail when its gradient arrives). Any other call is the model's forward as before (generation is unchanged)."""
     original_forward = model.forward
 
     @functools.wraps(original_forward)
@@ -117,7 +133,10 @@ def add_hidden_states_forward(model) -> None:
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         hidden = model.base_model(*args, **kwargs).last_hidden_state
-        return hidden[:, -completion_hidden_states - 1:-1]
+        # as views (no copy): DDP finds the parameters an output uses by walking back from the outputs' autograd
+        # nodes, and a parameter returned as such, a leaf, has none
+        weight, bias = (None if p is None else p.view_as(p) for p in lm_head(model))
+        return hidden[:, -completion_hidden_states - 1:-1], weight, bias
 
     model.forward = forward
 
@@ -127,9 +146,9 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     are `linear_logprobs`. `args` must be a `GRPOLambdaTRLConfig`."""
 
     def __init__(self, model, reward_funcs=None, args: Optional[GRPOLambdaTRLConfig] = None, *rest, **kwargs):
-        if args is None:
-            args = GRPOLambdaTRLConfig(output_dir=f"{getattr(model, 'name_or_path', model)}-GRPO-lambda"
-                                       .replace("/", "_"))
+        if args is None:  # as TRL names it: after the model's last path component
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GRPOLambdaTRLConfig(output_dir=f"{name.split('/')[-1]}-GRPO-lambda")
         if not isinstance(args, GRPOLambdaTRLConfig):
             raise TypeError(f"GRPOLambdaTRLTrainer: `args` must be a GRPOLambdaTRLConfig; got {type(args).__name__}. "
                             "It is TRL's GRPOConfig with the GRPO-λ options: GRPOLambdaTRLConfig(**your_options).")
@@ -139,8 +158,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         _refuse([what for bad, what in _UNSUPPORTED_SETUP if bad(self)], ValueError)
         for m in (self.model, self.ref_model):
             if m is not None:
-                base = m.get_base_model() if hasattr(m, "get_base_model") else m  # PEFT: patch the wrapped model
-                check_supported(base)
+                base = _base_model(m)
+                check_supported(base)  # (also: the LM head is a plain nn.Linear, no adapter on it)
                 add_hidden_states_forward(base)
 
     # ---- the two methods that change
@@ -153,13 +172,13 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             raise ValueError("GRPOLambdaTRLTrainer: the MoE auxiliary loss is not supported (router_aux_loss_coef=0).")
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
+        temperature = self._head_temperature(model)
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            hidden = self._completion_hidden(model, input_ids[rows], attention_mask[rows], logits_to_keep)
-            hidden, weight, bias = self._lm_head(model, hidden)
+            hidden, weight, bias = self._completion_states(model, input_ids[rows], attention_mask[rows],
+                                                           logits_to_keep)
             out = linear_logprobs(hidden, weight, input_ids[rows, -logits_to_keep:], bias=bias,
-                                  temperature=self._head_temperature(model), return_entropy=compute_entropy,
-                                  impl=self.args.impl,
+                                  temperature=temperature, return_entropy=compute_entropy, impl=self.args.impl,
                                   mask=attention_mask[rows, -logits_to_keep:])
             logp, entropy = out if compute_entropy else (out, None)
             logps.append(logp)
@@ -173,8 +192,7 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        hidden = self._completion_hidden(model, input_ids, attention_mask, completion_ids.size(1))
-        hidden, weight, bias = self._lm_head(model, hidden)
+        hidden, weight, bias = self._completion_states(model, input_ids, attention_mask, completion_ids.size(1))
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -216,24 +234,12 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         return (per_token * weights).expand(shape).contiguous(), None
 
-    def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
+    def _completion_states(self, model, input_ids, attention_mask, logits_to_keep):
+        """(hidden, weight, bias) for the fused ops, in the dtype the LM head's matmul would run in."""
         with self.accelerator.autocast():
-            return model(input_ids=input_ids, attention_mask=attention_mask, completion_hidden_states=logits_to_keep)
-
-    def _head_temperature(self, model) -> float:
-        """TRL's temperature with the model's logit scale folded in (Granite, Cohere, ...), as TRL's head applies it."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        return head_temperature(unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped,
-                                self.temperature)
-
-    def _lm_head(self, model, hidden):
-        """(hidden, weight, bias) in the dtype the LM head's matmul would run in."""
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
-            raise TypeError(f"GRPOLambdaTRLTrainer: the LM head must be a torch.nn.Linear; got {type(head).__name__}. "
-                            "An adapter on the LM head (PEFT target_modules with lm_head) is not supported.")
-        device = hidden.device.type
-        with self.accelerator.autocast():
+            hidden, weight, bias = model(input_ids=input_ids, attention_mask=attention_mask,
+                                         completion_hidden_states=logits_to_keep)
+            device = hidden.device.type
             autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if self.args.cast_lm_head_to_fp32:
             dtype = torch.float32
@@ -243,8 +249,11 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             dtype = autocast_dtype
         else:
             dtype = hidden.dtype
-        weight, bias = head.weight, head.bias
         return hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+    def _head_temperature(self, model) -> float:
+        """TRL's temperature with the model's logit scale folded in (Granite, Cohere, ...), as TRL's head applies it."""
+        return head_temperature(_base_model(self.accelerator.unwrap_model(model)), self.temperature)
 
     def _log_token_means(self, mode, metrics, mask):
         """TRL's metric names; masked token means combined over processes by token count, as TRL does."""
@@ -255,6 +264,11 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         for name in names:
             totals = self.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (the one whose forward and head are used), else the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _refuse(refused: list, error) -> None:

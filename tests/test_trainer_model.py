@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from grpo_trainer.config import ConfigError
 from grpo_trainer.model import check_supported, completion_logprobs, head_temperature, logit_scale
 
 TINY = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -45,7 +46,31 @@ def test_transforms_that_cannot_be_folded_are_refused():
 
     for config in (Gemma2Config(final_logit_softcapping=30.0),
                    Gemma3Config(text_config=dict(final_logit_softcapping=30.0))):  # a VLM's language head
-        with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        with pytest.raises(ConfigError, match="final_logit_softcapping=30.0"):
             check_supported(types.SimpleNamespace(config=config))
-    with pytest.raises(ValueError, match="positive multiple .* got a logit scale of -0.5"):
+    with pytest.raises(ConfigError, match="positive multiple .* got logits_scaling=-2.0"):
         check_supported(types.SimpleNamespace(config=GraniteConfig(logits_scaling=-2.0)))
+
+
+@pytest.mark.parametrize("value", [0.5, "inv_sqrt_d_model"])
+def test_a_scale_the_architecture_may_ignore_is_refused(value):
+    """MPT's config has a logit_scale its modelling code never applies: folding it would be wrong, ignoring it
+    could be; the model is refused instead of guessed at."""
+    from transformers import MptConfig
+
+    with pytest.raises(ConfigError, match=f"got logit_scale={value!r} on a mpt model.*knows logit_scale for"):
+        check_supported(types.SimpleNamespace(config=MptConfig(logit_scale=value)))
+    assert logit_scale(types.SimpleNamespace(config=MptConfig(logit_scale=None))) == 1.0
+
+
+def test_a_head_that_is_more_than_a_linear_layer_is_refused():
+    """A subclass of nn.Linear may scale, quantise or adapt (transformers' Dory head learns a per-token scale):
+    the fused ops use weight and bias only, so only a plain nn.Linear is taken."""
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = tiny_model("llama")
+    model.lm_head = ScaledHead(16, 50, bias=False)
+    with pytest.raises(ConfigError, match="LM head must be a plain torch.nn.Linear; got ScaledHead"):
+        check_supported(model)

@@ -3,6 +3,8 @@ GRPOTrainer's, for every loss type both support; GRPO-λ trains through TRL's lo
 
 Comparisons run without autocast (bf16=False): under it TRL rounds the head's logits to bf16 where the fused loss
 does not, so the two would differ by bf16 rounding, not by their math."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,7 +150,7 @@ def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     inputs["importance_sampling_ratio"] = weights
     for trainer in (ours, theirs):
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
-    for loss_type in ("dapo", "grpo"):
+    for loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"):
         loss, grads = loss_and_grads(ours, inputs, loss_type)
         ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
         assert torch.isclose(loss, ref_loss, rtol=2e-6, atol=0), (loss_type, loss, ref_loss)
@@ -172,9 +174,8 @@ def test_vllm_importance_weights_with_a_trace_multiply_the_clamped_term(model_di
     trainer.model.zero_grad()
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     m = inputs["completion_mask"]
-    hidden = trainer._completion_hidden(trainer.model, ids, torch.cat([inputs["prompt_mask"], m], dim=1), 6)
-    head = trainer.model.get_output_embeddings()
-    lp = lk.linear_logprobs(hidden, head.weight, inputs["completion_ids"], mask=m, impl="torch")
+    hidden, weight, _ = trainer._completion_states(trainer.model, ids, torch.cat([inputs["prompt_mask"], m], 1), 6)
+    lp = lk.linear_logprobs(hidden, weight, inputs["completion_ids"], mask=m, impl="torch")
     z = lk.lambda_trace(lp - inputs["old_per_token_logps"], m, lam=0.9, style="both", impl="torch")
     adv = inputs["advantages"].clamp(min=-0.1).unsqueeze(1)
     ratio = torch.exp(z)
@@ -240,7 +241,7 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     moved = max((p - b).abs().max().item() for p, b in zip(ours.model.parameters(), before))
     assert moved > 1e-3
     for p, r in zip(ours.model.parameters(), theirs.model.parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, r, rtol=0, atol=2e-7)  # measured ≤ 3e-8 (fp32 rounding)
 
 
 def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
@@ -261,9 +262,42 @@ def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
     trained = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
     assert trained and all("lora" in n for n in trained)
     for (n, p), (_, r) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, r, rtol=0, atol=2e-7, msg=n)
     kl = [e["kl"] for e in ours.state.log_history if "kl" in e]
     assert kl[-1] > 0 and kl == pytest.approx([e["kl"] for e in theirs.state.log_history if "kl" in e], rel=1e-5)
+
+
+def test_resume_from_a_checkpoint_reproduces_the_run(model_dir, tmp_path):
+    """TRL's checkpoints and resume are untouched: a run resumed from its first checkpoint ends on the weights of
+    the uninterrupted run."""
+    options = dict(trace="both", beta=0.04, learning_rate=1e-2, save_strategy="steps", save_steps=1)
+    whole = make_trainer(model_dir, tmp_path / "whole", **options)
+    whole.train()
+    resumed = make_trainer(model_dir, tmp_path / "whole", **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "GRPOLambdaTRLTrainer" / "checkpoint-1"))
+    for p, r in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, r)
+    assert resumed.state.global_step == 2
+    # step 1's log entry came from the checkpoint (its measured step_time too), not from training step 1 again
+    assert resumed.state.log_history[0] == whole.state.log_history[0]
+
+
+def test_the_lm_head_is_seen_by_ddp(tmp_path):
+    """DDP (two CPU processes, gloo) with find_unused_parameters on and off: the head's parameters come out of the
+    patched forward, so DDP counts them used; the gradients are the mean of the ranks' own."""
+    import random
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("ddp_trl_forward.py")
+    port = random.Random().randrange(20000, 40000)
+    proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {f.name: f.read_text() for f in tmp_path.iterdir()}
+    assert len(results) == 4, results
+    for name, result in results.items():
+        assert result.startswith("max_diff=") and float(result.split("=")[1]) < 1e-6, (name, result)
 
 
 def test_grpo_lambda_trains_through_trls_loop(model_dir, tmp_path):
@@ -289,24 +323,28 @@ def test_grpo_lambda_trains_through_trls_loop(model_dir, tmp_path):
 
 
 def test_under_autocast_the_head_runs_in_the_autocast_dtype(model_dir, tmp_path):
-    """bf16=True (transformers' default, on the CPU too): an fp32 model's final norm returns fp32 hidden states and
-    the head runs in bf16, as F.linear under autocast (and TRL's head) would; gradients still reach the fp32
-    weights."""
-    trainer = make_trainer(model_dir, tmp_path, impl="torch", bf16=True)
-    inputs = loss_inputs(len(trainer.processing_class), torch.float32, on_policy=False)
+    """bf16=True (GRPOConfig's default, on the CPU too): an fp32 model's final norm returns fp32 hidden states and
+    the head runs in bf16, as F.linear under autocast (and TRL's head) would; gradients reach the fp32 weights, and
+    the loss is TRL's up to bf16 rounding (TRL also rounds the logits to bf16, the fused loss keeps them fp32)."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, impl="torch", bf16=True)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, bf16=True)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    hidden = trainer._completion_hidden(trainer.model, ids, mask, 6)
-    assert hidden.dtype == torch.float32
-    assert [t.dtype for t in trainer._lm_head(trainer.model, hidden)[:2]] == [torch.bfloat16] * 2
-    loss, grads = loss_and_grads(trainer, inputs, "dapo")
-    assert torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
-    assert trainer.model.get_output_embeddings().weight.grad.abs().max() > 0
-    trainer.train()
+    hidden, weight, bias = ours._completion_states(ours.model, ids, mask, 6)
+    assert hidden.dtype == weight.dtype == torch.bfloat16 and bias is None
+    loss, grads = loss_and_grads(ours, inputs, "dapo")
+    ref_loss, ref_grads = loss_and_grads(theirs, inputs, "dapo")
+    assert all(g.dtype == torch.float32 for g in ours.model.parameters())
+    assert torch.isclose(loss, ref_loss, rtol=1e-2, atol=0), (loss, ref_loss)
+    scale = max(g.abs().max().item() for g in ref_grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=3e-2 * scale)
+    ours.train()
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(loss_type="sapo"), "loss_type must be one of"),
+    (dict(loss_type="dapoo"), "loss_type must be one of .*Did you mean 'dapo'"),
     (dict(trace="bogus"), "trace must be one of"),
     (dict(lam=1.5), "lam must be in"),
     (dict(impl="cuda"), "impl must be one of"),
@@ -323,10 +361,20 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(beta=0.04, use_bias_correction_kl=True), "use_bias_correction_kl must be false when beta != 0"),
     (dict(delta=2.0), "delta"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold must be None"),
+    (dict(loss_type="sapo", top_entropy_quantile=0.5), "loss_type must be one of .* top_entropy_quantile"),
+    (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo'\\]"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
         GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+def test_trace_none_from_a_command_line_or_yaml(tmp_path):
+    """TrlParser hands `--trace None` / `--trace none` over as a string: it means plain GRPO."""
+    for given in ("None", "none"):
+        assert GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, trace=given).trace is None
 
 
 def test_tools_are_refused(model_dir, tmp_path):
@@ -341,6 +389,9 @@ def test_tools_are_refused(model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="does not implement these TRL options: tools"):
         make_trainer(model_dir, tmp_path, tools=[add])
+    with pytest.raises(ValueError, match="does not implement these TRL options: tools"):
+        GRPOLambdaTRLTrainer(str(model_dir), digit_share, GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True),
+                             environment_factory=object)
 
 
 def test_plain_grpo_config_is_refused(model_dir, tmp_path):
