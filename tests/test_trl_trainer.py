@@ -16,43 +16,43 @@ from grpo_trainer.model import _prepare_tokenizer, build_char_tokenizer  # noqa:
 from grpo_trainer.trl_trainer import GRPOLambdaTRLConfig, GRPOLambdaTRLTrainer  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama and the character tokenizer, saved (TRL loads its reference model from a path)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny(arch, tmp_path_factory, edit=None, **config):
+    """A tiny random `arch` (transformers' class prefix) with the character tokenizer, saved to a folder (TRL loads
+    its reference model from a path); `edit(model, tokenizer)` may change the weights first."""
+    import transformers
 
     tok = _prepare_tokenizer(build_char_tokenizer())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
+    model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(
         vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    with torch.no_grad():  # raise EOS on prompt-like states so completions end at different lengths (else every
-        # one is cut at max_completion_length and the loss types' normalisers all agree)
-        ids = tok([f"{a}+{b}=" for a in range(5) for b in range(4)], return_tensors="pt", padding=True)
-        h = model.base_model(**ids).last_hidden_state[ids["attention_mask"].bool()].mean(0)
-        model.get_output_embeddings().weight[tok.eos_token_id] += 3 * h / h.pow(2).sum()
-    path = tmp_path_factory.mktemp("trl_model")
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config))
+    if edit is not None:
+        with torch.no_grad():
+            edit(model, tok)
+    path = tmp_path_factory.mktemp(arch)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def raise_eos(model, tok):
+    """Raise EOS on prompt-like states so completions end at different lengths (else every one is cut at
+    max_completion_length and the loss types' normalisers all agree)."""
+    ids = tok([f"{a}+{b}=" for a in range(5) for b in range(4)], return_tensors="pt", padding=True)
+    h = model.base_model(**ids).last_hidden_state[ids["attention_mask"].bool()].mean(0)
+    model.get_output_embeddings().weight[tok.eos_token_id] += 3 * h / h.pow(2).sum()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny("Llama", tmp_path_factory, edit=raise_eos, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
 def granite_dir(tmp_path_factory):
-    """A tiny Granite: untied head, logits divided by logits_scaling = 4 (TRL's head applies it; so must ours)."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    tok = _prepare_tokenizer(build_char_tokenizer())
-    torch.manual_seed(0)
-    model = GraniteForCausalLM(GraniteConfig(
-        vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, logits_scaling=4.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    path = tmp_path_factory.mktemp("trl_granite")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """Untied head, logits divided by logits_scaling = 4 (TRL's head applies it; so must ours)."""
+    return tiny("Granite", tmp_path_factory, tie_word_embeddings=False, logits_scaling=4.0)
 
 
 def digit_share(prompts, completions, **_):
@@ -104,6 +104,17 @@ def loss_and_grads(trainer, inputs, loss_type):
     return loss.detach().double(), [p.grad.double() for p in trainer.model.parameters()]
 
 
+def assert_same_loss(ours, theirs, inputs, loss_types, tol):
+    """Loss to `tol` relative, every parameter's gradient to `tol` × the largest gradient, for each loss type."""
+    for loss_type in loss_types:
+        loss, grads = loss_and_grads(ours, inputs, loss_type)
+        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
+        assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=0), (loss_type, loss, ref_loss)
+        scale = max(g.abs().max().item() for g in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
+
+
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, tol, on_policy):
@@ -112,13 +123,7 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, beta=0.04,
                           use_bias_correction_kl=False)
     inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
-    for loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"):
-        loss, grads = loss_and_grads(ours, inputs, loss_type)
-        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
-        assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=0), (loss_type, loss, ref_loss)
-        scale = max(g.abs().max().item() for g in ref_grads)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), tol)
     for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
 
@@ -128,13 +133,7 @@ def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path
     theirs = make_trainer(granite_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7,
                           use_bias_correction_kl=False)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
-    for loss_type in ("dapo", "grpo"):
-        loss, grads = loss_and_grads(ours, inputs, loss_type)
-        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
-        assert torch.isclose(loss, ref_loss, rtol=2e-6, atol=0), (loss_type, loss, ref_loss)
-        scale = max(g.abs().max().item() for g in ref_grads)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=0, atol=2e-6 * scale, msg=loss_type)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -150,13 +149,7 @@ def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     inputs["importance_sampling_ratio"] = weights
     for trainer in (ours, theirs):
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
-    for loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"):
-        loss, grads = loss_and_grads(ours, inputs, loss_type)
-        ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
-        assert torch.isclose(loss, ref_loss, rtol=2e-6, atol=0), (loss_type, loss, ref_loss)
-        scale = max(g.abs().max().item() for g in ref_grads)
-        for g_, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g_, r, rtol=0, atol=2e-6 * scale, msg=loss_type)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), 2e-6)
 
 
 def test_vllm_importance_weights_with_a_trace_multiply_the_clamped_term(model_dir, tmp_path):
