@@ -126,12 +126,13 @@ def logit_scale(model) -> float:
         if value is None or (op is None and value == 1):
             continue
         if op is None:
-            raise ConfigError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias) up to a known "
-                             f"scale; got {attr}={value!r} on a {'/'.join(sorted(filter(None, types)))} model, which "
-                             f"the fused loss does not know how to apply (it knows {attr} for {sorted(ops)}).")
+            kind = "/".join(sorted(filter(None, types)))
+            raise ConfigError(f"the model's logits must be hidden·Wᵀ (+ bias) up to a known scale; got "
+                              f"{attr}={value!r} on a {kind} model, which the fused loss does not know how to apply "
+                              f"(it knows {attr} for {sorted(ops)}).")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"model_name_or_path must name a model whose logits are a positive multiple of "
-                             f"hidden·Wᵀ (+ bias); got {attr}={value!r} ({type(model).__name__}).")
+            raise ConfigError(f"the model's logits must be a positive multiple of hidden·Wᵀ (+ bias); got "
+                              f"{attr}={value!r} ({type(model).__name__}).")
         scale *= value if op == "multiply" else 1 / value
     return scale
 
@@ -140,9 +141,9 @@ def check_supported(model) -> None:
     """Refuse, at start-up, a model whose next-token distribution is not softmax(s·(hidden·Wᵀ + b) / τ)."""
     cfg = text_config(model)
     if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise ConfigError(f"model_name_or_path must name a model whose logits are hidden·Wᵀ (+ bias), up to a scale; "
-                         f"got final_logit_softcapping={cfg.final_logit_softcapping} ({type(model).__name__}), "
-                         "which the fused loss does not apply.")
+        raise ConfigError(f"the model's logits must be hidden·Wᵀ (+ bias), up to a scale; got final_logit_softcapping="
+                          f"{cfg.final_logit_softcapping} ({type(model).__name__}), which the fused loss does not "
+                          "apply.")
     logit_scale(model)
     if hasattr(model, "get_output_embeddings"):
         lm_head(model)

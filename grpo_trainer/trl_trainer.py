@@ -26,6 +26,7 @@ PEFT included), not under DDP/FSDP/DeepSpeed.
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -104,7 +105,7 @@ class GRPOLambdaTRLConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.trace, str) and self.trace.lower() == "none":  # from a command line or YAML
+        if isinstance(self.trace, str) and self.trace.lower() in ("none", "null"):  # from a command line or YAML
             self.trace = None
         if self.trace is not None:
             _choice("trace", self.trace, TRACES + (None,))
@@ -124,21 +125,24 @@ def add_hidden_states_forward(model) -> None:
 
     Through the model's own call, so that a wrapper (DDP) sees a forward whose outputs reach every parameter the
     loss uses, the head's included (DDP with find_unused_parameters would otherwise take the head for unused and
-    fail when its gradient arrives). Any other call is the model's forward as before (generation is unchanged)."""
-    original_forward = model.forward
+    fail when its gradient arrives). Any other call is the model's forward as before (generation is unchanged).
+    A method bound to the model, named after the class's forward (as TRL patches it), so that the model pickles."""
+    previous = model.forward
+    # the function behind the forward this patch wraps (TRL's fused-head patch, or the class's), called with `self`
+    previous_func = previous.__func__ if getattr(previous, "__self__", None) is model else None
 
-    @functools.wraps(original_forward)
-    def forward(*args, completion_hidden_states: Optional[int] = None, **kwargs):
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, completion_hidden_states: Optional[int] = None, **kwargs):
         if completion_hidden_states is None:
-            return original_forward(*args, **kwargs)
+            return previous_func(self, *args, **kwargs) if previous_func is not None else previous(*args, **kwargs)
         kwargs["use_cache"] = False
-        hidden = model.base_model(*args, **kwargs).last_hidden_state
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
         # as views (no copy): DDP finds the parameters an output uses by walking back from the outputs' autograd
         # nodes, and a parameter returned as such, a leaf, has none
-        weight, bias = (None if p is None else p.view_as(p) for p in lm_head(model))
+        weight, bias = (None if p is None else p.view_as(p) for p in lm_head(self))
         return hidden[:, -completion_hidden_states - 1:-1], weight, bias
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
 
 
 class GRPOLambdaTRLTrainer(GRPOTrainer):

@@ -275,6 +275,22 @@ def test_resume_from_a_checkpoint_reproduces_the_run(model_dir, tmp_path):
     assert resumed.state.log_history[0] == whole.state.log_history[0]
 
 
+def test_the_patched_model_pickles_and_a_copy_uses_its_own_weights(model_dir, tmp_path):
+    import copy
+    import pickle
+
+    trainer = make_trainer(model_dir, tmp_path)
+    restored = pickle.loads(pickle.dumps(trainer.model))
+    assert all(torch.equal(p, q) for p, q in zip(restored.parameters(), trainer.model.parameters()))
+    clone = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.zero_()
+    ids = torch.randint(4, 50, (2, 8))
+    hidden, weight, _ = clone(input_ids=ids, attention_mask=torch.ones_like(ids), completion_hidden_states=3)
+    assert hidden.shape == (2, 3, 24) and not weight.any()  # the copy's head, not the original's
+
+
 def test_the_lm_head_is_seen_by_ddp(tmp_path):
     """DDP (two CPU processes, gloo) with find_unused_parameters on and off: the head's parameters come out of the
     patched forward, so DDP counts them used; the gradients are the mean of the ranks' own."""
