@@ -21,7 +21,7 @@ token means only).
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
 `_compute_loss` and `_get_per_token_logps_and_entropies`); tested on the CPU with one process (LoRA adapters through
-PEFT included), not under DDP/FSDP/DeepSpeed.
+PEFT included), and its model patch under DDP with two CPU processes; FSDP and DeepSpeed are refused.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
 from .model import check_supported, head_temperature, lm_head
 
 try:
+    import trl
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("grpo_trainer.trl_trainer needs TRL: pip install 'lambda-kernels[trl]'. "
@@ -48,14 +49,12 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 # called and TRL's own loss would run under our name. Refuse to import instead.
 _OVERRIDDEN = ("_compute_loss", "_get_per_token_logps_and_entropies")
 if not all(callable(getattr(GRPOTrainer, name, None)) for name in _OVERRIDDEN):  # pragma: no cover
-    import trl
-
     raise ImportError(f"grpo_trainer.trl_trainer was written against TRL 1.16, whose GRPOTrainer has {_OVERRIDDEN}; "
                       f"the installed TRL {trl.__version__} lacks some of them. pip install 'trl>=1.16,<2'.")
 
 TESTED_TRL = "1.16."
-if not __import__("trl").__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's internals, not only names
-    warnings.warn(f"grpo_trainer.trl_trainer is tested with TRL {TESTED_TRL}x; TRL {__import__('trl').__version__} "
+if not trl.__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's internals, not only on names
+    warnings.warn(f"grpo_trainer.trl_trainer is tested with TRL {TESTED_TRL}x; TRL {trl.__version__} "
                   "is installed. Check the loss against trl.GRPOTrainer with trace=None (tests/test_trl_trainer.py).",
                   stacklevel=2)
 
@@ -79,7 +78,7 @@ _UNSUPPORTED_SETUP = (
     (lambda t: t.aux_loss_enabled, "router_aux_loss_coef must be 0 for a mixture-of-experts model"),
     (lambda t: bool(t.tools), _NO_TOOLS),
     (lambda t: getattr(t, "_is_vlm", False), "the model must be text-only (not a vision-language model)"),
-    # the LM head's weight is read outside the module's own forward, where FSDP and ZeRO-3 keep it sharded
+    # the fused loss uses the LM head's weight after the forward has returned, when FSDP and ZeRO-3 have resharded it
     (lambda t: t.accelerator.distributed_type in ("FSDP", "DEEPSPEED"), "FSDP and DeepSpeed must not be used"),
 )
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
