@@ -170,9 +170,9 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     # adapter), which the fused ops would silently drop
     if type(head) is not torch.nn.Linear:
         raise ConfigError(f"the LM head must be a plain torch.nn.Linear; got {type(head).__name__} "
-                        f"({type(model).__name__}). The fused loss computes x·Wᵀ + b from its weight and bias only: "
-                        "an adapter on the head (PEFT target_modules with lm_head), a quantised head or a head with "
-                        "extra parameters is not supported.")
+                          f"({type(model).__name__}). The fused loss computes x·Wᵀ + b from its weight and bias only: "
+                          "an adapter on the head (PEFT target_modules with lm_head), a quantised head or a head with "
+                          "extra parameters is not supported.")
     return head.weight, head.bias
 
 
@@ -200,5 +200,4 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias = lm_head(model)
     return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=head_temperature(model, temperature),
-                           impl=impl,
-                           mask=completion_mask)
+                           impl=impl, mask=completion_mask)
