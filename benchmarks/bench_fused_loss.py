@@ -77,6 +77,11 @@ CHUNKED_BASELINES = ("trl", "trl_logprobs")
 TRL_VOCAB_CHUNK = 32768
 
 
+def not_run_at(provider: str, N: int, V: int) -> bool:
+    """A baseline left out at N tokens of a V vocabulary (BASELINE_MAX_LOGITS)."""
+    return provider in BASELINES and provider not in CHUNKED_BASELINES and N * V > BASELINE_MAX_LOGITS
+
+
 def make_inputs(B, T, H, V, device, dtype=torch.bfloat16, pad=0.3, seed=0) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = (torch.randn(B, T, H, device=device, generator=g) * 0.5).to(dtype)
@@ -287,7 +292,7 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
     N = B * T
     row = dict(shape=shape, provider=provider, B=B, T=T, H=H, V=V)
-    if provider in BASELINES and provider not in CHUNKED_BASELINES and N * V > BASELINE_MAX_LOGITS:
+    if not_run_at(provider, N, V):
         return {**row, "error": "not run: full logits would not fit"}
     if not provider_available(provider):
         return {**row, "error": "not importable"}
@@ -443,7 +448,7 @@ def test_fused_loss_benchmarks(benchmark, shape, provider):
     if not provider_available(provider):
         pytest.skip(f"{provider} is not installed")
     _, B, T, H, V = next(s for s in SHAPES if s[0] == shape)
-    if provider in BASELINES and provider not in CHUNKED_BASELINES and B * T * V > BASELINE_MAX_LOGITS:
+    if not_run_at(provider, B * T, V):
         pytest.skip("full logits would not fit")
     inp, err = _shape_inputs(shape)
     if provider in OURS:

@@ -81,6 +81,8 @@ _UNSUPPORTED_SETUP = (
     # the fused loss uses the LM head's weight after the forward has returned, when FSDP and ZeRO-3 have resharded it
     (lambda t: t.accelerator.distributed_type in ("FSDP", "DEEPSPEED"), "FSDP and DeepSpeed must not be used"),
 )
+# vision-language inputs reaching the two overridden methods: refused there too (TRL's `_is_vlm`, checked when the
+# trainer is built, is private), since the fused path would silently drop them
 _MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                       "image_position_ids", "token_type_ids", "mm_token_type_ids", "num_images", "num_tiles")
 

@@ -7,8 +7,8 @@ from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_b
 # Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
 # 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
 N_STATS = 8
-# outputs of the finalize kernel
-OUT_LOSS, OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL = 0, 1, 2, 3, 4, 5
+# the finalize kernel's metric outputs (the loss has a buffer of its own)
+OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL = 0, 1, 2, 3, 4
 N_OUT = 8
 # LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo)
 
@@ -94,8 +94,8 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     """Aggregation: the row scales s_i of `loss_type`, the loss Σ_i s_i·(Σ_t m·L)_i and the token-mean metrics.
 
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
-    0: none); scale [B] fp32 out; out [N_OUT] fp32 out (loss, low, high, region, ratio, kl); loss [] fp32 out, the
-    loss again in storage of its own (a caller may edit it in place: not a view of `out`). `inv_b_len` is
+    0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl); loss [] fp32
+    out, in storage of its own (a caller may edit it in place: not a view of the metrics' buffer). `inv_b_len` is
     1/(B·max_completion_length) for dr_grpo. Grid (1,): B is small and this replaces a dozen tiny torch ops.
     """
     o_b = tl.arange(0, BLOCK_B)
@@ -132,14 +132,12 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
         loss_acc += tl.where(in_b, scales * loss_rows, 0.0)
     low = tl.sum(tl.where(o_s == 2, tot, 0.0), axis=0)
     high = tl.sum(tl.where(o_s == 3, tot, 0.0), axis=0)
-    loss = tl.sum(loss_acc, axis=0)
-    tl.store(loss_ptr, loss)
-    out = tl.where(o_s == 0, loss, 0.0)
-    out += tl.where(o_s == 1, low * inv_count, 0.0)
-    out += tl.where(o_s == 2, high * inv_count, 0.0)
-    out += tl.where(o_s == 3, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
-    out += tl.where(o_s == 4, tl.sum(tl.where(o_s == 4, tot, 0.0), axis=0) * inv_count, 0.0)
-    out += tl.where(o_s == 5, tl.sum(tl.where(o_s == 1, tot, 0.0), axis=0) * inv_count, 0.0)
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0))
+    out = tl.where(o_s == 0, low * inv_count, 0.0)
+    out += tl.where(o_s == 1, high * inv_count, 0.0)
+    out += tl.where(o_s == 2, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
+    out += tl.where(o_s == 3, tl.sum(tl.where(o_s == 4, tot, 0.0), axis=0) * inv_count, 0.0)
+    out += tl.where(o_s == 4, tl.sum(tl.where(o_s == 1, tot, 0.0), axis=0) * inv_count, 0.0)
     tl.store(out_ptr + o_s, out)
 
 
