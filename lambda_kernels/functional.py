@@ -115,7 +115,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
                          ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
-                         max_completion_length, num_items_in_batch) -> ObjectiveParams:
+                         max_completion_length, num_items_in_batch, kl_bias_correction=False) -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
     `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
@@ -128,6 +128,7 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
                       "Pass one advantage per sequence [B] or per token [B, T].")
     checks.mask_tensor(op, "mask", mask, (B, T))
     beta = checks.non_negative(op, "beta", beta)
+    kl_bias_correction = checks.flag(op, "kl_bias_correction", kl_bias_correction)
     if ref_logprobs is not None:
         _check_row_tensor(op, "ref_logprobs", ref_logprobs, (B, T))
     elif beta > 0:
@@ -151,7 +152,8 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     checks.same_device(op, [lead, ("old_logprobs", old_logprobs),
                             ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
-                           beta=beta, loss_type=loss_type, max_completion_length=max_completion_length)
+                           beta=beta, loss_type=loss_type, max_completion_length=max_completion_length,
+                           kl_bias_correction=kl_bias_correction)
 
 
 def grpo_lambda_loss(
@@ -159,14 +161,15 @@ def grpo_lambda_loss(
     ref_logprobs: torch.Tensor | None = None, trace: str | None = "both", lam: float = 0.99, gamma: float = 1.0,
     adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
     beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
-    num_items_in_batch=None, impl: str = "auto",
+    num_items_in_batch=None, kl_bias_correction: bool = False, impl: str = "auto",
 ):
     """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
 
     Per token: `L = −min(ρ̃·Â, clip(ρ̃, 1−ε_low, 1+ε_high)·Â) + β·kl`, with the traced ratio
     `ρ̃_t = exp(z_t)`, `z = lambda_trace(m·(ℓ − ℓ_old))` (trace=None: `z = m·(ℓ − ℓ_old)`, plain GRPO exactly),
-    `Â = max(advantages, adv_clamp_min)` and the k3 KL `exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1` on the untraced
-    log-probs; then aggregated by `loss_type`:
+    `Â = max(advantages, adv_clamp_min)` and the k3 KL `kl = exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1` on the untraced
+    log-probs (times the token's ratio `exp(ℓ − ℓ_old)` with `kl_bias_correction`); then aggregated by
+    `loss_type`:
 
     - "dapo":    Σ m·L / N, N = `num_items_in_batch` if given (e.g. over gradient accumulation), else Σ m;
     - "bnpo":    Σ m·L / max(Σ m, 1) over this batch;
@@ -186,12 +189,17 @@ def grpo_lambda_loss(
         adv_clamp_min: clamp advantages from below (the paper uses −0.1 with a trace); None = no clamp.
         epsilon_low, epsilon_high: clip range; epsilon_high=None means epsilon_low.
         beta: KL coefficient. loss_type, max_completion_length, num_items_in_batch: the aggregation above.
+        kl_bias_correction: weight each token's KL by its own ratio `exp(ℓ − ℓ_old)` (untraced and unclipped;
+            DeepSeek-V3.2, TRL's `use_bias_correction_kl`), which makes the KL gradient the unbiased reverse-KL
+            gradient `ratio·(ℓ − ℓ_ref)` for tokens sampled from the old policy. It changes the gradient on-policy
+            too (the ratio is 1 there but differentiable). Ignored when beta = 0.
         impl: "auto" | "triton" | "torch".
 
     Returns:
         loss: fp32 scalar (whatever the inputs' dtype; it may be edited in place, e.g. `loss /= steps`).
         metrics: detached fp32 scalars "clip_ratio/low_mean", "clip_ratio/high_mean",
-        "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0), masked means over tokens.
+        "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0; the corrected one with
+        `kl_bias_correction`, as TRL logs it), masked means over tokens.
     """
     op = "grpo_lambda_loss"
     checks.float_tensor(op, "logprobs", logprobs, ndim=2)
@@ -199,13 +207,14 @@ def grpo_lambda_loss(
         op, logprobs.shape, ("logprobs", logprobs), old_logprobs=old_logprobs, advantages=advantages, mask=mask,
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        kl_bias_correction=kl_bias_correction)
     if resolve_impl(op, impl, logprobs.device) == "torch":
         loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
             adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction)
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
@@ -364,7 +373,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           impl="auto", process_group=None):
+                           kl_bias_correction=False, impl="auto", process_group=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -403,7 +412,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         ref_logprobs: `[B, T]` of the reference model; required when beta > 0.
         bias: optional `[V]`. temperature: finite > 0, the logits are divided by it (as in sampling).
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
-        num_items_in_batch: as in `grpo_lambda_loss`.
+        num_items_in_batch, kl_bias_correction: as in `grpo_lambda_loss`.
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
@@ -429,7 +438,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         op, (B, T), ("hidden", hidden), old_logprobs=old_logprobs, advantages=advantages, mask=completion_mask,
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        kl_bias_correction=kl_bias_correction)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)

@@ -84,6 +84,12 @@ def scenarios():
             hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, trace=trace)[0]
     yield "fused off-policy", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, old_logprobs=lp,
                                                                  trace="both", loss_type="grpo")[0]
+    for old in (None, lp):  # the KL weighted by the token's ratio: on-policy row kernel, objective kernels
+        yield f"fused corrected KL old={old is not None}", lambda old=old: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, old_logprobs=old, ref_logprobs=lp, beta=0.04, kl_bias_correction=True)[0]
+        yield f"objective corrected KL old={old is not None}", lambda old=old: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), old, torch.randn(B, T), mask, ref_logprobs=lp, beta=0.04,
+            kl_bias_correction=True)[0]
     for loss_type in ("bnpo", "dr_grpo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,

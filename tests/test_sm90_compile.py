@@ -78,6 +78,14 @@ def test_split_plan_row_kernel_variant_compiles(report):
     assert any(k["name"] == "onpolicy_rows_kernel" and k["constants"].get("WITH_STATS") for k in report["kernels"])
 
 
+def test_ratio_weighted_kl_variants_compile(report):
+    """kl_bias_correction: the on-policy row kernel's KL term, and the objective kernels on- and off-policy."""
+    corrected = {(k["name"], k["constants"].get("ON_POLICY")) for k in report["kernels"]
+                 if k["constants"].get("KL_CORRECTED")}
+    assert {name for name, _ in corrected} == {"onpolicy_rows_kernel", "objective_fwd_kernel", "objective_bwd_kernel"}
+    assert {("objective_bwd_kernel", True), ("objective_bwd_kernel", False)} <= corrected
+
+
 def test_scale_kernel_compiles_both_ways(report):
     """The scale-and-cast of a half head's dW sum and the in-place grad_output scaling that skips scale 1."""
     skips = {bool(k["constants"].get("SKIP_ONE")) for k in report["kernels"] if k["name"] == "scale_cast_kernel"}

@@ -36,3 +36,4 @@ class ObjectiveParams:
     beta: float
     loss_type: str = "dapo"
     max_completion_length: int | None = None
+    kl_bias_correction: bool = False  # the KL term weighted by the token's ratio π/π_old (TRL's use_bias_correction_kl)

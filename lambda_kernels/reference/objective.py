@@ -24,7 +24,7 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
 def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
-    max_completion_length=None, num_items_in_batch=None,
+    max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False,
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
@@ -56,6 +56,10 @@ def grpo_lambda_loss(
     if beta > 0:
         d_ref = zero_where_masked(ref_logprobs.detach().to(dt), m != 0) - lp
         kl = torch.exp(d_ref) - d_ref - 1
+        if kl_bias_correction:
+            # weighted by the token's own ratio π/π_old (untraced, unclipped, differentiable: 1 on-policy, with
+            # gradient), which makes the KL gradient the unbiased reverse-KL one (TRL's use_bias_correction_kl)
+            kl = kl * torch.exp(lp - old)
         per_token = per_token + beta * kl
     loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()
 

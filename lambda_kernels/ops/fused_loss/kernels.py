@@ -1,8 +1,9 @@
 """On-policy row kernel of the fused loss: log-prob and the logits' gradient of each row in one program.
 
 On-policy the objective's per-token gradient is known before the log-probs (grpo_lambda.md §5), except the KL
-term β·n·(1 − exp(ℓ_ref − ℓ)), which only needs this token's ℓ: so each program computes ℓ (same helper as the
-log-prob kernel, hence bit-identical), completes its token gradient and overwrites the row with dlogits.
+term β·n·(1 − exp(ℓ_ref − ℓ)) (β·n·(ℓ − ℓ_ref) for the ratio-weighted KL), which only needs this token's ℓ: so
+each program computes ℓ (same helper as the log-prob kernel, hence bit-identical), completes its token gradient and
+overwrites the row with dlogits.
 """
 import triton
 import triton.language as tl
@@ -13,9 +14,11 @@ from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, lse_ptr, g_ptr,
                          dl_ptr, stride_l, stride_dl, V, inv_t, beta,
-                         HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, WITH_ENT: tl.constexpr,
-                         WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr,
+                         WITH_ENT: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
     """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature.
+
+    KL_CORRECTED: the KL weighted by the token's ratio π/π_old, whose gradient at ratio 1 is β·n_r·(ℓ_r − ref_r).
 
     logits [M, V] fp32 (stride stride_l); dl (stride stride_dl, the GEMM input dtype) may alias logits;
     targets [M] int; g0, n, ref [M] fp32 (n, ref only with HAS_KL); outputs lp [M] fp32, ent [M] fp32 (WITH_ENT),
@@ -34,7 +37,12 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
         # a token of weight n = 0 gets no KL term, even where exp overflows (0·inf): the filler rows of a pass that
         # runs ahead of the count of real tokens have n = 0 and whatever ℓ their padding targets give
         n = tl.load(n_ptr + i_r)
-        g += tl.where(n != 0.0, beta * n * (1.0 - tl.exp(tl.load(ref_ptr + i_r) - lp)), 0.0)
+        ref = tl.load(ref_ptr + i_r)
+        if KL_CORRECTED:
+            kl_grad = lp - ref
+        else:
+            kl_grad = 1.0 - tl.exp(ref - lp)
+        g += tl.where(n != 0.0, beta * n * kl_grad, 0.0)
     if WITH_STATS:
         tl.store(lse_ptr + i_r, lse)
         tl.store(g_ptr + i_r, g)

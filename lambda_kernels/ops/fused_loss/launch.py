@@ -35,11 +35,12 @@ from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl,
-                  lse=None, g=None) -> None:
-    """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)), written into dl; with
-    lse and g given, also each row's log-sum-exp and that token gradient."""
+                  lse=None, g=None, kl_corrected: bool = False) -> None:
+    """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)) (β·n·(ℓ − ref) for the
+    ratio-weighted KL, `kl_corrected`), written into dl; with lse and g given, also each row's log-sum-exp and that
+    token gradient."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl, lse, g)
+        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl, lse, g, kl_corrected)
         return
     M, V = logits.shape
     block, warps = row_config(V)
@@ -48,8 +49,9 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
     onpolicy_rows_kernel[(M,)](
         logits, logits if bias is None else bias, tgt, g0, n if has_kl else g0, ref if has_kl else g0, lp,
         lp if ent is None else ent, lse if with_stats else lp, g if with_stats else lp, dl, logits.stride(0),
-        dl.stride(0), V, inv_t, beta, HAS_BIAS=bias is not None, HAS_KL=has_kl, WITH_ENT=ent is not None,
-        WITH_STATS=with_stats, BLOCK_V=block, num_warps=warps)
+        dl.stride(0), V, inv_t, beta, HAS_BIAS=bias is not None, HAS_KL=has_kl,
+        KL_CORRECTED=has_kl and kl_corrected, WITH_ENT=ent is not None, WITH_STATS=with_stats, BLOCK_V=block,
+        num_warps=warps)
 
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
@@ -196,7 +198,8 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
         n_v, ref_v = token["n"], token["ref"]
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
-                      None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else ()))
+                      None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else (None, None)),
+                      kl_corrected=objective.kl_bias_correction)
 
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, inv_t)

@@ -25,6 +25,7 @@ class KernelObjective:
     def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
         self.params = params
         self.num_items_in_batch = num_items_in_batch
+        self.kl_bias_correction = params.kl_bias_correction  # (read by the on-policy row pass's KL term)
 
     def onpolicy_grad(self, adv, mask_f, scales):
         from ..objective.launch import onpolicy_token_grad
@@ -45,7 +46,7 @@ class KernelObjective:
         grad = None
         if need_grad:
             one = torch.ones((), dtype=torch.float32, device=lp.device)
-            grad = objective_backward(one, saved, lp, ref, self.params, torch.float32)
+            grad = objective_backward(one, saved, lp, old, ref, self.params, torch.float32)
         return loss, metrics, grad
 
 
@@ -57,7 +58,8 @@ class ReferenceObjective:
         self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
                             epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
                             loss_type=params.loss_type, max_completion_length=params.max_completion_length,
-                            num_items_in_batch=num_items_in_batch)
+                            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction)
+        self.kl_bias_correction = params.kl_bias_correction
 
     def onpolicy_grad(self, adv, mask_f, scales):
         lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)

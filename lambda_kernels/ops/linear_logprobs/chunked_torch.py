@@ -55,12 +55,18 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
     dl.copy_(dz * inv_t)
 
 
-def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl, lse=None, g=None):
-    """Log-probs (and entropy), then dlogits for g = g0 + β·n·(1 − exp(ref − ℓ)) (KL only when ref is given); lse
-    and g, when given, receive each row's log-sum-exp and that token gradient."""
+def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl, lse=None, g=None,
+                  kl_corrected: bool = False):
+    """Log-probs (and entropy), then dlogits for g = g0 + β·n·∂kl/∂ℓ (KL only when ref is given): 1 − exp(ref − ℓ),
+    or ℓ − ref for the ratio-weighted KL (`kl_corrected`, at ratio 1); lse and g, when given, receive each row's
+    log-sum-exp and that token gradient."""
     row_lse = torch.empty_like(lp) if lse is None else lse
     logprob_rows(logits, bias, tgt, inv_t, lp, row_lse, ent)
-    row_g = g0 if ref is None else g0 + torch.where(n != 0, beta * n * (1.0 - torch.exp(ref - lp)), 0.0)
+    if ref is None:
+        row_g = g0
+    else:
+        kl_grad = lp - ref if kl_corrected else 1.0 - torch.exp(ref - lp)
+        row_g = g0 + torch.where(n != 0, beta * n * kl_grad, 0.0)
     if g is not None:
         g.copy_(row_g)
     dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, inv_t, dl)

@@ -18,17 +18,17 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
         # the metrics get no gradient: don't let autograd fill zero tensors for them on every backward
         ctx.set_materialize_grads(False)
         if need_grad:
-            ctx.save_for_backward(lp, ref, *saved)
+            ctx.save_for_backward(lp, old, ref, *saved)
         ctx.params = params
         ctx.lp_dtype = lp.dtype
         return loss, values
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_values):
-        lp, ref, *saved = ctx.saved_tensors
+        lp, old, ref, *saved = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
-        grad_lp = objective_backward(grad_loss, saved, lp, ref, ctx.params, ctx.lp_dtype)
+        grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype)
         return grad_lp, None, None, None, None, None, None
 
 

@@ -17,9 +17,10 @@ N_OUT = 8
 def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, stats_ptr, scratch_ptr,
                          T, a, log2a, clamp_min, ratio_low, ratio_high, beta,
                          STYLE: tl.constexpr, ON_POLICY: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-                         HAS_CLAMP: tl.constexpr, HAS_KL: tl.constexpr, NEED_GRAD: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
-    """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))).
+                         HAS_CLAMP: tl.constexpr, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr,
+                         NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
+    kl the k3 estimate, times the token's own ratio exp(ℓ − ℓ_old) when KL_CORRECTED (1 on-policy).
 
     The aggregation scale of the row is not known yet (it may need the whole batch's Σm): the finalize kernel
     applies it to the row sums, the backward kernel to the coefficients.
@@ -65,6 +66,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
             b_ref = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_dr = b_ref - b_lp
             b_kl = tl.exp(b_dr) - b_dr - 1.0
+            if KL_CORRECTED and not ON_POLICY:
+                b_kl *= tl.exp(b_lp - b_old)  # (padding: both zeroed, ratio 1)
             b_tok += beta * b_kl
             acc_kl += tl.where(b_valid, b_m * b_kl, 0.0)
         acc_loss += tl.where(b_valid, b_m * b_tok, 0.0)
@@ -142,13 +145,17 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
 
 
 @triton.jit(do_not_specialize=["T"])
-def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_ptr, glp_ptr, scratch_ptr,
+def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr, gout_ptr, glp_ptr, scratch_ptr,
                          T, a, log2a, beta,
-                         STYLE: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_T: tl.constexpr):
-    """∂loss/∂ℓ_j = g_out·s_i·m_j·(Σ_{t≥j} w(t, j)·coef_t + β·(1 − exp(ℓ_ref,j − ℓ_j))), rows walked right to left.
+                         STYLE: tl.constexpr, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr,
+                         ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
+    """∂loss/∂ℓ_j = g_out·s_i·m_j·(Σ_{t≥j} w(t, j)·coef_t + β·∂kl_j/∂ℓ_j), rows walked right to left.
 
-    coef [B, T] fp32 (forward), lp, ref [B, T] any float (ref only when HAS_KL), mask [B, T], scale [B] fp32
-    (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch [B, 2, T] fp32 (STYLE 2). Grid (B,).
+    ∂kl/∂ℓ = 1 − exp(ℓ_ref − ℓ) for the k3 estimate; with KL_CORRECTED, d(kl·r)/dℓ for r = exp(ℓ − ℓ_old) is
+    r·(1 − exp(ℓ_ref − ℓ) + kl) = r·(ℓ − ℓ_ref) (the unbiased reverse-KL gradient; r = 1 on-policy).
+    coef [B, T] fp32 (forward), lp, old, ref [B, T] any float (ref only when HAS_KL, old only when KL_CORRECTED and
+    not ON_POLICY), mask [B, T], scale [B] fp32 (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch
+    [B, 2, T] fp32 (STYLE 2). Grid (B,).
     """
     i_b, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
     row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
@@ -164,6 +171,14 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, ref_ptr, mask_ptr, scale_ptr, gout_pt
         if HAS_KL:  # (padding's ℓ, ℓ_ref zeroed, as in the forward)
             b_lp = tl.where(b_m != 0, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_ref = tl.where(b_m != 0, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
-            b_g += beta * (1.0 - tl.exp(b_ref - b_lp))
+            if KL_CORRECTED:
+                b_kl_g = b_lp - b_ref
+                if not ON_POLICY:
+                    b_old = tl.where(b_m != 0, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32),
+                                     0.0)
+                    b_kl_g *= tl.exp(b_lp - b_old)
+                b_g += beta * b_kl_g
+            else:
+                b_g += beta * (1.0 - tl.exp(b_ref - b_lp))
         b_grad = tl.where(b_m != 0, row_scale * b_m * b_g, 0.0)
         tl.store(glp_ptr + row + o_t, b_grad.to(glp_ptr.dtype.element_ty), mask=m_t)

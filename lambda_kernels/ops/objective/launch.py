@@ -74,25 +74,29 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
         1.0 - params.epsilon_low, 1.0 + params.epsilon_high, params.beta,
         STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
-        HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=params.beta > 0, NEED_GRAD=coef is not None,
+        HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=params.beta > 0,
+        KL_CORRECTED=params.beta > 0 and params.kl_bias_correction, NEED_GRAD=coef is not None,
         BLOCK_T=block, num_warps=warps)
 
 
-def objective_backward(grad_out, saved, lp, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
+def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
     """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included; saved = (coef, scales, mask)
-    from `objective_forward` (or `objective_rows_grad`)."""
+    from `objective_forward` (or `objective_rows_grad`); old None on-policy (read only for the corrected KL)."""
     coef, scales, mask_k = saved
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
     if B == 0 or T == 0:
         return grad
     has_kl = params.beta > 0
+    corrected = has_kl and params.kl_bias_correction
+    lp = lp.contiguous()
     block, warps = scan_config(T)
     objective_bwd_kernel[(B,)](
-        coef, lp.contiguous(), ref.contiguous() if has_kl else lp, mask_k, scales,
-        grad_out.reshape(1).to(torch.float32), grad, scratch_for(params.trace, B, T, coef.device), T,
+        coef, lp, old.contiguous() if corrected and old is not None else lp, ref.contiguous() if has_kl else lp,
+        mask_k, scales, grad_out.reshape(1).to(torch.float32), grad, scratch_for(params.trace, B, T, coef.device), T,
         params.trace.a, params.trace.log2a, params.beta,
-        STYLE=params.trace.style, HAS_KL=has_kl, BLOCK_T=block, num_warps=warps)
+        STYLE=params.trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=old is None, BLOCK_T=block,
+        num_warps=warps)
     return grad
 
 
@@ -112,7 +116,7 @@ def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams
     stats = torch.empty((b, N_STATS), dtype=torch.float32, device=lp.device)
     _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
     one = torch.ones((1,), dtype=torch.float32, device=lp.device)
-    return objective_backward(one, (coef, scales.to(torch.float32).contiguous(), mask_k), lp, ref, params,
+    return objective_backward(one, (coef, scales.to(torch.float32).contiguous(), mask_k), lp, old, ref, params,
                               torch.float32)
 
 
