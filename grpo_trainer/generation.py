@@ -5,6 +5,8 @@ left-padded, completions right-padded, the G completions of a prompt adjacent (T
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +18,7 @@ class Generation:
     prompt_ids: torch.Tensor        # [B, P] left-padded
     prompt_mask: torch.Tensor       # [B, P]
     completion_ids: torch.Tensor    # [B, T] right-padded with pad_token_id after EOS
-    completion_mask: torch.Tensor   # [B, T] 1 up to and including EOS
+    completion_mask: torch.Tensor   # [B, T] 1 up to and including EOS (vLLM: any of the model's EOS ids)
     truncated: torch.Tensor         # [B] bool: no EOS within max_new_tokens
     texts: list[str]                # decoded completions (special tokens removed)
 
@@ -81,43 +83,82 @@ class HFGenerationBackend:
 
 
 class VLLMGenerationBackend:
-    """vLLM generation (GPU, optional extra). Weights are pushed into the engine after every update.
+    """vLLM generation in the training process (TRL's "colocate" mode), an optional extra for GPUs.
 
-    Experimental: written against vLLM's offline `LLM` API; not exercised by the CPU test suite.
+    The engine is built from a folder holding the policy (`model_path`), in the policy's dtype (`dtype`: vLLM's
+    "auto" would sample an fp32 policy in bf16), with max_model_len = max_prompt_length + max_completion_length,
+    in-process (`distributed_executor_backend="external_launcher"`, as TRL), so `sync_weights` can reach its model.
+    One request per completion, each with its own seed drawn from torch's RNG (which the trainer seeds and
+    checkpoints): runs sample alike up to the GPU's non-determinism, and evaluation (under a forked RNG) shifts
+    nothing. A completion ends where vLLM stopped it, at the tokenizer's EOS or an `eos_token_id` of the model's
+    generation config (the mask includes it); `truncated` rows end at max_completion_length without one (TRL's rule).
+
+    Tested on the CPU against a fake `vllm` module with the offline `LLM` API of vLLM 0.22-0.31 (the versions TRL
+    1.16 supports) as TRL uses it (tests/test_vllm_backend.py); not run against a real vLLM, nor on a GPU.
     """
 
     def __init__(self, model_path: str, tokenizer, *, max_prompt_length: int, max_completion_length: int,
-                 gpu_memory_utilization: float = 0.3):
+                 dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.3):
         try:
             from vllm import LLM
         except ImportError:
             raise RuntimeError("use_vllm=True needs vLLM: pip install 'lambda-kernels[vllm]' (it pins its own CUDA "
                                "torch). Set use_vllm=false to generate with transformers.") from None
+        from transformers import GenerationConfig
+
         self.tokenizer = tokenizer
         self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
-        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, dtype="bfloat16")
+        try:  # vLLM stops at these too (TRL's eos_token_ids)
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:
+            eos = None
+        self.stop_ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}
+        # external_launcher runs the engine in this process, as a one-rank torch.distributed job
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
+            os.environ.setdefault(key, value)
+        if not os.environ.get("MASTER_PORT"):
+            with socket.socket() as s:
+                s.bind(("", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        max_model_len = max_prompt_length + max_completion_length
+        # max_num_batched_tokens: TRL's 4096 (vLLM's larger default misleads its memory profiler)
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization, distributed_executor_backend="external_launcher",
+                       max_num_batched_tokens=max(4096, max_model_len))
 
     def generate(self, prompts, num_generations, *, greedy=False, temperature=1.0, top_p=1.0) -> Generation:
         from vllm import SamplingParams
 
         tok = self.tokenizer
-        params = SamplingParams(n=num_generations, temperature=0.0 if greedy else temperature,
-                                top_p=1.0 if greedy else top_p, max_tokens=self.max_completion_length)
         prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, self.max_prompt_length)
-        token_prompts = [{"prompt_token_ids": [t for t, m in zip(ids.tolist(), mk.tolist()) if m]}
-                         for ids, mk in zip(prompt_ids, prompt_mask)]
-        outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
-        rows = [list(c.token_ids) for o in outputs for c in o.outputs]
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+        B = prompt_ids.shape[0]
+        seeds = [None] * B if greedy else torch.randint(0, 2**31 - 1, (B,)).tolist()
+        params = [SamplingParams(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 max_tokens=self.max_completion_length, seed=seed) for seed in seeds]
+        requests = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompt_ids, prompt_mask)]
+        rows = [list(out.outputs[0].token_ids) for out in self.llm.generate(requests, params, use_tqdm=False)]
         T = max(1, max(len(r) for r in rows))
-        tokens = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+        completion_ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros((B, T), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        completion_ids, completion_mask, truncated = finish_completions(tokens, tok.eos_token_id, tok.pad_token_id)
+            completion_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            completion_mask[i, :len(r)] = 1
+        # not vLLM's finish_reason: it says "length" when the stop token is the max_tokens-th
+        truncated = torch.tensor([not r or r[-1] not in self.stop_ids for r in rows])
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        return Generation(prompt_ids.repeat_interleave(num_generations, 0),
-                          prompt_mask.repeat_interleave(num_generations, 0),
-                          completion_ids, completion_mask, truncated, texts)
+        return Generation(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
+    @torch.no_grad()
     def sync_weights(self, model) -> None:
+        """Load `model`'s parameters into the engine in place, under the Hugging Face names vLLM's `load_weights`
+        maps (a tied LM head once, as the embedding), one live tensor at a time (no copy); then drop the prefix
+        cache, whose KV came from the old weights."""
+        if hasattr(model, "peft_config"):
+            raise TypeError("sync_weights takes a plain Hugging Face model; got a PEFT model, whose parameter names "
+                            "and unmerged adapters vLLM would not load. Merge it first (merge_and_unload()).")
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights(model.state_dict().items())
+        for name, param in model.named_parameters():  # (a torch.compile'd model's names carry _orig_mod.)
+            engine_model.load_weights([(name.replace("_orig_mod.", ""), param.data)])
+        self.llm.reset_prefix_cache()

@@ -173,7 +173,8 @@ class GRPOLambdaTrainer:
             init = self.out / "vllm_init"
             save_pretrained(self.model, self.tokenizer, init)
             return VLLMGenerationBackend(str(init), self.tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                         max_completion_length=cfg.max_completion_length)
+                                         max_completion_length=cfg.max_completion_length, dtype=cfg.model_dtype,
+                                         seed=cfg.seed)
         return HFGenerationBackend(self.model, self.tokenizer, max_prompt_length=cfg.max_prompt_length,
                                    max_completion_length=cfg.max_completion_length)
 
@@ -229,6 +230,7 @@ class GRPOLambdaTrainer:
             if cfg.sft_warmup_steps > 0:
                 sft_warmup(self.model, self.tokenizer, self.train_rows, cfg)
                 save_pretrained(self.model, self.tokenizer, self.out / "sft_model")
+                self.backend.sync_weights(self.model)  # a vLLM engine was built from the weights before warm-up
             self.eval_before = evaluate_rows(self.backend, self.eval_rows, cfg, self.eval_reward)
             self._print(f"before RL: {format_result(self.eval_before)}")
         else:
