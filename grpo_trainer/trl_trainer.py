@@ -70,7 +70,6 @@ _UNSUPPORTED_OPTIONS = (
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
     (lambda a: a.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
-    (lambda a: a.beta != 0.0 and a.use_bias_correction_kl, "use_bias_correction_kl must be false when beta != 0"),
 )
 # the same, for what only the trainer knows (the model, the tools)
 _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
@@ -98,9 +97,6 @@ class GRPOLambdaTRLConfig(GRPOConfig):
         "help": "Discount γ in [0, 1] of the trace (it decays by γ·λ per token)."})
     adv_clamp_min: Optional[float] = field(default=-0.1, metadata={
         "help": "Clamp advantages from below (the paper's -0.1; only with a trace); None = no clamp."})
-    use_bias_correction_kl: bool = field(default=False, metadata={
-        "help": "Must stay false when beta != 0: the fused loss's KL term is the plain k3 estimator, without TRL's "
-                "importance-ratio factor (TRL's default is true)."})
     impl: str = field(default="auto", metadata={
         "help": f"lambda_kernels implementation: one of {list(IMPLS)} ('auto' = Triton on GPU, PyTorch on CPU)."})
 
@@ -215,7 +211,7 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
-            impl=self.args.impl)
+            kl_bias_correction=self.args.use_bias_correction_kl, impl=self.args.impl)
         if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
         self._log_token_means(mode, metrics, completion_mask)

@@ -3,6 +3,7 @@ GRPOTrainer's, for every loss type both support; GRPO-λ trains through TRL's lo
 
 Comparisons run without autocast (bf16=False): under it TRL rounds the head's logits to bf16 where the fused loss
 does not, so the two would differ by bf16 rounding, not by their math."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -117,11 +118,14 @@ def assert_same_loss(ours, theirs, inputs, loss_types, tol):
 
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
 @pytest.mark.parametrize("on_policy", [False, True])
-def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, tol, on_policy):
-    """TRL folds its log-sum-exp in fp32 whatever the model's dtype: tol is its precision, not ours."""
-    ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, beta=0.04)
+@pytest.mark.parametrize("kl_correction", [True, False])
+def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, tol, on_policy, kl_correction):
+    """TRL folds its log-sum-exp in fp32 whatever the model's dtype: tol is its precision, not ours. The KL term with
+    and without TRL's bias correction (the ratio-weighted KL, TRL's default, changes the gradient on-policy too)."""
+    ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, beta=0.04,
+                        use_bias_correction_kl=kl_correction)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, beta=0.04,
-                          use_bias_correction_kl=False)
+                          use_bias_correction_kl=kl_correction)
     inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), tol)
     for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
@@ -130,8 +134,7 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 
 def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path):
     ours = make_trainer(granite_dir, tmp_path, trace=None, beta=0.04, temperature=0.7)
-    theirs = make_trainer(granite_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7,
-                          use_bias_correction_kl=False)
+    theirs = make_trainer(granite_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
 
@@ -141,7 +144,7 @@ def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
     masked); the fused loss takes it folded into per-token advantages. (Only _compute_loss runs: no vLLM here.)"""
     ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04)
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, use_bias_correction_kl=False)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     g = torch.Generator().manual_seed(2)
     weights = 2 * torch.rand(4, 6 if level == "token" else 1, generator=g)
@@ -226,7 +229,7 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
     before = [p.detach().clone() for p in ours.model.parameters()]
     ours.train()
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, use_bias_correction_kl=False, **options)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **options)
     theirs.train()
     logs = [e for e in ours.state.log_history if "reward" in e]
     assert [e["reward"] for e in logs] == [e.get("reward") for e in theirs.state.log_history if "reward" in e]
@@ -249,8 +252,7 @@ def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
     options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, beta=0.04)
     ours = make_trainer(model_dir, tmp_path, trace=None, peft_config=lora(), **options)
     ours.train()
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, use_bias_correction_kl=False,
-                          peft_config=lora(), **options)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, peft_config=lora(), **options)
     theirs.train()
     trained = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
     assert trained and all("lora" in n for n in trained)
@@ -352,6 +354,15 @@ def test_under_autocast_the_head_runs_in_the_autocast_dtype(model_dir, tmp_path)
     ours.train()
 
 
+def test_trl_options_keep_trls_defaults(tmp_path):
+    """Only the GRPO-λ options are added: every TRL option keeps TRL's default (the bias-corrected KL among them)."""
+    kw = dict(output_dir=str(tmp_path), use_cpu=True)
+    ours, theirs = GRPOLambdaTRLConfig(**kw), trl.GRPOConfig(**kw)
+    shared = {f.name for f in dataclasses.fields(trl.GRPOConfig)} - {"output_dir", "logging_dir"}
+    assert {n: getattr(ours, n) for n in shared} == {n: getattr(theirs, n) for n in shared}
+    assert ours.use_bias_correction_kl is True
+
+
 @pytest.mark.parametrize("options,match", [
     (dict(loss_type="dapoo"), "loss_type must be one of .*Did you mean 'dapo'"),
     (dict(trace="bogus"), "trace must be one of"),
@@ -368,7 +379,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile must be 1.0"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
-    (dict(beta=0.04, use_bias_correction_kl=True), "use_bias_correction_kl must be false when beta != 0"),
     (dict(delta=2.0), "delta"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold must be None"),
