@@ -104,6 +104,8 @@ class GRPOLambdaConfig:
                                          TRAIN, "algorithm")
     beta: float = opt(0.001, "KL coefficient (k3 estimator); > 0 loads a frozen reference model, 0 loads none.",
                       TRAIN, "algorithm")
+    kl_bias_correction: bool = opt(False, "Weight each token's KL by its ratio π/π_old (TRL's use_bias_correction_kl; "
+                                   "the paper's runs: false).", TRAIN, "algorithm")
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio.", TRAIN, "algorithm")
     epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon).", TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")

@@ -69,7 +69,7 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma, adv_clamp_min=cfg.loss_adv_clamp_min,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
-        return_entropy=True, impl=cfg.impl)
+        return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
 
 
 def micro_batches(batch: Batch, cfg: GRPOLambdaConfig) -> list[slice]:

@@ -2,6 +2,7 @@
 reward errors surfacing from the loop, evaluate, JSONL data, and torch vs triton on the same batch."""
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -247,6 +248,19 @@ def test_torch_and_triton_give_the_same_loss(tmp_path):
         torch.testing.assert_close(mk[k], mt[k], rtol=1e-5, atol=1e-6)
     for n in gt:
         torch.testing.assert_close(gk[n], gt[n], rtol=1e-4, atol=1e-6)
+
+
+def test_kl_bias_correction_reaches_the_loss(tmp_path):
+    """Old log-probs 0.05 below the policy's: every token's ratio is e^0.05, so the ratio-weighted KL is e^0.05 × the
+    plain one, token by token (and so is its mean)."""
+    cfg = tiny(tmp_path, beta=0.1, num_iterations=2, impl="torch")
+    model, batch = _same_batch(cfg)
+    with torch.no_grad():
+        old = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg) - 0.05
+        kl = {flag: policy_loss(model, batch, dataclasses.replace(cfg, kl_bias_correction=flag), old_logprobs=old,
+                                ref_logprobs=old + 0.3)[1]["kl"] for flag in (False, True)}
+    assert kl[False] > 0
+    torch.testing.assert_close(kl[True], kl[False] * math.exp(0.05), rtol=1e-5, atol=0)
 
 
 def test_new_run_never_deletes_an_earlier_runs_checkpoints(tmp_path):
