@@ -92,6 +92,39 @@ def test_trace_none_is_plain_grpo(device):
     torch.testing.assert_close(grad, grad2, atol=1e-6, rtol=1e-5)
 
 
+def verl_agg_loss(loss_mat, mask, mode):
+    """verl's `agg_loss` (trainer/ppo/core_algos.py, single process) written out."""
+    seq_sum = (loss_mat * mask).sum(-1)
+    if mode == "token-mean":
+        return seq_sum.sum() / mask.sum()
+    if mode == "seq-mean-token-sum":
+        return seq_sum.mean()
+    if mode == "seq-mean-token-mean":
+        return (seq_sum / mask.sum(-1)).mean()
+    if mode == "seq-mean-token-sum-norm":  # the Dr. GRPO paper's: no division by the number of sequences
+        return seq_sum.sum() / mask.shape[-1]
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("token-mean", lambda B, T: dict(loss_type="bnpo")),
+    ("seq-mean-token-sum", lambda B, T: dict(loss_type="dapo", num_items_in_batch=B)),
+    ("seq-mean-token-mean", lambda B, T: dict(loss_type="grpo")),
+    ("seq-mean-token-sum-norm", lambda B, T: dict(loss_type="dapo", num_items_in_batch=T)),
+])
+def test_verl_loss_agg_modes_map_to_loss_types(mode, options, device):
+    """The README's mapping of verl's loss_agg_mode onto loss_type (every row has a token: verl's seq-mean-token-mean
+    divides an empty row's 0 by 0)."""
+    B, T = 4, 21
+    lp, old, adv, mask, _ = make_batch(B, T, seed=8, device=device)
+    mask[:, 0] = True
+    loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, **options(B, T))
+    ratio = torch.exp(lp.detach() - old)
+    a = adv.unsqueeze(1)
+    loss_mat = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    torch.testing.assert_close(loss.double(), verl_agg_loss(loss_mat, mask.double(), mode), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("trace", ["recent", "both"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_on_policy_gradient_is_grpo_with_scanned_advantages(trace, loss_type, device):
