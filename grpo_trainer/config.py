@@ -30,6 +30,7 @@ IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,19 @@ class GRPOLambdaConfig:
     top_p: float = opt(1.0, "Nucleus sampling in training, in (0, 1].", TRAIN, "generation")
     use_vllm: bool = opt(False, "Generate with vLLM (optional extra `lambda-kernels[vllm]`, GPU only).", TRAIN,
                          "generation")
+    vllm_importance_sampling_correction: bool = opt(
+        True, "With use_vllm: weight each token's policy term by the importance ratio π_old/q of the trainer's "
+              "log-probs over those vLLM sampled with (TRL's option and default; the KL term is not weighted).",
+        TRAIN, "generation")
+    vllm_importance_sampling_mode: str = opt(
+        "sequence_mask", f"One of {VLLM_IS_MODES} (TRL's): per-token or per-sequence ratio (the product over the "
+                         "sequence's tokens), clipped to [clip_min, clip_max] (truncate) or set to 0 outside it "
+                         "(mask).",
+        TRAIN, "generation")
+    vllm_importance_sampling_clip_max: Optional[float] = opt(
+        3.0, "Upper bound C_max of the ratio (None = none).", TRAIN, "generation")
+    vllm_importance_sampling_clip_min: Optional[float] = opt(
+        None, "Lower bound C_min of the ratio (None = none; below clip_max).", TRAIN, "generation")
     # ---- algorithm
     algorithm: str = opt("grpo_lambda", f"One of {ALGORITHMS}; 'grpo' ignores trace/lam/gamma/adv_clamp_min.",
                          TRAIN, "algorithm")
@@ -248,6 +262,7 @@ class GRPOLambdaConfig:
                 f"Valid sizes are multiples of {self.num_generations}, e.g. {valid}.")
         _positive_number("temperature", self.temperature)
         _unit_open_closed("top_p", self.top_p)
+        self._validate_vllm_importance_sampling()
         # algorithm
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("trace", self.trace, TRACES)
@@ -299,6 +314,25 @@ class GRPOLambdaConfig:
                 raise ConfigError("use_vllm must be false when vllm is not installed; got true. "
                                   "Install it with `pip install 'lambda-kernels[vllm]'` (GPU only).")
         return self
+
+    def _validate_vllm_importance_sampling(self):
+        if not isinstance(self.vllm_importance_sampling_correction, bool):
+            raise ConfigError(f"vllm_importance_sampling_correction must be true or false; got "
+                              f"{self.vllm_importance_sampling_correction!r}.")
+        _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IS_MODES)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if hi is not None:
+            _positive_number("vllm_importance_sampling_clip_max", hi, "Pass None for no upper bound.")
+        if lo is not None:
+            _non_negative("vllm_importance_sampling_clip_min", lo)
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"vllm_importance_sampling_clip_min must be below vllm_importance_sampling_clip_max = "
+                              f"{hi}; got {lo}.")
+        if self.vllm_importance_sampling_mode.endswith("_truncate") and lo is None and hi is None:
+            raise ConfigError(f"vllm_importance_sampling_clip_max or vllm_importance_sampling_clip_min must be set "
+                              f"with vllm_importance_sampling_mode = {self.vllm_importance_sampling_mode!r}; got None "
+                              "for both. A truncated ratio needs a bound (or use a *_mask mode, or "
+                              "vllm_importance_sampling_correction false).")
 
 
 # ---------------------------------------------------------------------- checks

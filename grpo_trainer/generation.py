@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -21,6 +21,10 @@ class Generation:
     completion_mask: torch.Tensor   # [B, T] 1 up to and including EOS (vLLM: any of the model's EOS ids)
     truncated: torch.Tensor         # [B] bool: no EOS within max_new_tokens
     texts: list[str]                # decoded completions (special tokens removed)
+    # [B, T] fp32: log-prob of each sampled token under the distribution it was sampled from, as the sampler computed
+    # it (vLLM: after temperature), 0 at padding, NaN where the sampler gave none; None when the backend samples from
+    # the policy itself (HF) or decoded greedily. The trainer's importance-sampling correction reads it.
+    sampling_logprobs: Optional[torch.Tensor] = None
 
 
 class GenerationBackend(Protocol):
@@ -92,6 +96,9 @@ class VLLMGenerationBackend:
     checkpoints): runs sample alike up to the GPU's non-determinism, and evaluation (under a forked RNG) shifts
     nothing. A completion ends where vLLM stopped it, at the tokenizer's EOS or an `eos_token_id` of the model's
     generation config (the mask includes it); `truncated` rows end at max_completion_length without one (TRL's rule).
+    Sampled (not greedy) rows also return the log-prob vLLM sampled each token with (`SamplingParams(logprobs=0)`,
+    the engine built with `logprobs_mode="processed_logprobs"` as TRL builds it, so that they are of the tempered
+    distribution the trainer's log-probs use), as `Generation.sampling_logprobs`.
 
     Tested on the CPU against a fake `vllm` module with the offline `LLM` API of vLLM 0.22-0.31 (the versions TRL
     1.16 supports) as TRL uses it (tests/test_vllm_backend.py); not run against a real vLLM, nor on a GPU.
@@ -124,7 +131,9 @@ class VLLMGenerationBackend:
         # max_num_batched_tokens: TRL's 4096 (vLLM's larger default misleads its memory profiler)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, distributed_executor_backend="external_launcher",
-                       max_num_batched_tokens=max(4096, max_model_len))
+                       max_num_batched_tokens=max(4096, max_model_len),
+                       # the sampled tokens' log-probs after temperature (vLLM's default is the raw distribution's)
+                       logprobs_mode="processed_logprobs")
 
     def generate(self, prompts, num_generations, *, greedy=False, temperature=1.0, top_p=1.0) -> Generation:
         from vllm import SamplingParams
@@ -135,20 +144,25 @@ class VLLMGenerationBackend:
         prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         B = prompt_ids.shape[0]
         seeds = [None] * B if greedy else torch.randint(0, 2**31 - 1, (B,)).tolist()
+        # logprobs=0: the sampled token's log-prob only (a greedy row has no sampling distribution to correct for)
         params = [SamplingParams(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                 max_tokens=self.max_completion_length, seed=seed) for seed in seeds]
+                                 max_tokens=self.max_completion_length, seed=seed, logprobs=None if greedy else 0)
+                  for seed in seeds]
         requests = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompt_ids, prompt_mask)]
-        rows = [list(out.outputs[0].token_ids) for out in self.llm.generate(requests, params, use_tqdm=False)]
+        outputs = [out.outputs[0] for out in self.llm.generate(requests, params, use_tqdm=False)]
+        rows = [list(o.token_ids) for o in outputs]
         T = max(1, max(len(r) for r in rows))
         completion_ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
         completion_mask = torch.zeros((B, T), dtype=torch.long)
         for i, r in enumerate(rows):
             completion_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
             completion_mask[i, :len(r)] = 1
+        sampling_logprobs = None if greedy else sampled_logprobs(outputs, rows, T)
         # not vLLM's finish_reason: it says "length" when the stop token is the max_tokens-th
         truncated = torch.tensor([not r or r[-1] not in self.stop_ids for r in rows])
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-        return Generation(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+        return Generation(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts,
+                          sampling_logprobs)
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
@@ -162,3 +176,19 @@ class VLLMGenerationBackend:
         for name, param in model.named_parameters():  # (a torch.compile'd model's names carry _orig_mod.)
             engine_model.load_weights([(name.replace("_orig_mod.", ""), param.data)])
         self.llm.reset_prefix_cache()
+
+
+def sampled_logprobs(outputs, rows: list[list[int]], T: int) -> torch.Tensor:
+    """[B, T] fp32 log-probs of the sampled tokens from vLLM's CompletionOutputs, 0 at padding.
+
+    Each output's `.logprobs` holds one dict per generated token, token id → Logprob (`.logprob`); with
+    `logprobs=0` it has the sampled token only (with top-k ones, the sampled token is looked up by its id). A NaN
+    stays NaN, as TRL keeps it (its correction then leaves that token's ratio at 1)."""
+    out = torch.zeros((len(rows), T), dtype=torch.float32)
+    for i, (o, r) in enumerate(zip(outputs, rows)):
+        if o.logprobs is None or len(o.logprobs) != len(r):
+            raise RuntimeError(f"vLLM returned {'no' if o.logprobs is None else len(o.logprobs)} per-token "
+                               f"log-probs for a completion of {len(r)} tokens; asked for one per token "
+                               "(SamplingParams(logprobs=0)).")
+        out[i, :len(r)] = torch.tensor([float(lp[t].logprob) for lp, t in zip(o.logprobs, r)], dtype=torch.float32)
+    return out

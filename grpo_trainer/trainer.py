@@ -4,6 +4,8 @@ One step: prompts → G completions each (a GenerationBackend) → rewards (weig
 `group_advantages` (optionally dropping groups with equal rewards) → old / reference log-probs under no_grad via
 `linear_logprobs` on hidden states → `num_iterations` updates, each over gradient-accumulated micro-batches of
 `fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
+With vLLM, TRL's importance-sampling correction weights each token's policy term by π_old/q (see
+`vllm_importance_weights`), folded into per-token advantages.
 A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
 """
 from __future__ import annotations
@@ -14,8 +16,9 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -42,19 +45,22 @@ class Batch:
     completion_ids: torch.Tensor
     attention_mask: torch.Tensor    # completion tokens up to and including EOS
     loss_mask: torch.Tensor         # attention_mask, minus truncated rows if mask_truncated_completions
-    advantages: torch.Tensor        # [B] fp32
+    advantages: torch.Tensor        # [B] fp32; or [B, T] already clamped (see adv_clamped)
+    sampling_logprobs: Optional[torch.Tensor] = None  # [B, T] the sampler's log-probs (vLLM), else None
+    adv_clamped: bool = False       # advantages are per-token, clamped and weighted: the loss clamps no further
 
     def __len__(self):
         return self.prompt_ids.shape[0]
 
-    def _tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+    def _map(self, fn) -> "Batch":
+        return Batch(*(v if v is None or isinstance(v, bool) else fn(v)
+                       for v in (getattr(self, f.name) for f in fields(self))))
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in self._tensors()))
+        return self._map(lambda t: t.to(device))
 
     def select(self, idx) -> "Batch":
-        return Batch(*(t[idx] for t in self._tensors()))
+        return self._map(lambda t: t[idx])
 
 
 def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
@@ -66,7 +72,8 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
     return fused_grpo_lambda_loss(
         hidden, weight, batch.completion_ids, batch.loss_mask, batch.advantages, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, bias=bias, temperature=head_temperature(model, cfg.temperature),
-        trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma, adv_clamp_min=cfg.loss_adv_clamp_min,
+        trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
+        adv_clamp_min=None if batch.adv_clamped else cfg.loss_adv_clamp_min,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
         return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
@@ -87,6 +94,53 @@ def batch_logprobs(model, batch: Batch, chunks: list[slice], cfg: GRPOLambdaConf
         out.append(completion_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.attention_mask,
                                        temperature=cfg.temperature, impl=cfg.impl))
     return torch.cat(out)
+
+
+def vllm_importance_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                            mode: str, clip_min: Optional[float], clip_max: Optional[float]):
+    """TRL's vLLM importance-sampling weights (GRPOTrainer, TRL 1.16) → (weights, metrics with TRL's names).
+
+    The ratio of the trainer's log-probs ℓ_old over the sampler's ℓ_q, exp(m·(ℓ_old − ℓ_q)) per token, or the
+    exponential of its sum over the sequence ([B, 1]) for the sequence_* modes; a NaN sampler log-prob counts as no
+    difference (ratio 1). *_truncate clips it to [clip_min, clip_max], *_mask sets it to 0 outside that range (None:
+    unbounded on that side). Padding gets 1 in the token modes (the loss never reads it)."""
+    mask = mask.to(torch.float32)
+    diff = torch.nan_to_num((old_logprobs.float() - sampling_logprobs.float()) * mask, nan=0.0)
+    sequence_level = mode in ("sequence_truncate", "sequence_mask")
+    ratio = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence_level else diff)
+    if mode in ("token_truncate", "sequence_truncate"):
+        ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+    elif mode in ("token_mask", "sequence_mask"):
+        lo = -math.inf if clip_min is None else clip_min
+        hi = math.inf if clip_max is None else clip_max
+        ratio = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+    else:
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}")
+
+    real = mask.bool()
+    delta = (old_logprobs.float() - sampling_logprobs.float()).abs()
+    delta = delta[real & ~torch.isnan(delta)]
+    flat = ratio.flatten() if sequence_level else ratio[real]
+
+    def stat(t, fn):
+        return fn(t) if t.numel() else t.new_zeros(())
+
+    metrics = {"sampling/sampling_logp_difference/mean": stat(delta, torch.mean),
+               "sampling/sampling_logp_difference/max": stat(delta, torch.max),
+               "sampling/importance_sampling_ratio/min": stat(flat, torch.min),
+               "sampling/importance_sampling_ratio/mean": stat(flat, torch.mean),
+               "sampling/importance_sampling_ratio/max": stat(flat, torch.max)}
+    return ratio, metrics
+
+
+def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor, shape, adv_clamp_min: Optional[float]):
+    """Per-token advantages [B, T] that give the loss with each token's policy term multiplied by its weight w ≥ 0:
+    w·(−min(ρ̃Â, clip(ρ̃)Â)) = −min(ρ̃·wÂ, clip(ρ̃)·wÂ), with Â the clamped advantage (clamp first, then weight; the
+    loss must not clamp again). As grpo_trainer.trl_trainer does for TRL's vLLM correction."""
+    if adv_clamp_min is not None:
+        advantages = advantages.clamp(min=adv_clamp_min)
+    per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    return (per_token * weights.to(per_token.dtype)).expand(shape).contiguous()
 
 
 def micro_batch_weights(loss_mask: torch.Tensor, chunks: list[slice], loss_type: str) -> list:
@@ -282,7 +336,7 @@ class GRPOLambdaTrainer:
         if cfg.mask_truncated_completions:
             loss_mask[gen.truncated] = 0
         batch = Batch(gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask, loss_mask,
-                      advantages).to(self.model.device)  # rewards and advantages are computed on the CPU
+                      advantages, gen.sampling_logprobs).to(self.model.device)  # rewards, advantages: on the CPU
         if cfg.dynamic_sampling:
             batch = batch.select((~zero_std).repeat_interleave(G).nonzero().squeeze(1).to(self.model.device))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
@@ -296,7 +350,17 @@ class GRPOLambdaTrainer:
     def _update(self, batch: Batch) -> dict:
         cfg, model = self.cfg, self.model
         chunks = micro_batches(batch, cfg)
-        old_logprobs = batch_logprobs(model, batch, chunks, cfg) if cfg.num_iterations > 1 else None  # on-policy
+        correct = cfg.vllm_importance_sampling_correction and batch.sampling_logprobs is not None
+        old_logprobs = batch_logprobs(model, batch, chunks, cfg) if cfg.num_iterations > 1 or correct else None
+        is_metrics = {}
+        if correct:  # TRL's vLLM importance sampling: the weights only change the advantages
+            is_weights, is_metrics = vllm_importance_weights(
+                old_logprobs, batch.sampling_logprobs, batch.loss_mask, mode=cfg.vllm_importance_sampling_mode,
+                clip_min=cfg.vllm_importance_sampling_clip_min, clip_max=cfg.vllm_importance_sampling_clip_max)
+            batch = replace(batch, adv_clamped=True, advantages=weighted_advantages(
+                batch.advantages, is_weights, batch.loss_mask.shape, cfg.loss_adv_clamp_min))
+        if cfg.num_iterations == 1:
+            old_logprobs = None  # on-policy: the fused loss's one-pass path (ratio exactly 1)
         ref_logprobs = batch_logprobs(self.ref_model, batch, chunks, cfg) if self.ref_model is not None else None
         num_items = batch.loss_mask.sum().clamp(min=1) if cfg.loss_type == "dapo" else None
         weights = micro_batch_weights(batch.loss_mask, chunks, cfg.loss_type)
@@ -342,6 +406,8 @@ class GRPOLambdaTrainer:
             self.optimizer.zero_grad(set_to_none=True)
 
         out = {k: sums[k] / counts[k] for k in sums}
+        if is_metrics:  # (one host sync for the five)
+            out.update(zip(is_metrics, torch.stack(list(is_metrics.values())).tolist()))
         out.setdefault("loss", None)
         out.setdefault("grad_norm", None)
         out.pop("ratio_mean", None)
