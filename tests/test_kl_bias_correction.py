@@ -151,3 +151,73 @@ def test_flag_must_be_a_bool():
     lp, old, adv, mask, ref = make_logprob_batch(2, 5, seed=7)
     with pytest.raises(TypeError, match="`kl_bias_correction` must be a bool; got str"):
         lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, beta=0.1, kl_bias_correction="yes")
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float_mask_and_poisoned_padding(impl, on_policy, device):
+    """Weights other than 0/1 in the mask (the ratio stays exp(ℓ − ℓ_old): only the trace sees m), and NaN/±inf in
+    every input at padding, which is never read."""
+    lp, old, adv, _, ref = make_logprob_batch(3, 15, seed=9, spread=0.4, device=device)
+    mask = torch.tensor([0.0, 0.5, 2.0, 1.0, 0.25], device=device).repeat(3, 3)
+    mask[1] = 0.0
+    real = mask != 0
+    lp_p = torch.where(real, lp.detach(), -torch.inf).requires_grad_()
+    old_p, ref_p = torch.where(real, old, torch.nan), torch.where(real, ref, torch.inf)
+    kw = dict(ref_logprobs=ref_p, trace="both", lam=0.9, beta=BETA, loss_type="grpo", kl_bias_correction=True)
+    loss, metrics = lk.grpo_lambda_loss(lp_p, None if on_policy else old_p, adv, mask, impl=impl, **kw)
+    (grad,) = torch.autograd.grad(loss, lp_p)
+    lp_c = lp.detach().clone().requires_grad_()
+    want, want_m = R.grpo_lambda_loss(lp_c, None if on_policy else old, adv, mask, **dict(kw, ref_logprobs=ref))
+    (grad_want,) = torch.autograd.grad(want, lp_c)
+    torch.testing.assert_close(loss.double(), want.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad_want.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(metrics["kl"].double(), want_m["kl"].double(), rtol=1e-5, atol=1e-6)
+    assert (grad[~real] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_kl_with_an_overflowing_ratio_adds_nothing(impl, device):
+    """ℓ = ℓ_ref where ℓ − ℓ_old is past exp's range: kl·r is 0·inf; it adds 0 to value and gradient, not NaN (the
+    other tokens are unaffected)."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], device=device, requires_grad=True)
+    ref = torch.tensor([[-1.2, -2.0, -0.6]], device=device)
+    old = torch.tensor([[-1.0, -200.0, -0.7]], device=device)
+    mask, adv = torch.ones(1, 3, device=device), torch.zeros(1, device=device)
+    loss, metrics = lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, trace=None, beta=1.0,
+                                        loss_type="bnpo", kl_bias_correction=True, impl=impl)
+    (grad,) = torch.autograd.grad(loss, lp)
+    d = (ref - lp).detach()[0, [0, 2]].double()
+    r = torch.exp((lp.detach() - old)[0, [0, 2]]).double()
+    torch.testing.assert_close(loss.double(), ((torch.exp(d) - d - 1) * r).sum() / 3, rtol=1e-5, atol=0)
+    torch.testing.assert_close(metrics["kl"].double(), loss.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad[0].double(), torch.stack([-d[0] * r[0], torch.zeros((), dtype=torch.float64,
+                               device=device), -d[1] * r[1]]) / 3, rtol=1e-5, atol=0)
+
+
+def test_old_logprobs_are_saved_only_where_the_backward_reads_them(device):
+    """A caller may reuse its ℓ_old buffer between forward and backward (the kernels read it in the backward only for
+    the ratio-weighted KL off-policy); with that KL, autograd's version check guards it."""
+    lp, old, adv, mask, ref = make_logprob_batch(2, 9, seed=10, dtype=torch.float32, device=device)
+    for beta, corrected, reused_ok in ((0.0, True, True), (0.1, False, True), (0.1, True, False)):
+        old_buf = old.clone()
+        loss, _ = lk.grpo_lambda_loss(lp, old_buf, adv, mask, ref_logprobs=ref, beta=beta,
+                                      kl_bias_correction=corrected, impl="triton")
+        old_buf.add_(1.0)
+        if reused_ok:
+            torch.autograd.grad(loss, lp)
+        else:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(loss, lp)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_loss_with_poisoned_padding(impl, device, small_chunks):
+    (hidden, weight, b, ids, mask, adv), kw = _fused_case(device, on_policy=False, seed=3)
+    kw["trace"] = "both"
+    real = mask != 0
+    poisoned = dict(kw, old_logprobs=torch.where(real, kw["old_logprobs"], torch.nan),
+                    ref_logprobs=torch.where(real, kw["ref_logprobs"], -torch.inf))
+    loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **poisoned)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask, adv, **kw))

@@ -59,7 +59,11 @@ def grpo_lambda_loss(
         if kl_bias_correction:
             # weighted by the token's own ratio π/π_old (untraced, unclipped, differentiable: 1 on-policy, with
             # gradient), which makes the KL gradient the unbiased reverse-KL one (TRL's use_bias_correction_kl)
-            kl = kl * torch.exp(lp - old)
+            log_r = lp - old
+            # a zero KL (ℓ = ℓ_ref) where the ratio overflows stays 0, value and gradient (no 0·inf = NaN)
+            with torch.no_grad():
+                overflow = (kl == 0) & torch.isinf(torch.exp(log_r))
+            kl = torch.where(overflow, zero, kl * torch.exp(torch.where(overflow, zero, log_r)))
         per_token = per_token + beta * kl
     loss = (_token_weights(m, loss_type, max_completion_length, num_items_in_batch) * per_token).sum()
 

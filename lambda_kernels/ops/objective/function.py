@@ -17,10 +17,11 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(values)
         # the metrics get no gradient: don't let autograd fill zero tensors for them on every backward
         ctx.set_materialize_grads(False)
-        if need_grad:
-            ctx.save_for_backward(lp, old, ref, *saved)
+        if need_grad:  # (ℓ_old only where the backward reads it: the ratio-weighted KL, off-policy)
+            ctx.save_for_backward(lp, old if params.beta > 0 and params.kl_bias_correction else None, ref, *saved)
         ctx.params = params
         ctx.lp_dtype = lp.dtype
+        ctx.on_policy = old is None
         return loss, values
 
     @staticmethod
@@ -28,7 +29,7 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
         lp, old, ref, *saved = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
-        grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype)
+        grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype, ctx.on_policy)
         return grad_lp, None, None, None, None, None, None
 
 

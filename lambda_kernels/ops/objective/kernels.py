@@ -67,7 +67,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
             b_dr = b_ref - b_lp
             b_kl = tl.exp(b_dr) - b_dr - 1.0
             if KL_CORRECTED and not ON_POLICY:
-                b_kl *= tl.exp(b_lp - b_old)  # (padding: both zeroed, ratio 1)
+                # (padding: both zeroed, ratio 1); a zero KL stays 0 where the ratio overflowed (0·inf would be NaN)
+                b_kl = tl.where(b_kl != 0, b_kl * tl.exp(b_lp - b_old), 0.0)
             b_tok += beta * b_kl
             acc_kl += tl.where(b_valid, b_m * b_kl, 0.0)
         acc_loss += tl.where(b_valid, b_m * b_tok, 0.0)
@@ -176,7 +177,7 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr
                 if not ON_POLICY:
                     b_old = tl.where(b_m != 0, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32),
                                      0.0)
-                    b_kl_g *= tl.exp(b_lp - b_old)
+                    b_kl_g = tl.where(b_kl_g != 0, b_kl_g * tl.exp(b_lp - b_old), 0.0)  # (no 0·inf)
                 b_g += beta * b_kl_g
             else:
                 b_g += beta * (1.0 - tl.exp(b_ref - b_lp))

@@ -79,9 +79,11 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         BLOCK_T=block, num_warps=warps)
 
 
-def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
+def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype,
+                       on_policy: bool | None = None) -> torch.Tensor:
     """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included; saved = (coef, scales, mask)
-    from `objective_forward` (or `objective_rows_grad`); old None on-policy (read only for the corrected KL)."""
+    from `objective_forward` (or `objective_rows_grad`). ℓ_old is read only for the ratio-weighted KL off-policy
+    (on_policy defaults to `old is None`)."""
     coef, scales, mask_k = saved
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
@@ -89,14 +91,15 @@ def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, o
         return grad
     has_kl = params.beta > 0
     corrected = has_kl and params.kl_bias_correction
+    on_policy = old is None if on_policy is None else on_policy
     lp = lp.contiguous()
     block, warps = scan_config(T)
     objective_bwd_kernel[(B,)](
-        coef, lp, old.contiguous() if corrected and old is not None else lp, ref.contiguous() if has_kl else lp,
+        coef, lp, old.contiguous() if corrected and not on_policy else lp, ref.contiguous() if has_kl else lp,
         mask_k, scales, grad_out.reshape(1).to(torch.float32), grad, scratch_for(params.trace, B, T, coef.device), T,
         params.trace.a, params.trace.log2a, params.beta,
-        STYLE=params.trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=old is None, BLOCK_T=block,
-        num_warps=warps)
+        STYLE=params.trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=on_policy or not corrected,
+        BLOCK_T=block, num_warps=warps)  # (ON_POLICY only matters to the corrected KL: one variant otherwise)
     return grad
 
 
