@@ -41,6 +41,7 @@ from .model import check_supported, head_temperature, lm_head
 try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("grpo_trainer.trl_trainer needs TRL: pip install 'lambda-kernels[trl]'. "
                       "Without TRL, `grpo-lambda train` is the trainer of this package.") from exc
@@ -257,7 +258,9 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         return head_temperature(_base_model(self.accelerator.unwrap_model(model)), self.temperature)
 
     def _log_token_means(self, mode, metrics, mask):
-        """TRL's metric names; masked token means combined over processes by token count, as TRL does."""
+        """TRL's metric names; masked token means combined over processes by token count, as TRL does, and the
+        per-sequence clip extremes over every process's sequences (a process without tokens has none: NaN, skipped
+        by TRL's nanmin/nanmax)."""
         count = mask.sum().to(torch.float32)
         names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
         if self.beta != 0.0:
@@ -265,6 +268,9 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         for name in names:
             totals = self.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        for name, extreme in (("clip_ratio/low_min", nanmin), ("clip_ratio/high_max", nanmax)):
+            value = torch.where(count > 0, metrics[name], torch.nan).reshape(1)
+            self._metrics[mode][name].append(extreme(self.accelerator.gather(value)).item())
 
 
 def _base_model(model):

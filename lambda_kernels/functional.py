@@ -199,7 +199,9 @@ def grpo_lambda_loss(
         loss: fp32 scalar (whatever the inputs' dtype; it may be edited in place, e.g. `loss /= steps`).
         metrics: detached fp32 scalars "clip_ratio/low_mean", "clip_ratio/high_mean",
         "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0; the corrected one with
-        `kl_bias_correction`, as TRL logs it), masked means over tokens.
+        `kl_bias_correction`, as TRL logs it), masked means over tokens; and TRL's per-sequence extremes
+        "clip_ratio/low_min" and "clip_ratio/high_max": the least low-clipped and the most high-clipped fraction of a
+        sequence's tokens, over the sequences with tokens (0 when none has).
     """
     op = "grpo_lambda_loss"
     checks.float_tensor(op, "logprobs", logprobs, ndim=2)

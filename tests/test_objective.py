@@ -201,6 +201,26 @@ def test_clipping_fires_in_the_advantage_direction(log_ratio, adv, clipped, whic
     assert metrics["clip_ratio/low_mean"].item() == float(which == "low")
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("advantages, low_min, high_max", [
+    ([-1.0, -1.0, 1.0], 0.0, 0.25),     # a sequence with Â > 0 has no low-clipped token: TRL's low_min is then 0
+    ([-1.0, -1.0, -1.0], 0.25, 0.0),    # low-clipped: row 0 1 of 4 tokens, row 1 2 of 3 (its 4th is padding), row 2 3/4
+])
+def test_per_sequence_clip_extremes(impl, advantages, low_min, high_max, device):
+    """TRL's clip_ratio/low_min and high_max: the extremes over sequences of each one's clipped fraction (a masked
+    per-sequence mean); sequences without tokens (row 3) are left out."""
+    log_ratio = torch.tensor([[-0.5, 0.0, 0.0, 0.0], [-0.5, -0.5, 0.0, 9.0], [-0.5, -0.5, -0.5, 0.5], [9.0] * 4],
+                             device=device)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], device=device)
+    lp = torch.full((4, 4), -1.0, device=device)
+    adv = torch.tensor(advantages + [1.0], device=device)
+    _, metrics = lk.grpo_lambda_loss(lp, lp - log_ratio, adv, mask, trace=None, impl=impl)
+    assert metrics["clip_ratio/low_min"].item() == pytest.approx(low_min, abs=1e-7)
+    assert metrics["clip_ratio/high_max"].item() == pytest.approx(high_max, abs=1e-7)
+    _, empty = lk.grpo_lambda_loss(lp, lp - log_ratio, adv, torch.zeros_like(mask), trace=None, impl=impl)
+    assert empty["clip_ratio/low_min"].item() == 0 and empty["clip_ratio/high_max"].item() == 0
+
+
 def test_trace_clipping_uses_traced_ratio(device):
     """With a trace, small per-token log-ratios accumulate: later tokens clip although each Δ is inside the range."""
     T = 40

@@ -51,6 +51,7 @@ def weights(folder):
 TRL_KEYS = {"step", "reward", "reward_std", "rewards/arithmetic/mean", "rewards/format/mean", "rewards/short/mean",
             "frac_reward_zero_std",
             "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "clip_ratio/low_min", "clip_ratio/high_max",
             "completions/mean_length", "completions/clipped_ratio", "loss", "grad_norm", "learning_rate",
             "step_time", "skipped"}
 

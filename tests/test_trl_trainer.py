@@ -128,8 +128,33 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
                           use_bias_correction_kl=kl_correction)
     inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), tol)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "clip_ratio/low_min", "clip_ratio/high_max"):
         assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
+
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_per_sequence_clip_extremes_are_trls(model_dir, tmp_path, sign):
+    """clip_ratio/low_min and high_max, with advantages of one sign so that they are not trivially 0 (a sequence with
+    Â > 0 has no low-clipped token, one with Â < 0 no high-clipped one)."""
+    ours = make_trainer(model_dir, tmp_path, trace=None)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    inputs["advantages"] = sign * inputs["advantages"].abs()
+    # log-ratios of ±0.5 and 0 in turn: 1/3 to 2/3 of each sequence's tokens outside the clip range
+    shift = torch.tensor([0.5, 0.0, -0.5]).repeat(2)
+    with torch.no_grad():
+        lp = ours._get_per_token_logps_and_entropies(
+            ours.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 6)[0]
+    inputs["old_per_token_logps"] = lp - sign * shift
+    for trainer in (ours, theirs):
+        loss_and_grads(trainer, inputs, "dapo")
+    name = "clip_ratio/low_min" if sign < 0 else "clip_ratio/high_max"
+    assert ours._metrics["train"][name][-1] > 0
+    for name in ("clip_ratio/low_min", "clip_ratio/high_max"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-6), name
 
 
 def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path):

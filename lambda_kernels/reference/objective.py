@@ -76,6 +76,16 @@ def grpo_lambda_loss(
             "clip_ratio/region_mean": (m * torch.maximum(low, high)).sum() / count,
             "ratio_mean": torch.where(m != 0, m * ratio, zero).sum() / count,
         }
+        # TRL's per-sequence extremes: the least low-clipped and the most high-clipped fraction of a sequence with
+        # tokens (0 when none has)
+        seq_count = m.sum(dim=1)
+        has = seq_count > 0
+        seq_low = (m * low).sum(dim=1) / seq_count.clamp(min=1e-30)
+        seq_high = (m * high).sum(dim=1) / seq_count.clamp(min=1e-30)
+        inf = torch.full((1,), torch.inf, dtype=dt, device=m.device)
+        low_min = torch.cat([torch.where(has, seq_low, inf), inf]).amin()  # (no host sync; B may be 0)
+        metrics["clip_ratio/low_min"] = torch.where(torch.isinf(low_min), zero, low_min)
+        metrics["clip_ratio/high_max"] = torch.cat([torch.where(has, seq_high, zero), zero.reshape(1)]).amax()
         if beta > 0:
             metrics["kl"] = (m * kl).sum() / count
         metrics = {k: v.detach().to(torch.float32) for k, v in metrics.items()}

@@ -12,7 +12,8 @@ import torch
 from ... import reference
 from ..._core.params import TRACE_CODES, ObjectiveParams
 
-OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
+OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean",
+                     "clip_ratio/low_min", "clip_ratio/high_max")
 
 
 def metric_names(beta: float, with_entropy: bool) -> tuple[str, ...]:

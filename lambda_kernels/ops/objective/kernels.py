@@ -7,8 +7,9 @@ from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_b
 # Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
 # 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
 N_STATS = 8
-# the finalize kernel's metric outputs (the loss has a buffer of its own)
-OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL = 0, 1, 2, 3, 4
+# the finalize kernel's metric outputs (the loss has a buffer of its own): token means, then the extremes over
+# sequences of their clipped fractions (TRL's clip_ratio/low_min and high_max)
+OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL, OUT_LOW_MIN, OUT_HIGH_MAX = 0, 1, 2, 3, 4, 5, 6
 N_OUT = 8
 # LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo)
 
@@ -98,7 +99,8 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     """Aggregation: the row scales s_i of `loss_type`, the loss Σ_i s_i·(Σ_t m·L)_i and the token-mean metrics.
 
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
-    0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl); loss [] fp32
+    0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl token means; the
+    least low-clipped and the most high-clipped fraction of a sequence with tokens, 0 when none has); loss [] fp32
     out, in storage of its own (a caller may edit it in place: not a view of the metrics' buffer). `inv_b_len` is
     1/(B·max_completion_length) for dr_grpo. Grid (1,): B is small and this replaces a dozen tiny torch ops.
     """
@@ -123,10 +125,20 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     else:
         row_scale = inv_b_len
     loss_acc = tl.zeros((BLOCK_B,), tl.float32)
+    low_min = tl.full((BLOCK_B,), float("inf"), tl.float32)
+    high_max = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + o_b
         in_b = rows < B
         loss_rows = tl.load(stats_ptr + rows * 8 + 0, mask=in_b, other=0.0)
+        # per-sequence clipped fractions, over the rows that have tokens (TRL's masked per-sequence means)
+        n_rows = tl.load(stats_ptr + rows * 8 + 5, mask=in_b, other=0.0)
+        has = n_rows > 0
+        inv_rows = 1.0 / tl.where(has, n_rows, 1.0)
+        low_rows = tl.load(stats_ptr + rows * 8 + 2, mask=in_b, other=0.0) * inv_rows
+        high_rows = tl.load(stats_ptr + rows * 8 + 3, mask=in_b, other=0.0) * inv_rows
+        low_min = tl.minimum(low_min, tl.where(has, low_rows, float("inf")))
+        high_max = tl.maximum(high_max, tl.where(has, high_rows, 0.0))
         if LOSS_TYPE == 2:
             count_rows = tl.load(stats_ptr + rows * 8 + 5, mask=in_b, other=1.0)
             scales = 1.0 / (B * tl.maximum(count_rows, 1.0))
@@ -142,6 +154,9 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     out += tl.where(o_s == 2, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
     out += tl.where(o_s == 3, tl.sum(tl.where(o_s == 4, tot, 0.0), axis=0) * inv_count, 0.0)
     out += tl.where(o_s == 4, tl.sum(tl.where(o_s == 1, tot, 0.0), axis=0) * inv_count, 0.0)
+    least_low = tl.min(low_min, axis=0)
+    out += tl.where(o_s == 5, tl.where(least_low == float("inf"), 0.0, least_low), 0.0)
+    out += tl.where(o_s == 6, tl.max(high_max, axis=0), 0.0)
     tl.store(out_ptr + o_s, out)
 
 

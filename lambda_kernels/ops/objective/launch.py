@@ -11,12 +11,13 @@ from ..._core.normalizers import LOSS_TYPES
 from ..._core.params import ObjectiveParams
 from ..._core.tuning import scan_config
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
-from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_KL, OUT_LOW, OUT_RATIO, OUT_REGION, \
+from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_RATIO, OUT_REGION, \
     objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}  # the finalize kernel's LOSS_TYPE
 METRIC_OUTPUTS = {"clip_ratio/low_mean": OUT_LOW, "clip_ratio/high_mean": OUT_HIGH,
-                  "clip_ratio/region_mean": OUT_REGION, "ratio_mean": OUT_RATIO}
+                  "clip_ratio/region_mean": OUT_REGION, "ratio_mean": OUT_RATIO,
+                  "clip_ratio/low_min": OUT_LOW_MIN, "clip_ratio/high_max": OUT_HIGH_MAX}
 
 
 def _placeholder(device) -> torch.Tensor:
