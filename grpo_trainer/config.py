@@ -313,6 +313,11 @@ class GRPOLambdaConfig:
             if importlib.util.find_spec("vllm") is None:
                 raise ConfigError("use_vllm must be false when vllm is not installed; got true. "
                                   "Install it with `pip install 'lambda-kernels[vllm]'` (GPU only).")
+            if device.type == "cuda" and (device.index or 0) != 0:
+                # vLLM's in-process engine (external_launcher) runs on cuda:$LOCAL_RANK, i.e. cuda:0 here
+                raise ConfigError(f"device must be 'cuda' or 'cuda:0' with use_vllm; got {self.device!r}, and the "
+                                  "vLLM engine would sit on cuda:0 apart from the policy. Choose the GPU with "
+                                  f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda instead.")
         return self
 
     def _validate_vllm_importance_sampling(self):

@@ -368,6 +368,10 @@ class GRPOLambdaTrainer:
         counts: dict[str, int] = {}
         skipped = 0
 
+        # TRL's per-sequence clip extremes are undefined for a micro-batch without loss tokens (NaN there, which
+        # `add` skips, as TRL's logging drops NaN), not 0
+        per_sequence = ("clip_ratio/low_min", "clip_ratio/high_max")
+
         def add(key, value):
             if value is not None and math.isfinite(value):
                 sums[key] = sums.get(key, 0.0) + value
@@ -387,7 +391,9 @@ class GRPOLambdaTrainer:
                 loss.backward()  # a non-finite loss makes a non-finite gradient: the update is skipped below
                 loss_total = loss_total + loss.detach()
                 names = list(m)
-                per_chunk.append(torch.stack([v.detach().float() for v in m.values()]))
+                has_tokens = batch.loss_mask[sl].sum() > 0
+                per_chunk.append(torch.stack([torch.where(has_tokens, v.detach().float(), torch.nan)
+                                              if k in per_sequence else v.detach().float() for k, v in m.items()]))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             loss_value, norm_value, *metric_values = torch.cat(

@@ -257,3 +257,18 @@ def test_interrupt_says_how_to_resume(monkeypatch, capsys):
     assert cli.main(["train"]) == 130
     assert "interrupted. Continue from the last checkpoint with the same options and --resume latest" in \
         capsys.readouterr().err
+
+
+def test_vllm_on_another_gpu_than_cuda_0_is_refused(monkeypatch):
+    """vLLM's in-process engine runs on cuda:0 (LOCAL_RANK): a policy on cuda:1 would sit apart from it."""
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"device must be 'cuda' or 'cuda:0' with use_vllm; got 'cuda:1'.*"
+                                          r"CUDA_VISIBLE_DEVICES=1"):
+        dataclasses.replace(GRPOLambdaConfig(), use_vllm=True, device="cuda:1").validate()
+    dataclasses.replace(GRPOLambdaConfig(), use_vllm=True, device="cuda:0", impl="torch").validate()

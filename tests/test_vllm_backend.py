@@ -760,3 +760,26 @@ def test_importance_sampling_config_defaults_are_trls():
     dataclasses.replace(cfg, vllm_importance_sampling_clip_max=None).validate()
     dataclasses.replace(cfg, vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_max=None,
                         vllm_importance_sampling_clip_min=0.5).validate()
+
+
+def test_per_sequence_clip_extremes_skip_micro_batches_without_tokens(tmp_path, fake_vllm, monkeypatch):
+    """One completion per micro-batch, the truncated ones masked out of the loss: their micro-batches have no
+    sequence, so TRL's clip_ratio/high_max is undefined there (NaN, dropped by its logging), not 0. Ratio 2 on every
+    token: each micro-batch with Â > 0 has high_max 1, the others 0; the mean runs over the non-empty ones only."""
+    real = trainer_module.batch_logprobs
+
+    def old_below_policy(model, *a, **k):  # ℓ_old = ℓ − 0.7: every ratio is 2, past 1 + ε
+        out = real(model, *a, **k)
+        return out - 0.7 if model is trainer.model else out
+
+    monkeypatch.setattr(trainer_module, "batch_logprobs", old_below_policy)
+    trainer = vllm_trainer(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=8, num_iterations=2,
+                           mask_truncated_completions=True, vllm_importance_sampling_correction=False,
+                           algorithm="grpo")
+    gen, batch = rollout(trainer)
+    real_rows = ~gen.truncated
+    assert 0 < int(real_rows.sum()) < len(batch)
+    expected = float(((batch.advantages.cpu() > 0) & real_rows).sum() / real_rows.sum())
+    assert 0 < expected < 1
+    out = trainer._update(batch)
+    assert out["clip_ratio/high_max"] == pytest.approx(expected, abs=1e-6)
