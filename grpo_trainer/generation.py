@@ -98,7 +98,8 @@ class VLLMGenerationBackend:
     generation config (the mask includes it); `truncated` rows end at max_completion_length without one (TRL's rule).
     Sampled (not greedy) rows also return the log-prob vLLM sampled each token with (`SamplingParams(logprobs=0)`,
     the engine built with `logprobs_mode="processed_logprobs"` as TRL builds it, so that they are of the tempered
-    distribution the trainer's log-probs use), as `Generation.sampling_logprobs`.
+    distribution the trainer's log-probs use; with top_p < 1, of the renormalised nucleus, as TRL's; the fake vLLM of
+    the tests does not model top_p), as `Generation.sampling_logprobs`.
 
     Tested on the CPU against a fake `vllm` module with the offline `LLM` API of vLLM 0.22-0.31 (the versions TRL
     1.16 supports) as TRL uses it (tests/test_vllm_backend.py); not run against a real vLLM, nor on a GPU.
