@@ -5,6 +5,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
+from lambda_kernels.reference.trace import trace_scan
 
 from ._helpers import LOSS_TYPES, poisoned_outputs, random_mask
 
@@ -123,6 +124,31 @@ def test_verl_loss_agg_modes_map_to_loss_types(mode, options, device):
     a = adv.unsqueeze(1)
     loss_mat = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
     torch.testing.assert_close(loss.double(), verl_agg_loss(loss_mat, mask.double(), mode), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_importance_weights_fold_into_per_token_advantages(on_policy, device):
+    """The README's recipe: per-token advantages w·max(Â, c) with no clamp in the loss give the loss whose policy term
+    is weighted by w ≥ 0 (zeros included), the KL term not, with a trace; value and gradient."""
+    B, T, a, c = 4, 19, 0.9, -0.1
+    lp, old, adv, mask, ref = make_batch(B, T, seed=11, spread=0.3, device=device)
+    w = torch.rand(B, T, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device) * 2
+    w[0, :5] = 0.0
+    old_or_lp = lp.detach() if on_policy else old
+    kw = dict(ref_logprobs=ref, trace="both", lam=a, beta=0.1, loss_type="dapo")
+    loss, _ = lk.grpo_lambda_loss(lp, None if on_policy else old, w * adv.clamp(min=c).unsqueeze(1), mask,
+                                  adv_clamp_min=None, **kw)
+    (grad,) = torch.autograd.grad(loss, lp)
+    lp2 = lp.detach().clone().requires_grad_()
+    m = mask.double()
+    ratio = torch.exp(trace_scan(m * (lp2 - old_or_lp), a, "both"))
+    a_c = adv.clamp(min=c).unsqueeze(1)
+    policy = -w * torch.minimum(ratio * a_c, ratio.clamp(0.8, 1.2) * a_c)
+    d = ref - lp2
+    want = (m * (policy + 0.1 * (torch.exp(d) - d - 1))).sum() / m.sum()
+    (grad_want,) = torch.autograd.grad(want, lp2)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), grad_want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("trace", ["recent", "both"])
