@@ -179,6 +179,11 @@ def write_results(results: dict) -> None:
         f"not run: {results['stages'].get('fused_loss')}",
         "",
     ]
+    if results["fused_loss"]:
+        from benchmarks.bench_targets import markdown_table as targets_table
+
+        lines += ["### Issue 3's targets (benchmarks/bench_targets.py: the best row within 1 GiB extra per target)", "",
+                  targets_table(results["fused_loss"]), ""]
     if results.get("lse_gemm"):
         from benchmarks.bench_lse_gemm import markdown_table as lse_table
 
