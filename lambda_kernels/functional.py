@@ -8,6 +8,8 @@ tensors' device, torch otherwise).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference
@@ -17,6 +19,15 @@ from ._core.params import TRACE_CODES, ObjectiveParams, TraceParams
 from ._core.runtime import resolve_impl
 
 TRACE_STYLES = ("recent", "both")
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and its stream: make that the tensors' device (a policy on
+    cuda:1 while cuda:0 is current would otherwise run the kernels on GPU 0 with GPU 1's pointers). Autograd runs a
+    CUDA backward with its device current already."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
@@ -86,7 +97,8 @@ def lambda_trace(x: torch.Tensor, mask: torch.Tensor, *, lam: float, gamma: floa
         return reference.lambda_trace(x, mask, lam=lam, gamma=gamma, style=style).to(torch.float32)
     from .ops.lambda_trace.function import lambda_trace_apply
 
-    return lambda_trace_apply(x, mask, params)
+    with _on_device(device):
+        return lambda_trace_apply(x, mask, params)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
@@ -110,7 +122,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         return adv.to(torch.float32), ret.to(torch.float32)
     from .ops.gae.launch import gae_forward
 
-    return gae_forward(rewards.detach(), values.detach(), mask, gamma, lam)
+    with _on_device(device):
+        return gae_forward(rewards.detach(), values.detach(), mask, gamma, lam)
 
 
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
@@ -220,7 +233,9 @@ def grpo_lambda_loss(
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
-    return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask, ref_logprobs, params, num_items_in_batch)
+    with _on_device(logprobs.device):
+        return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask, ref_logprobs, params,
+                                     num_items_in_batch)
 
 
 def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
@@ -347,28 +362,31 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias),
                                      ("mask", mask)])
     rows_impl = resolve_impl(op, impl, device)
-    shard = _vocab_shard(op, process_group, weight, device)
-    V = weight.shape[0] if shard is None else shard.vocab_size
-    from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
-    from .ops.real_tokens import PendingRows, queue_token_check
+    if bias is not None:
+        bias = bias.contiguous()  # (the kernels read it with unit stride: a strided view would be misread)
+    with _on_device(device):
+        shard = _vocab_shard(op, process_group, weight, device)
+        V = weight.shape[0] if shard is None else shard.vocab_size
+        from .ops.linear_logprobs.function import LinearLogprobsParams, linear_logprobs_apply
+        from .ops.real_tokens import PendingRows, queue_token_check
 
-    # the id check's host read is waited for inside the pass, after its first GEMM is queued where that GEMM does not
-    # depend on the count of real tokens (`PendingRows`, `launch.logprobs_forward`)
-    if mask is None:
-        finish = queue_token_check(op, "targets", targets, V, hint="or pass mask= to skip those positions")
+        # the id check's host read is waited for inside the pass, after its first GEMM is queued where that GEMM does
+        # not depend on the count of real tokens (`PendingRows`, `launch.logprobs_forward`)
+        if mask is None:
+            finish = queue_token_check(op, "targets", targets, V, hint="or pass mask= to skip those positions")
 
-        def count() -> int:  # every token: the check only has to pass
-            finish()
-            return targets.numel()
+            def count() -> int:  # every token: the check only has to pass
+                finish()
+                return targets.numel()
 
-        rows = PendingRows(targets.numel(), None, count)
-    else:  # all the tokens as one row: one count
-        finish, positions, _ = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
-        rows = PendingRows(targets.numel(), positions, lambda: finish()[0])
+            rows = PendingRows(targets.numel(), None, count)
+        else:  # all the tokens as one row: one count
+            finish, positions, _ = _queue_real_rows(op, "targets", targets.reshape(1, -1), V, mask.reshape(1, -1))
+            rows = PendingRows(targets.numel(), positions, lambda: finish()[0])
 
-    lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
-                                    LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard), rows)
-    return (lp, ent) if return_entropy else lp
+        lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
+                                        LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard), rows)
+        return (lp, ent) if return_entropy else lp
 
 
 def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None,
@@ -445,16 +463,19 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
-    shard = _vocab_shard(op, process_group, weight, device)
-    tokens = _pending_tokens(op, "completion_ids", completion_ids,
-                             weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
-    from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
-    from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
+    if bias is not None:
+        bias = bias.contiguous()  # (the kernels read it with unit stride: a strided view would be misread)
+    with _on_device(device):
+        shard = _vocab_shard(op, process_group, weight, device)
+        tokens = _pending_tokens(op, "completion_ids", completion_ids,
+                                 weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
+        from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
+        from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
-    mask_f = completion_mask.to(torch.float32)
-    scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
-    objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
-    fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
-                              with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
-    return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
-                                   ref_logprobs, scales, fparams)
+        mask_f = completion_mask.to(torch.float32)
+        scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
+        objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
+        fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
+                                  with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
+        return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
+                                       ref_logprobs, scales, fparams)

@@ -171,3 +171,49 @@ def test_num_items_as_a_host_tensor_of_one_element(device):
               for impl in IMPLS for n in (torch.tensor([7.0]), 7)]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_bias_is_read_by_its_strides(impl, device):
+    """A bias that is a view with a stride (every other entry of a buffer, a column of a parameter) gives the same
+    log-probs and gradients as its contiguous copy (the kernels read a bias with unit stride: it is made contiguous,
+    differentiably, before them)."""
+    hidden, weight, _, ids, mask, adv = make_batch(B=2, T=7, H=16, V=40, device=device, seed=3)
+    storage = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    results = []
+    for bias in (storage[::2], storage[::2].detach().clone().requires_grad_()):
+        lp = lk.linear_logprobs(hidden, weight, ids, bias=bias, impl=impl)
+        loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=bias, impl=impl)
+        results.append((lp, loss, *torch.autograd.grad(lp.sum() + loss, (hidden, bias))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_launch_on_the_tensors_device():
+    """Triton launches on the current CUDA device: each entry point makes it the tensors' device."""
+    from lambda_kernels.functional import _on_device
+
+    guard = _on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with _on_device(torch.device("cpu")):
+        pass
+
+
+@pytest.mark.gpu
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.cuda.set_device(0)
+    hidden, weight, b, ids, mask, adv = make_batch(B=2, T=9, H=32, V=300, device="cuda:1", seed=5)
+    lp = lk.linear_logprobs(hidden, weight, ids, bias=b)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, trace="both")
+    lp_cpu = lk.linear_logprobs(hidden.cpu(), weight.cpu(), ids.cpu(), bias=b.cpu(), impl="torch")
+    torch.testing.assert_close(lp.cpu(), lp_cpu, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(loss) and loss.device == torch.device("cuda", 1)
+
+
+def test_chunked_scan_never_puts_more_rows_than_cuda_allows_on_grid_y(monkeypatch):
+    from lambda_kernels._core.tuning import use_chunked_scan
+
+    monkeypatch.setenv("LAMBDA_KERNELS_CHUNKED_SCAN", "1")
+    assert use_chunked_scan(65535, 10000, 2048) and not use_chunked_scan(65536, 10000, 2048)

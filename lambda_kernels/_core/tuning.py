@@ -30,10 +30,11 @@ def scan_config(T: int) -> tuple[int, int]:
 # program per row walking its blocks in series: few long rows would leave most SMs idle. LAMBDA_KERNELS_CHUNKED_SCAN
 # = "0" / "1" forces either path (tests cover both).
 CHUNKED_SCAN_MAX_ROWS = 32
+MAX_GRID_Y = 65535
 
 
 def use_chunked_scan(B: int, T: int, block: int) -> bool:
-    if T <= block:
+    if T <= block or B > MAX_GRID_Y:  # (the chunked grid is (chunks, B): B on CUDA's grid y, at most 65535)
         return False
     forced = os.environ.get("LAMBDA_KERNELS_CHUNKED_SCAN", "")
     if forced in ("0", "1"):
