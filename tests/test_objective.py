@@ -350,3 +350,14 @@ def test_65536_token_row_on_gpu(trace):
     torch.testing.assert_close(loss.cpu().double(), loss_ref.detach(), atol=1e-4, rtol=1e-4)
     for k in metrics_ref:
         torch.testing.assert_close(metrics[k].cpu().double(), metrics_ref[k].double(), atol=1e-4, rtol=1e-4)
+
+
+def test_per_sequence_clip_extremes_past_one_block_of_rows(device):
+    """The finalize kernel walks the rows in blocks of 1024: a minimum in the second block counts too."""
+    B, T = 1026, 2
+    lp = torch.full((B, T), -1.0, device=device)
+    log_ratio = torch.full((B, T), -0.5, device=device)  # every token low-clipped (Â < 0) ...
+    log_ratio[1025, 0] = 0.0  # ... but one: this row's fraction, 1/2, is the least
+    _, metrics = lk.grpo_lambda_loss(lp, lp - log_ratio, -torch.ones(B, device=device), torch.ones(B, T, device=device),
+                                     trace=None)
+    assert metrics["clip_ratio/low_min"].item() == 0.5 and metrics["clip_ratio/high_max"].item() == 0.0
