@@ -37,11 +37,11 @@ from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
 from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
 from .model import check_supported, head_temperature, lm_head
+from .importance import weighted_advantages
 
 try:
     import trl
     from trl import GRPOConfig, GRPOTrainer
-    from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("grpo_trainer.trl_trainer needs TRL: pip install 'lambda-kernels[trl]'. "
                       "Without TRL, `grpo-lambda train` is the trainer of this package.") from exc
@@ -230,11 +230,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         clamp = self.args.adv_clamp_min if self.args.trace is not None else None
         if not (self.use_vllm and self.vllm_importance_sampling_correction):
             return advantages, clamp
-        if clamp is not None:
-            advantages = advantages.clamp(min=clamp)
-        weights = inputs["importance_sampling_ratio"]  # [B, T] (token modes) or [B, 1] (sequence modes)
-        per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        return (per_token * weights).expand(shape).contiguous(), None
+        # TRL's weights: [B, T] (token modes) or [B, 1] (sequence modes)
+        return weighted_advantages(advantages, inputs["importance_sampling_ratio"], shape, clamp), None
 
     def _completion_states(self, model, input_ids, attention_mask, logits_to_keep):
         """(hidden, weight, bias) for the fused ops, in the dtype the LM head's matmul would run in."""
@@ -258,19 +255,24 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         return head_temperature(_base_model(self.accelerator.unwrap_model(model)), self.temperature)
 
     def _log_token_means(self, mode, metrics, mask):
-        """TRL's metric names; masked token means combined over processes by token count, as TRL does, and the
+        """TRL's metric names and values: masked token means combined over processes by token count, and the
         per-sequence clip extremes over every process's sequences (a process without tokens has none: NaN, skipped
-        by TRL's nanmin/nanmax)."""
+        as TRL's nanmin/nanmax skip it; NaN when no process has any). One reduce, one gather, one host read."""
         count = mask.sum().to(torch.float32)
         names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
         if self.beta != 0.0:
             names.append("kl")
-        for name in names:
-            totals = self.accelerator.reduce(torch.stack([metrics[name] * count, count]), reduction="sum")
-            self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        for name, extreme in (("clip_ratio/low_min", nanmin), ("clip_ratio/high_max", nanmax)):
-            value = torch.where(count > 0, metrics[name], torch.nan).reshape(1)
-            self._metrics[mode][name].append(extreme(self.accelerator.gather(value)).item())
+        totals = self.accelerator.reduce(torch.stack([metrics[n] * count for n in names] + [count]), reduction="sum")
+        means = totals[:-1] / totals[-1].clamp(min=1.0)
+        extremes = torch.stack([metrics["clip_ratio/low_min"], metrics["clip_ratio/high_max"]])
+        gathered = self.accelerator.gather(torch.where(count > 0, extremes, torch.nan).reshape(1, 2)).reshape(-1, 2)
+        nan = gathered.isnan()
+        low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
+        high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
+        extremes = torch.stack([low_min, high_max])
+        values = torch.cat([means, torch.where(extremes.isinf(), torch.nan, extremes)]).tolist()
+        for name, value in zip(names + ["clip_ratio/low_min", "clip_ratio/high_max"], values):
+            self._metrics[mode][name].append(value)
 
 
 def _base_model(model):

@@ -238,8 +238,9 @@ def grpo_lambda_loss(
                                      num_items_in_batch)
 
 
-def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
-    """Shared validation of (hidden, weight, bias, temperature); returns 1/temperature."""
+def _check_lm_head(op: str, hidden, weight, bias, temperature):
+    """Shared validation of (hidden, weight, bias, temperature) → (1/temperature, the bias as the kernels read it:
+    contiguous, differentiably, since they read it with unit stride and a strided view would be misread)."""
     H = hidden.shape[-1]
     checks.float_tensor(op, "weight", weight)
     if weight.dim() != 2 or weight.shape[1] != H:
@@ -255,7 +256,8 @@ def _check_lm_head(op: str, hidden, weight, bias, temperature) -> float:
         checks.same_shape(op, "bias", bias, (weight.shape[0],), "One bias per vocabulary entry.")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"{op}: `bias` must have the dtype of `hidden` ({hidden.dtype}); got {bias.dtype}.")
-    return 1.0 / checks.positive_number(op, "temperature", temperature)
+        bias = bias.contiguous()
+    return 1.0 / checks.positive_number(op, "temperature", temperature), bias
 
 
 def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
@@ -352,7 +354,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.float_tensor(op, "hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"{op}: `hidden` must have shape [..., H]; got a 0-d tensor.")
-    inv_t = _check_lm_head(op, hidden, weight, bias, temperature)
+    inv_t, bias = _check_lm_head(op, hidden, weight, bias, temperature)
     _check_ids_dtype(op, "targets", targets)
     checks.same_shape(op, "targets", targets, hidden.shape[:-1],
                       "targets must have hidden's leading shape [...]. Did you forget to shift targets by one?")
@@ -362,8 +364,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias),
                                      ("mask", mask)])
     rows_impl = resolve_impl(op, impl, device)
-    if bias is not None:
-        bias = bias.contiguous()  # (the kernels read it with unit stride: a strided view would be misread)
     with _on_device(device):
         shard = _vocab_shard(op, process_group, weight, device)
         V = weight.shape[0] if shard is None else shard.vocab_size
@@ -451,7 +451,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
             f"{op}: `hidden` must have shape [B, T, H] = [{B}, {T}, H] to match `completion_ids` [{B}, {T}]; "
             f"got {list(hidden.shape)}. hidden[:, t] must be the state that predicts completion_ids[:, t]: shift by "
             "one and drop the prompt yourself, e.g. hidden = last_hidden_state[:, P - 1:-1] for a prompt of length P.")
-    inv_t = _check_lm_head(op, hidden, weight, bias, temperature)
+    inv_t, bias = _check_lm_head(op, hidden, weight, bias, temperature)
     checks.mask_tensor(op, "completion_mask", completion_mask, (B, T))
     checks.flag(op, "return_entropy", return_entropy)
     params = check_objective_args(
@@ -463,8 +463,6 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
-    if bias is not None:
-        bias = bias.contiguous()  # (the kernels read it with unit stride: a strided view would be misread)
     with _on_device(device):
         shard = _vocab_shard(op, process_group, weight, device)
         tokens = _pending_tokens(op, "completion_ids", completion_ids,

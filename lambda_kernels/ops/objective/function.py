@@ -21,7 +21,6 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
             ctx.save_for_backward(lp, old if params.beta > 0 and params.kl_bias_correction else None, ref, *saved)
         ctx.params = params
         ctx.lp_dtype = lp.dtype
-        ctx.on_policy = old is None
         return loss, values
 
     @staticmethod
@@ -29,7 +28,7 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
         lp, old, ref, *saved = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
-        grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype, ctx.on_policy)
+        grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype)
         return grad_lp, None, None, None, None, None, None
 
 

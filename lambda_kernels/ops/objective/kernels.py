@@ -140,8 +140,7 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
         low_min = tl.minimum(low_min, tl.where(has, low_rows, float("inf")))
         high_max = tl.maximum(high_max, tl.where(has, high_rows, 0.0))
         if LOSS_TYPE == 2:
-            count_rows = tl.load(stats_ptr + rows * 8 + 5, mask=in_b, other=1.0)
-            scales = 1.0 / (B * tl.maximum(count_rows, 1.0))
+            scales = 1.0 / (B * tl.maximum(n_rows, 1.0))
         else:
             scales = tl.zeros((BLOCK_B,), tl.float32) + row_scale
         tl.store(scale_ptr + rows, scales, mask=in_b)

@@ -80,11 +80,10 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         BLOCK_T=block, num_warps=warps)
 
 
-def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype,
-                       on_policy: bool | None = None) -> torch.Tensor:
+def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
     """∂loss/∂ℓ [B, T] in `out_dtype`, scaled by the 0-d `grad_out`, KL term included; saved = (coef, scales, mask)
-    from `objective_forward` (or `objective_rows_grad`). ℓ_old is read only for the ratio-weighted KL off-policy
-    (on_policy defaults to `old is None`)."""
+    from `objective_forward` (or `objective_rows_grad`). ℓ_old (None on-policy) is read only for the ratio-weighted
+    KL, so a caller may pass None wherever that KL is off."""
     coef, scales, mask_k = saved
     B, T = coef.shape
     grad = torch.empty((B, T), dtype=out_dtype, device=coef.device)
@@ -92,7 +91,7 @@ def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, o
         return grad
     has_kl = params.beta > 0
     corrected = has_kl and params.kl_bias_correction
-    on_policy = old is None if on_policy is None else on_policy
+    on_policy = old is None
     lp = lp.contiguous()
     block, warps = scan_config(T)
     objective_bwd_kernel[(B,)](
