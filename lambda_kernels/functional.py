@@ -238,9 +238,12 @@ def grpo_lambda_loss(
                                      num_items_in_batch)
 
 
-def _check_lm_head(op: str, hidden, weight, bias, temperature):
-    """Shared validation of (hidden, weight, bias, temperature) → (1/temperature, the bias as the kernels read it:
-    contiguous, differentiably, since they read it with unit stride and a strided view would be misread)."""
+def _check_lm_head(op: str, hidden, weight, bias, temperature, softcap):
+    """Shared validation of (hidden, weight, bias, temperature, softcap) → (the `LogitTransform`, the bias as the
+    kernels read it: contiguous, differentiably, since they read it with unit stride and a strided view would be
+    misread)."""
+    from .ops.linear_logprobs.logit_transform import LogitTransform
+
     H = hidden.shape[-1]
     checks.float_tensor(op, "weight", weight)
     if weight.dim() != 2 or weight.shape[1] != H:
@@ -257,7 +260,12 @@ def _check_lm_head(op: str, hidden, weight, bias, temperature):
         if bias.dtype != hidden.dtype:
             raise TypeError(f"{op}: `bias` must have the dtype of `hidden` ({hidden.dtype}); got {bias.dtype}.")
         bias = bias.contiguous()
-    return 1.0 / checks.positive_number(op, "temperature", temperature), bias
+    inv_t = 1.0 / checks.positive_number(op, "temperature", temperature)
+    if softcap is not None and (not checks.is_finite_real(softcap) or not float(softcap) > 0):
+        raise ValueError(f"{op}: `softcap` must be a finite number > 0 or None; got {softcap!r}. It is the model's "
+                         "final-logit soft-capping (logits = softcap·tanh(logits / softcap)), e.g. "
+                         "config.final_logit_softcapping = 30.0 for Gemma 2; None for models without one.")
+    return LogitTransform(inv_t, None if softcap is None else float(softcap)), bias
 
 
 def _vocab_shard(op: str, process_group, weight: torch.Tensor, device):
@@ -301,7 +309,7 @@ def _check_ids_dtype(op: str, name: str, ids) -> None:
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
                     temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
-                    process_group=None, mask=None):
+                    process_group=None, mask=None, softcap: float | None = None):
     """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits.
 
     Computed chunk by chunk over the tokens (cuBLAS GEMMs with fp32 output, a Triton row kernel for the
@@ -329,6 +337,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             count of real tokens, so the GPU does not idle at it).
         bias: optional `[V]`, same dtype as hidden.
         temperature: finite > 0; the distribution is softmax(logits / temperature).
+        softcap: None, or the model's final-logit soft-capping c > 0 (Gemma 2/3: `config.final_logit_softcapping`):
+            logits = c·tanh((hidden·weightᵀ + bias) / c), before the temperature (as HF and vLLM apply them).
         return_entropy: also return the entropy of that tempered distribution (differentiable too).
         impl: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; else torch), "triton", or "torch" (the
             same chunked pipeline with PyTorch row operations: memory-safe on CPU).
@@ -354,7 +364,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.float_tensor(op, "hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"{op}: `hidden` must have shape [..., H]; got a 0-d tensor.")
-    inv_t, bias = _check_lm_head(op, hidden, weight, bias, temperature)
+    transform, bias = _check_lm_head(op, hidden, weight, bias, temperature, softcap)
     _check_ids_dtype(op, "targets", targets)
     checks.same_shape(op, "targets", targets, hidden.shape[:-1],
                       "targets must have hidden's leading shape [...]. Did you forget to shift targets by one?")
@@ -385,7 +395,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             rows = PendingRows(targets.numel(), positions, lambda: finish()[0])
 
         lp, ent = linear_logprobs_apply(hidden, weight, bias, targets,
-                                        LinearLogprobsParams(inv_t, return_entropy, rows_impl, shard), rows)
+                                        LinearLogprobsParams(transform, return_entropy, rows_impl, shard), rows)
         return (lp, ent) if return_entropy else lp
 
 
@@ -393,7 +403,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           kl_bias_correction=False, impl="auto", process_group=None):
+                           kl_bias_correction=False, impl="auto", process_group=None, softcap=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -431,6 +441,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         old_logprobs: `[B, T]` of the sampling policy, or None for on-policy (the fast single-pass path).
         ref_logprobs: `[B, T]` of the reference model; required when beta > 0.
         bias: optional `[V]`. temperature: finite > 0, the logits are divided by it (as in sampling).
+        softcap: None, or the final-logit soft-capping c > 0 of Gemma 2/3 (c·tanh(logits / c), before the
+            temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
         num_items_in_batch, kl_bias_correction: as in `grpo_lambda_loss`.
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
@@ -451,7 +463,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
             f"{op}: `hidden` must have shape [B, T, H] = [{B}, {T}, H] to match `completion_ids` [{B}, {T}]; "
             f"got {list(hidden.shape)}. hidden[:, t] must be the state that predicts completion_ids[:, t]: shift by "
             "one and drop the prompt yourself, e.g. hidden = last_hidden_state[:, P - 1:-1] for a prompt of length P.")
-    inv_t, bias = _check_lm_head(op, hidden, weight, bias, temperature)
+    transform, bias = _check_lm_head(op, hidden, weight, bias, temperature, softcap)
     checks.mask_tensor(op, "completion_mask", completion_mask, (B, T))
     checks.flag(op, "return_entropy", return_entropy)
     params = check_objective_args(
@@ -473,7 +485,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         mask_f = completion_mask.to(torch.float32)
         scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
         objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
-        fparams = FusedLossParams(objective=objective, beta=params.beta, inv_temperature=inv_t,
+        fparams = FusedLossParams(objective=objective, beta=params.beta, transform=transform,
                                   with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
         return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                        ref_logprobs, scales, fparams)

@@ -56,12 +56,12 @@ class FusedGRPOLambdaLoss(_OptionsModule):
                  adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  temperature: float = 1.0, return_entropy: bool = False, kl_bias_correction: bool = False,
-                 impl: str = "auto", process_group=None):
+                 impl: str = "auto", process_group=None, softcap: float | None = None):
         super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
                          epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
                          max_completion_length=max_completion_length, temperature=temperature,
                          return_entropy=return_entropy, kl_bias_correction=kl_bias_correction, impl=impl,
-                         process_group=process_group)
+                         process_group=process_group, softcap=softcap)
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
                 ref_logprobs=None, bias=None, num_items_in_batch=None):

@@ -30,18 +30,19 @@ def grads_of(lp, ent, g_lp, g_ent, inputs):
     return torch.autograd.grad(obj, [t for t in inputs if t is not None])
 
 
-def oracle(x, w, b, t, temperature, mask=None):
+def oracle(x, w, b, t, temperature, mask=None, softcap=None):
     """fp64 log-probs, entropy and grads on the same inputs."""
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = None if b is None else b.detach().double().requires_grad_()
-    lp, ent = R.linear_logprobs(x64, w64, t, bias=b64, temperature=temperature, return_entropy=True, mask=mask)
+    lp, ent = R.linear_logprobs(x64, w64, t, bias=b64, temperature=temperature, return_entropy=True, mask=mask,
+                                softcap=softcap)
     return lp, ent, (x64, w64, b64)
 
 
-def assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature):
+def assert_fp32_matches_oracle(lp, ent, x, w, b, t, temperature, softcap=None):
     """fp32 log-probs, entropy and every gradient (hidden, weight, bias) within fp32 tolerance of the fp64 oracle."""
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == t.shape
-    lp_ref, ent_ref, leaves = oracle(x, w, b, t, temperature)
+    lp_ref, ent_ref, leaves = oracle(x, w, b, t, temperature, softcap=softcap)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
     torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
     g_lp, g_ent = upstream(t.shape[0], device=x.device)

@@ -79,6 +79,16 @@ def scenarios():
             hidden, w_odd, ids_odd, bias=b_odd, return_entropy=True)[1].sum()
         yield f"fused on-policy V={v_odd}", lambda w_odd=w_odd, b_odd=b_odd, ids_odd=ids_odd: lk.fused_grpo_lambda_loss(
             hidden, w_odd, ids_odd, mask, adv, bias=b_odd, ref_logprobs=lp, beta=0.04, return_entropy=True)[0]
+    # Gemma 2's soft-capping: every row kernel (bias, entropy, KL: the widest variants) at the 4096 tile, and V % 16
+    w_8208 = (torch.randn(8208, H, generator=g) / 16).bfloat16().requires_grad_()
+    b_8208 = torch.zeros(8208).bfloat16().requires_grad_()
+    for v_cap, w_cap, b_cap in ((8208, w_8208, b_8208), (2048, weight, bias)):
+        ids_cap = ids % v_cap
+        yield f"linear_logprobs softcap V={v_cap}", lambda w_cap=w_cap, b_cap=b_cap, ids_cap=ids_cap: \
+            lk.linear_logprobs(hidden, w_cap, ids_cap, bias=b_cap, return_entropy=True, softcap=30.0)[1].sum()
+        yield f"fused on-policy softcap V={v_cap}", lambda w_cap=w_cap, b_cap=b_cap, ids_cap=ids_cap: \
+            lk.fused_grpo_lambda_loss(hidden, w_cap, ids_cap, mask, adv, bias=b_cap, ref_logprobs=lp, beta=0.04,
+                                      return_entropy=True, softcap=30.0)[0]
     for trace in (None, "recent", "both"):
         yield f"fused on-policy {trace}", lambda trace=trace: lk.fused_grpo_lambda_loss(
             hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, trace=trace)[0]
@@ -97,11 +107,15 @@ def scenarios():
     os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"  # the on-policy row kernel that also stores lse and g
     yield "fused on-policy split plan", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=bias,
                                                                          ref_logprobs=lp, beta=0.04)[0]
+    yield "fused on-policy split plan softcap", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, softcap=30.0)[0]
     os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")
     for gemm in ("triton", "triton_tma"):
         os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = gemm
-        yield f"lse gemm {gemm}", lambda: lk.linear_logprobs(hidden.detach(), weight.detach(), ids,
-                                                             bias=bias.detach(), return_entropy=True)[1].sum()
+        for softcap in (None, 30.0):
+            yield f"lse gemm {gemm} softcap={softcap}", lambda softcap=softcap: lk.linear_logprobs(
+                hidden.detach(), weight.detach(), ids, bias=bias.detach(), return_entropy=True,
+                softcap=softcap)[1].sum()
     os.environ.pop("LAMBDA_KERNELS_LOGPROBS_GEMM")
     x_long = torch.randn(2, 8192, generator=g).requires_grad_()
     mask_long = torch.ones(2, 8192)

@@ -64,12 +64,15 @@ def test_row_kernels_compile_at_the_gpu_tile_and_move_16_byte_vectors(report):
 
 
 def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
-    (tiles,) = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
-    assert tiles["wgmma"] and tiles["cp_async"] and not tiles["tma"]
-    assert tiles["constants"]["BLOCK_M"] == 128 and tiles["num_stages"] == 4  # the default config
-    (persistent,) = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
-    assert persistent["wgmma"] and persistent["tma"]
-    assert persistent["constants"]["NUM_PROGRAMS"] == 132 and persistent["num_stages"] == 4
+    tiles = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
+    persistent = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
+    assert len(tiles) == len(persistent) == 2  # without and with a softcap
+    for k in tiles:
+        assert k["wgmma"] and k["cp_async"] and not k["tma"]
+        assert k["constants"]["BLOCK_M"] == 128 and k["num_stages"] == 4  # the default config
+    for k in persistent:
+        assert k["wgmma"] and k["tma"]
+        assert k["constants"]["NUM_PROGRAMS"] == 132 and k["num_stages"] == 4
 
 
 def test_split_plan_row_kernel_variant_compiles(report):
@@ -90,3 +93,13 @@ def test_scale_kernel_compiles_both_ways(report):
     """The scale-and-cast of a half head's dW sum and the in-place grad_output scaling that skips scale 1."""
     skips = {bool(k["constants"].get("SKIP_ONE")) for k in report["kernels"] if k["name"] == "scale_cast_kernel"}
     assert skips == {False, True}
+
+
+def test_softcap_variants_compile(report):
+    """Final-logit soft-capping (the exp-based tanh and its derivative): every row kernel at the GPU tile, the split
+    plan's row kernel, and both LSE GEMM main loops (spill-free, as every kernel above)."""
+    capped = {(k["name"], k["constants"].get("BLOCK_V")) for k in report["kernels"] if k["constants"].get("SOFTCAP")}
+    assert {(name, 4096) for name in ROW_KERNELS} <= capped
+    assert {"lse_gemm_tiles_kernel", "lse_gemm_persistent_kernel"} <= {name for name, _ in capped}
+    assert any(k["name"] == "onpolicy_rows_kernel" and k["constants"].get("WITH_STATS")
+               for k in report["kernels"] if k["constants"].get("SOFTCAP"))

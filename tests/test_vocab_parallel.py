@@ -29,6 +29,8 @@ CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {"dtype": torch.float16}), ("logprobs", "triton", {"dtype": torch.float16, "gemm": True}),
     ("logprobs", "triton", {"mask": True}),  # only the unmasked rows, -100 ids at the others
     ("fused_on", "triton", {}), ("fused_off", "triton", {}), ("fused_off", "torch", {}),
+    # Gemma 2's final-logit soft-capping: each rank caps its own block of logits
+    ("logprobs", "triton", {"softcap": 2.5}), ("fused_on", "triton", {"softcap": 2.5}),
 ]
 
 
@@ -49,13 +51,13 @@ def _logprobs_inputs(extra):
     return x, w, b, t, mask, torch.randn(37, generator=g), torch.randn(37, generator=g)
 
 
-def _fused_inputs(off_policy: bool):
+def _fused_inputs(off_policy: bool, softcap=None):
     hidden, weight, b, ids, mask, adv = make_batch(B=3, T=9, H=24, V=V, seed=8)
     old = perturbed_old(hidden, weight, b, ids, 0.9, scale=0.3) if off_policy else None
     with torch.no_grad():
         ref = R.linear_logprobs(hidden.double(), weight.double(), ids, bias=b.double()).float() - 0.05
     kw = dict(old_logprobs=old, ref_logprobs=ref, temperature=0.9, trace="both", lam=0.9, beta=0.04,
-              adv_clamp_min=-0.1, return_entropy=True)
+              adv_clamp_min=-0.1, return_entropy=True, softcap=softcap)
     return hidden.detach(), weight.detach(), b.detach(), ids, mask, adv, kw
 
 
@@ -86,16 +88,17 @@ def _run_case(case, rank, group, device):
             x = x.requires_grad_()
             w_r, b_r = w[start:start + rows].clone().requires_grad_(), b[start:start + rows].clone().requires_grad_()
             lp, ent = lk.linear_logprobs(x, w_r, t, bias=b_r, temperature=temperature, return_entropy=True,
-                                         impl=impl, process_group=group, mask=mask)
+                                         impl=impl, process_group=group, mask=mask, softcap=extra.get("softcap"))
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
             out = dict(lp=lp.detach(), ent=ent.detach(), dx=x.grad, dw=w_r.grad, db=b_r.grad)
             # the reference's own vocabulary-parallel path (gathered logits), fp64
             leaves = [v.detach().double().requires_grad_() for v in (x, w_r, b_r)]
             lp64, ent64 = R.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2], temperature=temperature,
-                                            return_entropy=True, process_group=group, mask=mask)
+                                            return_entropy=True, process_group=group, mask=mask,
+                                            softcap=extra.get("softcap"))
             grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
             return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
-        hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off")
+        hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off", extra.get("softcap"))
         hidden, weight, b, ids, mask, adv = _on(device, hidden, weight, b, ids, mask, adv)
         kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         h = hidden.requires_grad_()
@@ -141,7 +144,7 @@ def test_linear_logprobs_vocab_parallel(rank_results, index):
     _, impl, extra = CASES[index]
     x, w, b, t, mask, g_lp, g_ent = _logprobs_inputs(extra)
     temperature = extra.get("temperature", 0.8)
-    lp, ent, leaves = oracle(x, w, b, t, temperature, mask)
+    lp, ent, leaves = oracle(x, w, b, t, temperature, mask, softcap=extra.get("softcap"))
     dx, dw, db = grads_of(lp, ent, g_lp.double(), g_ent.double(), leaves)
     assert all(torch.isfinite(v).all() for v in (lp, ent, dx, dw, db))
     if mask is not None:
@@ -172,7 +175,8 @@ def test_linear_logprobs_vocab_parallel(rank_results, index):
 def test_fused_loss_vocab_parallel(rank_results, index):
     r0, r1 = rank_results[0][index], rank_results[1][index]
     assert torch.equal(r0["loss"], r1["loss"]) and torch.equal(r0["dx"], r1["dx"])
-    hidden, weight, b, ids, mask, adv, kw = _fused_inputs(CASES[index][0] == "fused_off")
+    name, _, extra = CASES[index]
+    hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off", extra.get("softcap"))
     loss, metrics, (dx, dw, db) = reference_run(hidden, weight, b, ids, mask, adv, **kw)
     _close(r0["loss"], loss.detach(), name="loss")
     assert set(r0["metrics"]) == set(metrics)

@@ -64,25 +64,25 @@ def same_device(op: str, named: Iterable[tuple[str, torch.Tensor | None]]) -> to
     return dev
 
 
-def _finite_real(v) -> bool:
+def is_finite_real(v) -> bool:
     """A finite int or float, not a bool."""
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
 
 
 def unit_interval(op: str, name: str, v) -> float:
-    if not _finite_real(v) or not 0.0 <= float(v) <= 1.0:
+    if not is_finite_real(v) or not 0.0 <= float(v) <= 1.0:
         raise ValueError(f"{op}: `{name}` must be a number in [0, 1]; got {v!r}.")
     return float(v)
 
 
 def non_negative(op: str, name: str, v) -> float:
-    if not _finite_real(v) or float(v) < 0:
+    if not is_finite_real(v) or float(v) < 0:
         raise ValueError(f"{op}: `{name}` must be a finite number >= 0; got {v!r}.")
     return float(v)
 
 
 def positive_number(op: str, name: str, v) -> float:
-    if not _finite_real(v) or not float(v) > 0:
+    if not is_finite_real(v) or not float(v) > 0:
         raise ValueError(f"{op}: `{name}` must be a finite number > 0; got {v!r}.")
     return float(v)
 
@@ -96,7 +96,7 @@ def flag(op: str, name: str, v) -> bool:
 def finite_number(op: str, name: str, v, *, allow_none: bool = False) -> float | None:
     if v is None and allow_none:
         return None
-    if not _finite_real(v):
+    if not is_finite_real(v):
         raise ValueError(f"{op}: `{name}` must be a finite number{' or None' if allow_none else ''}; got {v!r}.")
     return float(v)
 

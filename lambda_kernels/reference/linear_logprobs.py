@@ -6,8 +6,9 @@ from .objective import grpo_lambda_loss
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
-                    process_group=None, mask=None):
-    """log softmax((hidden·weightᵀ + bias) / temperature)[targets], fp32 (fp64 for fp64 input), shape of targets.
+                    process_group=None, mask=None, softcap=None):
+    """log softmax((hidden·weightᵀ + bias) / temperature)[targets], fp32 (fp64 for fp64 input), shape of targets;
+    with a softcap c the logits are c·tanh((hidden·weightᵀ + bias) / c) before the temperature (Gemma 2/3, as HF).
 
     process_group: weight/bias are this rank's block of vocabulary rows; the logits of all ranks are gathered
     (Megatron's column-parallel head: hidden's gradient summed over the group, each rank's rows its own).
@@ -24,6 +25,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retu
         logits = logits + bias.to(dt)
     if process_group is not None:
         logits = _GatherVocab.apply(logits, process_group)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     logp = zero_where_masked(logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), real)
     if not return_entropy:
@@ -38,12 +41,13 @@ def fused_grpo_lambda_loss(
     hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None, bias=None,
     temperature=1.0, trace="both", lam=0.99, gamma=1.0, adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None,
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-    kl_bias_correction=False, process_group=None,
+    kl_bias_correction=False, process_group=None, softcap=None,
 ):
     """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits; the
     padding's hidden states and ids are not used (as the library's)."""
     out = linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy, process_group=process_group, mask=completion_mask)
+                          return_entropy=return_entropy, process_group=process_group, mask=completion_mask,
+                          softcap=softcap)
     logp, entropy = out if return_entropy else (out, None)
     loss, metrics = grpo_lambda_loss(
         logp, old_logprobs, advantages, completion_mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam,

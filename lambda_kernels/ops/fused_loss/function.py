@@ -20,14 +20,14 @@ from .objectives import metric_names
 
 @dataclass(frozen=True)
 class FusedLossParams:
-    """Inputs autograd does not track: the objective (kernel or reference, holding ObjectiveParams), β,
-    1/temperature, entropy metric on/off, the row backend, and the real (unmasked) tokens (`PendingTokens`: their
-    positions in the flattened batch on the device, each row's count from the id check's host read, waited for
-    inside the pass)."""
+    """Inputs autograd does not track: the objective (kernel or reference, holding ObjectiveParams), β, the logits'
+    temperature and softcap (`LogitTransform`), entropy metric on/off, the row backend, and the real (unmasked)
+    tokens (`PendingTokens`: their positions in the flattened batch on the device, each row's count from the id
+    check's host read, waited for inside the pass)."""
 
     objective: Any
     beta: float
-    inv_temperature: float
+    transform: Any  # linear_logprobs.logit_transform.LogitTransform
     with_entropy: bool
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
@@ -36,7 +36,7 @@ class FusedLossParams:
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
-                              beta=params.beta, inv_t=params.inv_temperature, with_entropy=params.with_entropy,
+                              beta=params.beta, tf=params.transform, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
                               shard=params.shard, tokens=params.tokens)
 

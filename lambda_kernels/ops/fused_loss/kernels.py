@@ -13,10 +13,12 @@ from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, lse_ptr, g_ptr,
-                         dl_ptr, stride_l, stride_dl, V, inv_t, beta,
-                         HAS_BIAS: tl.constexpr, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr,
-                         WITH_ENT: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature.
+                         dl_ptr, stride_l, stride_dl, V, inv_t, cap, beta,
+                         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KL: tl.constexpr,
+                         KL_CORRECTED: tl.constexpr, WITH_ENT: tl.constexpr, WITH_STATS: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+    """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature
+    (times 1 − tanh² of the soft-capped logits with SOFTCAP).
 
     KL_CORRECTED: the KL weighted by the token's ratio π/π_old, whose gradient at ratio 1 is β·n_r·(ℓ_r − ref_r).
 
@@ -28,7 +30,7 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
     i_r = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + i_r).to(tl.int64)
     row_ptr = logits_ptr + i_r * stride_l
-    lse, lp, ent = row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_V)
+    lse, lp, ent = row_stats(row_ptr, bias_ptr, tgt, V, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_V)
     tl.store(lp_ptr + i_r, lp)
     if WITH_ENT:
         tl.store(ent_ptr + i_r, ent)
@@ -46,5 +48,5 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
     if WITH_STATS:
         tl.store(lse_ptr + i_r, lse)
         tl.store(g_ptr + i_r, g)
-    row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t,
-                      HAS_BIAS, False, BLOCK_V)
+    row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t, cap,
+                      HAS_BIAS, SOFTCAP, False, BLOCK_V)

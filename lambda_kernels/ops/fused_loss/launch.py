@@ -29,18 +29,19 @@ import torch
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
+from ..linear_logprobs.logit_transform import LogitTransform
 from ..linear_logprobs.plan import memory_budget_bytes, piece_cap, pieces, split_size
 from ..real_tokens import PendingRows, PendingTokens
 from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
-def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl,
+def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl,
                   lse=None, g=None, kl_corrected: bool = False) -> None:
     """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)) (β·n·(ℓ − ref) for the
     ratio-weighted KL, `kl_corrected`), written into dl; with lse and g given, also each row's log-sum-exp and that
     token gradient."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, inv_t, lp, ent, dl, lse, g, kl_corrected)
+        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, tf, lp, ent, dl, lse, g, kl_corrected)
         return
     M, V = logits.shape
     block, warps = row_config(V)
@@ -49,13 +50,13 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, in
     onpolicy_rows_kernel[(M,)](
         logits, logits if bias is None else bias, tgt, g0, n if has_kl else g0, ref if has_kl else g0, lp,
         lp if ent is None else ent, lse if with_stats else lp, g if with_stats else lp, dl, logits.stride(0),
-        dl.stride(0), V, inv_t, beta, HAS_BIAS=bias is not None, HAS_KL=has_kl,
+        dl.stride(0), V, *tf.kernel_args(), beta, HAS_BIAS=bias is not None, SOFTCAP=tf.capped, HAS_KL=has_kl,
         KL_CORRECTED=has_kl and kl_corrected, WITH_ENT=ent is not None, WITH_STATS=with_stats, BLOCK_V=block,
         num_warps=warps)
 
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
-                       inv_t: float, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
+                       tf: LogitTransform, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
                        need_db: bool, tokens: PendingTokens, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
@@ -79,7 +80,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     # call holds; without one ("none") it is kept until the backward, which scales and casts it in place in one pass
     # (`dw_sum.HalfHeadGradSum`: its `rest`, 2·V·H bytes, lives on between forward and backward)
     cast_dw = memory_budget_bytes() is not None
-    gemm_args = (weight, bias, objective, beta, inv_t, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
+    gemm_args = (weight, bias, objective, beta, tf, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
     ahead = None
     if need_grad and shard is None and old is None and _runs_ahead(rows_impl, hidden):
@@ -169,7 +170,7 @@ class _PiecesAhead:
             yield from (slice(cap + sl.start, cap + sl.stop) for sl in pieces(rest, split_size(rest, cap)))
 
 
-def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
                        need_dx, need_dw, need_db, cast_dw, plan, ahead: PendingTokens | None = None):
     """ahead: the pass runs ahead of the count of real tokens (`_PiecesAhead`): batch has a row per entry of the
     positions, and the filler rows past the real ones get zero inputs (hidden state, token gradient, KL weight and
@@ -197,12 +198,12 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with
                 token["ref"] = rows_of(batch.ref)
         n_v, ref_v = token["n"], token["ref"]
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
-                      None if ref_v is None else ref_v[sl], beta, inv_t, lp_v[sl],
+                      None if ref_v is None else ref_v[sl], beta, tf, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else (None, None)),
                       kl_corrected=objective.kl_bias_correction)
 
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, inv_t)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, row_pieces,
                                            rows_impl, plan, batch.valid, live,
                                            None if ahead is None else ahead.rows)  # (the tail: real rows only)
@@ -225,7 +226,7 @@ def whole_sequence_pieces(counts, max_tokens: int):
     return [p for p in pieces if p[1].stop > p[1].start]
 
 
-def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
                         need_dx, need_dw, need_db, cast_dw, sequences, plan):
     B, T = batch.shape
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
@@ -236,7 +237,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
     positions = torch.arange(B * T, device=batch.x.device) if batch.valid is None else batch.valid
 
     def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
-        logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
+        logprob_rows(rows_impl, logits, bias, tgt[sl], tf, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
         rows = rows_of[sl.start]
         local = positions[sl] - rows.start * T  # the chunk's tokens within its block of rows
         lp_block = (ref[rows].to(batch.sdt).clone() if ref is not None else
@@ -247,27 +248,27 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, inv_t, wit
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
         if split:
             g_full[sl] = g_v
-        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, inv_t, dl)
+        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, tf, dl)
 
     pieces = [tokens for _, tokens in sequences]
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_full, None, inv_t)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_full, None, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
                                            plan, batch.valid)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
                                       cast_dw=cast_dw, rows=batch.valid)
 
 
-def _two_passes(batch: _Batch, weight, bias, objective, beta, inv_t, with_entropy, rows_impl,
+def _two_passes(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
                 need_dx, need_dw, need_db, cast_dw, shard=None):
     rows = None if batch.valid is None else PendingRows(batch.x.shape[0], batch.valid, lambda: batch.n)
-    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, inv_t, with_entropy, rows_impl, shard,
+    lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, tf, with_entropy, rows_impl, shard,
                                           rows)
     grads = (None, None, None)
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True)
-        grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, inv_t,
+        grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, tf,
                                   rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw, rows=batch.valid)
     return lp_v, ent_v, grads
 

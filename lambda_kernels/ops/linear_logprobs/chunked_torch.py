@@ -10,20 +10,27 @@ import math
 
 import torch
 
+from .logit_transform import LogitTransform
+
 
 def _finite(logp: torch.Tensor) -> torch.Tensor:
     """log p with −inf (p = 0, a −inf logit) replaced by 0, so that p·log p is 0 there, not NaN."""
     return torch.where(torch.isfinite(logp), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
 
-def _tempered(logits: torch.Tensor, bias, inv_t: float) -> torch.Tensor:
-    z = logits if bias is None else logits + bias.to(torch.float32)
-    return z * inv_t
+def _tempered(logits: torch.Tensor, bias, tf: LogitTransform):
+    """(z, ∂z/∂x): the sampling logits of the head's outputs x = logits (+ bias), and their derivative (a number,
+    or a tensor where soft-capped)."""
+    x = logits if bias is None else logits + bias.to(logits.dtype)
+    if tf.softcap is None:
+        return x * tf.inv_t, tf.inv_t
+    th = torch.tanh(x / tf.softcap)
+    return (th * tf.softcap) * tf.inv_t, tf.inv_t * (1.0 - th * th)
 
 
-def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
+def logprob_rows(logits, bias, tgt, tf: LogitTransform, lp, lse, ent):
     """Fill lp, lse (and ent when not None) [M] fp32 from logits [M, V] fp32."""
-    z = _tempered(logits, bias, inv_t)
+    z, _ = _tempered(logits, bias, tf)
     row_lse = torch.logsumexp(z, dim=1)
     lse.copy_(row_lse)
     # a target outside [0, V) (another rank's, in a vocabulary-parallel head) reads a clamped column: that ℓ is
@@ -39,12 +46,15 @@ def logprob_rows(logits, bias, tgt, inv_t: float, lp, lse, ent):
         ent.copy_(h.clamp(min=0.0, max=math.log(logits.shape[1])))
 
 
-def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
-    """dl [M, V] (may alias logits) ← (g_lp·(onehot − p) − g_ent·p·(log p + H)) / temperature.
+def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, dl):
+    """dl [M, V] (may alias logits) ← (g_lp·(onehot − p) − g_ent·p·(log p + H))·∂z/∂x (1/temperature, times
+    1 − tanh² where soft-capped).
 
     A target outside [0, V) adds no one-hot term: a vocabulary slab holds the targets of only some rows.
     """
-    logp = _tempered(logits, bias, inv_t) - lse.unsqueeze(1)
+    z, slope = _tempered(logits, bias, tf)
+    logp = z - lse.unsqueeze(1)
+    del z
     p = logp.exp()
     dz = -g_lp.unsqueeze(1) * p
     t = tgt.long()
@@ -52,16 +62,16 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl):
     dz.scatter_add_(1, t.clamp(0, logits.shape[1] - 1).unsqueeze(1), (g_lp * in_slab).unsqueeze(1))
     if g_ent is not None:
         dz -= g_ent.unsqueeze(1) * p * (_finite(logp) + ent.unsqueeze(1))
-    dl.copy_(dz * inv_t)
+    dl.copy_(dz * slope)
 
 
-def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, ent, dl, lse=None, g=None,
+def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl, lse=None, g=None,
                   kl_corrected: bool = False):
     """Log-probs (and entropy), then dlogits for g = g0 + β·n·∂kl/∂ℓ (KL only when ref is given): 1 − exp(ref − ℓ),
     or ℓ − ref for the ratio-weighted KL (`kl_corrected`, at ratio 1); lse and g, when given, receive each row's
     log-sum-exp and that token gradient."""
     row_lse = torch.empty_like(lp) if lse is None else lse
-    logprob_rows(logits, bias, tgt, inv_t, lp, row_lse, ent)
+    logprob_rows(logits, bias, tgt, tf, lp, row_lse, ent)
     if ref is None:
         row_g = g0
     else:
@@ -69,4 +79,4 @@ def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, inv_t: float, lp, 
         row_g = g0 + torch.where(n != 0, beta * n * kl_grad, 0.0)
     if g is not None:
         g.copy_(row_g)
-    dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, inv_t, dl)
+    dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, tf, dl)

@@ -9,13 +9,14 @@ import torch
 
 from ..real_tokens import PendingRows, scatter_real
 from .launch import logprobs_backward, logprobs_forward
+from .logit_transform import LogitTransform
 
 
 @dataclass(frozen=True)
 class LinearLogprobsParams:
-    """Non-tensor options: 1/temperature (fp32 in kernels), whether H is returned, and the row backend."""
+    """Non-tensor options: the logits' temperature and softcap, whether H is returned, and the row backend."""
 
-    inv_temperature: float
+    transform: LogitTransform
     return_entropy: bool
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
@@ -26,7 +27,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, tgt, rows: PendingRows, params: LinearLogprobsParams):
         # rows: which rows of x are computed (tgt holds a target per entry of rows.positions, or per row of x); the
         # outputs are per computed row
-        lp, lse, ent = logprobs_forward(x, weight, bias, tgt, params.inv_temperature, params.return_entropy,
+        lp, lse, ent = logprobs_forward(x, weight, bias, tgt, params.transform, params.return_entropy,
                                         params.rows_impl, params.shard, rows)
         ctx.save_for_backward(x, weight, bias, tgt[: rows.count()], rows.rows(), lse, ent)
         ctx.params = params
@@ -45,7 +46,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
         # (with rows, the passes gather them piece by piece and dX comes back for every row of x)
-        dx, dw, db = logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, params.inv_temperature,
+        dx, dw, db = logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, params.transform,
                                        params.rows_impl, need_dx, need_dw, need_db and bias is not None,
                                        params.shard, rows=rows)
         return dx, dw, db, None, None, None
@@ -72,7 +73,7 @@ def linear_logprobs_apply(hidden, weight, bias, targets, params: LinearLogprobsP
         lp, ent = out if params.return_entropy else (out, None)
     else:
         lp, _, ent = logprobs_forward(x.detach(), weight.detach(), None if bias is None else bias.detach(), tgt,
-                                      params.inv_temperature, params.return_entropy, params.rows_impl, params.shard,
+                                      params.transform, params.return_entropy, params.rows_impl, params.shard,
                                       rows)
     index = rows.rows()
     if index is not None:

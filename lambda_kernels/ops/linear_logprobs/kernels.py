@@ -7,12 +7,32 @@ The two `@triton.jit` helpers `row_stats` and `row_dlogits_store` are the only c
 log-prob kernel here and the on-policy kernel of `ops/fused_loss` both call them, so their log-probs are
 bit-identical for the same logits.
 
-Notation per row: x_v the logit (+ bias), z_v = x_v / temperature, lse = log Σ_v exp z_v, ℓ = min(z_target − lse, 0),
+Notation per row: x_v the logit (+ bias), y_v = c·tanh(x_v / c) with a softcap c (SOFTCAP; else y = x),
+z_v = y_v / temperature, lse = log Σ_v exp z_v, ℓ = min(z_target − lse, 0),
 p_v = exp(z_v − lse), entropy H = −Σ p log p = log s − t / s with s = Σ e^(z−m), t = Σ e^(z−m)·(z − m) for the
 running max m (no cancellation against m).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tanh_f32(u):
+    """tanh in fp32 from exp (the interpreter has no libdevice tanh, and one formula keeps every kernel's logits
+    bit-identical): Cephes' odd polynomial below |u| = 0.625, 1 − 2/(e^(2|u|) + 1) above; ≤ 2 ulp, ±inf → ±1."""
+    a = tl.abs(u)
+    s = u * u
+    small = ((((-5.70498872745e-3 * s + 2.06390887954e-2) * s - 5.37397155531e-2) * s + 1.33314422036e-1) * s
+             - 3.33332819422e-1) * s * u + u
+    large = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(u < 0, -large, large))
+
+
+@triton.jit
+def softcap_tanh(b_x, cap):
+    """tanh(x / cap): the soft-capped logit is cap·tanh, and its derivative w.r.t. x is 1 − tanh²."""
+    return tanh_f32(b_x / cap)
+
 
 @triton.jit
 def online_lse_update(b_z, m_v, m, s, t, WITH_T: tl.constexpr):
@@ -31,17 +51,19 @@ def online_lse_update(b_z, m_v, m, s, t, WITH_T: tl.constexpr):
 
 
 @triton.jit
-def load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS: tl.constexpr):
-    """Logits (+ bias) of one row at vocabulary indices o_v (masked by m_v), in fp32."""
+def load_logits(row_ptr, bias_ptr, o_v, m_v, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Logits y (+ bias, soft-capped with SOFTCAP) of one row at vocabulary indices o_v (masked by m_v), in fp32."""
     b_x = tl.load(row_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b_x += tl.load(bias_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        b_x = cap * softcap_tanh(b_x, cap)
     return b_x
 
 
 @triton.jit
-def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-              BLOCK_V: tl.constexpr):
+def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+              WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     """(lse, ℓ, H) of one row of logits at `row_ptr` (fp32, V contiguous values); H is 0 unless WITH_ENT.
 
     ℓ is clamped to ≤ 0 and H to [0, log V] (rounding can step over either bound by an ulp).
@@ -53,12 +75,12 @@ def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS)
+        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, cap, HAS_BIAS, SOFTCAP)
         m, s, t = online_lse_update(b_x * inv_t, m_v, m, s, t, WITH_ENT)
     log_s = tl.log(s)
     lse = m + log_s
     m_t = (tgt >= 0) & (tgt < V)
-    x_t = load_logits(row_ptr, bias_ptr, tgt, m_t, HAS_BIAS)
+    x_t = load_logits(row_ptr, bias_ptr, tgt, m_t, cap, HAS_BIAS, SOFTCAP)
     lp = tl.minimum(x_t * inv_t - lse, 0.0)
     ent = tl.full((), 0.0, tl.float32)
     if WITH_ENT:
@@ -68,9 +90,11 @@ def row_stats(row_ptr, bias_ptr, tgt, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT
 
 
 @triton.jit
-def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent, V, inv_t,
-                      HAS_BIAS: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dlogits_v = (g_lp·(1[v = target] − p_v) − g_ent·p_v·(log p_v + H)) / temperature, stored at dl_row_ptr.
+def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent, V, inv_t, cap,
+                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    """dlogits_v = (g_lp·(1[v = target] − p_v) − g_ent·p_v·(log p_v + H)) / temperature, stored at dl_row_ptr
+    (times 1 − tanh²(x_v / c) with SOFTCAP: the derivative of the soft-capped logit w.r.t. the head's output).
 
     dl_row_ptr may alias row_ptr (fp32 in place) or its first half (a 2-byte dtype written over the fp32 row it
     was read from). A 2-byte store at index v touches the fp32 element v/2, which another warp of this program
@@ -80,27 +104,33 @@ def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent,
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, HAS_BIAS)
+        b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, 1.0, HAS_BIAS, False)
         tl.debug_barrier()
+        b_dy = inv_t  # ∂z/∂x: 1/temperature, times 1 − tanh² when soft-capped
+        if SOFTCAP:
+            b_th = softcap_tanh(b_x, cap)
+            b_x = cap * b_th  # as load_logits computes it: the same z as the forward's
+            b_dy = inv_t * (1.0 - b_th * b_th)
         b_lp = b_x * inv_t - lse
         b_p = tl.exp(b_lp)
         b_dz = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
         if WITH_ENT_GRAD:
             b_dz -= tl.where(b_p > 0, g_ent * b_p * (b_lp + ent), 0.0)  # p = 0 at a −inf logit: 0, not NaN
-        tl.store(dl_row_ptr + o_v, (b_dz * inv_t).to(dl_row_ptr.dtype.element_ty), mask=m_v)
+        tl.store(dl_row_ptr + o_v, (b_dz * b_dy).to(dl_row_ptr.dtype.element_ty), mask=m_v)
 
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads (checked in the PTX)
-def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr, stride_l, V, inv_t,
-                        HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    """ℓ_r = log softmax(x_r / temperature)[target_r], lse_r and (WITH_ENT) entropy H_r of each row r.
+def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr, stride_l, V, inv_t, cap,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """ℓ_r = log softmax(y_r / temperature)[target_r], lse_r and (WITH_ENT) entropy H_r of each row r.
 
     logits [M, V] fp32 (row stride stride_l), bias [V] (HAS_BIAS), targets [M] int32/int64 (already checked to
     lie in [0, V)), lp/lse/ent [M] fp32. Grid (M,).
     """
     i_r = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + i_r).to(tl.int64)
-    lse, lp, ent = row_stats(logits_ptr + i_r * stride_l, bias_ptr, tgt, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_V)
+    lse, lp, ent = row_stats(logits_ptr + i_r * stride_l, bias_ptr, tgt, V, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT,
+                             BLOCK_V)
     tl.store(lp_ptr + i_r, lp)
     tl.store(lse_ptr + i_r, lse)
     if WITH_ENT:
@@ -109,8 +139,9 @@ def logprob_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr,
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
-                        stride_l, stride_dl, V, inv_t,
-                        HAS_BIAS: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+                        stride_l, stride_dl, V, inv_t, cap,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
     """Backward of (ℓ, H) through the softmax: dlogits_r = ∂(Σ g_lp·ℓ + g_ent·H)/∂x_r, written over the logits.
 
     logits [M, V] fp32 (stride stride_l); dl [M, V] (stride stride_dl) the GEMM input dtype, may alias logits;
@@ -126,7 +157,7 @@ def dlogits_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr
         ent = tl.load(ent_ptr + i_r)
         g_ent = tl.load(gent_ptr + i_r)
     row_dlogits_store(logits_ptr + i_r * stride_l, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, ent, g_lp, g_ent,
-                      V, inv_t, HAS_BIAS, WITH_ENT_GRAD, BLOCK_V)
+                      V, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, BLOCK_V)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from . import chunked_torch
 from .dw_sum import HalfHeadGradSum
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
+from .logit_transform import LogitTransform
 from .lse_gemm import lse_gemm_pass, use_lse_gemm
 from .plan import GradPlan, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, pieces as _pieces
 
@@ -59,34 +60,35 @@ def torch_rows(rows_impl: str, logits: torch.Tensor) -> bool:
     return rows_impl == "torch" or logits.dtype == torch.float64
 
 
-def logprob_rows(rows_impl: str, logits, bias, tgt, inv_t: float, lp, lse, ent) -> None:
+def logprob_rows(rows_impl: str, logits, bias, tgt, tf: LogitTransform, lp, lse, ent) -> None:
     """lp, lse (ent) [m] of a logits chunk [m, V]."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.logprob_rows(logits, bias, tgt, inv_t, lp, lse, ent)
+        chunked_torch.logprob_rows(logits, bias, tgt, tf, lp, lse, ent)
         return
     M, V = logits.shape
     block, warps = row_config(V)
     logprob_rows_kernel[(M,)](
         logits, logits if bias is None else bias, tgt, lp, lse, lp if ent is None else ent, logits.stride(0), V,
-        inv_t, HAS_BIAS=bias is not None, WITH_ENT=ent is not None, BLOCK_V=block, num_warps=warps)
+        *tf.kernel_args(), HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=ent is not None, BLOCK_V=block,
+        num_warps=warps)
 
 
-def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, dl) -> None:
+def dlogits_rows(rows_impl: str, logits, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, dl) -> None:
     """dl [m, V] ← dlogits of a chunk from the upstream grads g_lp (and g_ent, may be None) [m] fp32."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, inv_t, dl)
+        chunked_torch.dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, tf, dl)
         return
     M, V = logits.shape
     block, warps = row_config(V)
     with_ent = g_ent is not None
     dlogits_rows_kernel[(M,)](
         logits, logits if bias is None else bias, tgt, lse, ent if with_ent else lse, g_lp,
-        g_ent if with_ent else g_lp, dl, logits.stride(0), dl.stride(0), V, inv_t,
-        HAS_BIAS=bias is not None, WITH_ENT_GRAD=with_ent, BLOCK_V=block, num_warps=warps)
+        g_ent if with_ent else g_lp, dl, logits.stride(0), dl.stride(0), V, *tf.kernel_args(),
+        HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT_GRAD=with_ent, BLOCK_V=block, num_warps=warps)
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
-def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_impl: str, shard=None, rows=None):
+def logprobs_forward(x, weight, bias, tgt, tf: LogitTransform, with_ent: bool, rows_impl: str, shard=None, rows=None):
     """(ℓ [n], lse [n], H [n] or None), fp32 (fp64 for fp64), from x [N, H], weight [V, H]; no gradient work.
 
     rows: None (every row of x, tgt [N]), or a `PendingRows` (tgt holds a target per entry of rows.positions, or per
@@ -100,7 +102,7 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     """
     if shard is not None:  # the collectives need n: the read is waited for first
         n = tgt.shape[0] if rows is None else rows.count()
-        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt[:n]), inv_t, with_ent,
+        lp_r, lse_r, ent_r = logprobs_forward(x, weight, bias, shard.local_targets(tgt[:n]), tf, with_ent,
                                               rows_impl, rows=rows)
         return shard.combine(lp_r, lse_r, ent_r, tgt[:n])
     N = tgt.shape[0]  # the rows of tgt: n or more
@@ -109,7 +111,7 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     lse = torch.empty((N,), dtype=sdt, device=x.device)
     ent = torch.empty((N,), dtype=sdt, device=x.device) if with_ent else None
     positions = None if rows is None else rows.positions
-    pass_args = (x, weight, bias, tgt, inv_t, lp, lse, ent, positions is not None)
+    pass_args = (x, weight, bias, tgt, tf, lp, lse, ent, positions is not None)
     cap, run = lse_gemm_pass(*pass_args) if use_lse_gemm(x, weight, rows_impl) else _cublas_pass(rows_impl, *pass_args)
     first = None
     if rows is not None and N > 0 and (positions is None or N >= 2 * cap):
@@ -125,7 +127,7 @@ def logprobs_forward(x, weight, bias, tgt, inv_t: float, with_ent: bool, rows_im
     return lp[:n], lse[:n], (None if ent is None else ent[:n])
 
 
-def _cublas_pass(rows_impl: str, x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bool):
+def _cublas_pass(rows_impl: str, x, weight, bias, tgt, tf: LogitTransform, lp, lse, ent, gathered: bool):
     """(rows per chunk, run(rows slice, positions or None)) of the cuBLAS log-prob pass: fp32 logits chunk, then
     the row kernel, into lp/lse/ent[slice]. gathered: run takes positions, so rows go through a chunk buffer."""
     N, V = tgt.shape[0], weight.shape[0]
@@ -137,7 +139,7 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, inv_t: float, lp, lse, en
     def run(sl: slice, positions) -> None:
         logits = buf[: sl.stop - sl.start]
         gemm.logits(gather_rows(x, positions, sl, x_buf), logits)
-        logprob_rows(rows_impl, logits, bias, tgt[sl], inv_t, lp[sl], lse[sl], None if ent is None else ent[sl])
+        logprob_rows(rows_impl, logits, bias, tgt[sl], tf, lp[sl], lse[sl], None if ent is None else ent[sl])
 
     return cap, run
 
@@ -289,17 +291,17 @@ def _cast(grad, like):
     return grad if grad is None or grad.dtype == like.dtype else grad.to(like.dtype)
 
 
-def slab_dlogits(rows_impl: str, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float) -> RowGradFn:
+def slab_dlogits(rows_impl: str, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform) -> RowGradFn:
     """The row function of a pass whose rows' lse (and H) and upstream gradients are known: dlogits of any rows and
     any vocabulary slab (the one-hot term only on rows whose target lies in the slab). ent, g_ent may be None."""
     def row_fn(sl, sv, logits, dl):
         dlogits_rows(rows_impl, logits, None if bias is None else bias[sv],
                      tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
-                     g_lp[sl], None if g_ent is None else g_ent[sl], inv_t, dl)
+                     g_lp[sl], None if g_ent is None else g_ent[sl], tf, dl)
     return row_fn
 
 
-def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float, rows_impl: str,
+def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, rows_impl: str,
                       need_dx: bool, need_dw: bool, need_db: bool, shard=None, cast_dw: bool = True,
                       rows: torch.Tensor | None = None):
     """Gradients of Σ g_lp·ℓ + g_ent·H w.r.t. x, weight, bias by recomputing the logits, in the plan that fits.
@@ -321,7 +323,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, inv_t: float,
         x, gather = x.index_select(0, rows), None
     plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0])
 
-    row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, inv_t)
+    row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, tf)
     if plan.kind == "split":
         dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan,
                                     gather)

@@ -137,7 +137,7 @@ def persistent_programs(device: torch.device, config: tuple, element_size: int) 
     return props.multi_processor_count * per_sm
 
 
-def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bool):
+def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     """(rows per piece, run(rows slice, positions or None)) of the log-prob pass without logits in memory: run
     writes lp, lse (and ent when not None) [slice] fp32 of x's rows against weight [V, H].
 
@@ -158,8 +158,8 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
     x_buf = torch.empty((min(cap, N), K), dtype=x.dtype, device=x.device) if gathered else None
     use_tma = logprobs_gemm() == "triton_tma"
     b = weight if bias is None else bias
-    common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
-                  BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+    common = dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, UPCAST=interpreter_enabled(),
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
                   QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
 
     def run(sl: slice, positions) -> None:
@@ -171,12 +171,12 @@ def lse_gemm_pass(x, weight, bias, tgt, inv_t: float, lp, lse, ent, gathered: bo
             programs = persistent_programs(x.device, config, x.element_size())
             lse_gemm_persistent_kernel[(programs,)](
                 descriptor.from_tensor(xs, [block_m, block_k]), descriptor.from_tensor(weight, [block_n, block_k]),
-                b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), inv_t, NUM_PROGRAMS=programs,
+                b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), *tf.kernel_args(), NUM_PROGRAMS=programs,
                 **common)
         else:
             lse_gemm_tiles_kernel[(triton.cdiv(m, block_m) * n_v,)](
                 xs, weight, b, tgt[sl], part, zt, m, V, K, xs.stride(0), weight.stride(0), part.stride(0),
-                part.stride(1), inv_t, EVEN_K=K % block_k == 0, **common)
+                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **common)
         lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
             part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
             math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)

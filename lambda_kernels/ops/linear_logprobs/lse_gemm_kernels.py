@@ -22,6 +22,8 @@ The interpreter computes bf16 dots on raw bits: UPCAST (set only under the inter
 import triton
 import triton.language as tl
 
+from .kernels import softcap_tanh
+
 
 @triton.jit
 def _grouped_tile(tile, n_m, n_v, GROUP_M: tl.constexpr):
@@ -66,31 +68,36 @@ def _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1):
 
 
 @triton.jit
-def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-                WIDTH: tl.constexpr):
-    """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32)."""
+def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
+    """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32);
+    SOFTCAP: of the soft-capped logits cap·tanh(x / cap), computed as the row kernels' `load_logits` does."""
     o_v = col0 + tl.arange(0, WIDTH)
     b_z = acc
     if HAS_BIAS:
         b_z += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        b_z = cap * softcap_tanh(b_z, cap)
     return _range_stats(b_z * inv_t, o_v, tgt, pick, col0, V, WITH_ENT, WIDTH)
 
 
 @triton.jit
-def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-                  WIDTH: tl.constexpr):
+def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                  WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
     """`_cols_stats` of the two column halves of acc [rows, WIDTH] one after the other, merged."""
     HALF: tl.constexpr = WIDTH // 2
     z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
-    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
-    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
+    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT,
+                                      HALF)
+    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
+                                      WITH_ENT, HALF)
     return _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
 
 
 @triton.jit
 def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                      HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      QUARTERS: tl.constexpr):
+                      cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUARTERS: tl.constexpr):
     """The epilogue of tile (i_m, i_v) with fp32 acc = X·Wᵀ: per-row (m, s, t) into part[0..2, i_v, row], and the
     target's tempered logit into zt[row] when the target lies in this tile's columns.
 
@@ -106,12 +113,14 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
         z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, HALF)
-        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT,
-                                            HALF)
+        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
+                                            WITH_ENT, HALF)
+        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS,
+                                            SOFTCAP, WITH_ENT, HALF)
         b_max, b_s, b_t, b_zt = _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
     else:
-        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, HAS_BIAS, WITH_ENT, BLOCK_N)
+        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
+                                            WITH_ENT, BLOCK_N)
     stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
     p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
     tl.store(p_part, b_max, mask=m_m)
@@ -125,11 +134,12 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
 # hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
-                          stride_stat, stride_col, inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-                          EVEN_K: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, QUARTERS: tl.constexpr):
-    """One tile of z = (X·Wᵀ + b)·inv_t → per-row (m, s, t) of the tile into part[0..2, tile column, row], and z at
-    the target into zt[row] for the one tile column that holds it.
+                          stride_stat, stride_col, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                          WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          QUARTERS: tl.constexpr):
+    """One tile of z = (X·Wᵀ + b)·inv_t (soft-capped first with SOFTCAP) → per-row (m, s, t) of the tile into
+    part[0..2, tile column, row], and z at the target into zt[row] for the one tile column that holds it.
 
     x [M, K] (row stride stride_x), w [V, K] (stride_w), bias [V], tgt [M] int in [0, V), part [3, n_tiles_v, ≥M]
     fp32 (strides stride_stat, stride_col, 1), zt [M] fp32. Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
@@ -157,13 +167,14 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
         acc = tl.dot(b_x, b_w, acc)
         p_x += BLOCK_K
         p_w += BLOCK_K
-    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                      HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
+    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t, cap,
+                      HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
 def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_stat, stride_col,
-                               inv_t, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, UPCAST: tl.constexpr,
+                               inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
+                               UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, QUARTERS: tl.constexpr):
     """`lse_gemm_tiles_kernel`'s outputs from NUM_PROGRAMS programs, each taking every NUM_PROGRAMS-th tile.
@@ -186,7 +197,7 @@ def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_p
                 b_w = b_w.to(tl.float32)
             acc = tl.dot(b_x, b_w.T, acc)
         _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                          HAS_BIAS, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
+                          cap, HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])
