@@ -128,7 +128,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
                          ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
-                         max_completion_length, num_items_in_batch, kl_bias_correction=False) -> ObjectiveParams:
+                         max_completion_length, num_items_in_batch, kl_bias_correction=False,
+                         dual_clip=None) -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
     `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
@@ -151,6 +152,10 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     clamp = checks.finite_number(op, "adv_clamp_min", adv_clamp_min, allow_none=True)
     eps_low = checks.non_negative(op, "epsilon_low", epsilon_low)
     eps_high = eps_low if epsilon_high is None else checks.non_negative(op, "epsilon_high", epsilon_high)
+    if dual_clip is not None and (not checks.is_finite_real(dual_clip) or not float(dual_clip) >= 1.0 + eps_high):
+        raise ValueError(f"{op}: `dual_clip` must be None or a finite number >= 1 + epsilon_high = {1.0 + eps_high:g}; "
+                         f"got {dual_clip!r}. It caps the ratio of tokens with a negative advantage (dual-clip PPO: "
+                         "TRL's `delta`, verl's `clip_ratio_c`, typically 3).")
     checks.choice(op, "loss_type", loss_type, LOSS_TYPES)
     checks.positive_int(op, "max_completion_length", max_completion_length, allow_none=True)
     if num_items_in_batch is not None:
@@ -166,7 +171,8 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
                             ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
                            beta=beta, loss_type=loss_type, max_completion_length=max_completion_length,
-                           kl_bias_correction=kl_bias_correction)
+                           kl_bias_correction=kl_bias_correction,
+                           dual_clip=None if dual_clip is None else float(dual_clip))
 
 
 def grpo_lambda_loss(
@@ -174,15 +180,15 @@ def grpo_lambda_loss(
     ref_logprobs: torch.Tensor | None = None, trace: str | None = "both", lam: float = 0.99, gamma: float = 1.0,
     adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
     beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
-    num_items_in_batch=None, kl_bias_correction: bool = False, impl: str = "auto",
+    num_items_in_batch=None, kl_bias_correction: bool = False, dual_clip: float | None = None, impl: str = "auto",
 ):
     """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
 
     Per token: `L = −min(ρ̃·Â, clip(ρ̃, 1−ε_low, 1+ε_high)·Â) + β·kl`, with the traced ratio
     `ρ̃_t = exp(z_t)`, `z = lambda_trace(m·(ℓ − ℓ_old))` (trace=None: `z = m·(ℓ − ℓ_old)`, plain GRPO exactly),
     `Â = max(advantages, adv_clamp_min)` and the k3 KL `kl = exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1` on the untraced
-    log-probs (times the token's ratio `exp(ℓ − ℓ_old)` with `kl_bias_correction`); then aggregated by
-    `loss_type`:
+    log-probs (times the token's ratio `exp(ℓ − ℓ_old)` with `kl_bias_correction`); with `dual_clip` c the
+    policy term is `−min(min(ρ̃, c)·Â, clip(ρ̃)·Â)`: at most −c·Â for Â < 0; then aggregated by `loss_type`:
 
     - "dapo":    Σ m·L / N, N = `num_items_in_batch` if given (e.g. over gradient accumulation), else Σ m;
     - "bnpo":    Σ m·L / max(Σ m, 1) over this batch;
@@ -206,6 +212,10 @@ def grpo_lambda_loss(
             DeepSeek-V3.2, TRL's `use_bias_correction_kl`), which makes the KL gradient the unbiased reverse-KL
             gradient `ratio·(ℓ − ℓ_ref)` for tokens sampled from the old policy. It changes the gradient on-policy
             too (the ratio is 1 there but differentiable). Ignored when beta = 0.
+        dual_clip: None, or c ≥ 1 + epsilon_high: dual-clip PPO (Ye et al. 2020; TRL's `delta`, verl's
+            `clip_ratio_c`, 3 by default there): a token with Â < 0 and ratio ρ̃ > c contributes the constant −c·Â
+            and no gradient, so one very off-policy token cannot dominate. Off-policy only in effect (on-policy
+            ratios are 1).
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -223,13 +233,14 @@ def grpo_lambda_loss(
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip)
     if resolve_impl(op, impl, logprobs.device) == "torch":
         loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
             adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction)
+            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
+            dual_clip=params.dual_clip)
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
@@ -403,7 +414,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           kl_bias_correction=False, impl="auto", process_group=None, softcap=None):
+                           kl_bias_correction=False, dual_clip=None, impl="auto", process_group=None, softcap=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -444,7 +455,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         softcap: None, or the final-logit soft-capping c > 0 of Gemma 2/3 (c·tanh(logits / c), before the
             temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
-        num_items_in_batch, kl_bias_correction: as in `grpo_lambda_loss`.
+        num_items_in_batch, kl_bias_correction, dual_clip: as in `grpo_lambda_loss`.
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
@@ -471,7 +482,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)

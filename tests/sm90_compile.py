@@ -100,6 +100,8 @@ def scenarios():
         yield f"objective corrected KL old={old is not None}", lambda old=old: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), old, torch.randn(B, T), mask, ref_logprobs=lp, beta=0.04,
             kl_bias_correction=True)[0]
+    yield "objective dual clip", lambda: lk.grpo_lambda_loss(lp.clone().requires_grad_(), lp - 0.5, torch.randn(B),
+                                                             mask, trace="both", dual_clip=3.0)[0]
     for loss_type in ("bnpo", "dr_grpo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,

@@ -103,3 +103,7 @@ def test_softcap_variants_compile(report):
     assert {"lse_gemm_tiles_kernel", "lse_gemm_persistent_kernel"} <= {name for name, _ in capped}
     assert any(k["name"] == "onpolicy_rows_kernel" and k["constants"].get("WITH_STATS")
                for k in report["kernels"] if k["constants"].get("SOFTCAP"))
+
+
+def test_dual_clip_variant_compiles(report):
+    assert any(k["name"] == "objective_fwd_kernel" and k["constants"].get("HAS_DUAL") for k in report["kernels"])

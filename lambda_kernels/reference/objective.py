@@ -24,7 +24,7 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
 def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
-    max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False,
+    max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False, dual_clip=None,
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
@@ -46,12 +46,17 @@ def grpo_lambda_loss(
         ratio = torch.exp(z)
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
-    # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is; written so,
-    # a token with Â = 0 or a clipped one adds no inf·0 (NaN) to the value or the gradient where exp(z) overflows
-    active = (adv != 0) & ~(low | high)
+        # dual clip: −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (TRL's delta), which for c ≥ 1 + ε_high caps only Â < 0 tokens
+        dual = (ratio > dual_clip) & (adv < 0) if dual_clip is not None else torch.zeros_like(low)
+    # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is (−c·Â where
+    # the dual clip caps it); written so, a token with Â = 0 or a clipped one adds no inf·0 (NaN) to the value or the
+    # gradient where exp(z) overflows
+    active = (adv != 0) & ~(low | high | dual)
     zero = torch.zeros((), dtype=dt, device=z.device)
     ratio_active = torch.exp(torch.where(active, z, zero))
     constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
+    if dual_clip is not None:
+        constant = torch.where(dual, -dual_clip * adv, constant)
     per_token = torch.where(active, -ratio_active * adv, constant)
     if beta > 0:
         d_ref = zero_where_masked(ref_logprobs.detach().to(dt), m != 0) - lp

@@ -59,7 +59,8 @@ class ReferenceObjective:
         self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
                             epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
                             loss_type=params.loss_type, max_completion_length=params.max_completion_length,
-                            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction)
+                            num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
+                            dual_clip=params.dual_clip)
         self.kl_bias_correction = params.kl_bias_correction
 
     def onpolicy_grad(self, adv, mask_f, scales):

@@ -73,9 +73,9 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         ref.contiguous() if params.beta > 0 else lp, _placeholder(lp.device) if coef is None else coef, stats,
         scratch_for(params.trace, B, T, lp.device), T,
         params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
-        1.0 - params.epsilon_low, 1.0 + params.epsilon_high, params.beta,
-        STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
-        HAS_CLAMP=params.adv_clamp_min is not None, HAS_KL=params.beta > 0,
+        1.0 - params.epsilon_low, 1.0 + params.epsilon_high, 0.0 if params.dual_clip is None else params.dual_clip,
+        params.beta, STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
+        HAS_CLAMP=params.adv_clamp_min is not None, HAS_DUAL=params.dual_clip is not None, HAS_KL=params.beta > 0,
         KL_CORRECTED=params.beta > 0 and params.kl_bias_correction, NEED_GRAD=coef is not None,
         BLOCK_T=block, num_warps=warps)
 
