@@ -137,14 +137,47 @@ def logit_scale(model) -> float:
     return scale
 
 
-def check_supported(model) -> None:
-    """Refuse, at start-up, a model whose next-token distribution is not softmax(s·(hidden·Wᵀ + b) / τ)."""
+# Model types whose config may carry a final_logit_softcapping that their forward does not apply (transformers 5.24:
+# Gemma3ForConditionalGeneration caps nothing, while vLLM's Gemma 3 caps with its text config's value): which
+# distribution generation samples from would depend on the backend, so a cap set on one is refused.
+SOFTCAP_IGNORED = ("gemma3",)
+
+
+def head_softcap(model) -> float | None:
+    """The model's final-logit soft-capping c (Gemma 2/3's `final_logit_softcapping`: logits = c·tanh(logits / c),
+    then the temperature, as HF's forward and vLLM's sampler apply them), or None when it has none. The fused ops take
+    it as `softcap`."""
     cfg = text_config(model)
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise ConfigError(f"the model's logits must be hidden·Wᵀ (+ bias), up to a scale; got final_logit_softcapping="
-                          f"{cfg.final_logit_softcapping} ({type(model).__name__}), which the fused loss does not "
-                          "apply.")
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(f"the model's final_logit_softcapping must be a finite number > 0 or None; got "
+                          f"final_logit_softcapping={cap!r} ({type(model).__name__}). Set it to None in the model's "
+                          "config for no capping (Gemma 2 checkpoints use 30.0).")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in SOFTCAP_IGNORED:
+        raise ConfigError(f"got final_logit_softcapping={cap!r} on a {model_type} model ({type(model).__name__}), "
+                          "whose transformers forward does not apply it (vLLM's does): the distribution the loss "
+                          "should use is ambiguous. Set text_config.final_logit_softcapping to None (released "
+                          "Gemma 3 checkpoints have none), or load the language model alone (Gemma3ForCausalLM).")
+    scale = logit_scale(model)
+    if scale != 1:
+        # Muse Glimmer and Muse Spark multiply by their output_multiplier before the cap. c·tanh(s·z / c) equals
+        # s·c'·tanh(z / c') with c' = c/s, so such a scale could be folded too; refused until a model with both is
+        # tested against its transformers forward
+        raise ConfigError(f"the model's logits must have a logit scale or a final-logit softcap, not both; got a "
+                          f"scale of {scale!r} and final_logit_softcapping={cap!r} ({type(model).__name__}). The "
+                          "trainer folds a scale into the temperature, after the cap, and such a model may apply it "
+                          "before (Muse Glimmer's output_multiplier does): not supported; use trl.GRPOTrainer.")
+    return float(cap)
+
+
+def check_supported(model) -> None:
+    """Refuse, at start-up, a model whose next-token distribution is not softmax(s·(hidden·Wᵀ + b) / τ) or
+    softmax(c·tanh((hidden·Wᵀ + b) / c) / τ)."""
     logit_scale(model)
+    head_softcap(model)
     if hasattr(model, "get_output_embeddings"):
         lm_head(model)
 
@@ -200,4 +233,4 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     hidden = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias = lm_head(model)
     return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=head_temperature(model, temperature),
-                           impl=impl, mask=completion_mask)
+                           softcap=head_softcap(model), impl=impl, mask=completion_mask)

@@ -31,8 +31,8 @@ from .data import PromptSampler, load_datasets
 from .evaluate import eval_reward_set, evaluate_rows, format_result
 from .generation import HFGenerationBackend, VLLMGenerationBackend
 from .importance import vllm_importance_weights, weighted_advantages
-from .model import (completion_hidden, completion_logprobs, head_temperature, lm_head, load_policy, quiet_transformers,
-                    save_pretrained)
+from .model import (completion_hidden, completion_logprobs, head_softcap, head_temperature, lm_head, load_policy,
+                    quiet_transformers, save_pretrained)
 from .plot import plot_reward_curve
 from .rewards import RewardSet
 from .warmup import sft_warmup
@@ -73,7 +73,7 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
     return fused_grpo_lambda_loss(
         hidden, weight, batch.completion_ids, batch.loss_mask, batch.advantages, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, bias=bias, temperature=head_temperature(model, cfg.temperature),
-        trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
+        softcap=head_softcap(model), trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
         adv_clamp_min=None if batch.adv_clamped else cfg.loss_adv_clamp_min,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,

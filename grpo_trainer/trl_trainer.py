@@ -14,7 +14,8 @@ checkpoints. Two methods change:
   on-policy ratio is exactly 1.
 `trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, with TRL's normalisers), which
 `tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
-logit scale (Granite, Cohere, ...) is folded into the temperature, as TRL's head applies it. Metrics keep TRL's
+logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
+applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
 names; the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` are not logged (the fused loss returns
 token means only).
 
@@ -36,7 +37,7 @@ import torch
 from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
 from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
-from .model import check_supported, head_temperature, lm_head
+from .model import check_supported, head_softcap, head_temperature, lm_head
 from .importance import weighted_advantages
 
 try:
@@ -174,14 +175,14 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             raise ValueError("GRPOLambdaTRLTrainer: the MoE auxiliary loss is not supported (router_aux_loss_coef=0).")
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
-        temperature = self._head_temperature(model)
+        temperature, softcap = self._head_temperature(model), self._head_softcap(model)
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
             hidden, weight, bias = self._completion_states(model, input_ids[rows], attention_mask[rows],
                                                            logits_to_keep)
             out = linear_logprobs(hidden, weight, input_ids[rows, -logits_to_keep:], bias=bias,
-                                  temperature=temperature, return_entropy=compute_entropy, impl=self.args.impl,
-                                  mask=attention_mask[rows, -logits_to_keep:])
+                                  temperature=temperature, softcap=softcap, return_entropy=compute_entropy,
+                                  impl=self.args.impl, mask=attention_mask[rows, -logits_to_keep:])
             logp, entropy = out if compute_entropy else (out, None)
             logps.append(logp)
             entropies.append(entropy)
@@ -208,8 +209,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
-            temperature=self._head_temperature(model), trace=self.args.trace, lam=self.args.lam,
-            gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
+            temperature=self._head_temperature(model), softcap=self._head_softcap(model), trace=self.args.trace,
+            lam=self.args.lam, gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             kl_bias_correction=self.args.use_bias_correction_kl, impl=self.args.impl)
@@ -253,6 +254,10 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     def _head_temperature(self, model) -> float:
         """TRL's temperature with the model's logit scale folded in (Granite, Cohere, ...), as TRL's head applies it."""
         return head_temperature(_base_model(self.accelerator.unwrap_model(model)), self.temperature)
+
+    def _head_softcap(self, model) -> Optional[float]:
+        """The model's final-logit soft-capping (Gemma 2/3), or None: TRL's head caps before the temperature too."""
+        return head_softcap(_base_model(self.accelerator.unwrap_model(model)))
 
     def _log_token_means(self, mode, metrics, mask):
         """TRL's metric names and values: masked token means combined over processes by token count, and the

@@ -56,6 +56,17 @@ def granite_dir(tmp_path_factory):
     return tiny("Granite", tmp_path_factory, tie_word_embeddings=False, logits_scaling=4.0)
 
 
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """Gemma 2: logits capped to c·tanh(logits / c) before the temperature (TRL's head applies it; so must ours).
+    c = 3 and the head scaled so that its logits reach about ±15, over 40% of them beyond the cap."""
+    def scale_head(model, tok):
+        model.get_output_embeddings().weight.mul_(40)
+
+    return tiny("Gemma2", tmp_path_factory, edit=scale_head, tie_word_embeddings=False, head_dim=12,
+                final_logit_softcapping=3.0)
+
+
 def digit_share(prompts, completions, **_):
     """A reward that varies between completions of a random model: the share of digits."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
@@ -162,6 +173,27 @@ def test_a_models_logit_scale_is_applied_as_trl_applies_it(granite_dir, tmp_path
     theirs = make_trainer(granite_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
+
+
+def test_a_models_softcap_is_applied_as_trl_applies_it(gemma2_dir, tmp_path):
+    """The loss and gradients (_compute_loss) and the old/reference log-probs (_get_per_token_logps_and_entropies) of
+    a soft-capped Gemma 2 are TRL's; without the cap they would not be."""
+    ours = make_trainer(gemma2_dir, tmp_path, trace=None, beta=0.04, temperature=0.7)
+    theirs = make_trainer(gemma2_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, temperature=0.7)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        lp, ent, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, mask, 6, compute_entropy=True)
+        ref_lp, ref_ent, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, mask, 6,
+                                                                       compute_entropy=True)
+        m = inputs["completion_mask"]
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent * m, ref_ent * m, rtol=0, atol=1e-5)
+        ours.model.config.final_logit_softcapping = None  # (read per call: nothing cached)
+        uncapped, _, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, mask, 6)
+    assert (uncapped - lp).abs().max() > 1.0
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
