@@ -122,6 +122,10 @@ class GRPOLambdaConfig:
                                    "the paper's runs: false).", TRAIN, "algorithm")
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio.", TRAIN, "algorithm")
     epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon).", TRAIN, "algorithm")
+    delta: Optional[float] = opt(None, "Dual-clip PPO (TRL's delta, verl's clip_ratio_c): a token with a negative "
+                                       "advantage and ratio above delta (>= 1 + epsilon_high) adds -delta*A and no "
+                                       "gradient. Acts off-policy only (num_iterations > 1, vLLM); None = off.",
+                                 TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")
     scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
     num_iterations: int = opt(1, "Optimisation passes over each rollout (1 = on-policy).", TRAIN, "algorithm")
@@ -274,6 +278,7 @@ class GRPOLambdaConfig:
         _non_negative("epsilon", self.epsilon)
         if self.epsilon_high is not None:
             _non_negative("epsilon_high", self.epsilon_high)
+        _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         _positive_int("num_iterations", self.num_iterations)
@@ -343,6 +348,19 @@ class GRPOLambdaConfig:
 # ---------------------------------------------------------------------- checks
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_delta(delta, epsilon_high: float) -> None:
+    """TRL's `delta` (dual-clip PPO's cap of the ratio for negative advantages): None or finite >= 1 + epsilon_high,
+    where it only caps tokens with Â < 0 (the fused loss's `dual_clip`; below that TRL's formula would also clip the
+    positive side, which it does not implement)."""
+    if delta is None:
+        return
+    upper = 1 + epsilon_high
+    if not _is_number(delta) or not upper <= delta < float("inf"):
+        raise ConfigError(f"delta must be None or a finite number >= 1 + epsilon_high = {upper:g}; got {delta!r}. It "
+                          "caps the ratio of tokens with a negative advantage (dual-clip PPO; verl's clip_ratio_c, 3 "
+                          "there).")
 
 
 def _choice(name, v, options):

@@ -75,7 +75,8 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         ref_logprobs=ref_logprobs, bias=bias, temperature=head_temperature(model, cfg.temperature),
         softcap=head_softcap(model), trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
         adv_clamp_min=None if batch.adv_clamped else cfg.loss_adv_clamp_min,
-        epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
+        loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
         return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
 

@@ -16,8 +16,9 @@ checkpoints. Two methods change:
 `tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
-names; the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` are not logged (the fused loss returns
-token means only).
+names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included (the clip ratios leave
+out tokens whose vLLM importance weight is 0, which TRL counts). TRL's `delta` (two-sided clipping) is the fused
+loss's `dual_clip`.
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -36,7 +37,7 @@ import torch
 
 from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
-from .config import IMPLS, TRACES, ConfigError, _choice, _finite, _unit_closed
+from .config import IMPLS, TRACES, ConfigError, _check_delta, _choice, _finite, _unit_closed
 from .model import check_supported, head_softcap, head_temperature, lm_head
 from .importance import weighted_advantages
 
@@ -67,7 +68,6 @@ TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo", "luspo")
 _UNSUPPORTED_OPTIONS = (
     (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
     (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
-    (lambda a: a.delta is not None, "delta (two-sided clipping) must be None"),
     (lambda a: a.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
@@ -113,6 +113,7 @@ class GRPOLambdaTRLConfig(GRPOConfig):
         if self.adv_clamp_min is not None:
             _finite("adv_clamp_min", self.adv_clamp_min)
         _choice("impl", self.impl, IMPLS)
+        _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         if self.loss_type not in TRL_ONLY_LOSS_TYPES:  # (those are refused below, with the other TRL options)
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         _refuse([what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)], ConfigError)
@@ -211,7 +212,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
             temperature=self._head_temperature(model), softcap=self._head_softcap(model), trace=self.args.trace,
             lam=self.args.lam, gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta, beta=self.beta,
+            loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             kl_bias_correction=self.args.use_bias_correction_kl, impl=self.args.impl)
         if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)

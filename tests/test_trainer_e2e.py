@@ -264,6 +264,20 @@ def test_kl_bias_correction_reaches_the_loss(tmp_path):
     torch.testing.assert_close(kl[True], kl[False] * math.exp(0.05), rtol=1e-5, atol=0)
 
 
+def test_delta_reaches_the_loss(tmp_path):
+    """Old log-probs 1 below the policy's: every ratio is about e (the trace only raises it), so `delta` = 1.5 caps
+    every token of the sequences with Â < 0; a delta no ratio reaches changes nothing."""
+    cfg = tiny(tmp_path, num_iterations=2, impl="torch", beta=0.0)
+    model, batch = _same_batch(cfg)
+    assert (batch.advantages < 0).any()
+    with torch.no_grad():
+        old = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg) - 1.0
+        loss = {delta: policy_loss(model, batch, dataclasses.replace(cfg, delta=delta), old_logprobs=old)[0]
+                for delta in (None, 1.5, 1e6)}
+    assert loss[1.5] < loss[None] - 1e-3  # capped tokens pay −1.5·Â instead of −ρ̃·Â > −1.5·Â
+    torch.testing.assert_close(loss[1e6], loss[None], rtol=0, atol=0)
+
+
 def test_new_run_never_deletes_an_earlier_runs_checkpoints(tmp_path):
     """Forgetting --resume on a folder with an interrupted run stops at start-up instead of wiping it."""
     from grpo_trainer.config import ConfigError

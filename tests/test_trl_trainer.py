@@ -145,6 +145,19 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 
 
 
+def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path):
+    """TRL's `delta` caps the ratio of the tokens with Â < 0 (the fused loss's dual_clip): same loss and gradients as
+    trl.GRPOTrainer on off-policy inputs whose ratios pass it, and not the loss without it."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    inputs["advantages"] = -inputs["advantages"].abs()  # every sequence can be capped
+    inputs["old_per_token_logps"] -= 4.0  # log-ratios from about −0.5 to 3.5: many past log(1.5)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "bnpo"), 2e-6)
+    uncapped = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
+    assert abs(loss_and_grads(uncapped, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
+
+
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
 def test_per_sequence_clip_extremes_are_trls(model_dir, tmp_path, sign):
     """clip_ratio/low_min and high_max, with advantages of one sign so that they are not trivially 0 (a sequence with
@@ -426,6 +439,8 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(lam=1.5), "lam must be in"),
     (dict(impl="cuda"), "impl must be one of"),
     (dict(adv_clamp_min=float("nan")), "adv_clamp_min must be a finite number"),
+    (dict(delta=1.1), r"delta must be None or a finite number >= 1 \+ epsilon_high = 1.2; got 1.1"),
+    (dict(delta=1.25, epsilon_high=0.28), r"delta must be .* >= 1 \+ epsilon_high = 1.28"),
 ])
 def test_bad_options_are_config_errors(options, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -436,7 +451,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile must be 1.0"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
-    (dict(delta=2.0), "delta"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold must be None"),
     (dict(loss_type="sapo", top_entropy_quantile=0.5), "loss_type must be one of .* top_entropy_quantile"),
