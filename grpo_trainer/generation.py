@@ -18,7 +18,7 @@ class Generation:
     prompt_ids: torch.Tensor        # [B, P] left-padded
     prompt_mask: torch.Tensor       # [B, P]
     completion_ids: torch.Tensor    # [B, T] right-padded with pad_token_id after EOS
-    completion_mask: torch.Tensor   # [B, T] 1 up to and including EOS (vLLM: any of the model's EOS ids)
+    completion_mask: torch.Tensor   # [B, T] 1 up to and including the first stop token (`stop_token_ids`)
     truncated: torch.Tensor         # [B] bool: no EOS within max_new_tokens
     texts: list[str]                # decoded completions (special tokens removed)
     # [B, T] fp32: log-prob of each sampled token under the distribution it was sampled from, as the sampler computed
@@ -42,9 +42,18 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def finish_completions(tokens: torch.Tensor, eos_id: int, pad_id: int):
-    """Cut each row after its first EOS: (ids with pad after EOS, mask incl. EOS, truncated[B])."""
-    is_eos = tokens == eos_id
+def stop_token_ids(tokenizer, generation_eos) -> set[int]:
+    """The ids a completion ends at: the tokenizer's EOS and every `eos_token_id` of the model's generation config
+    (an int, a list or None; e.g. Qwen2.5-Instruct's <|im_end|> and <|endoftext|>, Llama 3.1's three), as vLLM stops
+    (TRL's eos_token_ids). Both backends use them, so a completion ends at the same token whichever generates it."""
+    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    return {i for i in (tokenizer.eos_token_id, *extra) if i is not None}
+
+
+def finish_completions(tokens: torch.Tensor, stop_ids, pad_id: int):
+    """Cut each row after its first stop token (any of `stop_ids`): (ids with pad after it, mask including it,
+    truncated[B]: no stop token)."""
+    is_eos = torch.isin(tokens, torch.tensor(sorted(stop_ids), dtype=tokens.dtype, device=tokens.device))
     has_eos = is_eos.any(dim=1)
     T = tokens.shape[1]
     first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
@@ -54,11 +63,14 @@ def finish_completions(tokens: torch.Tensor, eos_id: int, pad_id: int):
 
 
 class HFGenerationBackend:
-    """`model.generate` on the policy itself (weights are shared, so nothing to sync)."""
+    """`model.generate` on the policy itself (weights are shared, so nothing to sync). A completion ends at the
+    tokenizer's EOS or at an `eos_token_id` of the model's generation config (`stop_token_ids`), as vLLM's do."""
 
     def __init__(self, model, tokenizer, *, max_prompt_length: int, max_completion_length: int):
         self.model, self.tokenizer = model, tokenizer
         self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
+        generation_config = getattr(model, "generation_config", None)
+        self.stop_ids = stop_token_ids(tokenizer, getattr(generation_config, "eos_token_id", None))
 
     @torch.no_grad()
     def generate(self, prompts, num_generations, *, greedy=False, temperature=1.0, top_p=1.0) -> Generation:
@@ -72,13 +84,13 @@ class HFGenerationBackend:
         gen_cfg = GenerationConfig(
             max_new_tokens=self.max_completion_length, do_sample=not greedy, temperature=temperature if not greedy
             else None, top_p=top_p if not greedy else None, top_k=0 if not greedy else None,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+            pad_token_id=tok.pad_token_id, eos_token_id=sorted(self.stop_ids), bos_token_id=tok.bos_token_id)
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
         self.model.train(was_training)
         completion_ids, completion_mask, truncated = finish_completions(
-            out[:, prompt_ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+            out[:, prompt_ids.shape[1]:], self.stop_ids, tok.pad_token_id)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         return Generation(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
@@ -120,7 +132,7 @@ class VLLMGenerationBackend:
             eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         except OSError:
             eos = None
-        self.stop_ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}
+        self.stop_ids = stop_token_ids(tokenizer, eos)
         # external_launcher runs the engine in this process, as a one-rank torch.distributed job
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
             os.environ.setdefault(key, value)

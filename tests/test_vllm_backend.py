@@ -433,6 +433,31 @@ def test_sampling_logprobs_layout(tmp_path, fake_vllm):
     assert backend.generate(["1+2="], 2, greedy=True).sampling_logprobs is None
 
 
+def test_hf_backend_stops_where_vllm_does(tmp_path, monkeypatch):
+    """The HF backend ends a completion at the tokenizer's EOS or at any eos_token_id of the model's generation
+    config (a second EOS id, as Qwen2.5-Instruct's <|endoftext|>): generate is told to stop at both, and a row is cut
+    after the first of either (scripted tokens: a random tiny model emits neither on demand)."""
+    model, tok, _ = tiny_policy(tmp_path)
+    bang = tok.convert_tokens_to_ids("!")
+    model.generation_config.eos_token_id = [EOS, bang]
+    script = [chars(tok, "4!7") + [EOS], chars(tok, "12") + [EOS, PAD], chars(tok, "1234"), chars(tok, "!") + [PAD] * 3]
+    seen = []
+
+    def fake_generate(input_ids, attention_mask, generation_config):
+        seen.append(generation_config.eos_token_id)
+        return torch.cat([input_ids, torch.tensor(script)], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    out = HFGenerationBackend(model, tok, max_prompt_length=8, max_completion_length=4).generate(["1+2=", "3+4="], 2)
+    assert seen == [sorted([EOS, bang])]
+    ids = {c: tok.convert_tokens_to_ids(c) for c in "1234"}
+    assert out.completion_ids.tolist() == [[ids["4"], bang, PAD, PAD], [ids["1"], ids["2"], EOS, PAD],
+                                           [ids["1"], ids["2"], ids["3"], ids["4"]], [bang, PAD, PAD, PAD]]
+    assert out.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert out.truncated.tolist() == [False, False, True, False]
+    assert out.texts == ["4!", "12", "1234", "!"]
+
+
 def test_hf_backend_returns_no_sampling_logprobs(tmp_path):
     model, tok, _ = tiny_policy(tmp_path)
     out = HFGenerationBackend(model, tok, max_prompt_length=8, max_completion_length=4).generate(["1+2="], 2)
