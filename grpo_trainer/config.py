@@ -123,8 +123,9 @@ class GRPOLambdaConfig:
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio.", TRAIN, "algorithm")
     epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon).", TRAIN, "algorithm")
     delta: Optional[float] = opt(None, "Dual-clip PPO (TRL's delta, verl's clip_ratio_c): a token with a negative "
-                                       "advantage and ratio above delta (>= 1 + epsilon_high) adds -delta*A and no "
-                                       "gradient. Acts off-policy only (num_iterations > 1, vLLM); None = off.",
+                                       "advantage and ratio above delta (> 1 + epsilon_high) adds -delta*A and no "
+                                       "gradient. Acts only with num_iterations > 1 (from a rollout's second pass "
+                                       "on: the first is on-policy, ratio 1); None = off.",
                                  TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")
     scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
@@ -351,14 +352,14 @@ def _is_number(v) -> bool:
 
 
 def _check_delta(delta, epsilon_high: float) -> None:
-    """TRL's `delta` (dual-clip PPO's cap of the ratio for negative advantages): None or finite >= 1 + epsilon_high,
-    where it only caps tokens with Â < 0 (the fused loss's `dual_clip`; below that TRL's formula would also clip the
-    positive side, which it does not implement)."""
+    """TRL's `delta` (dual-clip PPO's cap of the ratio for negative advantages): None or finite > 1 + epsilon_high,
+    where it caps only tokens with Â < 0 and TRL's clip metrics are unchanged by it (the fused loss's `dual_clip`;
+    at or below 1 + epsilon_high TRL's formula also changes the positive side or its metrics)."""
     if delta is None:
         return
     upper = 1 + epsilon_high
-    if not _is_number(delta) or not upper <= delta < float("inf"):
-        raise ConfigError(f"delta must be None or a finite number >= 1 + epsilon_high = {upper:g}; got {delta!r}. It "
+    if not _is_number(delta) or not upper < delta < float("inf"):
+        raise ConfigError(f"delta must be None or a finite number > 1 + epsilon_high = {upper:g}; got {delta!r}. It "
                           "caps the ratio of tokens with a negative advantage (dual-clip PPO; verl's clip_ratio_c, 3 "
                           "there).")
 

@@ -152,10 +152,10 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     clamp = checks.finite_number(op, "adv_clamp_min", adv_clamp_min, allow_none=True)
     eps_low = checks.non_negative(op, "epsilon_low", epsilon_low)
     eps_high = eps_low if epsilon_high is None else checks.non_negative(op, "epsilon_high", epsilon_high)
-    if dual_clip is not None and (not checks.is_finite_real(dual_clip) or not float(dual_clip) >= 1.0 + eps_high):
-        raise ValueError(f"{op}: `dual_clip` must be None or a finite number >= 1 + epsilon_high = {1.0 + eps_high:g}; "
-                         f"got {dual_clip!r}. It caps the ratio of tokens with a negative advantage (dual-clip PPO: "
-                         "TRL's `delta`, verl's `clip_ratio_c`, typically 3).")
+    if dual_clip is not None and (not checks.is_finite_real(dual_clip) or not float(dual_clip) > 1.0):
+        raise ValueError(f"{op}: `dual_clip` must be None or a finite number > 1; got {dual_clip!r}. It caps the "
+                         "ratio of tokens with a negative advantage (dual-clip PPO: verl's `clip_ratio_c`, typically "
+                         "3; TRL's `delta` when it is above 1 + epsilon_high).")
     checks.choice(op, "loss_type", loss_type, LOSS_TYPES)
     checks.positive_int(op, "max_completion_length", max_completion_length, allow_none=True)
     if num_items_in_batch is not None:
@@ -188,7 +188,7 @@ def grpo_lambda_loss(
     `ρ̃_t = exp(z_t)`, `z = lambda_trace(m·(ℓ − ℓ_old))` (trace=None: `z = m·(ℓ − ℓ_old)`, plain GRPO exactly),
     `Â = max(advantages, adv_clamp_min)` and the k3 KL `kl = exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1` on the untraced
     log-probs (times the token's ratio `exp(ℓ − ℓ_old)` with `kl_bias_correction`); with `dual_clip` c the
-    policy term is `−min(min(ρ̃, c)·Â, clip(ρ̃)·Â)`: at most −c·Â for Â < 0; then aggregated by `loss_type`:
+    policy term of a token with Â < 0 is at most −c·Â; then aggregated by `loss_type`:
 
     - "dapo":    Σ m·L / N, N = `num_items_in_batch` if given (e.g. over gradient accumulation), else Σ m;
     - "bnpo":    Σ m·L / max(Σ m, 1) over this batch;
@@ -212,10 +212,11 @@ def grpo_lambda_loss(
             DeepSeek-V3.2, TRL's `use_bias_correction_kl`), which makes the KL gradient the unbiased reverse-KL
             gradient `ratio·(ℓ − ℓ_ref)` for tokens sampled from the old policy. It changes the gradient on-policy
             too (the ratio is 1 there but differentiable). Ignored when beta = 0.
-        dual_clip: None, or c ≥ 1 + epsilon_high: dual-clip PPO (Ye et al. 2020; TRL's `delta`, verl's
-            `clip_ratio_c`, 3 by default there): a token with Â < 0 and ratio ρ̃ > c contributes the constant −c·Â
-            and no gradient, so one very off-policy token cannot dominate. Off-policy only in effect (on-policy
-            ratios are 1).
+        dual_clip: None, or c > 1: dual-clip PPO (Ye et al. 2020; verl's `clip_ratio_c`, 3 by default there): a
+            token with Â < 0 and ratio ρ̃ > c contributes the constant −c·Â and no gradient, so one very off-policy
+            token cannot dominate; tokens with Â ≥ 0 are unchanged. For c ≥ 1 + epsilon_high this is TRL's `delta`
+            (`−min(min(ρ̃, c)·Â, clip(ρ̃)·Â)`; below that TRL's formula also caps Â > 0 tokens). Off-policy only in
+            effect (on-policy ratios are 1).
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -272,7 +273,9 @@ def _check_lm_head(op: str, hidden, weight, bias, temperature, softcap):
             raise TypeError(f"{op}: `bias` must have the dtype of `hidden` ({hidden.dtype}); got {bias.dtype}.")
         bias = bias.contiguous()
     inv_t = 1.0 / checks.positive_number(op, "temperature", temperature)
-    if softcap is not None and (not checks.is_finite_real(softcap) or not float(softcap) > 0):
+    # (at most fp32's largest: the kernels hold it in fp32, where a larger one is inf and its logits NaN)
+    if softcap is not None and (not checks.is_finite_real(softcap)
+                                or not 0 < float(softcap) <= torch.finfo(torch.float32).max):
         raise ValueError(f"{op}: `softcap` must be a finite number > 0 or None; got {softcap!r}. It is the model's "
                          "final-logit soft-capping (logits = softcap·tanh(logits / softcap)), e.g. "
                          "config.final_logit_softcapping = 30.0 for Gemma 2; None for models without one.")
@@ -321,7 +324,8 @@ def _check_ids_dtype(op: str, name: str, ids) -> None:
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias=None,
                     temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto",
                     process_group=None, mask=None, softcap: float | None = None):
-    """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits.
+    """Log-probs `log softmax((hidden·weightᵀ + bias) / temperature)[targets]` without materialising the logits
+    (the logits soft-capped first with `softcap`).
 
     Computed chunk by chunk over the tokens (cuBLAS GEMMs with fp32 output, a Triton row kernel for the
     log-sum-exp), so at most one chunk of fp32 logits exists at a time: ≤ 1 GiB by default, set with the environment

@@ -1,5 +1,5 @@
-"""`dual_clip`: dual-clip PPO (Ye et al. 2020), TRL's `delta` and verl's `clip_ratio_c`: a token with Â < 0 whose
-ratio passes c contributes the constant −c·Â.
+"""`dual_clip`: dual-clip PPO (Ye et al. 2020), verl's `clip_ratio_c` (and TRL's `delta` for c ≥ 1 + ε_high): a
+token with Â < 0 whose ratio passes c contributes the constant −c·Â.
 
 The reference is checked against TRL's and verl's formulas written out; the objective kernels and the fused loss
 (off-policy: one pass, two passes, split plan) against the reference, with the cap firing; on-policy it changes
@@ -44,17 +44,17 @@ def verl_loss(lp, old, adv, mask, clip_ratio_c, eps_low=0.2, eps_high=0.28):
     return (per_token * m).sum() / m.sum()
 
 
-@pytest.mark.parametrize("formula", [trl_loss, verl_loss])
-def test_reference_is_trls_delta_and_verls_dual_clip(formula):
+@pytest.mark.parametrize("formula, c", [(trl_loss, C), (verl_loss, C), (verl_loss, 1.1)])  # 1.1 < 1 + ε_high
+def test_reference_is_trls_delta_and_verls_dual_clip(formula, c):
     lp, old, adv, mask, _ = make_logprob_batch(6, 21, seed=1, spread=0.8)
-    loss, _ = R.grpo_lambda_loss(lp, old, adv, mask, trace=None, epsilon_high=0.28, loss_type="bnpo", dual_clip=C)
+    loss, _ = R.grpo_lambda_loss(lp, old, adv, mask, trace=None, epsilon_high=0.28, loss_type="bnpo", dual_clip=c)
     (grad,) = torch.autograd.grad(loss, lp)
     lp2 = lp.detach().clone().requires_grad_()
-    want = formula(lp2, old, adv, mask, C)
+    want = formula(lp2, old, adv, mask, c)
     (grad_want,) = torch.autograd.grad(want, lp2)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, grad_want, rtol=1e-12, atol=1e-14)
-    capped = (torch.exp(lp - old) > C) & (adv.unsqueeze(1) < 0) & mask
+    capped = (torch.exp(lp - old) > c) & (adv.unsqueeze(1) < 0) & mask
     assert capped.sum() >= 5  # the cap fired
     assert (grad[capped] == 0).all()
     plain, _ = R.grpo_lambda_loss(lp, old, adv, mask, trace=None, epsilon_high=0.28, loss_type="bnpo")
@@ -82,11 +82,40 @@ def test_objective_kernels_match_reference(trace, loss_type, per_token, device):
 def test_on_policy_it_changes_nothing(impl, device):
     lp, _, adv, mask, ref = make_logprob_batch(3, 17, seed=3, device=device)
     out = {}
-    for c in (None, 1.2):
+    for c in (None, 1.01):
         loss, metrics = lk.grpo_lambda_loss(lp, None, adv, mask, ref_logprobs=ref, beta=0.1, dual_clip=c, impl=impl)
         out[c] = loss, metrics, torch.autograd.grad(loss, lp)[0]
-    assert torch.equal(out[None][0], out[1.2][0]) and torch.equal(out[None][2], out[1.2][2])
-    assert all(torch.equal(out[None][1][k], out[1.2][1][k]) for k in out[None][1])
+    assert torch.equal(out[None][0], out[1.01][0]) and torch.equal(out[None][2], out[1.01][2])
+    assert all(torch.equal(out[None][1][k], out[1.01][1][k]) for k in out[None][1])
+    # the fused loss's on-policy pass, which never evaluates a ratio
+    hidden, weight, b, ids, mask, adv = make_batch(B=3, device=device, seed=8)
+    grads = {}
+    for c in (None, 1.01):
+        loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, -adv.abs(), bias=b, dual_clip=c, impl=impl)
+        grads[c] = loss.detach(), torch.autograd.grad(loss, (hidden, weight, b))
+    assert torch.equal(grads[None][0], grads[1.01][0])
+    assert all(torch.equal(a, e) for a, e in zip(grads[None][1], grads[1.01][1]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("c", [None, C])
+def test_overflowing_ratio_and_nan_advantage(impl, c, device):
+    """A ratio past exp's range with Â < 0 is dual-clipped to −c·Â with no gradient (no inf·0); a NaN advantage at a
+    real token gives a NaN gradient there, as the reference does, with or without the dual clip."""
+    lp = torch.tensor([[-1.0, -0.5, -2.0]], device=device, requires_grad=True)
+    old = torch.tensor([[-200.0, -0.7, -2.2]], device=device)
+    mask = torch.ones(1, 3, device=device)
+    loss, _ = lk.grpo_lambda_loss(lp, old, torch.tensor([-1.0], device=device), mask, trace=None, loss_type="bnpo",
+                                  dual_clip=c, impl=impl)
+    (grad,) = torch.autograd.grad(loss, lp)
+    if c is not None:
+        r = torch.exp((lp - old).detach()[0, 1:])
+        torch.testing.assert_close(loss, (C + r.sum()) / 3, rtol=1e-6, atol=0)  # −(−1)·c for the capped token
+        assert grad[0, 0] == 0 and torch.isfinite(grad).all()
+    adv = torch.tensor([[-1.0, float("nan"), 0.5]], device=device)
+    loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, dual_clip=c, impl=impl)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert torch.isnan(grad[0, 1]) and torch.isnan(loss)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,10 +173,10 @@ def test_modules_pass_it_on(device):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("bad", [1.0, 1.27, -3.0, math.inf, math.nan, True, "3"])
+@pytest.mark.parametrize("bad", [1.0, 0.5, -3.0, math.inf, math.nan, True, "3"])
 def test_bad_dual_clip_is_a_clear_error(bad):
     lp, old, adv, mask, _ = make_logprob_batch(2, 5, seed=7)
-    match = r"`dual_clip` must be None or a finite number >= 1 \+ epsilon_high = 1.28; got .*clip_ratio_c"
+    match = r"`dual_clip` must be None or a finite number > 1; got .*clip_ratio_c"
     with pytest.raises(ValueError, match=match):
         lk.grpo_lambda_loss(lp, old, adv, mask, epsilon_high=0.28, dual_clip=bad)
     hidden, weight, _, ids, mask, adv = make_batch(B=2, T=3, H=8, V=20)

@@ -62,12 +62,13 @@ def _bound(impl: str, workspace: int) -> int:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
+@pytest.mark.parametrize("softcap", [None, 30.0])  # the capped rows' tanh and its slope: in place, in the bound
+def test_linear_logprobs_holds_one_chunk(impl, with_grad, softcap, budgets, device):
     hidden, weight, ids, _, _, _ = _inputs(device)  # no old log-probs needed here
     x = hidden.reshape(-1, H).requires_grad_(with_grad)
     w = weight.clone().requires_grad_(with_grad)
     with PeakNewBytes() as mem:
-        lp = lk.linear_logprobs(x, w, ids.reshape(-1), impl=impl)
+        lp = lk.linear_logprobs(x, w, ids.reshape(-1), impl=impl, softcap=softcap)
         if with_grad:
             lp.sum().backward()
     extra = mem.peak_excluding(lp, x.grad, w.grad)
@@ -77,7 +78,8 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, budgets, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("policy", ["on", "off"])
-def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, device):
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, softcap, budgets, device):
     """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the
     budget, with shorter token chunks (an fp32 head has no accumulator) or with the vocab plan (forced here, as a
     bf16 head would choose it), the log-prob pass included."""
@@ -89,7 +91,7 @@ def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, budgets, 
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with PeakNewBytes() as mem:
             loss, _ = lk.fused_grpo_lambda_loss(h, w, ids, mask, adv, old_logprobs=old, trace="both", lam=0.9,
-                                                impl=impl)
+                                                impl=impl, softcap=softcap)
             loss.backward()
         extra = mem.peak_excluding(h.grad, w.grad)  # a peak before the gradients existed counts in full
         workspace = 4 * V * CHUNK_ROWS if memory_budget is None else memory_budget

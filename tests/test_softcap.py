@@ -52,17 +52,17 @@ def test_reference_is_the_formula_written_out():
 
 def test_tanh_kernel_is_accurate_to_two_ulp(device):
     """The kernels' tanh (exp-based: the interpreter has no libdevice tanh) over its two branches, their seam,
-    tiny and huge arguments and ±inf."""
+    tiny and huge arguments and ±inf: ≤ 2 ulp with the interpreter's exact exp, ≤ 4 with a GPU's approximate one."""
     x = torch.cat([torch.linspace(-12, 12, 6001), torch.linspace(0.6, 0.65, 501), torch.linspace(-1e-3, 1e-3, 501),
                    torch.tensor([1e-30, -1e-30, 1e4, -1e4, 88.0, -88.0])]).to(device)
     y = torch.empty_like(x)
     tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     want = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps * want.abs().clamp(min=torch.finfo(torch.float32).tiny)
-    assert ((y.double() - want).abs() / ulp).max() <= 2.0
-    inf = torch.tensor([math.inf, -math.inf], device=device)
-    tanh_kernel[(1,)](inf, y, 2, BLOCK=16)
-    assert y[:2].tolist() == [1.0, -1.0]
+    assert ((y.double() - want).abs() / ulp).max() <= (2.0 if x.device.type == "cpu" else 4.0)
+    special = torch.tensor([math.inf, -math.inf, math.nan], device=device)
+    tanh_kernel[(1,)](special, y, 3, BLOCK=16)
+    assert y[:2].tolist() == [1.0, -1.0] and math.isnan(y[2].item())
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -188,7 +188,7 @@ def test_modules_pass_it_on(device):
     assert "softcap=3.0" in repr(lk.FusedGRPOLambdaLoss(softcap=3.0))
 
 
-@pytest.mark.parametrize("bad", [0.0, -30.0, math.inf, math.nan, True, "30", torch.tensor(30.0)])
+@pytest.mark.parametrize("bad", [0.0, -30.0, math.inf, math.nan, 1e39, True, "30", torch.tensor(30.0)])
 def test_bad_softcap_is_a_clear_error(bad):
     x, w, b, t = make_inputs(4, 8, 20)
     match = "`softcap` must be a finite number > 0 or None; got .*final_logit_softcapping"

@@ -145,16 +145,28 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 
 
 
-def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path):
-    """TRL's `delta` caps the ratio of the tokens with Â < 0 (the fused loss's dual_clip): same loss and gradients as
-    trl.GRPOTrainer on off-policy inputs whose ratios pass it, and not the loss without it."""
+@pytest.mark.parametrize("vllm_weights", [False, True])
+def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights):
+    """TRL's `delta` caps the ratio of the tokens with Â < 0 (the fused loss's dual_clip): same loss, gradients and
+    clip metrics as trl.GRPOTrainer on off-policy inputs whose ratios pass it (with vLLM's importance weights too,
+    folded into per-token advantages), and not the loss without it. Advantages of both signs: the cap leaves Â > 0
+    tokens alone."""
     ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
-    inputs["advantages"] = -inputs["advantages"].abs()  # every sequence can be capped
+    inputs["advantages"] = torch.tensor([-1.0, 0.7, -0.4, 1.2])
     inputs["old_per_token_logps"] -= 4.0  # log-ratios from about −0.5 to 3.5: many past log(1.5)
+    if vllm_weights:
+        inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(3))
+        for trainer in (ours, theirs):
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
     assert_same_loss(ours, theirs, inputs, ("dapo", "bnpo"), 2e-6)
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                 "clip_ratio/high_max"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
     uncapped = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
+    if vllm_weights:
+        uncapped.use_vllm = uncapped.vllm_importance_sampling_correction = True
     assert abs(loss_and_grads(uncapped, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
 
 
@@ -439,8 +451,8 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(lam=1.5), "lam must be in"),
     (dict(impl="cuda"), "impl must be one of"),
     (dict(adv_clamp_min=float("nan")), "adv_clamp_min must be a finite number"),
-    (dict(delta=1.1), r"delta must be None or a finite number >= 1 \+ epsilon_high = 1.2; got 1.1"),
-    (dict(delta=1.25, epsilon_high=0.28), r"delta must be .* >= 1 \+ epsilon_high = 1.28"),
+    (dict(delta=1.1), r"delta must be None or a finite number > 1 \+ epsilon_high = 1.2; got 1.1"),
+    (dict(delta=1.28, epsilon_high=0.28), r"delta must be .* > 1 \+ epsilon_high = 1.28"),
 ])
 def test_bad_options_are_config_errors(options, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

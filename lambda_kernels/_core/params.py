@@ -37,5 +37,5 @@ class ObjectiveParams:
     loss_type: str = "dapo"
     max_completion_length: int | None = None
     kl_bias_correction: bool = False  # the KL term weighted by the token's ratio π/π_old (TRL's use_bias_correction_kl)
-    dual_clip: float | None = None  # the ratio's cap c ≥ 1 + ε_high for Â < 0 (dual-clip PPO: TRL's delta, verl's
-    # clip_ratio_c): such a token's policy term is at most −c·Â
+    dual_clip: float | None = None  # the ratio's cap c > 1 for Â < 0 (dual-clip PPO: verl's clip_ratio_c, TRL's
+    # delta): such a token's policy term is at most −c·Â

@@ -46,7 +46,8 @@ def grpo_lambda_loss(
         ratio = torch.exp(z)
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
-        # dual clip: −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (TRL's delta), which for c ≥ 1 + ε_high caps only Â < 0 tokens
+        # dual clip (verl's clip_ratio_c): a token with Â < 0 pays at most −c·Â; for c ≥ 1 + ε_high this is TRL's
+        # −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (delta)
         dual = (ratio > dual_clip) & (adv < 0) if dual_clip is not None else torch.zeros_like(low)
     # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is (−c·Â where
     # the dual clip caps it); written so, a token with Â = 0 or a clipped one adds no inf·0 (NaN) to the value or the

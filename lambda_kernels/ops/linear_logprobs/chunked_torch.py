@@ -18,19 +18,24 @@ def _finite(logp: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(logp), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
 
-def _tempered(logits: torch.Tensor, bias, tf: LogitTransform):
-    """(z, ∂z/∂x): the sampling logits of the head's outputs x = logits (+ bias), and their derivative (a number,
-    or a tensor where soft-capped)."""
+def _tempered(logits: torch.Tensor, bias, tf: LogitTransform, with_slope: bool = False):
+    """z, the sampling logits of the head's outputs x = logits (+ bias); with_slope: (z, ∂z/∂x), the derivative a
+    number, or a tensor where soft-capped. At most two chunk-sized temporaries live at once (in-place tanh)."""
     x = logits if bias is None else logits + bias.to(logits.dtype)
     if tf.softcap is None:
-        return x * tf.inv_t, tf.inv_t
-    th = torch.tanh(x / tf.softcap)
-    return (th * tf.softcap) * tf.inv_t, tf.inv_t * (1.0 - th * th)
+        z = x * tf.inv_t
+        return (z, tf.inv_t) if with_slope else z
+    th = torch.div(x, tf.softcap).tanh_()
+    del x
+    if not with_slope:
+        return th.mul_(tf.softcap * tf.inv_t)
+    z = th * (tf.softcap * tf.inv_t)
+    return z, th.square_().neg_().add_(1.0).mul_(tf.inv_t)  # 1/τ·(1 − tanh²), in th's bytes
 
 
 def logprob_rows(logits, bias, tgt, tf: LogitTransform, lp, lse, ent):
     """Fill lp, lse (and ent when not None) [M] fp32 from logits [M, V] fp32."""
-    z, _ = _tempered(logits, bias, tf)
+    z = _tempered(logits, bias, tf)
     row_lse = torch.logsumexp(z, dim=1)
     lse.copy_(row_lse)
     # a target outside [0, V) (another rank's, in a vocabulary-parallel head) reads a clamped column: that ℓ is
@@ -52,8 +57,8 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, d
 
     A target outside [0, V) adds no one-hot term: a vocabulary slab holds the targets of only some rows.
     """
-    z, slope = _tempered(logits, bias, tf)
-    logp = z - lse.unsqueeze(1)
+    z, slope = _tempered(logits, bias, tf, with_slope=True)
+    logp = z.sub_(lse.unsqueeze(1))  # (z is ours: a temporary, never the caller's logits)
     del z
     p = logp.exp()
     dz = -g_lp.unsqueeze(1) * p
@@ -62,7 +67,7 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, d
     dz.scatter_add_(1, t.clamp(0, logits.shape[1] - 1).unsqueeze(1), (g_lp * in_slab).unsqueeze(1))
     if g_ent is not None:
         dz -= g_ent.unsqueeze(1) * p * (_finite(logp) + ent.unsqueeze(1))
-    dl.copy_(dz * slope)
+    dl.copy_(dz.mul_(slope))
 
 
 def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl, lse=None, g=None,

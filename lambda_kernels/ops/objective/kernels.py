@@ -22,7 +22,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
                          KL_CORRECTED: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
     kl the k3 estimate, times the token's own ratio exp(ℓ − ℓ_old) when KL_CORRECTED (1 on-policy). HAS_DUAL: the
-    policy term of a token with Â < 0 and ρ̃ > dual_clip (≥ ratio_high) is the constant −dual_clip·Â (dual clip).
+    policy term of a token with Â < 0 and ρ̃ > dual_clip (> 1) is the constant −dual_clip·Â (dual clip).
 
     The aggregation scale of the row is not known yet (it may need the whole batch's Σm): the finalize kernel
     applies it to the row sums, the backward kernel to the coefficients.
@@ -65,10 +65,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         b_live = b_adv != 0
         b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
         if HAS_DUAL:
-            b_dual = (b_adv < 0) & (b_ratio > dual_clip)
-            b_tok = tl.where(b_dual, -dual_clip * b_adv, b_tok)
-        else:
-            b_dual = b_adv != b_adv  # (all false: Â is finite)
+            b_tok = tl.where((b_adv < 0) & (b_ratio > dual_clip), -dual_clip * b_adv, b_tok)
         if HAS_KL:
             b_ref = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_dr = b_ref - b_lp
@@ -87,7 +84,10 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         acc_count += b_m
         if NEED_GRAD:
             # d(−min(ρ̃Â, clip(ρ̃)Â))/dz = −Â·ρ̃ where the unclipped branch is active, 0 where clipping fired
-            b_c = tl.where(b_valid & b_live & ~(b_low | b_high | b_dual), -b_m * b_adv * b_ratio, 0.0)
+            b_active = b_valid & b_live & ~(b_low | b_high)
+            if HAS_DUAL:
+                b_active = b_active & ~((b_adv < 0) & (b_ratio > dual_clip))
+            b_c = tl.where(b_active, -b_m * b_adv * b_ratio, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)
     o_s = tl.arange(0, 8)
     stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
