@@ -75,10 +75,11 @@ def test_values_match_fp64_oracle(N, H, V, bias, temperature, device, triton_gem
 @pytest.mark.parametrize("config, parts", [("32,64,32,2,1,1", 1), ("64,64,32,2,1,1", 4)])
 @pytest.mark.parametrize("V", [280, 319])  # the last tile [256, 320): 24 columns (two quarters past V), or one short
 @pytest.mark.parametrize("bias_and_entropy", [True, False])
-def test_epilogue_whole_and_by_quarters(config, parts, V, bias_and_entropy, device, triton_gemm, monkeypatch):
+@pytest.mark.parametrize("softcap", [None, 0.5])  # (0.5: most of these logits are well past the cap)
+def test_epilogue_whole_and_by_quarters(config, parts, V, bias_and_entropy, softcap, device, triton_gemm, monkeypatch):
     """A tile with more than 64 accumulator values per thread reduces its four column quarters one after the other
     and merges them: the same statistics as a whole tile, against the oracle, with targets on the ranges' edges,
-    a −inf bias range, ranges wholly past V and one column past V."""
+    a −inf bias range (−c with a softcap), ranges wholly past V and one column past V."""
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, config)
     block_m, block_n, _, _, warps, _ = lse_gemm.tile_config()
     assert lse_gemm.quarter_epilogue(block_m, block_n, warps) == (parts == 4)
@@ -92,9 +93,9 @@ def test_epilogue_whole_and_by_quarters(config, parts, V, bias_and_entropy, devi
     t[:6] = torch.tensor([0, width - 1, 2 * width, block_n - 1, block_n, V - 1])  # first/last columns of ranges
     t[6:] = torch.where((t[6:] >= banned.start) & (t[6:] < banned.stop), t[6:] + width, t[6:])  # not banned
     with torch.no_grad():
-        got = lk.linear_logprobs(x, w, t, bias=b, temperature=0.7, return_entropy=bias_and_entropy)
+        got = lk.linear_logprobs(x, w, t, bias=b, temperature=0.7, return_entropy=bias_and_entropy, softcap=softcap)
     assert triton_gemm == [N]
-    lp_ref, ent_ref, _ = oracle(x, w, b, t, 0.7)
+    lp_ref, ent_ref, _ = oracle(x, w, b, t, 0.7, softcap=softcap)
     lp, ent = got if bias_and_entropy else (got, None)
     torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
     if bias_and_entropy:

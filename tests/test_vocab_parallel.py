@@ -31,6 +31,7 @@ CASES = [  # (name, impl, extra options)
     ("fused_on", "triton", {}), ("fused_off", "triton", {}), ("fused_off", "torch", {}),
     # Gemma 2's final-logit soft-capping: each rank caps its own block of logits
     ("logprobs", "triton", {"softcap": 2.5}), ("fused_on", "triton", {"softcap": 2.5}),
+    ("fused_off", "torch", {"softcap": 2.5}),
 ]
 
 
