@@ -7,7 +7,8 @@ Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/res
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
 GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark),
 GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all). The tests run in
-6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound).
+6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound), the GPU-only ones first, and stop
+starting new ones 20 s before the stage's timeout (LK_TEST_DEADLINE): the summary says how many that left out.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ os.environ.setdefault("LK_TEST_GPU", "1")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -52,7 +54,11 @@ def run_gpu_tests() -> dict:
            "-k", "not (test_objective and test_matches_reference) or dapo"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "6"]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": str(ROOT)}
+    cmd += ["-rs"]  # (skip reasons: how many tests the deadline left out)
+    # the tests end themselves 20 s before the hard timeout, most telling first (tests/conftest.py), so that their
+    # failures are reported even when not all of them fit
+    env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": str(ROOT),
+           "LK_TEST_DEADLINE": str(time.time() + max(TEST_TIMEOUT - 20, 10))}
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
         out = proc.stdout + proc.stderr
@@ -62,7 +68,10 @@ def run_gpu_tests() -> dict:
         summary = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line
                         or " error" in line or "no tests ran" in line), out.strip().splitlines()[-1] if out else "")
         failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        return dict(rc=proc.returncode, summary=summary.strip(), failures=failures, tail=out[-12000:])
+        # "SKIPPED [n] file:line: reason" lines of -rs, for the deadline's reason
+        left = sum(int(m.group(1)) for m in re.finditer(r"SKIPPED \[(\d+)\][^\n]*time budget was spent", out))
+        summary = summary.strip() + (f" ({left} not run: the test stage's time budget was spent)" if left else "")
+        return dict(rc=proc.returncode, summary=summary, failures=failures, tail=out[-12000:])
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return dict(rc=124, summary=f"timed out after {TEST_TIMEOUT:.0f} s", failures=[], tail=out[-4000:])

@@ -28,3 +28,20 @@ def test_importing_does_not_import_triton():
 
     code = "import sys, lambda_kernels; sys.exit(1 if 'triton' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tests_past_the_gpu_checks_deadline_are_skipped_with_a_reason():
+    """benchmarks/gpu_check.py sets LK_TEST_DEADLINE so that the test stage ends on its own within its budget
+    (tests/conftest.py): tests that would start after it are skipped, and -rs names them for the check's summary."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LK_TEST_DEADLINE": "0", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          "tests/test_advantages.py"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300).stdout
+    assert " passed" not in out and " skipped" in out
+    assert "not run: the GPU check's time budget was spent" in out
