@@ -129,7 +129,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
                          ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
                          max_completion_length, num_items_in_batch, kl_bias_correction=False,
-                         dual_clip=None) -> ObjectiveParams:
+                         dual_clip=None, policy_weights=None) -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
     `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
@@ -143,6 +143,9 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     checks.mask_tensor(op, "mask", mask, (B, T))
     beta = checks.non_negative(op, "beta", beta)
     kl_bias_correction = checks.flag(op, "kl_bias_correction", kl_bias_correction)
+    if policy_weights is not None:
+        _check_row_tensor(op, "policy_weights", policy_weights, (B, T),
+                          "One weight >= 0 per token of the policy term (e.g. importance-sampling ratios).")
     if ref_logprobs is not None:
         _check_row_tensor(op, "ref_logprobs", ref_logprobs, (B, T))
     elif beta > 0:
@@ -167,8 +170,8 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
                 or not num_items_in_batch > 0:
             raise ValueError(f"{op}: `num_items_in_batch` must be a positive number or None; "
                              f"got {num_items_in_batch!r}.")
-    checks.same_device(op, [lead, ("old_logprobs", old_logprobs),
-                            ("advantages", advantages), ("mask", mask), ("ref_logprobs", ref_logprobs)])
+    checks.same_device(op, [lead, ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                            ("ref_logprobs", ref_logprobs), ("policy_weights", policy_weights)])
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
                            beta=beta, loss_type=loss_type, max_completion_length=max_completion_length,
                            kl_bias_correction=kl_bias_correction,
@@ -180,7 +183,8 @@ def grpo_lambda_loss(
     ref_logprobs: torch.Tensor | None = None, trace: str | None = "both", lam: float = 0.99, gamma: float = 1.0,
     adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
     beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
-    num_items_in_batch=None, kl_bias_correction: bool = False, dual_clip: float | None = None, impl: str = "auto",
+    num_items_in_batch=None, kl_bias_correction: bool = False, dual_clip: float | None = None,
+    policy_weights: torch.Tensor | None = None, impl: str = "auto",
 ):
     """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
 
@@ -217,6 +221,10 @@ def grpo_lambda_loss(
             token cannot dominate; tokens with Â ≥ 0 are unchanged. For c ≥ 1 + epsilon_high this is TRL's `delta`
             (`−min(min(ρ̃, c)·Â, clip(ρ̃)·Â)`; below that TRL's formula also caps Â > 0 tokens). Off-policy only in
             effect (on-policy ratios are 1).
+        policy_weights: None, or `[B, T]` weights w ≥ 0 of each token's policy term (not of the KL term):
+            importance-sampling corrections such as TRL's vLLM correction or verl's `rollout_is_weights`, or a
+            token mask such as TRL's top-entropy one. A weight of 0 adds exactly 0. A constant (no gradient); not
+            read at masked positions; the clip metrics count every token as without weights, as TRL and verl do.
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -234,20 +242,20 @@ def grpo_lambda_loss(
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights)
     if resolve_impl(op, impl, logprobs.device) == "torch":
         loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
             adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
-            dual_clip=params.dual_clip)
+            dual_clip=params.dual_clip, policy_weights=policy_weights)
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
     with _on_device(logprobs.device):
         return grpo_lambda_objective(logprobs, old_logprobs, advantages, mask, ref_logprobs, params,
-                                     num_items_in_batch)
+                                     num_items_in_batch, policy_weights)
 
 
 def _check_lm_head(op: str, hidden, weight, bias, temperature, softcap):
@@ -418,7 +426,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           kl_bias_correction=False, dual_clip=None, impl="auto", process_group=None, softcap=None):
+                           kl_bias_correction=False, dual_clip=None, policy_weights=None, impl="auto",
+                           process_group=None, softcap=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -459,7 +468,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         softcap: None, or the final-logit soft-capping c > 0 of Gemma 2/3 (c·tanh(logits / c), before the
             temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
-        num_items_in_batch, kl_bias_correction, dual_clip: as in `grpo_lambda_loss`.
+        num_items_in_batch, kl_bias_correction, dual_clip, policy_weights: as in `grpo_lambda_loss`.
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
@@ -486,7 +495,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)
@@ -503,4 +512,4 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         fparams = FusedLossParams(objective=objective, beta=params.beta, transform=transform,
                                   with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
         return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
-                                       ref_logprobs, scales, fparams)
+                                       ref_logprobs, policy_weights, scales, fparams)

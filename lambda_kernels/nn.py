@@ -34,9 +34,11 @@ class GRPOLambdaLoss(_OptionsModule):
                          max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction,
                          dual_clip=dual_clip, impl=impl)
 
-    def forward(self, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, num_items_in_batch=None):
+    def forward(self, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, num_items_in_batch=None,
+                policy_weights=None):
         return F.grpo_lambda_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-                                  num_items_in_batch=num_items_in_batch, **self.options)
+                                  num_items_in_batch=num_items_in_batch, policy_weights=policy_weights,
+                                  **self.options)
 
 
 class FusedGRPOLambdaLoss(_OptionsModule):
@@ -65,7 +67,8 @@ class FusedGRPOLambdaLoss(_OptionsModule):
                          dual_clip=dual_clip, impl=impl, process_group=process_group, softcap=softcap)
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
-                ref_logprobs=None, bias=None, num_items_in_batch=None):
+                ref_logprobs=None, bias=None, num_items_in_batch=None, policy_weights=None):
         return F.fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages,
                                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
-                                        num_items_in_batch=num_items_in_batch, **self.options)
+                                        num_items_in_batch=num_items_in_batch, policy_weights=policy_weights,
+                                        **self.options)

@@ -102,6 +102,8 @@ def scenarios():
             kl_bias_correction=True)[0]
     yield "objective dual clip", lambda: lk.grpo_lambda_loss(lp.clone().requires_grad_(), lp - 0.5, torch.randn(B),
                                                              mask, trace="both", dual_clip=3.0)[0]
+    yield "objective policy weights", lambda: lk.grpo_lambda_loss(
+        lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace="both", policy_weights=torch.rand(B, T))[0]
     for loss_type in ("bnpo", "dr_grpo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,

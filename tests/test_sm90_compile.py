@@ -105,5 +105,6 @@ def test_softcap_variants_compile(report):
                for k in report["kernels"] if k["constants"].get("SOFTCAP"))
 
 
-def test_dual_clip_variant_compiles(report):
+def test_dual_clip_and_policy_weights_variants_compile(report):
     assert any(k["name"] == "objective_fwd_kernel" and k["constants"].get("HAS_DUAL") for k in report["kernels"])
+    assert any(k["name"] == "objective_fwd_kernel" and k["constants"].get("HAS_W") for k in report["kernels"])

@@ -25,6 +25,7 @@ def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
     max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False, dual_clip=None,
+    policy_weights=None,
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
@@ -59,6 +60,9 @@ def grpo_lambda_loss(
     if dual_clip is not None:
         constant = torch.where(dual, -dual_clip * adv, constant)
     per_token = torch.where(active, -ratio_active * adv, constant)
+    if policy_weights is not None:  # the policy term weighted per token (a weight of 0 adds exactly 0)
+        w = zero_where_masked(policy_weights.detach().to(dt), m != 0)
+        per_token = torch.where(w != 0, w * per_token, zero)
     if beta > 0:
         d_ref = zero_where_masked(ref_logprobs.detach().to(dt), m != 0) - lp
         kl = torch.exp(d_ref) - d_ref - 1

@@ -34,8 +34,8 @@ class FusedLossParams:
     tokens: Any = None
 
 
-def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams, needs):
-    return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params.objective,
+def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params: FusedLossParams, needs):
+    return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params.objective,
                               beta=params.beta, tf=params.transform, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
                               shard=params.shard, tokens=params.tokens)
@@ -43,9 +43,10 @@ def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: Fused
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams):
+    def forward(ctx, hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params: FusedLossParams):
         needs = tuple(ctx.needs_input_grad[:3])
-        loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params, needs)
+        loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params,
+                                           needs)
         values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
         ctx.mark_non_differentiable(values)
         # an uncast half-head dW sum is neither input nor output: kept on ctx as it is (its `finish` frees `rest`)
@@ -65,20 +66,22 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         grads = [None if g is None else scale_unless_one(ctx.rows_impl, g, grad_loss) for g in (dx, dw, db)]
         if ctx.dw_sum is not None:  # (dw is None then)
             grads[1] = ctx.dw_sum.finish(ctx.rows_impl, grad_loss)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 @torch.compiler.disable
-def fused_grpo_lambda_apply(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params: FusedLossParams):
+def fused_grpo_lambda_apply(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params: FusedLossParams):
     """(loss, metrics dict); gradients flow to hidden, weight and bias only (the other inputs are constants)."""
     old = None if old is None else old.detach()
     ref = None if ref is None else ref.detach()
+    pw = None if pw is None else pw.detach()
     adv = adv.detach()
     tracked = [hidden, weight] + ([bias] if bias is not None else [])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        loss, values = FusedGRPOLambdaFunction.apply(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, params)
+        loss, values = FusedGRPOLambdaFunction.apply(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales,
+                                                     params)
         metrics = dict(zip(metric_names(params.beta, params.with_entropy), values.unbind(0)))
         return loss, metrics
     loss, metrics, _ = _run(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), ids, mask_f,
-                            adv, old, ref, scales, params, (False, False, False))
+                            adv, old, ref, pw, scales, params, (False, False, False))
     return loss, metrics

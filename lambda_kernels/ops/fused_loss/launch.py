@@ -55,7 +55,7 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, tf
         num_warps=warps)
 
 
-def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales, objective, *, beta: float,
+def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, objective, *, beta: float,
                        tf: LogitTransform, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
                        need_db: bool, tokens: PendingTokens, shard=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
@@ -64,7 +64,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
     LAMBDA_KERNELS_MEMORY_BUDGET=none): the backward scales and casts it in one pass (`finish`); otherwise every
     gradient is a tensor of its input's dtype.
 
-    hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; scales [B] fp32 (`row_scales`), n = mask·scale;
+    hidden [B, T, H] aligned with ids [B, T]; mask_f fp32 [B, T]; pw None or [B, T], the policy term's per-token
+    weights; scales [B] fp32 (`row_scales`), n = mask·scale;
     objective: `objectives.KernelObjective` or `ReferenceObjective`. tokens: the tokens with mask ≠ 0
     (`real_tokens.PendingTokens`: their positions in the flattened [B·T] batch, on the device; each row's count from
     the id check's one host read, which raises on a bad id). The on-policy token-chunk pass queues its first chunk
@@ -89,12 +90,12 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
             ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
     if ahead is not None:
         # a row per entry of the positions, the real ones first: the pass learns their number after its first chunk
-        batch = _Batch(x, ids, tokens.positions[: B * T], (B, T), mask_f, adv, old, ref, scales, sdt)
+        batch = _Batch(x, ids, tokens.positions[: B * T], (B, T), mask_f, adv, old, ref, pw, scales, sdt)
         lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, ahead, tokens)
         n = batch.settle(tokens.count(), tokens.rows())
         lp_v, ent_v = lp_v[:n], (None if ent_v is None else ent_v[:n])
     else:
-        batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, scales, sdt)  # (waits for the read)
+        batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt)  # (waits for the read)
         plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
         chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
         sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and old is not None else None
@@ -105,7 +106,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, scales,
         else:
             lp_v, ent_v, (dx_v, dw, db) = _two_passes(batch, *gemm_args, shard=shard)
     # loss and metrics of the whole batch (the passes above may have evaluated the objective on pieces of it)
-    loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False)
+    loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False,
+                                          weights=pw)
 
     metrics = dict(metrics)
     if with_entropy:
@@ -129,12 +131,13 @@ class _Batch:
     targets. A pass that runs ahead of the count computes a row per entry of the positions, real ones first and
     then padding, until `settle` keeps the real ones."""
 
-    def __init__(self, x, ids, valid, shape, mask_f, adv, old, ref, scales, sdt):
+    def __init__(self, x, ids, valid, shape, mask_f, adv, old, ref, pw, scales, sdt):
         tgt = ids.reshape(-1)
         self.tgt = (tgt if valid is None else tgt.index_select(0, valid)).contiguous()
         self.x = x if valid is not None else x.contiguous()
         self.valid, self.shape, self.n = valid, shape, self.tgt.shape[0]
-        self.mask_f, self.adv, self.old, self.ref, self.scales, self.sdt = mask_f, adv, old, ref, scales, sdt
+        self.mask_f, self.adv, self.old, self.ref, self.pw = mask_f, adv, old, ref, pw
+        self.scales, self.sdt = scales, sdt
 
     def settle(self, n: int, valid) -> int:
         """The real rows once their number n is known (valid: their positions, None when every token is real)."""
@@ -191,7 +194,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
                 v = batch.real(full.to(batch.sdt))
                 return v if live is None else torch.where(live, v, 0.0)
 
-            token["g0"] = rows_of(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales))
+            token["g0"] = rows_of(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales, batch.pw))
             token["n"] = token["ref"] = None
             if beta > 0:
                 token["n"] = rows_of(batch.mask_f * batch.scales.unsqueeze(1))
@@ -244,7 +247,8 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
                     torch.zeros((rows.stop - rows.start, T), dtype=batch.sdt, device=lp_v.device))
         lp_block.view(-1).index_copy_(0, local, lp_v[sl])
         g = objective.rows_grad(lp_block, old[rows], batch.adv[rows], batch.mask_f[rows],
-                                None if ref is None else ref[rows], batch.scales[rows])
+                                None if ref is None else ref[rows], batch.scales[rows],
+                                None if batch.pw is None else batch.pw[rows])
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
         if split:
             g_full[sl] = g_v
@@ -267,7 +271,7 @@ def _two_passes(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, 
     grads = (None, None, None)
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
-                                     need_grad=True)
+                                     need_grad=True, weights=batch.pw)
         grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, tf,
                                   rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw, rows=batch.valid)
     return lp_v, ent_v, grads

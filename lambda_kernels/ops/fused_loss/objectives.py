@@ -28,21 +28,21 @@ class KernelObjective:
         self.num_items_in_batch = num_items_in_batch
         self.kl_bias_correction = params.kl_bias_correction  # (read by the on-policy row pass's KL term)
 
-    def onpolicy_grad(self, adv, mask_f, scales):
+    def onpolicy_grad(self, adv, mask_f, scales, weights=None):
         from ..objective.launch import onpolicy_token_grad
 
-        return onpolicy_token_grad(adv, mask_f, scales, self.params)
+        return onpolicy_token_grad(adv, mask_f, scales, self.params, weights)
 
-    def rows_grad(self, lp, old, adv, mask_f, ref, scales):
+    def rows_grad(self, lp, old, adv, mask_f, ref, scales, weights=None):
         from ..objective.launch import objective_rows_grad
 
-        return objective_rows_grad(lp, old, adv, mask_f, ref, scales, self.params)
+        return objective_rows_grad(lp, old, adv, mask_f, ref, scales, self.params, weights)
 
-    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
+    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool, weights=None):
         from ..objective.launch import metric_views, objective_backward, objective_forward
 
         loss, values, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
-                                                self.num_items_in_batch)
+                                                self.num_items_in_batch, weights)
         metrics = metric_views(values)
         grad = None
         if need_grad:
@@ -63,25 +63,28 @@ class ReferenceObjective:
                             dual_clip=params.dual_clip)
         self.kl_bias_correction = params.kl_bias_correction
 
-    def onpolicy_grad(self, adv, mask_f, scales):
+    def onpolicy_grad(self, adv, mask_f, scales, weights=None):
         lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)
         with torch.enable_grad():
-            loss, _ = reference.grpo_lambda_loss(lp, None, adv, mask_f, **{**self.options, "beta": 0.0})
+            loss, _ = reference.grpo_lambda_loss(lp, None, adv, mask_f, policy_weights=weights,
+                                                 **{**self.options, "beta": 0.0})
             return torch.autograd.grad(loss, lp)[0]
 
-    def rows_grad(self, lp, old, adv, mask_f, ref, scales):
+    def rows_grad(self, lp, old, adv, mask_f, ref, scales, weights=None):
         # dr_grpo with max_completion_length = T weighs every token 1/(b·T): undo that, apply the batch's scales
         b, T = lp.shape
         leaf = lp.detach().requires_grad_(True)
         options = {**self.options, "loss_type": "dr_grpo", "max_completion_length": T, "num_items_in_batch": None}
         with torch.enable_grad():
-            loss, _ = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, **options)
+            loss, _ = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, policy_weights=weights,
+                                                 **options)
             grad = torch.autograd.grad(loss, leaf)[0]
         return grad * (scales.to(grad.dtype) * (b * T)).unsqueeze(1)
 
-    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool):
+    def evaluate(self, lp, old, adv, mask_f, ref, need_grad: bool, weights=None):
         leaf = lp.detach().requires_grad_(need_grad)
         with torch.enable_grad():
-            loss, metrics = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref, **self.options)
+            loss, metrics = reference.grpo_lambda_loss(leaf, old, adv, mask_f, ref_logprobs=ref,
+                                                       policy_weights=weights, **self.options)
             grad = torch.autograd.grad(loss, leaf)[0] if need_grad else None
         return loss.detach(), metrics, grad

@@ -9,9 +9,10 @@ from .launch import metric_views, objective_backward, objective_forward
 
 class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lp, old, adv, mask, ref, num_items_in_batch, params: ObjectiveParams):
+    def forward(ctx, lp, old, adv, mask, ref, weights, num_items_in_batch, params: ObjectiveParams):
         need_grad = ctx.needs_input_grad[0]
-        loss, values, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch)
+        loss, values, saved = objective_forward(lp, old, adv, mask, ref, params, need_grad, num_items_in_batch,
+                                                weights)
         # the metrics leave as the one buffer, split outside: views of it made in here would be outputs that
         # could not be edited in place (an all_reduce of a metric, say)
         ctx.mark_non_differentiable(values)
@@ -27,16 +28,18 @@ class GRPOLambdaObjectiveFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_values):
         lp, old, ref, *saved = ctx.saved_tensors
         if grad_loss is None:
-            return (None,) * 7
+            return (None,) * 8
         grad_lp = objective_backward(grad_loss, saved, lp, old, ref, ctx.params, ctx.lp_dtype)
-        return grad_lp, None, None, None, None, None, None
+        return grad_lp, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # kernels launched by hand: a graph break for torch.compile, not a trace through them
-def grpo_lambda_objective(lp, old, adv, mask, ref, params: ObjectiveParams, num_items_in_batch=None):
-    """(loss, metrics) through the kernels; no gradient flows to old, adv, ref (they are constants of the loss)."""
+def grpo_lambda_objective(lp, old, adv, mask, ref, params: ObjectiveParams, num_items_in_batch=None, weights=None):
+    """(loss, metrics) through the kernels; no gradient flows to old, adv, ref, weights (constants of the loss)."""
     old = None if old is None else old.detach()
     ref = None if ref is None else ref.detach()
-    loss, values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, num_items_in_batch, params)
+    weights = None if weights is None else weights.detach()
+    loss, values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, weights, num_items_in_batch,
+                                                     params)
     metrics = {name: v for name, v in metric_views(values).items() if name != "kl" or params.beta > 0}
     return loss, metrics

@@ -15,14 +15,16 @@ N_OUT = 8
 
 
 @triton.jit(do_not_specialize=["T"])
-def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, stats_ptr, scratch_ptr,
+def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coef_ptr, stats_ptr, scratch_ptr,
                          T, a, log2a, clamp_min, ratio_low, ratio_high, dual_clip, beta,
                          STYLE: tl.constexpr, ON_POLICY: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-                         HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL: tl.constexpr,
+                         HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
                          KL_CORRECTED: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
     kl the k3 estimate, times the token's own ratio exp(ℓ − ℓ_old) when KL_CORRECTED (1 on-policy). HAS_DUAL: the
-    policy term of a token with Â < 0 and ρ̃ > dual_clip (> 1) is the constant −dual_clip·Â (dual clip).
+    policy term of a token with Â < 0 and ρ̃ > dual_clip (> 1) is the constant −dual_clip·Â (dual clip). HAS_W: the
+    policy term (not the KL) times the token's weight w [B, T] (a weight of 0 adds exactly 0); the clip statistics
+    are the unweighted ones.
 
     The aggregation scale of the row is not known yet (it may need the whole batch's Σm): the finalize kernel
     applies it to the row sums, the backward kernel to the coefficients.
@@ -66,6 +68,9 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
         b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
         if HAS_DUAL:
             b_tok = tl.where((b_adv < 0) & (b_ratio > dual_clip), -dual_clip * b_adv, b_tok)
+        if HAS_W:  # (padding's weight zeroed by a select: it may hold anything)
+            b_w = tl.where(b_valid, tl.load(w_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
+            b_tok = tl.where(b_w != 0, b_w * b_tok, 0.0)
         if HAS_KL:
             b_ref = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_dr = b_ref - b_lp
@@ -88,6 +93,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, coef_ptr, 
             if HAS_DUAL:
                 b_active = b_active & ~((b_adv < 0) & (b_ratio > dual_clip))
             b_c = tl.where(b_active, -b_m * b_adv * b_ratio, 0.0)
+            if HAS_W:
+                b_c = tl.where(b_w != 0, b_w * b_c, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)
     o_s = tl.arange(0, 8)
     stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)

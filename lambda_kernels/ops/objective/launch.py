@@ -24,12 +24,14 @@ def _placeholder(device) -> torch.Tensor:
     return torch.empty((1,), dtype=torch.float32, device=device)
 
 
-def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_grad: bool, num_items_in_batch=None):
+def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_grad: bool, num_items_in_batch=None,
+                      weights=None):
     """(loss 0-d fp32, values [N_OUT] fp32 (the metrics: `metric_views`), saved), `saved` feeding
     `objective_backward`.
 
     lp/old/ref [B, T] any float (old None = on-policy; ref may be None when beta = 0), adv [B] or [B, T], mask
-    [B, T] bool/int/float, num_items_in_batch None, a number or a 1-element tensor (dapo's denominator).
+    [B, T] bool/int/float, num_items_in_batch None, a number or a 1-element tensor (dapo's denominator), weights
+    None or [B, T] (the policy term's per-token weights).
     """
     lp = lp.contiguous()
     B, T = lp.shape
@@ -41,7 +43,7 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
     loss = torch.zeros((), dtype=torch.float32, device=device)
     mask_k = kernel_mask(mask)
     if B > 0:
-        _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
+        _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats, weights)
         items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
         if items_is_tensor:  # e.g. a CPU count from a trainer's gradient accumulation: read it where the kernel runs
             num_items_in_batch = num_items_in_batch.reshape(1).to(device=device, dtype=torch.float32)
@@ -64,18 +66,21 @@ def metric_views(out: torch.Tensor) -> dict:
     return metrics
 
 
-def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coef, stats) -> None:
-    """The row kernel: per-row sums into stats [B, N_STATS], and (coef not None) the clipped term's coefficients."""
+def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coef, stats, weights=None) -> None:
+    """The row kernel: per-row sums into stats [B, N_STATS], and (coef not None) the clipped term's coefficients;
+    weights None or [B, T], the policy term's per-token weights."""
     B, T = lp.shape
     block, warps = scan_config(T)
     objective_fwd_kernel[(B,)](
         lp, lp if old is None else old.contiguous(), adv.contiguous(), mask_k,
-        ref.contiguous() if params.beta > 0 else lp, _placeholder(lp.device) if coef is None else coef, stats,
+        ref.contiguous() if params.beta > 0 else lp, lp if weights is None else weights.contiguous(),
+        _placeholder(lp.device) if coef is None else coef, stats,
         scratch_for(params.trace, B, T, lp.device), T,
         params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
         1.0 - params.epsilon_low, 1.0 + params.epsilon_high, 0.0 if params.dual_clip is None else params.dual_clip,
         params.beta, STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
-        HAS_CLAMP=params.adv_clamp_min is not None, HAS_DUAL=params.dual_clip is not None, HAS_KL=params.beta > 0,
+        HAS_CLAMP=params.adv_clamp_min is not None, HAS_DUAL=params.dual_clip is not None,
+        HAS_W=weights is not None, HAS_KL=params.beta > 0,
         KL_CORRECTED=params.beta > 0 and params.kl_bias_correction, NEED_GRAD=coef is not None,
         BLOCK_T=block, num_warps=warps)
 
@@ -103,12 +108,13 @@ def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, o
     return grad
 
 
-def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams) -> torch.Tensor:
+def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams, weights=None) -> torch.Tensor:
     """∂loss/∂ℓ [b, T] fp32 of some rows of a batch, given their aggregation scales (`row_scales` of the whole batch).
 
     Rows do not interact in the objective (the trace runs along a row, the clip and KL per token, and the
     normalisers depend only on the mask), so the gradient of a block of rows needs only those rows: this is what lets
-    the fused loss form an off-policy gradient chunk by chunk. lp/old/ref/mask [b, T], adv [b] or [b, T], scales [b].
+    the fused loss form an off-policy gradient chunk by chunk. lp/old/ref/mask [b, T], adv [b] or [b, T], scales [b],
+    weights None or [b, T].
     """
     b, T = lp.shape
     coef = torch.empty((b, T), dtype=torch.float32, device=lp.device)
@@ -117,22 +123,26 @@ def objective_rows_grad(lp, old, adv, mask, ref, scales, params: ObjectiveParams
     lp = lp.contiguous()
     mask_k = kernel_mask(mask)
     stats = torch.empty((b, N_STATS), dtype=torch.float32, device=lp.device)
-    _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats)
+    _launch_forward_rows(lp, old, adv, mask_k, ref, params, coef, stats, weights)
     one = torch.ones((1,), dtype=torch.float32, device=lp.device)
     return objective_backward(one, (coef, scales.to(torch.float32).contiguous(), mask_k), lp, old, ref, params,
                               torch.float32)
 
 
-def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams) -> torch.Tensor:
+def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams, weights=None) -> torch.Tensor:
     """On-policy ∂loss/∂ℓ [B, T] fp32 without the KL term: −m_j·Σ_{t≥j} w(t, j)·n_t·Â_t (grpo_lambda.md §5).
 
     `scales` [B] from `lambda_kernels._core.normalizers.row_scales` (n_t = m_t·s_i). With ℓ_old = ℓ the traced
     ratio is 1 everywhere, which no clip range with ε ≥ 0 clips, so every token's coefficient is −n_t·Â_t and the
-    gradient is one reverse scan; it does not depend on the log-probs.
+    gradient is one reverse scan; it does not depend on the log-probs. weights (None or [B, T]): the policy term's
+    per-token weights w, so the coefficient is −n_t·w_t·Â_t.
     """
     a = adv.to(torch.float32)
     a = a.unsqueeze(1) if a.dim() == 1 else a
     if params.adv_clamp_min is not None:
         a = a.clamp(min=params.adv_clamp_min)
     coef = torch.where(mask_f != 0, -mask_f * scales.unsqueeze(1) * a, torch.zeros((), device=a.device))
+    if weights is not None:  # (a weight of 0, or padding's, adds exactly 0 whatever the weight tensor holds there)
+        w = weights.to(torch.float32)
+        coef = torch.where((mask_f != 0) & (w != 0), coef * w, torch.zeros((), device=a.device))
     return trace_backward(coef, mask_f, params.trace)
