@@ -1,6 +1,5 @@
-"""TRL's vLLM importance-sampling correction, shared by both trainers: the weights w ≥ 0 of each token's policy
-term (`vllm_importance_weights`, our trainer; TRL computes its own) and their exact fold into per-token advantages
-(`weighted_advantages`), which the fused loss takes as they are."""
+"""TRL's vLLM importance-sampling correction for our trainer: the weights w ≥ 0 of each token's policy term
+(`vllm_importance_weights`; the drop-in gets TRL's own), which the fused loss takes as `policy_weights`."""
 from __future__ import annotations
 
 import math
@@ -45,12 +44,3 @@ def vllm_importance_weights(old_logprobs: torch.Tensor, sampling_logprobs: torch
                "sampling/importance_sampling_ratio/max": stat(flat, torch.max)}
     return ratio, metrics
 
-
-def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor, shape, adv_clamp_min: Optional[float]):
-    """Per-token advantages [B, T] that give the loss with each token's policy term multiplied by its weight w ≥ 0:
-    w·(−min(ρ̃Â, clip(ρ̃)Â)) = −min(ρ̃·wÂ, clip(ρ̃)·wÂ), with Â the clamped advantage (clamp first, then weight; the
-    loss must not clamp again). TRL computes w itself in the drop-in, our trainer with `vllm_importance_weights`."""
-    if adv_clamp_min is not None:
-        advantages = advantages.clamp(min=adv_clamp_min)
-    per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    return (per_token * weights).expand(shape).contiguous()

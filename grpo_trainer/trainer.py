@@ -5,7 +5,7 @@ One step: prompts → G completions each (a GenerationBackend) → rewards (weig
 `linear_logprobs` on hidden states → `num_iterations` updates, each over gradient-accumulated micro-batches of
 `fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
 With vLLM, TRL's importance-sampling correction weights each token's policy term by π_old/q (see
-`vllm_importance_weights`), folded into per-token advantages.
+`vllm_importance_weights`), the fused loss's `policy_weights`.
 A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .config import ConfigError, GRPOLambdaConfig
 from .data import PromptSampler, load_datasets
 from .evaluate import eval_reward_set, evaluate_rows, format_result
 from .generation import HFGenerationBackend, VLLMGenerationBackend
-from .importance import vllm_importance_weights, weighted_advantages
+from .importance import vllm_importance_weights
 from .model import (completion_hidden, completion_logprobs, head_softcap, head_temperature, lm_head, load_policy,
                     quiet_transformers, save_pretrained)
 from .plot import plot_reward_curve
@@ -46,16 +46,15 @@ class Batch:
     completion_ids: torch.Tensor
     attention_mask: torch.Tensor    # completion tokens up to and including EOS
     loss_mask: torch.Tensor         # attention_mask, minus truncated rows if mask_truncated_completions
-    advantages: torch.Tensor        # [B] fp32; or [B, T] already clamped (see adv_clamped)
+    advantages: torch.Tensor        # [B] fp32
     sampling_logprobs: Optional[torch.Tensor] = None  # [B, T] the sampler's log-probs (vLLM), else None
-    adv_clamped: bool = False       # advantages are per-token, clamped and weighted: the loss clamps no further
+    policy_weights: Optional[torch.Tensor] = None     # [B, T] vLLM importance-sampling weights of the policy term
 
     def __len__(self):
         return self.prompt_ids.shape[0]
 
     def _map(self, fn) -> "Batch":
-        return Batch(*(v if v is None or isinstance(v, bool) else fn(v)
-                       for v in (getattr(self, f.name) for f in fields(self))))
+        return Batch(*(v if v is None else fn(v) for v in (getattr(self, f.name) for f in fields(self))))
 
     def to(self, device) -> "Batch":
         return self._map(lambda t: t.to(device))
@@ -74,7 +73,7 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         hidden, weight, batch.completion_ids, batch.loss_mask, batch.advantages, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, bias=bias, temperature=head_temperature(model, cfg.temperature),
         softcap=head_softcap(model), trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
-        adv_clamp_min=None if batch.adv_clamped else cfg.loss_adv_clamp_min,
+        adv_clamp_min=cfg.loss_adv_clamp_min, policy_weights=batch.policy_weights,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
         loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
@@ -308,12 +307,11 @@ class GRPOLambdaTrainer:
         correct = cfg.vllm_importance_sampling_correction and batch.sampling_logprobs is not None
         old_logprobs = batch_logprobs(model, batch, chunks, cfg) if cfg.num_iterations > 1 or correct else None
         is_metrics = {}
-        if correct:  # TRL's vLLM importance sampling: the weights only change the advantages
+        if correct:  # TRL's vLLM importance sampling: weights of each token's policy term (not of the KL)
             is_weights, is_metrics = vllm_importance_weights(
                 old_logprobs, batch.sampling_logprobs, batch.loss_mask, mode=cfg.vllm_importance_sampling_mode,
                 clip_min=cfg.vllm_importance_sampling_clip_min, clip_max=cfg.vllm_importance_sampling_clip_max)
-            batch = replace(batch, adv_clamped=True, advantages=weighted_advantages(
-                batch.advantages, is_weights, batch.loss_mask.shape, cfg.loss_adv_clamp_min))
+            batch = replace(batch, policy_weights=is_weights.expand(batch.loss_mask.shape).contiguous())
         if cfg.num_iterations == 1:
             old_logprobs = None  # on-policy: the fused loss's one-pass path (ratio exactly 1)
         ref_logprobs = batch_logprobs(self.ref_model, batch, chunks, cfg) if self.ref_model is not None else None

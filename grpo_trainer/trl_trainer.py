@@ -16,9 +16,8 @@ checkpoints. Two methods change:
 `tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
-names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included (the clip ratios leave
-out tokens whose vLLM importance weight is 0, which TRL counts). TRL's `delta` (two-sided clipping) is the fused
-loss's `dual_clip`.
+names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included. TRL's `delta` (two-sided
+clipping) is the fused loss's `dual_clip`, its vLLM importance-sampling weights the fused loss's `policy_weights`.
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -39,7 +38,6 @@ from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
 from .config import IMPLS, TRACES, ConfigError, _check_delta, _choice, _finite, _unit_closed
 from .model import check_supported, head_softcap, head_temperature, lm_head
-from .importance import weighted_advantages
 
 try:
     import trl
@@ -205,7 +203,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
-        advantages, adv_clamp_min = self._advantages(inputs, completion_mask.shape)
+        advantages = inputs["advantages"]
+        adv_clamp_min = self.args.adv_clamp_min if self.args.trace is not None else None
         loss, metrics = fused_grpo_lambda_loss(
             hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
@@ -215,7 +214,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta, beta=self.beta,
             loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
-            kl_bias_correction=self.args.use_bias_correction_kl, impl=self.args.impl)
+            kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=self._policy_weights(inputs),
+            impl=self.args.impl)
         if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
         self._log_token_means(mode, metrics, completion_mask)
@@ -223,18 +223,12 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
 
     # ---- helpers
 
-    def _advantages(self, inputs, shape):
-        """(advantages, adv_clamp_min) for the fused loss: TRL's, with its vLLM importance-sampling weights folded in.
-
-        TRL multiplies each token's policy loss by a weight w ≥ 0 (not the KL term). For w ≥ 0,
-        w·(−min(ρ̃Â, clip(ρ̃)Â)) = −min(ρ̃·wÂ, clip(ρ̃)·wÂ), so per-token advantages wÂ give the weighted loss
-        exactly; the clamp comes first (the weight multiplies the whole clamped term), then no second clamp."""
-        advantages = inputs["advantages"]
-        clamp = self.args.adv_clamp_min if self.args.trace is not None else None
+    def _policy_weights(self, inputs):
+        """TRL's vLLM importance-sampling weights of each token's policy term ([B, T] or [B, 1]: token or sequence
+        modes), as the fused loss's `policy_weights` [B, T], or None without the correction."""
         if not (self.use_vllm and self.vllm_importance_sampling_correction):
-            return advantages, clamp
-        # TRL's weights: [B, T] (token modes) or [B, 1] (sequence modes)
-        return weighted_advantages(advantages, inputs["importance_sampling_ratio"], shape, clamp), None
+            return None
+        return inputs["importance_sampling_ratio"].expand(inputs["completion_mask"].shape).contiguous()
 
     def _completion_states(self, model, input_ids, attention_mask, logits_to_keep):
         """(hidden, weight, bias) for the fused ops, in the dtype the LM head's matmul would run in."""

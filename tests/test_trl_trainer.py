@@ -224,17 +224,22 @@ def test_a_models_softcap_is_applied_as_trl_applies_it(gemma2_dir, tmp_path):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
-    masked); the fused loss takes it folded into per-token advantages. (Only _compute_loss runs: no vLLM here.)"""
+    masked); the fused loss takes it as its policy_weights: same loss, gradients and clip metrics (TRL counts a
+    zero-weight token's clipping too). (Only _compute_loss runs: no vLLM here.)"""
     ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     g = torch.Generator().manual_seed(2)
     weights = 2 * torch.rand(4, 6 if level == "token" else 1, generator=g)
     weights[0, 0] = 0.0  # TRL's masking modes zero a ratio out of bounds
+    weights[1] = 0.0  # a whole sequence, as its sequence modes do
     inputs["importance_sampling_ratio"] = weights
     for trainer in (ours, theirs):
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), 2e-6)
+    for name in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                 "clip_ratio/high_max"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
 
 
 def test_vllm_importance_weights_with_a_trace_multiply_the_clamped_term(model_dir, tmp_path):

@@ -12,7 +12,8 @@ dict per generated token with the sampled token's log-prob, of the tempered dist
 position)`: a controlled difference between the engine's numerics and the policy's.
 
 The vLLM importance-sampling correction (TRL's) is checked here too: its weights against TRL's lines written out as an
-oracle, and the trainer's loss against TRL's loss written out and against the fused loss on weighted advantages.
+oracle, and the trainer's loss (the weights as the fused loss's policy_weights) against TRL's loss written out and
+against the fused loss on weighted advantages.
 """
 import copy
 import dataclasses
@@ -657,8 +658,8 @@ def test_trainer_loss_is_trls_with_the_correction(tmp_path, fake_vllm, loss_call
     out = trainer._update(batch)
     (call,) = loss_calls
     assert call.kwargs["old_logprobs"] is None and call.kwargs["adv_clamp_min"] is None
-    assert call.advantages.shape == (8, 4)
-    torch.testing.assert_close(call.advantages, (ADVANTAGES.unsqueeze(1) * weights).expand(8, 4), atol=1e-5, rtol=0)
+    assert torch.equal(call.advantages, ADVANTAGES)  # the weights go in as the policy term's, not in Â
+    torch.testing.assert_close(call.kwargs["policy_weights"], weights.expand(8, 4), atol=1e-5, rtol=0)
     assert call.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - uncorrected.item()) > 0.05 * abs(uncorrected.item())
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-5)
@@ -673,8 +674,9 @@ def test_trainer_loss_is_trls_with_the_correction(tmp_path, fake_vllm, loss_call
 
 @pytest.mark.parametrize("mode", MODES)
 def test_trainer_grpo_lambda_loss_with_the_correction(tmp_path, fake_vllm, loss_calls, mode):
-    """GRPO-λ: the loss equals fused_grpo_lambda_loss on per-token advantages clamped first, then weighted (no second
-    clamp), with truncated completions out of the loss (they are out of the weights' mask too)."""
+    """GRPO-λ: the weights multiply each token's clamped policy term: the loss equals fused_grpo_lambda_loss on
+    per-token advantages clamped first, then weighted (no second clamp), with truncated completions out of the loss
+    (they are out of the weights' mask too)."""
     trainer = vllm_trainer(tmp_path, vllm_importance_sampling_mode=mode, mask_truncated_completions=True)
     cfg = trainer.cfg
     gen, batch = rollout(trainer)
@@ -700,9 +702,10 @@ def test_trainer_grpo_lambda_loss_with_the_correction(tmp_path, fake_vllm, loss_
 
     trainer._update(batch)
     (call,) = loss_calls
-    assert call.kwargs["old_logprobs"] is None and call.kwargs["adv_clamp_min"] is None
+    assert call.kwargs["old_logprobs"] is None and call.kwargs["adv_clamp_min"] == cfg.adv_clamp_min
     assert call.kwargs["trace"] == "both"
-    torch.testing.assert_close(call.advantages, adv, atol=1e-5, rtol=0)
+    assert torch.equal(call.advantages, ADVANTAGES)
+    torch.testing.assert_close(call.kwargs["policy_weights"], weights.expand(8, 4), atol=1e-5, rtol=0)
     assert call.loss.item() == pytest.approx(expected, rel=1e-5)
     assert abs(expected - uncorrected) > 0.05 * abs(uncorrected)
     assert abs(expected - weighted_then_clamped) > 1e-4 * abs(expected)  # the order matters, and is TRL's
@@ -719,9 +722,8 @@ def test_trainer_correction_with_several_iterations(tmp_path, fake_vllm, loss_ca
     assert len(loss_calls) == 2
     for call in loss_calls:
         torch.testing.assert_close(call.kwargs["old_logprobs"], old, atol=2e-5, rtol=0)
-        torch.testing.assert_close(call.advantages, ADVANTAGES.clamp(min=-0.1).unsqueeze(1) * weights,
-                                   atol=1e-5, rtol=0)
-        assert call.kwargs["adv_clamp_min"] is None
+        torch.testing.assert_close(call.kwargs["policy_weights"], weights, atol=1e-5, rtol=0)
+        assert torch.equal(call.advantages, ADVANTAGES) and call.kwargs["adv_clamp_min"] == -0.1
     assert loss_calls[0].kwargs["old_logprobs"].data_ptr() == loss_calls[1].kwargs["old_logprobs"].data_ptr()
 
 
@@ -745,7 +747,7 @@ def test_no_correction_is_the_old_behaviour(tmp_path, fake_vllm, loss_calls, log
             impl="torch")[0].item()
     out = trainer._update(batch)
     (call,) = loss_calls
-    assert torch.equal(call.advantages, ADVANTAGES)
+    assert torch.equal(call.advantages, ADVANTAGES) and call.kwargs["policy_weights"] is None
     assert call.kwargs["adv_clamp_min"] == -0.1 and call.kwargs["old_logprobs"] is None
     assert call.loss.item() == pytest.approx(expected, rel=1e-5)
     assert logprob_calls == [trainer.ref_model]
