@@ -130,6 +130,9 @@ class GRPOLambdaConfig:
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")
     scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
     num_iterations: int = opt(1, "Optimisation passes over each rollout (1 = on-policy).", TRAIN, "algorithm")
+    top_entropy_quantile: float = opt(1.0, "Train only the tokens whose entropy is in this top fraction of each "
+                                           "micro-batch's (TRL's; 'Beyond the 80/20 rule': 0.2); 1.0 = all. Costs "
+                                           "a log-prob pass per micro-batch.", TRAIN, "algorithm")
     mask_truncated_completions: bool = opt(False, "Exclude completions cut at max_completion_length from the loss.",
                                            TRAIN, "algorithm")
     dynamic_sampling: bool = opt(False, "Drop groups whose rewards are all equal (no learning signal).", TRAIN,
@@ -280,6 +283,9 @@ class GRPOLambdaConfig:
         if self.epsilon_high is not None:
             _non_negative("epsilon_high", self.epsilon_high)
         _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
+        if not _is_number(self.top_entropy_quantile) or not 0 < self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile must be in (0, 1]; got {self.top_entropy_quantile!r} (1.0 trains "
+                              "every token, 0.2 the top 20% by entropy).")
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         _positive_int("num_iterations", self.num_iterations)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from lambda_kernels import fused_grpo_lambda_loss, group_advantages
+from lambda_kernels import fused_grpo_lambda_loss, group_advantages, linear_logprobs
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -69,15 +69,35 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
     hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                batch.attention_mask)
     weight, bias = lm_head(model)
+    temperature, softcap = head_temperature(model, cfg.temperature), head_softcap(model)
+    weights = batch.policy_weights
+    if cfg.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(hidden, weight, bias, batch, temperature, softcap, cfg)
+        weights = keep if weights is None else weights * keep
     return fused_grpo_lambda_loss(
         hidden, weight, batch.completion_ids, batch.loss_mask, batch.advantages, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, bias=bias, temperature=head_temperature(model, cfg.temperature),
-        softcap=head_softcap(model), trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
-        adv_clamp_min=cfg.loss_adv_clamp_min, policy_weights=batch.policy_weights,
+        ref_logprobs=ref_logprobs, bias=bias, temperature=temperature,
+        softcap=softcap, trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
+        adv_clamp_min=cfg.loss_adv_clamp_min, policy_weights=weights,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
         loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
         return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
+
+
+@torch.no_grad()
+def high_entropy_mask(hidden, weight, bias, batch: Batch, temperature: float, softcap, cfg: GRPOLambdaConfig):
+    """TRL's `top_entropy_quantile` mask as policy weights [B, T] fp32: 1 where a loss token's entropy is at least
+    the (1 − q)-quantile of the micro-batch's loss tokens' (torch.quantile, as TRL), else 0. The entropies come from
+    a log-prob pass of their own (2·N·H·V FLOPs more): the fused loss needs the mask before its one pass."""
+    real = batch.loss_mask != 0
+    _, entropies = linear_logprobs(hidden.detach(), weight.detach(), batch.completion_ids,
+                                   bias=None if bias is None else bias.detach(), temperature=temperature,
+                                   softcap=softcap, return_entropy=True, impl=cfg.impl, mask=batch.loss_mask)
+    if not real.any():
+        return torch.zeros_like(entropies)
+    threshold = torch.quantile(entropies[real].float(), 1 - cfg.top_entropy_quantile)
+    return ((entropies >= threshold) & real).to(torch.float32)
 
 
 def micro_batches(batch: Batch, cfg: GRPOLambdaConfig) -> list[slice]:

@@ -17,7 +17,8 @@ checkpoints. Two methods change:
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
 names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included. TRL's `delta` (two-sided
-clipping) is the fused loss's `dual_clip`, its vLLM importance-sampling weights the fused loss's `policy_weights`.
+clipping) is the fused loss's `dual_clip`; its vLLM importance-sampling weights and `top_entropy_quantile` mask are
+the fused loss's `policy_weights` (the mask from an extra log-prob pass under no_grad for the entropies).
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -66,7 +67,6 @@ TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo", "luspo")
 _UNSUPPORTED_OPTIONS = (
     (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
     (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
-    (lambda a: a.top_entropy_quantile < 1.0, "top_entropy_quantile must be 1.0 (no entropy mask)"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
     (lambda a: a.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
@@ -205,23 +205,41 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
                 num_items = num_items * accumulation / self.args.steps_per_generation
         advantages = inputs["advantages"]
         adv_clamp_min = self.args.adv_clamp_min if self.args.trace is not None else None
+        temperature, softcap = self._head_temperature(model), self._head_softcap(model)
+        policy_weights = self._policy_weights(inputs)
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self._high_entropy_mask(hidden, weight, bias, completion_ids, completion_mask, temperature,
+                                                   softcap)
+            policy_weights = entropy_mask if policy_weights is None else policy_weights * entropy_mask
         loss, metrics = fused_grpo_lambda_loss(
             hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
-            temperature=self._head_temperature(model), softcap=self._head_softcap(model), trace=self.args.trace,
+            temperature=temperature, softcap=softcap, trace=self.args.trace,
             lam=self.args.lam, gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta, beta=self.beta,
             loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
-            kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=self._policy_weights(inputs),
-            impl=self.args.impl)
+            kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights, impl=self.args.impl)
         if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
         self._log_token_means(mode, metrics, completion_mask)
         return loss
 
     # ---- helpers
+
+    @torch.no_grad()
+    def _high_entropy_mask(self, hidden, weight, bias, completion_ids, completion_mask, temperature, softcap):
+        """TRL's `top_entropy_quantile` mask (1.0 where a token's entropy is at least the quantile over every
+        process's real tokens, TRL's own `get_high_entropy_mask`) as policy weights [B, T] fp32. The entropies
+        come from a log-prob pass of their own under no_grad (2·N·H·V FLOPs more): the fused loss needs the mask
+        before its one pass."""
+        _, entropies = linear_logprobs(hidden.detach(), weight.detach(), completion_ids,
+                                       bias=None if bias is None else bias.detach(), temperature=temperature,
+                                       softcap=softcap, return_entropy=True, impl=self.args.impl,
+                                       mask=completion_mask)
+        mask = self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+        return mask.to(torch.float32)
 
     def _policy_weights(self, inputs):
         """TRL's vLLM importance-sampling weights of each token's policy term ([B, T] or [B, 1]: token or sequence

@@ -83,6 +83,8 @@ def test_python_dash_m_entry_point():
     ({"delta": 1.2}, r"delta must be None or a finite number > 1 \+ epsilon_high = 1\.2; got 1\.2"),
     ({"delta": 1.3, "epsilon_high": 0.4}, r"delta must be .* > 1 \+ epsilon_high = 1\.4; got 1\.3"),
     ({"delta": float("inf")}, r"delta must be None or a finite number"),
+    ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\]; got 0\.0"),
+    ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]; got 1\.5"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"temperature": 0}, r"temperature must be a finite number > 0"),
     ({"impl": "cuda"}, r"impl must be one of \['auto', 'torch', 'triton'\]"),

@@ -278,6 +278,34 @@ def test_delta_reaches_the_loss(tmp_path):
     torch.testing.assert_close(loss[1e6], loss[None], rtol=0, atol=0)
 
 
+def test_top_entropy_quantile_trains_the_high_entropy_tokens(tmp_path):
+    """top_entropy_quantile = 0.5: the loss is the fused loss with policy weights 1 on the loss tokens whose entropy
+    is at least the median of the micro-batch's (computed here from the reference's entropies), 0 elsewhere."""
+    from lambda_kernels import reference as R
+    from grpo_trainer.model import completion_hidden, lm_head
+
+    cfg = tiny(tmp_path, num_iterations=2, impl="torch", beta=0.0, top_entropy_quantile=0.5)
+    model, batch = _same_batch(cfg)
+    with torch.no_grad():
+        old = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg) - 0.2
+        hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.attention_mask)
+        weight, _ = lm_head(model)
+        _, ent = R.linear_logprobs(hidden.double(), weight.double(), batch.completion_ids, return_entropy=True,
+                                   temperature=cfg.temperature, mask=batch.loss_mask)
+        real = batch.loss_mask != 0
+        keep = ((ent >= torch.quantile(ent[real], 0.5)) & real).float()
+        assert 0 < keep.sum() < real.sum()
+        want, _ = R.fused_grpo_lambda_loss(hidden.double(), weight.double(), batch.completion_ids, batch.loss_mask,
+                                           batch.advantages.double(), old_logprobs=old.double(), trace=cfg.trace,
+                                           lam=cfg.lam, adv_clamp_min=cfg.adv_clamp_min, temperature=cfg.temperature,
+                                           loss_type=cfg.loss_type, policy_weights=keep)
+        got = {q: policy_loss(model, batch, dataclasses.replace(cfg, top_entropy_quantile=q), old_logprobs=old)[0]
+               for q in (0.5, 1.0)}
+    torch.testing.assert_close(got[0.5].double(), want, rtol=1e-5, atol=1e-7)
+    assert abs(got[0.5] - got[1.0]) > 1e-3
+
+
 def test_new_run_never_deletes_an_earlier_runs_checkpoints(tmp_path):
     """Forgetting --resume on a folder with an interrupted run stops at start-up instead of wiping it."""
     from grpo_trainer.config import ConfigError

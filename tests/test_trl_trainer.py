@@ -221,6 +221,27 @@ def test_a_models_softcap_is_applied_as_trl_applies_it(gemma2_dir, tmp_path):
     assert (uncapped - lp).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("on_policy, vllm_weights", [(True, False), (False, False), (False, True)])
+def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weights):
+    """TRL's entropy mask (only the top 40% highest-entropy tokens train, over the micro-batch's real tokens): the
+    fused loss takes it as policy weights (times vLLM's importance weights when both are on): same loss, gradients
+    and metrics as trl.GRPOTrainer, and not the loss without it."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04, top_entropy_quantile=0.4)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, top_entropy_quantile=0.4)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy)
+    if vllm_weights:
+        inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(4))
+        for trainer in (ours, theirs):
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
+    unmasked = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
+    if vllm_weights:
+        unmasked.use_vllm = unmasked.vllm_importance_sampling_correction = True
+    assert abs(loss_and_grads(unmasked, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
@@ -465,12 +486,11 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(top_entropy_quantile=0.5), "top_entropy_quantile must be 1.0"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold must be None"),
-    (dict(loss_type="sapo", top_entropy_quantile=0.5), "loss_type must be one of .* top_entropy_quantile"),
+    (dict(loss_type="sapo", entropy_coef=0.01), "loss_type must be one of .* entropy_coef"),
     (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo'\\]"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
