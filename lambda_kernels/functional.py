@@ -224,7 +224,9 @@ def grpo_lambda_loss(
         policy_weights: None, or `[B, T]` weights w ≥ 0 of each token's policy term (not of the KL term):
             importance-sampling corrections such as TRL's vLLM correction or verl's `rollout_is_weights`, or a
             token mask such as TRL's top-entropy one. A weight of 0 adds exactly 0. A constant (no gradient); not
-            read at masked positions; the clip metrics count every token as without weights, as TRL and verl do.
+            read at masked positions, and not checked at the others (that would need a host sync: a negative or NaN
+            weight there reaches the loss); the clip metrics count every token as without weights, as TRL and verl
+            do.
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -451,7 +453,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
 
     Tokens with mask 0 are skipped (zero loss weight, zero gradient), so padding costs no matmul FLOPs. All
     gradients are computed during the forward and the backward only scales them; they flow to hidden, weight and
-    bias (advantages, old_logprobs, ref_logprobs are constants).
+    bias (advantages, old_logprobs, ref_logprobs, policy_weights are constants).
 
     Args:
         hidden: `[B, T, H]` float, **already aligned with completion_ids**: hidden[:, t] is the state that predicts

@@ -128,8 +128,9 @@ def test_verl_loss_agg_modes_map_to_loss_types(mode, options, device):
 
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_importance_weights_fold_into_per_token_advantages(on_policy, device):
-    """The README's recipe: per-token advantages w·max(Â, c) with no clamp in the loss give the loss whose policy term
-    is weighted by w ≥ 0 (zeros included), the KL term not, with a trace; value and gradient."""
+    """Per-token advantages w·max(Â, c) with no clamp in the loss give the loss whose policy term is weighted by
+    w ≥ 0 (zeros included), the KL term not, with a trace; value and gradient (the fold the trainers used before
+    `policy_weights`, which also keeps the clip metrics of zero-weight tokens: tests/test_policy_weights.py)."""
     B, T, a, c = 4, 19, 0.9, -0.1
     lp, old, adv, mask, ref = make_batch(B, T, seed=11, spread=0.3, device=device)
     w = torch.rand(B, T, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device) * 2

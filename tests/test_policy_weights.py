@@ -91,18 +91,31 @@ def test_objective_kernels_match_reference(trace, loss_type, on_policy, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_padding_is_not_read_and_zero_weights_add_nothing(impl, device):
-    """NaN/inf weights at padding change nothing; a zero weight where the ratio overflows adds 0 (no 0·inf)."""
+    """NaN weights at padding change nothing; a zero weight where an unclipped ratio overflows (Â < 0: the ratio
+    term is live) adds 0 to value and gradient, no 0·inf, in the objective and in the fused loss."""
     lp = torch.tensor([[-1.0, -0.5, -2.0, -1.0]], device=device, requires_grad=True)
     old = torch.tensor([[-200.0, -0.7, -2.2, -1.1]], device=device)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], device=device)
     w = torch.tensor([[0.0, 1.5, 0.5, math.nan]], device=device)
-    adv = torch.tensor([2.0], device=device)
+    adv = torch.tensor([-2.0], device=device)
     loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, epsilon_high=0.5, loss_type="bnpo",
                                   policy_weights=w, impl=impl)
     (grad,) = torch.autograd.grad(loss, lp)
     r = torch.exp((lp - old).detach()[0, 1:3])
-    torch.testing.assert_close(loss, -(1.5 * r[0] + 0.5 * r[1]) * 2 / 3, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, (1.5 * r[0] + 0.5 * r[1]) * 2 / 3, rtol=1e-6, atol=0)
     assert grad[0, 0] == 0 and grad[0, 3] == 0 and torch.isfinite(grad).all()
+    # the fused loss off-policy: the same token through the log-prob rows
+    hidden, weight, b, ids, mask, _ = make_batch(B=2, T=5, device=device, seed=9)
+    with torch.no_grad():
+        old = R.linear_logprobs(hidden.double(), weight.double(), ids, bias=b.double()).float() + 0.1
+    old[0, 0] = -300.0  # ratio e^300: overflows
+    mask[0, 0] = True
+    w = torch.ones(2, 5, device=device)
+    w[0, 0] = 0.0
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, torch.tensor([-1.0, -0.5], device=device),
+                                        old_logprobs=old, bias=b, trace=None, policy_weights=w, impl=impl)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
 # plan "tokens" with chunks of 40 rows: off-policy in one pass (chunks of whole sequences); of 5 rows: two passes;

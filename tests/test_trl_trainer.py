@@ -148,8 +148,8 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 @pytest.mark.parametrize("vllm_weights", [False, True])
 def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights):
     """TRL's `delta` caps the ratio of the tokens with Â < 0 (the fused loss's dual_clip): same loss, gradients and
-    clip metrics as trl.GRPOTrainer on off-policy inputs whose ratios pass it (with vLLM's importance weights too,
-    folded into per-token advantages), and not the loss without it. Advantages of both signs: the cap leaves Â > 0
+    clip metrics as trl.GRPOTrainer on off-policy inputs whose ratios pass it (with vLLM's importance weights too, as
+    policy_weights), and not the loss without it. Advantages of both signs: the cap leaves Â > 0
     tokens alone."""
     ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5)
@@ -234,7 +234,8 @@ def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weigh
         for trainer in (ours, theirs):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "clip_ratio/low_min", "clip_ratio/high_max"):
         assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
     unmasked = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
     if vllm_weights:

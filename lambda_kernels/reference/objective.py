@@ -51,17 +51,19 @@ def grpo_lambda_loss(
         # −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (delta)
         dual = (ratio > dual_clip) & (adv < 0) if dual_clip is not None else torch.zeros_like(low)
     # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is (−c·Â where
-    # the dual clip caps it); written so, a token with Â = 0 or a clipped one adds no inf·0 (NaN) to the value or the
-    # gradient where exp(z) overflows
+    # the dual clip caps it); written so, a token with Â = 0, a clipped one or one of weight 0 adds no inf·0 (NaN) to
+    # the value or the gradient where exp(z) overflows
+    w = None if policy_weights is None else zero_where_masked(policy_weights.detach().to(dt), m != 0)
     active = (adv != 0) & ~(low | high | dual)
+    if w is not None:
+        active = active & (w != 0)
     zero = torch.zeros((), dtype=dt, device=z.device)
     ratio_active = torch.exp(torch.where(active, z, zero))
     constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
     if dual_clip is not None:
         constant = torch.where(dual, -dual_clip * adv, constant)
     per_token = torch.where(active, -ratio_active * adv, constant)
-    if policy_weights is not None:  # the policy term weighted per token (a weight of 0 adds exactly 0)
-        w = zero_where_masked(policy_weights.detach().to(dt), m != 0)
+    if w is not None:  # the policy term weighted per token (a weight of 0 adds exactly 0)
         per_token = torch.where(w != 0, w * per_token, zero)
     if beta > 0:
         d_ref = zero_where_masked(ref_logprobs.detach().to(dt), m != 0) - lp
