@@ -17,8 +17,9 @@ checkpoints. Two methods change:
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
 names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included. TRL's `delta` (two-sided
-clipping) is the fused loss's `dual_clip`; its vLLM importance-sampling weights and `top_entropy_quantile` mask are
-the fused loss's `policy_weights` (the mask from an extra log-prob pass under no_grad for the entropies).
+clipping) is the fused loss's `dual_clip`; its vLLM importance-sampling weights and its `top_entropy_quantile` and
+`off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one extra log-prob pass under
+no_grad).
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -69,7 +70,6 @@ _UNSUPPORTED_OPTIONS = (
     (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
-    (lambda a: a.off_policy_mask_threshold is not None, "off_policy_mask_threshold must be None"),
 )
 # the same, for what only the trainer knows (the model, the tools)
 _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
@@ -207,10 +207,9 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         adv_clamp_min = self.args.adv_clamp_min if self.args.trace is not None else None
         temperature, softcap = self._head_temperature(model), self._head_softcap(model)
         policy_weights = self._policy_weights(inputs)
-        if self.top_entropy_quantile < 1.0:
-            entropy_mask = self._high_entropy_mask(hidden, weight, bias, completion_ids, completion_mask, temperature,
-                                                   softcap)
-            policy_weights = entropy_mask if policy_weights is None else policy_weights * entropy_mask
+        masks = self._current_policy_masks(inputs, hidden, weight, bias, temperature, softcap)
+        if masks is not None:
+            policy_weights = masks if policy_weights is None else policy_weights * masks
         loss, metrics = fused_grpo_lambda_loss(
             hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
@@ -229,17 +228,32 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     # ---- helpers
 
     @torch.no_grad()
-    def _high_entropy_mask(self, hidden, weight, bias, completion_ids, completion_mask, temperature, softcap):
-        """TRL's `top_entropy_quantile` mask (1.0 where a token's entropy is at least the quantile over every
-        process's real tokens, TRL's own `get_high_entropy_mask`) as policy weights [B, T] fp32. The entropies
-        come from a log-prob pass of their own under no_grad (2·N·H·V FLOPs more): the fused loss needs the mask
-        before its one pass."""
-        _, entropies = linear_logprobs(hidden.detach(), weight.detach(), completion_ids,
-                                       bias=None if bias is None else bias.detach(), temperature=temperature,
-                                       softcap=softcap, return_entropy=True, impl=self.args.impl,
-                                       mask=completion_mask)
-        mask = self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
-        return mask.to(torch.float32)
+    def _current_policy_masks(self, inputs, hidden, weight, bias, temperature, softcap):
+        """The product of TRL's masks that depend on the current policy, as policy weights [B, T] fp32 (None when
+        neither is on): `top_entropy_quantile` (1 where a token's entropy is at least the quantile over every
+        process's real tokens, TRL's `get_high_entropy_mask`) and `off_policy_mask_threshold` (DeepSeek-V3.2's
+        off-policy sequence mask: 0 on a sequence with Â < 0 whose mean KL from the sampling policy passes the
+        threshold, TRL's `get_off_policy_mask`). Both need the current log-probs or entropies before the loss's one
+        pass: one log-prob pass of their own under no_grad (2·N·H·V FLOPs more)."""
+        entropy_mask, opsm = self.top_entropy_quantile < 1.0, self.off_policy_mask_threshold is not None
+        if not (entropy_mask or opsm):
+            return None
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        out = linear_logprobs(hidden.detach(), weight.detach(), completion_ids,
+                              bias=None if bias is None else bias.detach(), temperature=temperature, softcap=softcap,
+                              return_entropy=entropy_mask, impl=self.args.impl, mask=completion_mask)
+        logps, entropies = out if entropy_mask else (out, None)
+        masks = torch.ones(completion_mask.shape, dtype=torch.float32, device=completion_mask.device)
+        if entropy_mask:
+            masks = masks * self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+        if opsm:  # TRL's inputs: the sampler's log-probs (vLLM) or the old policy's, else the current ones
+            old = inputs.get("old_per_token_logps")
+            old = logps if old is None else old
+            advantages = inputs["advantages"]
+            advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+            masks = masks * self.get_off_policy_mask(advantages, logps, inputs.get("sampling_per_token_logps", old),
+                                                     completion_mask, self.off_policy_mask_threshold)
+        return masks
 
     def _policy_weights(self, inputs):
         """TRL's vLLM importance-sampling weights of each token's policy term ([B, T] or [B, 1]: token or sequence

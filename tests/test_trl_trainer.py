@@ -243,6 +243,35 @@ def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weigh
     assert abs(loss_and_grads(unmasked, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
 
 
+@pytest.mark.parametrize("vllm_weights", [False, True])
+def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights):
+    """TRL's off_policy_mask_threshold (DeepSeek-V3.2's off-policy sequence mask: a sequence with Â < 0 whose mean KL
+    from the sampling policy passes the threshold is dropped), with the entropy mask too: same loss, gradients and
+    metrics as trl.GRPOTrainer, with a threshold that drops some sequences and keeps others."""
+    kw = dict(beta=0.04, off_policy_mask_threshold=1.0, top_entropy_quantile=0.8)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    inputs["advantages"] = torch.tensor([-1.0, -0.5, 0.7, -1.2])
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad():
+        lp = theirs._get_per_token_logps_and_entropies(
+            theirs.model, ids, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 6)[0]
+    inputs["old_per_token_logps"] = lp + torch.tensor([[0.2], [3.0], [3.0], [0.1]])  # mean KLs 0.2, 3, 3, 0.1
+    if vllm_weights:
+        inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(5))
+        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + 0.5
+        for trainer in (ours, theirs):
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    keep = theirs.get_off_policy_mask(inputs["advantages"].unsqueeze(1), lp, inputs.get(
+        "sampling_per_token_logps", inputs["old_per_token_logps"]), inputs["completion_mask"], 1.0)
+    assert keep.flatten().tolist() == [1.0, 0.0, 1.0, 1.0]  # Â < 0 and far off-policy: dropped; Â > 0: kept
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
@@ -490,7 +519,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold must be None"),
     (dict(loss_type="sapo", entropy_coef=0.01), "loss_type must be one of .* entropy_coef"),
     (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo'\\]"),
 ])
