@@ -13,7 +13,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, PLANS, force_plan, poisoned_outputs
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 from .test_objective import assert_matches as assert_objective_matches
 from .test_objective import make_batch as make_logprob_batch
@@ -135,21 +135,16 @@ def test_poisoned_padding_is_never_read(impl, device):
     assert (grad[~real] == 0).all() and torch.isfinite(loss)
 
 
-# plan "tokens" with chunks of 40 rows: off-policy in one pass (chunks of whole sequences); of 5 rows: two passes;
-# "split": the chunks' dW for some vocabulary rows, a tail pass for the rest
-PLANS = [("tokens", 40), ("tokens", 5), ("split", 8)]
+# the off-policy paths through the objective's row gradients (the vocab plan's passes are the two-pass path's)
+OFF_POLICY_PLANS = PLANS[:3]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("plan, rows", PLANS)
+@pytest.mark.parametrize("plan, rows", OFF_POLICY_PLANS)
 @pytest.mark.parametrize("trace", [None, "both"])
 def test_fused_loss_matches_reference(impl, plan, rows, trace, device, monkeypatch):
-    from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV
-
-    set_chunk_rows(monkeypatch, rows)
-    monkeypatch.setenv(PLAN_ENV, plan)
-    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
-    hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=PLANS.index((plan, rows)))
+    force_plan(monkeypatch, plan, rows)
+    hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=OFF_POLICY_PLANS.index((plan, rows)))
     old = perturbed_old(hidden, weight, b, ids, 0.8, scale=0.8)
     adv = torch.tensor([-1.0, 0.8, -0.6, -1.5], device=device)  # three rows that can cap
     kw = dict(old_logprobs=old, temperature=0.8, trace=trace, lam=0.9, epsilon_high=0.28, dual_clip=C)

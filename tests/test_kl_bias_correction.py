@@ -12,7 +12,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, PLANS, force_plan, poisoned_outputs, set_chunk_rows
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 from .test_objective import assert_matches as assert_objective_matches
 from .test_objective import make_batch as make_logprob_batch
@@ -97,21 +97,12 @@ def _fused_case(device, on_policy, seed=0):
     return (hidden, weight, b, ids, mask, adv), kw
 
 
-# plan "tokens" with chunks of 40 rows: off-policy in one pass (chunks of whole sequences); of 5 rows: two passes;
-# "split": the chunks' dW for some vocabulary rows, a tail pass for the rest; "vocab": two passes over slabs
-PLANS = [("tokens", 40), ("tokens", 5), ("split", 8), ("vocab", 8)]
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("plan, rows", PLANS)
 @pytest.mark.parametrize("trace", [None, "both"])
 @pytest.mark.parametrize("on_policy", [True, False])
 def test_fused_loss_matches_reference_in_every_plan(impl, plan, rows, trace, on_policy, device, monkeypatch):
-    from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV
-
-    set_chunk_rows(monkeypatch, rows)
-    monkeypatch.setenv(PLAN_ENV, plan)
-    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
+    force_plan(monkeypatch, plan, rows)
     (hidden, weight, b, ids, mask, adv), kw = _fused_case(device, on_policy, seed=PLANS.index((plan, rows)))
     kw["trace"] = trace
     with poisoned_outputs():

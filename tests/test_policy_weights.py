@@ -13,7 +13,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, poisoned_outputs, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, PLANS, force_plan, poisoned_outputs
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 from .test_objective import assert_matches as assert_objective_matches
 from .test_objective import make_batch as make_logprob_batch
@@ -118,20 +118,11 @@ def test_padding_is_not_read_and_zero_weights_add_nothing(impl, device):
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
-# plan "tokens" with chunks of 40 rows: off-policy in one pass (chunks of whole sequences); of 5 rows: two passes;
-# "split": the chunks' dW for some vocabulary rows, a tail pass for the rest; "vocab": two passes over slabs
-PLANS = [("tokens", 40), ("tokens", 5), ("split", 8), ("vocab", 8)]
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("plan, rows", PLANS)
 @pytest.mark.parametrize("on_policy", [True, False])
 def test_fused_loss_matches_reference(impl, plan, rows, on_policy, device, monkeypatch):
-    from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV
-
-    set_chunk_rows(monkeypatch, rows)
-    monkeypatch.setenv(PLAN_ENV, plan)
-    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
+    force_plan(monkeypatch, plan, rows)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=PLANS.index((plan, rows)))
     old = None if on_policy else perturbed_old(hidden, weight, b, ids, 0.8, scale=0.5)
     w = weights_like(mask.float(), seed=5)

@@ -16,7 +16,7 @@ import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.kernels import tanh_f32
 
-from ._helpers import IMPLS, poisoned_outputs, set_chunk_rows
+from ._helpers import IMPLS, PLANS, force_plan, poisoned_outputs, set_chunk_rows
 from ._lm_head import assert_fp32_matches_oracle, assert_matches, make_batch, make_inputs, oracle, reference_run
 
 # The interpreter evaluates both sides of tl.where on numpy arrays: tanh's polynomial branch at huge or infinite
@@ -114,11 +114,6 @@ def test_no_grad_path_is_bit_identical(impl, device, small_chunks):
     assert torch.equal(lp.detach(), lp0)
 
 
-# plan "tokens" with chunks of 40 rows: off-policy in one pass (chunks of whole sequences); of 5 rows: two passes;
-# "split": the chunks' dW for some vocabulary rows, a tail pass for the rest; "vocab": two passes over slabs
-PLANS = [("tokens", 40), ("tokens", 5), ("split", 8), ("vocab", 8)]
-
-
 def _fused_case(device, on_policy, seed=0):
     hidden, weight, b, ids, mask, adv = make_batch(device=device, seed=seed)
     with torch.no_grad():
@@ -136,11 +131,7 @@ def _fused_case(device, on_policy, seed=0):
 @pytest.mark.parametrize("plan, rows", PLANS)
 @pytest.mark.parametrize("on_policy", [True, False])
 def test_fused_loss_matches_reference_in_every_plan(impl, plan, rows, on_policy, device, monkeypatch):
-    from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV
-
-    set_chunk_rows(monkeypatch, rows)
-    monkeypatch.setenv(PLAN_ENV, plan)
-    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
+    force_plan(monkeypatch, plan, rows)
     (hidden, weight, b, ids, mask, adv), kw = _fused_case(device, on_policy, seed=PLANS.index((plan, rows)))
     with poisoned_outputs():
         loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
