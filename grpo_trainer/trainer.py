@@ -88,15 +88,15 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
 @torch.no_grad()
 def high_entropy_mask(hidden, weight, bias, batch: Batch, temperature: float, softcap, cfg: GRPOLambdaConfig):
     """TRL's `top_entropy_quantile` mask as policy weights [B, T] fp32: 1 where a loss token's entropy is at least
-    the (1 − q)-quantile of the micro-batch's loss tokens' (torch.quantile, as TRL), else 0. The entropies come from
-    a log-prob pass of their own (2·N·H·V FLOPs more): the fused loss needs the mask before its one pass."""
+    the (1 − q)-quantile of the micro-batch's loss tokens' (linearly interpolated, as TRL's torch.quantile), else 0.
+    The entropies come from a log-prob pass of their own (2·N·H·V FLOPs more): the fused loss needs the mask before
+    its one pass. No host sync: padding enters the quantile as NaN, which nanquantile skips (all padding: a NaN
+    threshold, which no entropy reaches)."""
     real = batch.loss_mask != 0
     _, entropies = linear_logprobs(hidden.detach(), weight.detach(), batch.completion_ids,
                                    bias=None if bias is None else bias.detach(), temperature=temperature,
                                    softcap=softcap, return_entropy=True, impl=cfg.impl, mask=batch.loss_mask)
-    if not real.any():
-        return torch.zeros_like(entropies)
-    threshold = torch.quantile(entropies[real].float(), 1 - cfg.top_entropy_quantile)
+    threshold = torch.nanquantile(torch.where(real, entropies.float(), torch.nan), 1 - cfg.top_entropy_quantile)
     return ((entropies >= threshold) & real).to(torch.float32)
 
 

@@ -74,3 +74,11 @@ def force_plan(monkeypatch, plan: str, rows: int) -> None:
     set_chunk_rows(monkeypatch, rows)
     monkeypatch.setenv(PLAN_ENV, plan)
     monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
+
+
+def assert_module_is_function(module_cls, fn, options: dict, args: tuple, **call_kw) -> None:
+    """`module_cls(**options)(*args, **call_kw)` gives the very loss of `fn(*args, **options, **call_kw)`: the
+    nn.Module holds the options and passes them on."""
+    got, _ = module_cls(**options)(*args, **call_kw)
+    want, _ = fn(*args, **options, **call_kw)
+    assert torch.equal(got, want)

@@ -70,6 +70,18 @@ def assert_no_worse_than_naive(triples):
         assert err <= 1.05 * err_naive + 1e-3 * e.abs().max().item() + 1e-6, (err, err_naive)
 
 
+def assert_loss_no_worse_than_naive(ours, oracle, naive):
+    """(loss, grads) triples of ours in half precision, the fp32 oracle and plain PyTorch in half precision: our loss
+    error at most 1.05× the naive one's (+1e-4), each gradient's relative error at most 1.05× the naive one's
+    (+1e-3) — the relative oracle for bf16."""
+    (loss, grads), (loss_r, grads_r), (loss_n, grads_n) = ours, oracle, naive
+    assert abs(loss.item() - loss_r.item()) <= 1.05 * abs(loss_n.item() - loss_r.item()) + 1e-4
+    for a, n, e in zip(grads, grads_n, grads_r):
+        err = ((a.float() - e).norm() / e.norm()).item()
+        err_n = ((n.float() - e).norm() / e.norm()).item()
+        assert err <= 1.05 * err_n + 1e-3, (err, err_n)
+
+
 def make_batch(B=3, T=17, H=40, V=123, dtype=torch.float32, device="cpu", seed=0, bias=True, per_token_adv=False):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)

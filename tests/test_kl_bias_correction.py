@@ -12,7 +12,8 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, PLANS, force_plan, poisoned_outputs, set_chunk_rows
+from ._helpers import IMPLS, LOSS_TYPES, PLANS, assert_module_is_function, force_plan, poisoned_outputs, \
+    set_chunk_rows
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 from .test_objective import assert_matches as assert_objective_matches
 from .test_objective import make_batch as make_logprob_batch
@@ -126,16 +127,13 @@ def test_fused_loss_on_policy_kl_gradient_differs_from_uncorrected(device):
 
 def test_modules_pass_it_on(device):
     lp, old, adv, mask, ref = make_logprob_batch(3, 9, seed=6, dtype=torch.float32, device=device)
-    got, _ = lk.GRPOLambdaLoss(beta=BETA, kl_bias_correction=True)(lp, old, adv, mask, ref_logprobs=ref)
-    want, _ = lk.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, beta=BETA, kl_bias_correction=True)
-    assert torch.equal(got, want)
+    assert_module_is_function(lk.GRPOLambdaLoss, lk.grpo_lambda_loss, dict(beta=BETA, kl_bias_correction=True),
+                              (lp, old, adv, mask), ref_logprobs=ref)
     (hidden, weight, b, ids, mask, adv), kw = _fused_case(device, on_policy=False)
     options = {k: kw[k] for k in ("temperature", "beta", "kl_bias_correction", "adv_clamp_min", "epsilon_high")}
-    got, _ = lk.FusedGRPOLambdaLoss(**options)(hidden, weight, ids, mask, adv, kw["old_logprobs"],
-                                               kw["ref_logprobs"], b)
-    want, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, old_logprobs=kw["old_logprobs"],
-                                        ref_logprobs=kw["ref_logprobs"], bias=b, **options)
-    assert torch.equal(got, want)
+    assert_module_is_function(lk.FusedGRPOLambdaLoss, lk.fused_grpo_lambda_loss, options,
+                              (hidden, weight, ids, mask, adv), old_logprobs=kw["old_logprobs"],
+                              ref_logprobs=kw["ref_logprobs"], bias=b)
 
 
 def test_flag_must_be_a_bool():

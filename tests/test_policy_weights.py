@@ -13,7 +13,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 
-from ._helpers import IMPLS, LOSS_TYPES, PLANS, force_plan, poisoned_outputs
+from ._helpers import IMPLS, LOSS_TYPES, PLANS, assert_module_is_function, force_plan, poisoned_outputs
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
 from .test_objective import assert_matches as assert_objective_matches
 from .test_objective import make_batch as make_logprob_batch
@@ -142,15 +142,11 @@ def test_fused_loss_matches_reference(impl, plan, rows, on_policy, device, monke
 
 def test_modules_pass_it_on(device):
     lp, old, adv, mask, _ = make_logprob_batch(3, 9, seed=6, dtype=torch.float32, spread=0.6, device=device)
-    w = weights_like(lp, seed=7)
-    got, _ = lk.GRPOLambdaLoss()(lp, old, adv, mask, policy_weights=w)
-    want, _ = lk.grpo_lambda_loss(lp, old, adv, mask, policy_weights=w)
-    assert torch.equal(got, want)
+    assert_module_is_function(lk.GRPOLambdaLoss, lk.grpo_lambda_loss, {}, (lp, old, adv, mask),
+                              policy_weights=weights_like(lp, seed=7))
     hidden, weight, b, ids, mask, adv = make_batch(B=3, device=device, seed=4)
-    w = weights_like(mask.float(), seed=8)
-    got, _ = lk.FusedGRPOLambdaLoss()(hidden, weight, ids, mask, adv, bias=b, policy_weights=w)
-    want, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, policy_weights=w)
-    assert torch.equal(got, want)
+    assert_module_is_function(lk.FusedGRPOLambdaLoss, lk.fused_grpo_lambda_loss, {}, (hidden, weight, ids, mask, adv),
+                              bias=b, policy_weights=weights_like(mask.float(), seed=8))
 
 
 def test_bad_policy_weights_are_clear_errors():

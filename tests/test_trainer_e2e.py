@@ -304,6 +304,10 @@ def test_top_entropy_quantile_trains_the_high_entropy_tokens(tmp_path):
                for q in (0.5, 1.0)}
     torch.testing.assert_close(got[0.5].double(), want, rtol=1e-5, atol=1e-7)
     assert abs(got[0.5] - got[1.0]) > 1e-3
+    # a micro-batch without loss tokens: nothing to keep (and no error from an empty quantile)
+    empty = dataclasses.replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))
+    keep_none = trainer_mod.high_entropy_mask(hidden, weight, None, empty, cfg.temperature, None, cfg)
+    assert keep_none.shape == batch.loss_mask.shape and (keep_none == 0).all()
 
 
 def test_new_run_never_deletes_an_earlier_runs_checkpoints(tmp_path):

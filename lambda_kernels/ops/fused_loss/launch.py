@@ -203,7 +203,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, tf, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else (None, None)),
-                      kl_corrected=objective.kl_bias_correction)
+                      kl_corrected=objective.params.kl_bias_correction)
 
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, tf)

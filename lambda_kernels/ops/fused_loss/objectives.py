@@ -26,7 +26,6 @@ class KernelObjective:
     def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
         self.params = params
         self.num_items_in_batch = num_items_in_batch
-        self.kl_bias_correction = params.kl_bias_correction  # (read by the on-policy row pass's KL term)
 
     def onpolicy_grad(self, adv, mask_f, scales, weights=None):
         from ..objective.launch import onpolicy_token_grad
@@ -55,13 +54,13 @@ class ReferenceObjective:
     """The token objective through `lambda_kernels.reference` and autograd (the `impl="torch"` path)."""
 
     def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
+        self.params = params
         style = {code: name for name, code in TRACE_CODES.items()}[params.trace.style]
         self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
                             epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
                             loss_type=params.loss_type, max_completion_length=params.max_completion_length,
                             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
                             dual_clip=params.dual_clip)
-        self.kl_bias_correction = params.kl_bias_correction
 
     def onpolicy_grad(self, adv, mask_f, scales, weights=None):
         lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)
