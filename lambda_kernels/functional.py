@@ -15,10 +15,11 @@ import torch
 from . import reference
 from ._core import checks
 from ._core.normalizers import LOSS_TYPES, row_scales
-from ._core.params import TRACE_CODES, ObjectiveParams, TraceParams
+from ._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams, TraceParams
 from ._core.runtime import resolve_impl
 
 TRACE_STYLES = ("recent", "both")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def _on_device(device: torch.device):
@@ -129,7 +130,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
                          ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
                          max_completion_length, num_items_in_batch, kl_bias_correction=False,
-                         dual_clip=None, policy_weights=None) -> ObjectiveParams:
+                         dual_clip=None, policy_weights=None, importance_sampling_level="token") -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
     `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
@@ -152,6 +153,17 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
         raise ValueError(f"{op}: `ref_logprobs` is required when beta > 0; got None with beta = {beta}. "
                          "Compute the reference model's log-probs, or set beta=0.")
     params_trace = _check_trace_args(op, lam, gamma, trace, allow_none=True)
+    checks.choice(op, "importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    if importance_sampling_level == "sequence":
+        if trace is not None:
+            raise ValueError(f"{op}: importance_sampling_level='sequence' (GSPO) gives every token its sequence's "
+                             f"mean log-ratio, which takes the place of the λ-trace; got trace={trace!r}. Pass "
+                             "trace=None with it, or keep importance_sampling_level='token' for GRPO-λ.")
+        if kl_bias_correction and beta > 0:
+            raise ValueError(f"{op}: kl_bias_correction=True is not supported with importance_sampling_level="
+                             "'sequence' (TRL weights the KL by the sequence's ratio there, whose gradient reaches "
+                             "every token of the sequence); pass kl_bias_correction=False, or use the token level.")
+        params_trace = TraceParams(a=params_trace.a, style=SEQUENCE_STYLE)
     clamp = checks.finite_number(op, "adv_clamp_min", adv_clamp_min, allow_none=True)
     eps_low = checks.non_negative(op, "epsilon_low", epsilon_low)
     eps_high = eps_low if epsilon_high is None else checks.non_negative(op, "epsilon_high", epsilon_high)
@@ -184,7 +196,7 @@ def grpo_lambda_loss(
     adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
     beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
     num_items_in_batch=None, kl_bias_correction: bool = False, dual_clip: float | None = None,
-    policy_weights: torch.Tensor | None = None, impl: str = "auto",
+    policy_weights: torch.Tensor | None = None, importance_sampling_level: str = "token", impl: str = "auto",
 ):
     """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
 
@@ -197,7 +209,11 @@ def grpo_lambda_loss(
     - "dapo":    Σ m·L / N, N = `num_items_in_batch` if given (e.g. over gradient accumulation), else Σ m;
     - "bnpo":    Σ m·L / max(Σ m, 1) over this batch;
     - "grpo":    mean over sequences of Σ_t m·L / max(Σ_t m, 1);
-    - "dr_grpo": Σ m·L / (B · max_completion_length), max_completion_length defaulting to T.
+    - "dr_grpo": Σ m·L / (B · max_completion_length), max_completion_length defaulting to T;
+    - "luspo":   Σ m·L / B (verl's "seq-mean-token-sum"; TRL's LUSPO).
+
+    With `importance_sampling_level="sequence"` (GSPO, Zheng et al. 2025; TRL's and verl's name) the ratio is one
+    per sequence, `ρ̃_i = exp(Σ_t m·(ℓ − ℓ_old) / max(Σ_t m, 1))`, shared by its tokens in place of the trace.
 
     Args:
         logprobs: `[B, T]` log-probs of the current policy (differentiable; any float dtype).
@@ -227,6 +243,10 @@ def grpo_lambda_loss(
             read at masked positions, and not checked at the others (that would need a host sync: a negative or NaN
             weight there reaches the loss); the clip metrics count every token as without weights, as TRL and verl
             do.
+        importance_sampling_level: "token" (the traced per-token ratio) or "sequence" (GSPO's length-normalised
+            sequence ratio; needs trace=None, and not with kl_bias_correction). Its gradient reaches every token of
+            the sequence equally, so it is still a single pass on-policy. The clip metrics become TRL's
+            sequence-level ones: means over all B sequences, and extremes over all of them.
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -244,14 +264,16 @@ def grpo_lambda_loss(
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
+        importance_sampling_level=importance_sampling_level)
     if resolve_impl(op, impl, logprobs.device) == "torch":
         loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
             adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
-            dual_clip=params.dual_clip, policy_weights=policy_weights)
+            dual_clip=params.dual_clip, policy_weights=policy_weights,
+            importance_sampling_level=importance_sampling_level)
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
@@ -428,8 +450,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            ref_logprobs=None, bias=None, temperature=1.0, trace="both", lam=0.99, gamma=1.0,
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-                           kl_bias_correction=False, dual_clip=None, policy_weights=None, impl="auto",
-                           process_group=None, softcap=None):
+                           kl_bias_correction=False, dual_clip=None, policy_weights=None,
+                           importance_sampling_level="token", impl="auto", process_group=None, softcap=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -470,7 +492,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         softcap: None, or the final-logit soft-capping c > 0 of Gemma 2/3 (c·tanh(logits / c), before the
             temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
-        num_items_in_batch, kl_bias_correction, dual_clip, policy_weights: as in `grpo_lambda_loss`.
+        num_items_in_batch, kl_bias_correction, dual_clip, policy_weights, importance_sampling_level: as in
+        `grpo_lambda_loss` (GSPO's sequence-level ratio is one pass on-policy too).
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
@@ -497,7 +520,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
+        importance_sampling_level=importance_sampling_level)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)

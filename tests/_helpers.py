@@ -5,7 +5,7 @@ import math
 import torch
 
 IMPLS = ("triton", "torch")  # the two row backends every LM-head test runs
-LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 
 
 @contextlib.contextmanager

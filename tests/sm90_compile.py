@@ -104,7 +104,13 @@ def scenarios():
                                                              mask, trace="both", dual_clip=3.0)[0]
     yield "objective policy weights", lambda: lk.grpo_lambda_loss(
         lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace="both", policy_weights=torch.rand(B, T))[0]
-    for loss_type in ("bnpo", "dr_grpo"):
+    for old in (None, lp - 0.5):  # GSPO's sequence level: the row walks before the objective kernels' loops
+        yield f"objective sequence level old={old is not None}", lambda old=old: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), old, torch.randn(B), mask, trace=None, importance_sampling_level="sequence",
+            ref_logprobs=lp, beta=0.04)[0]
+    yield "fused on-policy sequence level", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, trace=None, importance_sampling_level="sequence")[0]
+    for loss_type in ("bnpo", "dr_grpo", "luspo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
             num_items_in_batch=torch.tensor(100.0), adv_clamp_min=-0.1)[0]

@@ -184,6 +184,7 @@ def test_on_policy_gradient_is_grpo_with_scanned_advantages(trace, loss_type, de
     ("bnpo", lambda m, B, L: 1.0),
     ("grpo", lambda m, B, L: (m.sum(1) > 0).double().sum() / B),
     ("dr_grpo", lambda m, B, L: m.sum() / (B * L)),
+    ("luspo", lambda m, B, L: m.sum() / B),
 ])
 @pytest.mark.parametrize("max_len", [None, 50])
 def test_normalisers(loss_type, expected, max_len, device):
@@ -326,7 +327,8 @@ def bad_call(**overrides):
     (dict(lam=-0.5), ValueError, r"`lam` must be a number in \[0, 1\]; got -0.5"),
     (dict(gamma=2), ValueError, r"`gamma` must be a number in \[0, 1\]; got 2"),
     (dict(trace="forward"), ValueError, r"`trace` must be one of \('recent', 'both', None\)"),
-    (dict(loss_type="sequence"), ValueError, r"`loss_type` must be one of \('dapo', 'bnpo', 'grpo', 'dr_grpo'\)"),
+    (dict(loss_type="sequence"), ValueError,
+     r"`loss_type` must be one of \('dapo', 'bnpo', 'grpo', 'dr_grpo', 'luspo'\)"),
     (dict(beta=0.1), ValueError, r"`ref_logprobs` is required when beta > 0"),
     (dict(beta=-1.0), ValueError, r"`beta` must be a finite number >= 0"),
     (dict(epsilon_low=-0.1), ValueError, r"`epsilon_low` must be a finite number >= 0"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 
 
 def row_scales(mask: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
@@ -26,4 +26,6 @@ def row_scales(mask: torch.Tensor, loss_type: str, max_completion_length, num_it
     if loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
         return torch.full((B,), 1.0 / (B * length), dtype=torch.float32, device=mask.device)
+    if loss_type == "luspo":
+        return torch.full((B,), 1.0 / B, dtype=torch.float32, device=mask.device)
     raise ValueError(f"unknown loss_type {loss_type!r}")

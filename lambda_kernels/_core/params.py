@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# trace style codes as the kernels see them (tl.constexpr)
+# trace style codes as the kernels see them (tl.constexpr); SEQUENCE_STYLE is not a trace a user names but
+# `importance_sampling_level="sequence"` (GSPO): every token's z is its sequence's mean m·(ℓ − ℓ_old), a weight
+# w(t, j) = m_j / max(Σ m, 1) for every j of the row (non-causal, so the kernels reduce the row first)
 TRACE_CODES = {None: 0, "recent": 1, "both": 2}
+SEQUENCE_STYLE = 3
 
 
 def _log2(a: float) -> float:
@@ -15,7 +18,7 @@ def _log2(a: float) -> float:
 
 @dataclass(frozen=True)
 class TraceParams:
-    """Decay a = γ·λ of the trace and its style code (0 none, 1 recent, 2 both)."""
+    """Decay a = γ·λ of the trace and its style code (0 none, 1 recent, 2 both, 3 the sequence mean)."""
 
     a: float
     style: int

@@ -4,6 +4,9 @@ A block of a linear recurrence `y_t = x_t + d_t·y_{t∓1}` is one `tl.associati
 continued from the state just outside the block. The "both" trace needs values at other time steps (t/2 forward,
 2t+1 backward); those go through a per-row fp32 scratch row written by the same program, then read back after a
 barrier (a gather from registers is not expressible in Triton).
+
+The sequence style (3, GSPO's sequence-level ratio) is not a recurrence: every step of a row gets the row's mean,
+which the kernel reduces in a first walk over the row and passes in as the carry (`row_mean`).
 """
 import triton
 import triton.language as tl
@@ -54,9 +57,13 @@ def trace_forward_block(d, offs, in_row, carry_f, carry_p, scratch_f, scratch_p,
 
     both (grpo_lambda.md §4): z_t = F_t − a^(t−m+1)·F_{m−1} + P_{m−1}, m = ceil(t/2), F the recent scan and
     P_k = Σ_{j≤k} a^j·d_j. F and P are written to the row's scratch and read back at m−1 ≤ t after a barrier.
+    STYLE 3 (the sequence mean, GSPO): z_t = carry_f for every t, the row's mean that the calling kernel reduced
+    before its walk; carries unchanged.
     """
     if STYLE == 0:
         return d, carry_f, carry_p
+    if STYLE == 3:
+        return tl.zeros_like(d) + carry_f, carry_f, carry_p
     f = decayed_scan(d, tl.zeros_like(d) + a, carry_f, False)
     last = tl.max(tl.where(in_row, offs, -1), axis=0)
     new_carry_f = pick(f, offs, last)
@@ -82,9 +89,13 @@ def trace_backward_block(c, offs, in_row, carry_r, carry_s, scratch_r, scratch_s
 
     both: G_j = R_j − a^(j+1)·R_{2j+1} + a^j·S_{2j+1}, R the reverse recent scan and S_k = Σ_{t≥k} c_t; R and S at
     2j+1 > j belong to this block or to later ones, already written to scratch.
+    STYLE 3 (the sequence mean): G_j = carry_r for every j, the row's Σ_t c_t / max(Σ_t m_t, 1) that the calling
+    kernel reduced before its walk; carries unchanged.
     """
     if STYLE == 0:
         return c, carry_r, carry_s
+    if STYLE == 3:
+        return tl.zeros_like(c) + carry_r, carry_r, carry_s
     first = tl.min(offs, axis=0)
     r = decayed_scan(c, tl.zeros_like(c) + a, carry_r, True)
     new_carry_r = pick(r, offs, first)
@@ -101,3 +112,22 @@ def trace_backward_block(c, offs, in_row, carry_r, carry_s, scratch_r, scratch_s
     s_next = tl.load(scratch_s + nxt, mask=has_next, other=0.0)
     g = r - pow_a(offs + 1, log2a) * r_next + pow_a(offs, log2a) * s_next
     return g, new_carry_r, new_carry_s
+
+
+@triton.jit
+def row_mean(x_ptr, sub_ptr, mask_ptr, row, T, LOG_RATIO: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The sequence style's per-row mean, a first walk over the row, over max(Σ_t m_t, 1):
+    LOG_RATIO 1: of m_t·(x_t − sub_t), the forward's sequence log-ratio (x, sub where m = 0 are never used: they
+    may be ±inf or NaN); LOG_RATIO 0: of x_t, a row of coefficients that already carry m_t (0 at padding)."""
+    acc_x = tl.zeros((BLOCK_T,), tl.float32)
+    acc_m = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
+        b_x = tl.load(x_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+        if LOG_RATIO:
+            b_x = b_m * (b_x - tl.load(sub_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32))
+        acc_x += tl.where(b_m != 0, b_x, 0.0)
+        acc_m += b_m
+    return tl.sum(acc_x, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)

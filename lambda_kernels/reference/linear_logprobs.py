@@ -41,7 +41,8 @@ def fused_grpo_lambda_loss(
     hidden, weight, completion_ids, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None, bias=None,
     temperature=1.0, trace="both", lam=0.99, gamma=1.0, adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None,
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
-    kl_bias_correction=False, dual_clip=None, policy_weights=None, process_group=None, softcap=None,
+    kl_bias_correction=False, dual_clip=None, policy_weights=None, importance_sampling_level="token",
+    process_group=None, softcap=None,
 ):
     """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits; the
     padding's hidden states and ids are not used (as the library's)."""
@@ -53,7 +54,8 @@ def fused_grpo_lambda_loss(
         logp, old_logprobs, advantages, completion_mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam,
         gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
         loss_type=loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights)
+        kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
+        importance_sampling_level=importance_sampling_level)
     if return_entropy:
         m = completion_mask.to(entropy.dtype)
         metrics["entropy"] = ((m * entropy.detach()).sum() / m.sum().clamp(min=1.0)).to(torch.float32)

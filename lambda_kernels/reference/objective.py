@@ -18,6 +18,8 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
         return m / m.sum(dim=1, keepdim=True).clamp(min=1.0) / B
     if loss_type == "dr_grpo":
         return m / (B * (T if max_completion_length is None else max_completion_length))
+    if loss_type == "luspo":
+        return m / B
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
@@ -25,7 +27,7 @@ def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
     max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False, dual_clip=None,
-    policy_weights=None,
+    policy_weights=None, importance_sampling_level="token",
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
@@ -42,7 +44,12 @@ def grpo_lambda_loss(
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
 
     delta = m * (lp - old)
-    z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
+    sequence_level = importance_sampling_level == "sequence"
+    if sequence_level:
+        # GSPO: every token of a sequence shares its length-normalised log-ratio Σ_t m·(ℓ − ℓ_old) / max(Σ_t m, 1)
+        z = (delta.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)).expand(B, T)
+    else:
+        z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
     with torch.no_grad():
         ratio = torch.exp(z)
         low = (ratio < 1 - epsilon_low) & (adv < 0)
@@ -94,6 +101,14 @@ def grpo_lambda_loss(
         has = seq_count > 0
         seq_low = (m * low).sum(dim=1) / seq_count.clamp(min=1e-30)
         seq_high = (m * high).sum(dim=1) / seq_count.clamp(min=1e-30)
+        if sequence_level:
+            # TRL's sequence-level metrics: the clipped fractions are means over sequences, every sequence counted
+            # (one without tokens has ratio 1: never clipped), and the extremes range over every sequence too
+            n_seq = max(B, 1)
+            metrics["clip_ratio/low_mean"] = seq_low.sum() / n_seq
+            metrics["clip_ratio/high_mean"] = seq_high.sum() / n_seq
+            metrics["clip_ratio/region_mean"] = (seq_low + seq_high).sum() / n_seq
+            has = torch.ones_like(has)
         inf = torch.full((1,), torch.inf, dtype=dt, device=m.device)
         low_min = torch.cat([torch.where(has, seq_low, inf), inf]).amin()  # (no host sync; B may be 0)
         metrics["clip_ratio/low_min"] = torch.where(torch.isinf(low_min), zero, low_min)

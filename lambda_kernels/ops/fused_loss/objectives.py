@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import reference
-from ..._core.params import TRACE_CODES, ObjectiveParams
+from ..._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams
 
 OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean",
                      "clip_ratio/low_min", "clip_ratio/high_max")
@@ -55,8 +55,10 @@ class ReferenceObjective:
 
     def __init__(self, params: ObjectiveParams, num_items_in_batch=None):
         self.params = params
-        style = {code: name for name, code in TRACE_CODES.items()}[params.trace.style]
-        self.options = dict(trace=style, lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
+        sequence_level = params.trace.style == SEQUENCE_STYLE
+        style = None if sequence_level else {code: name for name, code in TRACE_CODES.items()}[params.trace.style]
+        self.options = dict(trace=style, importance_sampling_level="sequence" if sequence_level else "token",
+                            lam=params.trace.a, gamma=1.0, adv_clamp_min=params.adv_clamp_min,
                             epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
                             loss_type=params.loss_type, max_completion_length=params.max_completion_length,
                             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,

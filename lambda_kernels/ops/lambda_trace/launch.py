@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._core.params import TraceParams
+from ..._core.params import SEQUENCE_STYLE, TraceParams
 from ..._core.tuning import scan_config, use_chunked_scan
 from .chunked_kernels import trace_chunk_apply_kernel, trace_chunk_local_kernel
 from .kernels import lambda_trace_bwd_kernel, lambda_trace_fwd_kernel
@@ -43,6 +43,8 @@ def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype:
     """One direction of the trace over rows [B, T]: one program per row, or chunk-parallel for few long rows."""
     inp = inp.contiguous()
     B, T = inp.shape
+    if params.style == SEQUENCE_STYLE:
+        return _sequence_mean(inp, mask, out_dtype, reverse)
     out = torch.empty((B, T), dtype=out_dtype, device=inp.device)
     if B == 0 or T == 0:
         return out
@@ -53,6 +55,24 @@ def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype:
     kernel[(B,)](inp, kernel_mask(mask), out, scratch_for(params, B, T, inp.device), T, params.a, params.log2a,
                  STYLE=params.style, BLOCK_T=block, num_warps=warps)
     return out
+
+
+def _sequence_mean(inp: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype, reverse: bool) -> torch.Tensor:
+    """The sequence style (GSPO; not a scan): forward z_t = Σ_j m_j·x_j / max(Σ m, 1) at every t; backward
+    grad_x_j = m_j·Σ_t grad_z_t / max(Σ m, 1), over the real t (as the objective's backward kernel). Two row
+    reductions in plain torch: only the on-policy token gradient comes here (the objective kernels reduce their rows
+    themselves)."""
+    m = mask.to(torch.float32)
+    real = m != 0
+    x = inp.to(torch.float32)
+    count = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    zero = torch.zeros((), device=inp.device)
+    # (x where m = 0 is never used: it may be ±inf or NaN, selected away, not multiplied)
+    if reverse:
+        out = torch.where(real, m * (torch.where(real, x, zero).sum(dim=1, keepdim=True) / count), zero)
+    else:
+        out = (torch.where(real, m * x, zero).sum(dim=1, keepdim=True) / count).expand_as(x)
+    return out.to(out_dtype)
 
 
 def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_block
+from ..scan_helpers import row_mean, row_scan_start, trace_backward_block, trace_forward_block
 
 # Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
 # 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
@@ -11,7 +11,7 @@ N_STATS = 8
 # sequences of their clipped fractions (TRL's clip_ratio/low_min and high_max)
 OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL, OUT_LOW_MIN, OUT_HIGH_MAX = 0, 1, 2, 3, 4, 5, 6
 N_OUT = 8
-# LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo)
+# LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo, luspo)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -31,9 +31,13 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     lp, old, ref [B, T] any float (old unused when ON_POLICY, ref unless HAS_KL); adv [B] or [B, T] (ADV_PER_TOKEN);
     mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the clipped term;
     stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
+    STYLE 3 (GSPO's sequence level): ρ̃ is the row's exp(Σ m·(ℓ − ℓ_old) / max(Σ m, 1)) at every token, its mean
+    reduced in a first walk over the row (1 on-policy, without one).
     Grid (B,).
     """
     i_b, row, scratch_f, scratch_p, carry_f, carry_p = row_scan_start(scratch_ptr, T)
+    if STYLE == 3 and not ON_POLICY:
+        carry_f = row_mean(lp_ptr, old_ptr, mask_ptr, row, T, True, BLOCK_T)
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
@@ -108,14 +112,17 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
 
 @triton.jit
 def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss_ptr, B, num_items, inv_b_len,
-                              LOSS_TYPE: tl.constexpr, NUM_ITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
+                              LOSS_TYPE: tl.constexpr, NUM_ITEMS: tl.constexpr, SEQ_LEVEL: tl.constexpr,
+                              BLOCK_B: tl.constexpr):
     """Aggregation: the row scales s_i of `loss_type`, the loss Σ_i s_i·(Σ_t m·L)_i and the token-mean metrics.
 
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
     0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl token means; the
     least low-clipped and the most high-clipped fraction of a sequence with tokens, 0 when none has); loss [] fp32
     out, in storage of its own (a caller may edit it in place: not a view of the metrics' buffer). `inv_b_len` is
-    1/(B·max_completion_length) for dr_grpo. Grid (1,): B is small and this replaces a dozen tiny torch ops.
+    1/(B·max_completion_length) for dr_grpo. SEQ_LEVEL (GSPO): the clipped fractions are TRL's sequence-level
+    ones, means over all B sequences of each one's clipped fraction (0 without tokens), extremes over all of them.
+    Grid (1,): B is small and this replaces a dozen tiny torch ops.
     """
     o_b = tl.arange(0, BLOCK_B)
     tot = tl.zeros((8,), tl.float32)
@@ -135,21 +142,30 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
             row_scale = inv_count
     elif LOSS_TYPE == 1:
         row_scale = inv_count
-    else:
+    elif LOSS_TYPE == 3:
         row_scale = inv_b_len
+    else:
+        row_scale = 1.0 / B
     loss_acc = tl.zeros((BLOCK_B,), tl.float32)
     low_min = tl.full((BLOCK_B,), float("inf"), tl.float32)
     high_max = tl.zeros((BLOCK_B,), tl.float32)
+    low_seq = tl.zeros((BLOCK_B,), tl.float32)
+    high_seq = tl.zeros((BLOCK_B,), tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + o_b
         in_b = rows < B
         loss_rows = tl.load(stats_ptr + rows * 8 + 0, mask=in_b, other=0.0)
-        # per-sequence clipped fractions, over the rows that have tokens (TRL's masked per-sequence means)
+        # per-sequence clipped fractions, over the rows that have tokens (TRL's masked per-sequence means); at the
+        # sequence level over every row (TRL's per-sequence values: a row without tokens is unclipped)
         n_rows = tl.load(stats_ptr + rows * 8 + 5, mask=in_b, other=0.0)
         has = n_rows > 0
         inv_rows = 1.0 / tl.where(has, n_rows, 1.0)
         low_rows = tl.load(stats_ptr + rows * 8 + 2, mask=in_b, other=0.0) * inv_rows
         high_rows = tl.load(stats_ptr + rows * 8 + 3, mask=in_b, other=0.0) * inv_rows
+        if SEQ_LEVEL:
+            has = in_b
+            low_seq += low_rows
+            high_seq += high_rows
         low_min = tl.minimum(low_min, tl.where(has, low_rows, float("inf")))
         high_max = tl.maximum(high_max, tl.where(has, high_rows, 0.0))
         if LOSS_TYPE == 2:
@@ -161,9 +177,15 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     low = tl.sum(tl.where(o_s == 2, tot, 0.0), axis=0)
     high = tl.sum(tl.where(o_s == 3, tot, 0.0), axis=0)
     tl.store(loss_ptr, tl.sum(loss_acc, axis=0))
-    out = tl.where(o_s == 0, low * inv_count, 0.0)
-    out += tl.where(o_s == 1, high * inv_count, 0.0)
-    out += tl.where(o_s == 2, (low + high) * inv_count, 0.0)  # never both: the sign of Â picks the side
+    if SEQ_LEVEL:
+        low_mean = tl.sum(low_seq, axis=0) / B
+        high_mean = tl.sum(high_seq, axis=0) / B
+    else:
+        low_mean = low * inv_count
+        high_mean = high * inv_count
+    out = tl.where(o_s == 0, low_mean, 0.0)
+    out += tl.where(o_s == 1, high_mean, 0.0)
+    out += tl.where(o_s == 2, low_mean + high_mean, 0.0)  # never both: the sign of Â (or the row's ratio) picks
     out += tl.where(o_s == 3, tl.sum(tl.where(o_s == 4, tot, 0.0), axis=0) * inv_count, 0.0)
     out += tl.where(o_s == 4, tl.sum(tl.where(o_s == 1, tot, 0.0), axis=0) * inv_count, 0.0)
     least_low = tl.min(low_min, axis=0)
@@ -183,9 +205,12 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr
     r·(1 − exp(ℓ_ref − ℓ) + kl) = r·(ℓ − ℓ_ref) (the unbiased reverse-KL gradient; r = 1 on-policy).
     coef [B, T] fp32 (forward), lp, old, ref [B, T] any float (ref only when HAS_KL, old only when KL_CORRECTED and
     not ON_POLICY), mask [B, T], scale [B] fp32 (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch
-    [B, 2, T] fp32 (STYLE 2). Grid (B,).
+    [B, 2, T] fp32 (STYLE 2). STYLE 3 (the sequence level): Σ_{t≥j} w(t, j)·coef_t is the row's Σ_t coef_t /
+    max(Σ m, 1) for every j, reduced in a first walk over the row. Grid (B,).
     """
     i_b, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
+    if STYLE == 3:
+        carry_r = row_mean(coef_ptr, coef_ptr, mask_ptr, row, T, False, BLOCK_T)
     row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..._core.normalizers import LOSS_TYPES
-from ..._core.params import ObjectiveParams
+from ..._core.params import SEQUENCE_STYLE, ObjectiveParams
 from ..._core.tuning import scan_config
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
 from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_RATIO, OUT_REGION, \
@@ -53,6 +53,7 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
             float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
             1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
+            SEQ_LEVEL=params.trace.style == SEQUENCE_STYLE,
             BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
     # (the loss has storage of its own: a caller may edit it in place, `loss /= accumulation`, which autograd forbids
     # on a view of a buffer the metrics also view)
