@@ -24,7 +24,8 @@ BOTH = (TRAIN, EVAL)
 
 ALGORITHMS = ("grpo", "grpo_lambda")
 TRACES = ("recent", "both")
-LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
@@ -127,7 +128,12 @@ class GRPOLambdaConfig:
                                        "gradient. Acts only with num_iterations > 1 (from a rollout's second pass "
                                        "on: the first is on-policy, ratio 1); None = off.",
                                  TRAIN, "algorithm")
-    loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names).", TRAIN, "algorithm")
+    loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names; luspo: the sum over each "
+                                 "sequence's tokens, averaged over sequences).", TRAIN, "algorithm")
+    importance_sampling_level: str = opt(
+        "token", f"Ratio of the clipped objective: one of {IMPORTANCE_SAMPLING_LEVELS} (TRL's option). 'sequence' is "
+                 "GSPO: every token shares its sequence's ratio exp(mean of its log-ratios), in place of the λ-trace "
+                 "(needs algorithm grpo; not with kl_bias_correction and beta > 0).", TRAIN, "algorithm")
     scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
     num_iterations: int = opt(1, "Optimisation passes over each rollout (1 = on-policy).", TRAIN, "algorithm")
     top_entropy_quantile: float = opt(1.0, "Train only the tokens whose entropy is in this top fraction of each "
@@ -287,6 +293,7 @@ class GRPOLambdaConfig:
             raise ConfigError(f"top_entropy_quantile must be in (0, 1]; got {self.top_entropy_quantile!r} (1.0 trains "
                               "every token, 0.2 the top 20% by entropy).")
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        self._validate_importance_sampling_level()
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         _positive_int("num_iterations", self.num_iterations)
         _choice("impl", self.impl, IMPLS)
@@ -331,6 +338,19 @@ class GRPOLambdaConfig:
                                   "vLLM engine would sit on cuda:0 apart from the policy. Choose the GPU with "
                                   f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda instead.")
         return self
+
+    def _validate_importance_sampling_level(self):
+        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        if self.importance_sampling_level != "sequence":
+            return
+        if self.algorithm != "grpo":  # (grpo_lambda is the default: GSPO must ask for grpo explicitly)
+            raise ConfigError(f"algorithm must be 'grpo' with importance_sampling_level = 'sequence'; got "
+                              f"{self.algorithm!r}. GSPO's sequence ratio takes the place of the λ-trace: pass "
+                              "--algorithm grpo, or keep importance_sampling_level token for GRPO-λ.")
+        if self.kl_bias_correction and self.beta > 0:
+            raise ConfigError(f"kl_bias_correction must be false with importance_sampling_level = 'sequence' and "
+                              f"beta > 0; got true (beta = {self.beta}). Weighting the KL by the sequence's ratio is "
+                              "not implemented: set kl_bias_correction false, or beta 0.")
 
     def _validate_vllm_importance_sampling(self):
         if not isinstance(self.vllm_importance_sampling_correction, bool):

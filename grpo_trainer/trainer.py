@@ -80,7 +80,7 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         softcap=softcap, trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
         adv_clamp_min=cfg.loss_adv_clamp_min, policy_weights=weights,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
-        loss_type=cfg.loss_type,
+        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
         return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
 
@@ -121,7 +121,7 @@ def micro_batch_weights(loss_mask: torch.Tensor, chunks: list[slice], loss_type:
     """Per micro-batch factor that makes the sum of micro-batch losses the whole batch's loss, for any sizes.
 
     dapo gets the batch's token count as num_items_in_batch (factor 1); the library normalises each micro-batch
-    by its own rows (grpo, dr_grpo) or tokens (bnpo), so those are rescaled by the micro-batch's share of them.
+    by its own rows (grpo, dr_grpo, luspo) or tokens (bnpo), so those are rescaled by the micro-batch's share of them.
     """
     if loss_type == "dapo":
         return [1.0] * len(chunks)
@@ -342,8 +342,10 @@ class GRPOLambdaTrainer:
         skipped = 0
 
         # TRL's per-sequence clip extremes are undefined for a micro-batch without loss tokens (NaN there, which
-        # `add` skips, as TRL's logging drops NaN), not 0
+        # `add` skips, as TRL's logging drops NaN), not 0; at the sequence level they range over every sequence, one
+        # without tokens included (unclipped, 0), as TRL's do
         per_sequence = ("clip_ratio/low_min", "clip_ratio/high_max")
+        token_level = cfg.importance_sampling_level == "token"
 
         def add(key, value):
             if value is not None and math.isfinite(value):
@@ -364,9 +366,11 @@ class GRPOLambdaTrainer:
                 loss.backward()  # a non-finite loss makes a non-finite gradient: the update is skipped below
                 loss_total = loss_total + loss.detach()
                 names = list(m)
-                has_tokens = batch.loss_mask[sl].sum() > 0
-                per_chunk.append(torch.stack([torch.where(has_tokens, v.detach().float(), torch.nan)
-                                              if k in per_sequence else v.detach().float() for k, v in m.items()]))
+                values = {k: v.detach().float() for k, v in m.items()}
+                if token_level:
+                    has_tokens = batch.loss_mask[sl].sum() > 0
+                    values.update({k: torch.where(has_tokens, values[k], torch.nan) for k in per_sequence})
+                per_chunk.append(torch.stack(list(values.values())))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             loss_value, norm_value, *metric_values = torch.cat(

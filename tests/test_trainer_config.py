@@ -10,7 +10,7 @@ import pytest
 
 from grpo_trainer import cli
 from grpo_trainer.config import FIELDS, ConfigError, GRPOLambdaConfig, build_config
-from grpo_trainer.trainer import GRPOLambdaTrainer
+from grpo_trainer.trainer import GRPOLambdaTrainer, policy_loss
 
 from ._helpers import LOSS_TYPES
 
@@ -73,8 +73,16 @@ def test_python_dash_m_entry_point():
     ({"generation_batch_size": 30, "num_generations": 8}, r"divisible by num_generations = 8; got 30.*e\.g\. \[8, 16"),
     ({"num_generations": 1}, r"num_generations must be an integer >= 2.*got 1"),
     ({"learning_rate": -1e-4}, r"learning_rate must be a finite number > 0; got -0\.0001"),
-    ({"loss_type": "dapp"}, r"loss_type must be one of \['dapo', 'bnpo', 'grpo', 'dr_grpo'\]; got 'dapp'\. "
+    ({"loss_type": "dapp"}, r"loss_type must be one of \['dapo', 'bnpo', 'grpo', 'dr_grpo', 'luspo'\]; got 'dapp'\. "
                             r"Did you mean 'dapo'\?"),
+    ({"importance_sampling_level": "sequense", "algorithm": "grpo"},
+     r"importance_sampling_level must be one of \['token', 'sequence'\]; got 'sequense'\. Did you mean 'sequence'"),
+    # GSPO's sequence ratio replaces the trace, which the default algorithm (grpo_lambda) asks for
+    ({"importance_sampling_level": "sequence"}, r"algorithm must be 'grpo' with importance_sampling_level = "
+                                                r"'sequence'; got 'grpo_lambda'\..*--algorithm grpo"),
+    ({"importance_sampling_level": "sequence", "algorithm": "grpo", "kl_bias_correction": True},
+     r"kl_bias_correction must be false with importance_sampling_level = 'sequence' and beta > 0; got true "
+     r"\(beta = 0\.001\).*or beta 0"),
     ({"algorithm": "ppo"}, r"algorithm must be one of \['grpo', 'grpo_lambda'\]; got 'ppo'"),
     ({"trace": "all"}, r"trace must be one of \['recent', 'both'\]"),
     ({"lam": 1.5}, r"lam must be in \[0, 1\]; got 1\.5"),
@@ -111,6 +119,81 @@ def test_config_errors(overrides, message):
 def test_override_parse_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"algorithm": "grpo", "importance_sampling_level": "sequence"},
+    {"algorithm": "grpo", "importance_sampling_level": "sequence", "loss_type": "luspo"},
+    {"algorithm": "grpo", "importance_sampling_level": "sequence", "kl_bias_correction": "true", "beta": "0"},
+    {"loss_type": "luspo"},
+])
+def test_gspo_and_luspo_options_validate(overrides):
+    cfg = build_config(None, overrides)
+    assert cfg.loss_type == overrides.get("loss_type", "dapo")
+    assert cfg.importance_sampling_level == overrides.get("importance_sampling_level", "token")
+
+
+def test_importance_sampling_level_and_luspo_reach_the_loss(tmp_path):
+    """policy_loss with importance_sampling_level sequence and loss_type luspo is the reference fused loss with both
+    (GSPO's shared sequence ratio, Σ m·L / B), on old log-probs off by a different amount at each token (so the
+    sequence's mean ratio is not its tokens'); the token level gives another loss."""
+    import torch
+
+    from grpo_trainer import trainer as trainer_mod
+    from grpo_trainer.model import completion_hidden, lm_head
+    from lambda_kernels import reference as R
+
+    from .test_trainer_e2e import _same_batch, tiny
+
+    cfg = tiny(tmp_path, algorithm="grpo", importance_sampling_level="sequence", loss_type="luspo", num_iterations=2,
+               impl="torch", beta=0.0).validate()
+    model, batch = _same_batch(cfg)
+    with torch.no_grad():
+        lp = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg)
+        old = lp - 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+        hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.attention_mask)
+        weight, _ = lm_head(model)
+        want, _ = R.fused_grpo_lambda_loss(hidden.double(), weight.double(), batch.completion_ids, batch.loss_mask,
+                                           batch.advantages.double(), old_logprobs=old.double(), trace=None,
+                                           temperature=cfg.temperature, loss_type="luspo",
+                                           importance_sampling_level="sequence")
+        got = {level: policy_loss(model, batch, dataclasses.replace(cfg, importance_sampling_level=level),
+                                  old_logprobs=old)[0] for level in ("sequence", "token")}
+    torch.testing.assert_close(got["sequence"].double(), want, rtol=1e-5, atol=1e-7)
+    assert abs(got["sequence"] - got["token"]) > 1e-3
+
+
+@pytest.mark.parametrize("level, want", [("token", 0.5), ("sequence", 1 / 3)])
+def test_clip_extremes_of_a_micro_batch_without_loss_tokens(tmp_path, monkeypatch, level, want):
+    """A micro-batch without loss tokens has no per-sequence clip extremes at the token level (left out of the
+    step's mean, as TRL's logging drops NaN), but at the sequence level its sequences count, unclipped (as in TRL):
+    the library's 0 enters the mean. Three micro-batches, the last without loss tokens; the library's low_min of
+    the other two replaced by 0.5, as a clipped off-policy pass could give."""
+    import torch
+
+    from grpo_trainer import trainer as trainer_mod
+
+    from .test_trainer_e2e import _same_batch, tiny
+
+    cfg = tiny(tmp_path, algorithm="grpo", importance_sampling_level=level, impl="torch", beta=0.0,
+               per_device_train_batch_size=2, num_generations=2, reward_funcs=["arithmetic"], reward_weights=None)
+    trainer = GRPOLambdaTrainer(cfg)
+    _, batch = _same_batch(cfg)
+    batch.loss_mask = batch.loss_mask.clone()
+    batch.loss_mask[4:] = 0
+    library_loss = trainer_mod.policy_loss
+
+    def loss_with_clipping(model, mb, cfg, **kw):
+        loss, metrics = library_loss(model, mb, cfg, **kw)
+        if mb.loss_mask.any():
+            metrics["clip_ratio/low_min"] = torch.tensor(0.5)
+        else:
+            assert metrics["clip_ratio/low_min"] == 0
+        return loss, metrics
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", loss_with_clipping)
+    assert trainer._update(batch)["clip_ratio/low_min"] == pytest.approx(want)
 
 
 def test_cli_reports_config_error(capsys):
@@ -179,6 +262,7 @@ def test_option_lists_are_the_librarys():
     from lambda_kernels._core import normalizers, runtime
 
     assert set(config.LOSS_TYPES) == set(normalizers.LOSS_TYPES)
+    assert set(config.IMPORTANCE_SAMPLING_LEVELS) == set(functional.IMPORTANCE_SAMPLING_LEVELS)
     assert set(config.IMPLS) == set(runtime.IMPLS)
     assert set(config.SCALE_REWARDS) == set(functional.ADVANTAGE_SCALES)
     assert set(config.TRACES) == {t for t in functional.TRACE_STYLES if t is not None}
