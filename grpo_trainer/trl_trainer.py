@@ -12,8 +12,9 @@ checkpoints. Two methods change:
   [B, T, V] logits; one pass when on-policy), with the GRPO-λ trace on top of TRL's clipped objective;
 - the old-policy and reference log-probs come from `linear_logprobs`, the same kernels as the loss, so that an
   on-policy ratio is exactly 1.
-`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, with TRL's normalisers), which
-`tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
+`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, luspo, with TRL's normalisers; at the token
+level or, with `importance_sampling_level="sequence"`, GSPO's sequence level), which `tests/test_trl_trainer.py`
+checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
 names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included. TRL's `delta` (two-sided
@@ -38,7 +39,8 @@ import torch
 
 from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
 
-from .config import IMPLS, TRACES, ConfigError, _check_delta, _choice, _finite, _unit_closed
+from .config import (IMPLS, IMPORTANCE_SAMPLING_LEVELS, TRACES, ConfigError, _check_delta, _choice, _finite,
+                     _unit_closed)
 from .model import check_supported, head_softcap, head_temperature, lm_head
 
 try:
@@ -61,13 +63,16 @@ if not trl.__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's in
                   "is installed. Check the loss against trl.GRPOTrainer with trace=None (tests/test_trl_trainer.py).",
                   stacklevel=2)
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo")  # other policy objectives than the clipped ratio's
 # TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
 # Pairs (is it set?, what to set instead), checked when the config is built, before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
     (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
-    (lambda a: a.importance_sampling_level != "token", "importance_sampling_level must be 'token'"),
+    # TRL weights the KL by the sequence's ratio there, whose gradient reaches every token of the sequence
+    (lambda a: a.importance_sampling_level == "sequence" and a.use_bias_correction_kl and a.beta != 0.0,
+     "use_bias_correction_kl must be false (TRL's default is true) or beta 0 with importance_sampling_level="
+     "'sequence'"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
 )
@@ -91,7 +96,8 @@ class GRPOLambdaTRLConfig(GRPOConfig):
     """TRL's GRPOConfig plus the GRPO-λ options (defaults: the paper's trace "both", λ 0.99, clamp −0.1)."""
 
     trace: Optional[str] = field(default="both", metadata={
-        "help": f"GRPO-λ eligibility trace: one of {list(TRACES)}, or None for TRL's plain GRPO loss."})
+        "help": f"GRPO-λ eligibility trace: one of {list(TRACES)}, or None for TRL's plain GRPO loss (None with "
+                "importance_sampling_level='sequence': GSPO's sequence ratio takes the trace's place)."})
     lam: float = field(default=0.99, metadata={"help": "Trace λ in [0, 1]."})
     trace_gamma: float = field(default=1.0, metadata={
         "help": "Discount γ in [0, 1] of the trace (it decays by γ·λ per token)."})
@@ -111,6 +117,13 @@ class GRPOLambdaTRLConfig(GRPOConfig):
         if self.adv_clamp_min is not None:
             _finite("adv_clamp_min", self.adv_clamp_min)
         _choice("impl", self.impl, IMPLS)
+        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        if self.importance_sampling_level == "sequence" and self.trace is not None:
+            # (trace defaults to "both": GSPO needs it set to None explicitly)
+            raise ConfigError(f"trace must be None with importance_sampling_level='sequence'; got {self.trace!r}. "
+                              "GSPO gives every token its sequence's length-normalised ratio, which takes the place "
+                              "of the λ-trace: pass trace=None (--trace none), or keep importance_sampling_level="
+                              "'token' for GRPO-λ.")
         _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         if self.loss_type not in TRL_ONLY_LOSS_TYPES:  # (those are refused below, with the other TRL options)
             _choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -219,10 +232,11 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta, beta=self.beta,
             loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
-            kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights, impl=self.args.impl)
+            kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights,
+            importance_sampling_level=self.importance_sampling_level, impl=self.args.impl)
         if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
-        self._log_token_means(mode, metrics, completion_mask)
+        self._log_metrics(mode, metrics, completion_mask)
         return loss
 
     # ---- helpers
@@ -287,24 +301,30 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         """The model's final-logit soft-capping (Gemma 2/3), or None: TRL's head caps before the temperature too."""
         return head_softcap(_base_model(self.accelerator.unwrap_model(model)))
 
-    def _log_token_means(self, mode, metrics, mask):
-        """TRL's metric names and values: masked token means combined over processes by token count, and the
-        per-sequence clip extremes over every process's sequences (a process without tokens has none: NaN, skipped
-        as TRL's nanmin/nanmax skip it; NaN when no process has any). One reduce, one gather, one host read."""
-        count = mask.sum().to(torch.float32)
-        names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
-        if self.beta != 0.0:
-            names.append("kl")
-        totals = self.accelerator.reduce(torch.stack([metrics[n] * count for n in names] + [count]), reduction="sum")
-        means = totals[:-1] / totals[-1].clamp(min=1.0)
+    def _log_metrics(self, mode, metrics, mask):
+        """TRL's metric names and values (its `global_masked_mean`): each process's means combined over processes by
+        what they are means over, and the per-sequence clip extremes over every process's sequences. `entropy` and
+        `kl` are token means; the clip fractions too at the token level, but at the sequence level (one ratio per
+        sequence) means over sequences, every sequence counted. A process with nothing counted (at the token level:
+        no tokens) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One
+        reduce, one gather, one host read."""
+        tokens = mask.sum().to(torch.float32)
+        clip_count = torch.full_like(tokens, mask.size(0)) if self.importance_sampling_level == "sequence" else tokens
+        token_names = ["entropy"] + (["kl"] if self.beta != 0.0 else [])
+        clip_names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        sums = [metrics[n] * tokens for n in token_names] + [metrics[n] * clip_count for n in clip_names]
+        totals = self.accelerator.reduce(torch.stack(sums + [tokens, clip_count]), reduction="sum")
+        counts = torch.cat([totals[-2].expand(len(token_names)), totals[-1].expand(len(clip_names))])
+        means = totals[:-2] / counts.clamp(min=1.0)
         extremes = torch.stack([metrics["clip_ratio/low_min"], metrics["clip_ratio/high_max"]])
-        gathered = self.accelerator.gather(torch.where(count > 0, extremes, torch.nan).reshape(1, 2)).reshape(-1, 2)
+        gathered = self.accelerator.gather(torch.where(clip_count > 0, extremes, torch.nan).reshape(1, 2))
+        gathered = gathered.reshape(-1, 2)
         nan = gathered.isnan()
         low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
         high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
         extremes = torch.stack([low_min, high_max])
         values = torch.cat([means, torch.where(extremes.isinf(), torch.nan, extremes)]).tolist()
-        for name, value in zip(names + ["clip_ratio/low_min", "clip_ratio/high_max"], values):
+        for name, value in zip(token_names + clip_names + ["clip_ratio/low_min", "clip_ratio/high_max"], values):
             self._metrics[mode][name].append(value)
 
 

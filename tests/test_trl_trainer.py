@@ -106,6 +106,19 @@ def loss_inputs(vocab, dtype, on_policy):
     return inputs
 
 
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo")
+METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+           "clip_ratio/high_max")
+
+
+def policy_logprobs(trainer, inputs):
+    """The current policy's log-probs [B, T] of the completions (no grad), to put old log-probs near them."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        return trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, inputs["completion_ids"].size(1))[0]
+
+
 def loss_and_grads(trainer, inputs, loss_type):
     trainer.loss_type = loss_type
     trainer.current_gradient_accumulation_steps = 2  # what the training loop sets; divides the loss as TRL does
@@ -116,8 +129,20 @@ def loss_and_grads(trainer, inputs, loss_type):
     return loss.detach().double(), [p.grad.double() for p in trainer.model.parameters()]
 
 
-def assert_same_loss(ours, theirs, inputs, loss_types, tol):
-    """Loss to `tol` relative, every parameter's gradient to `tol` × the largest gradient, for each loss type."""
+def eval_loss(trainer, inputs, loss_type):
+    """The loss as TRL's prediction_step computes it: eval mode, no_grad (no division by the accumulation steps)."""
+    trainer.loss_type = loss_type
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, inputs).double()
+    trainer.model.train()
+    return loss
+
+
+def assert_same_loss(ours, theirs, inputs, loss_types, tol, evaluate=False):
+    """Loss to `tol` relative, every parameter's gradient to `tol` × the largest gradient, for each loss type (and
+    with `evaluate`, the eval-mode loss too)."""
     for loss_type in loss_types:
         loss, grads = loss_and_grads(ours, inputs, loss_type)
         ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
@@ -125,6 +150,9 @@ def assert_same_loss(ours, theirs, inputs, loss_types, tol):
         scale = max(g.abs().max().item() for g in ref_grads)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
+        if evaluate:
+            ours_eval, theirs_eval = eval_loss(ours, inputs, loss_type), eval_loss(theirs, inputs, loss_type)
+            assert torch.isclose(ours_eval, theirs_eval, rtol=tol, atol=0), (loss_type, ours_eval, theirs_eval)
 
 
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
@@ -138,11 +166,110 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, beta=0.04,
                           use_bias_correction_kl=kl_correction)
     inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
-    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), tol)
+    assert_same_loss(ours, theirs, inputs, LOSS_TYPES, tol)
     for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                  "clip_ratio/low_min", "clip_ratio/high_max"):
         assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
 
+
+
+
+@pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
+@pytest.mark.parametrize("on_policy,beta,vllm_weights", [(False, 0.0, False), (False, 0.04, False),
+                                                         (True, 0.04, True)])
+def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy, beta, vllm_weights):
+    """importance_sampling_level="sequence" (GSPO: every token shares its sequence's ratio exp(mean log-ratio)):
+    the same loss (train and eval), gradients and metrics as trl.GRPOTrainer for every loss type. Off-policy, the
+    old log-probs put one sequence's ratio above the clip range (Â > 0: high-clipped), one below (Â < 0:
+    low-clipped) and two inside, with per-token noise of zero mean per sequence: the token level would clip
+    fractions of sequences, the sequence level clips whole ones. On-policy (ratio 1) with vLLM's per-token
+    importance weights, which weigh the shared ratio token by token (there the gradient is not the token level's)."""
+    kw = dict(importance_sampling_level="sequence", beta=beta, use_bias_correction_kl=False)
+    ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, **kw)
+    dt = getattr(torch, dtype)
+    inputs = loss_inputs(len(ours.processing_class), dt, on_policy=True)
+    inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, -0.3], dtype=dt)
+    g = torch.Generator().manual_seed(6)
+    if not on_policy:
+        m = inputs["completion_mask"].to(dt)
+        noise = 0.3 * torch.randn(4, 6, generator=g, dtype=dt)
+        noise = noise - (noise * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
+        shift = torch.tensor([[0.6], [-0.6], [0.05], [-0.1]], dtype=dt)  # each sequence's mean log-ratio
+        inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) - shift + noise
+    if vllm_weights:
+        inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=g, dtype=dt)
+        for trainer in (ours, theirs):
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
+    assert_same_loss(ours, theirs, inputs, LOSS_TYPES, tol, evaluate=True)
+    for name in METRICS + (("kl",) if beta else ()):
+        for mode in ("train", "eval"):
+            assert ours._metrics[mode][name] == pytest.approx(theirs._metrics[mode][name], rel=1e-5, abs=1e-6), name
+    # one whole sequence clipped on each side (0 of 4 on-policy); the extremes over sequences
+    want = [0.0, 0.0, 0.0, 0.0, 0.0] if on_policy else [0.25, 0.25, 0.5, 0.0, 1.0]
+    assert [ours._metrics["train"][name][-1] for name in METRICS[1:]] == pytest.approx(want)
+
+
+def test_sequence_level_clip_metrics_count_every_sequence(model_dir, tmp_path):
+    """At the sequence level TRL's clip fractions are means over all the sequences and its extremes range over all
+    of them, one without completion tokens included (ratio 1: never clipped), where the token level skips it: three
+    sequences below the clip range with Â < 0 and an empty one give low_mean 3/4 and low_min 0 (1 and 1 at the
+    token level)."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, importance_sampling_level="sequence")
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, importance_sampling_level="sequence")
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
+    inputs["completion_mask"][3] = 0
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
+    inputs["advantages"] = -0.1 - inputs["advantages"].abs()
+    inputs["old_per_token_logps"] = policy_logprobs(ours, inputs) + 0.5  # every ratio e^−0.5 < 1 − ε
+    for trainer in (ours, theirs):
+        loss_and_grads(trainer, inputs, "grpo")
+    want = {"clip_ratio/low_mean": 0.75, "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.75,
+            "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.0}
+    for name, value in want.items():
+        assert ours._metrics["train"][name] == pytest.approx([value]), name
+        assert theirs._metrics["train"][name] == pytest.approx([value]), name
+
+
+
+def as_rank_0_of_two(monkeypatch, trainer, inputs, rank_1_inputs, loss_type):
+    """loss_and_grads as rank 0 of two processes whose rank 1 has `rank_1_inputs`: rank 1's run records what it
+    hands to accelerator.reduce and gather (its own logs are dropped), then rank 0's run gets the sums and the
+    concatenations with those (both ranks make the same calls in the same order)."""
+    recorded = []
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: recorded.append(t) or t)
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: recorded.append(t) or t)
+    loss_and_grads(trainer, rank_1_inputs, loss_type)
+    trainer._metrics["train"].clear()
+    rank_1 = iter(recorded)
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + next(rank_1))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.cat([t, next(rank_1)]))
+    loss_and_grads(trainer, inputs, loss_type)
+    assert recorded and next(rank_1, None) is None
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("rank_1", ["short", "empty"])
+def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch, level, rank_1):
+    """TRL combines each process's metrics with a reduce (its global_masked_mean: the token level weighs processes
+    by their tokens, the sequence level by their sequences) and a gather (the extremes, NaN skipped): simulated for
+    two processes, rank 1 with shorter sequences clipped otherwise than rank 0's, or with no completion tokens at
+    all (the token level skips its extremes, the sequence level counts its sequences, unclipped)."""
+    kw = dict(beta=0.04, importance_sampling_level=level, use_bias_correction_kl=False)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
+    inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, -0.3])
+    inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) - torch.tensor([[0.6], [-0.6], [0.05], [-0.1]])
+    lengths = torch.tensor([[2], [1], [3], [6]]) if rank_1 == "short" else torch.zeros(4, 1, dtype=torch.long)
+    mask = (torch.arange(6) < lengths).long()
+    other = dict(inputs, completion_mask=mask, num_items_in_batch=mask.sum().float(),
+                 advantages=torch.tensor([-1.0, -1.0, 1.0, 0.5]))
+    other["old_per_token_logps"] = policy_logprobs(theirs, other) - torch.tensor([[-0.6], [-0.6], [0.6], [0.0]])
+    for trainer in (ours, theirs):
+        as_rank_0_of_two(monkeypatch, trainer, inputs, other, "grpo")
+    for name in METRICS + ("kl",):
+        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.parametrize("vllm_weights", [False, True])
@@ -180,11 +307,7 @@ def test_per_sequence_clip_extremes_are_trls(model_dir, tmp_path, sign):
     inputs["advantages"] = sign * inputs["advantages"].abs()
     # log-ratios of ±0.5 and 0 in turn: 1/3 to 2/3 of each sequence's tokens outside the clip range
     shift = torch.tensor([0.5, 0.0, -0.5]).repeat(2)
-    with torch.no_grad():
-        lp = ours._get_per_token_logps_and_entropies(
-            ours.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 6)[0]
-    inputs["old_per_token_logps"] = lp - sign * shift
+    inputs["old_per_token_logps"] = policy_logprobs(ours, inputs) - sign * shift
     for trainer in (ours, theirs):
         loss_and_grads(trainer, inputs, "dapo")
     name = "clip_ratio/low_min" if sign < 0 else "clip_ratio/high_max"
@@ -253,10 +376,7 @@ def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights):
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     inputs["advantages"] = torch.tensor([-1.0, -0.5, 0.7, -1.2])
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    with torch.no_grad():
-        lp = theirs._get_per_token_logps_and_entropies(
-            theirs.model, ids, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), 6)[0]
+    lp = policy_logprobs(theirs, inputs)
     inputs["old_per_token_logps"] = lp + torch.tensor([[0.2], [3.0], [3.0], [0.1]])  # mean KLs 0.2, 3, 3, 0.1
     if vllm_weights:
         inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(5))
@@ -357,13 +477,16 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
     assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 0
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
-def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type):
-    """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights.
+@pytest.mark.parametrize("loss_type, level", [(t, "token") for t in LOSS_TYPES]
+                         + [(t, "sequence") for t in ("grpo", "dapo", "luspo")])
+def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level):
+    """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights and log
+    the same metrics, at the token level and GSPO's sequence level (without the KL's bias correction there).
     SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level differences of near-zero
     gradients would flip whole steps."""
     options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, loss_type=loss_type, max_completion_length=8,
-                   per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04)
+                   per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04,
+                   importance_sampling_level=level, use_bias_correction_kl=level == "token")
     ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
     before = [p.detach().clone() for p in ours.model.parameters()]
     ours.train()
@@ -376,6 +499,12 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     assert moved > 1e-3
     for p, r in zip(ours.model.parameters(), theirs.model.parameters()):
         torch.testing.assert_close(p, r, rtol=0, atol=2e-7)  # measured ≤ 3e-8 (fp32 rounding)
+    # every step's log (the loss and the gradient norm before clipping: the weights alone would not show a loss
+    # scaled otherwise for the accumulation, which max_grad_norm's clipping hides)
+    ours_logs, their_logs = ([e for e in t.state.log_history if "loss" in e] for t in (ours, theirs))
+    assert len(ours_logs) == len(their_logs) == 2
+    for name in METRICS + ("kl", "loss", "grad_norm"):
+        assert [e[name] for e in ours_logs] == pytest.approx([e[name] for e in their_logs], rel=1e-5, abs=1e-6), name
 
 
 def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
@@ -509,6 +638,12 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(adv_clamp_min=float("nan")), "adv_clamp_min must be a finite number"),
     (dict(delta=1.1), r"delta must be None or a finite number > 1 \+ epsilon_high = 1.2; got 1.1"),
     (dict(delta=1.28, epsilon_high=0.28), r"delta must be .* > 1 \+ epsilon_high = 1.28"),
+    (dict(importance_sampling_level="sequense", trace=None),
+     r"importance_sampling_level must be one of \['token', 'sequence'\]; got 'sequense'. Did you mean 'sequence'"),
+    # the GRPO-λ default trace "both" asks for a trace that GSPO's sequence ratio replaces
+    (dict(importance_sampling_level="sequence"),
+     r"trace must be None with importance_sampling_level='sequence'; got 'both'.*pass trace=None"),
+    (dict(importance_sampling_level="sequence", trace="recent"), r"trace must be None .*; got 'recent'"),
 ])
 def test_bad_options_are_config_errors(options, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -516,15 +651,30 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(importance_sampling_level="sequence"), "importance_sampling_level must be 'token'"),
+    # (TRL's default use_bias_correction_kl=True)
+    (dict(importance_sampling_level="sequence", trace=None, beta=0.04),
+     "use_bias_correction_kl must be false \\(TRL's default is true\\) or beta 0 with importance_sampling_level="
+     "'sequence'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(loss_type="sapo", entropy_coef=0.01), "loss_type must be one of .* entropy_coef"),
-    (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo'\\]"),
+    (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo'\\]"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None), "loss_type must be one of"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
         GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="luspo"),
+    dict(importance_sampling_level="sequence", trace=None),  # beta 0: the KL's bias correction does not apply
+    dict(importance_sampling_level="sequence", trace="none", beta=0.04, use_bias_correction_kl=False),
+    dict(importance_sampling_level="sequence", trace=None, loss_type="luspo"),
+])
+def test_gspo_and_luspo_options_are_accepted(tmp_path, options):
+    args = GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
+    assert all(getattr(args, k) == (None if k == "trace" else v) for k, v in options.items())
 
 
 def test_trace_none_from_a_command_line_or_yaml(tmp_path):
