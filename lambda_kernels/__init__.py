@@ -8,6 +8,7 @@ from .functional import (
     linear_logprobs,
 )
 from .nn import FusedGRPOLambdaLoss, GRPOLambdaLoss
+from .policy_losses import CISPO, SAPO, Clip
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,7 @@ __all__ = [
     "linear_logprobs",
     "fused_grpo_lambda_loss",
     "FusedGRPOLambdaLoss",
+    "Clip",
+    "CISPO",
+    "SAPO",
 ]

@@ -17,6 +17,7 @@ from ._core import checks
 from ._core.normalizers import LOSS_TYPES, row_scales
 from ._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams, TraceParams
 from ._core.runtime import resolve_impl
+from .policy_losses import Clip, resolve_policy_loss
 
 TRACE_STYLES = ("recent", "both")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -130,7 +131,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_logprobs, advantages, mask,
                          ref_logprobs, trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type,
                          max_completion_length, num_items_in_batch, kl_bias_correction=False,
-                         dual_clip=None, policy_weights=None, importance_sampling_level="token") -> ObjectiveParams:
+                         dual_clip=None, policy_weights=None, importance_sampling_level="token",
+                         policy_loss="clip") -> ObjectiveParams:
     """Validation shared by grpo_lambda_loss and the fused loss (everything but the log-prob source).
 
     `shape` is [B, T] of the log-probs; `lead` the (name, tensor) they come from, for the device check.
@@ -171,6 +173,10 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
         raise ValueError(f"{op}: `dual_clip` must be None or a finite number > 1; got {dual_clip!r}. It caps the "
                          "ratio of tokens with a negative advantage (dual-clip PPO: verl's `clip_ratio_c`, typically "
                          "3; TRL's `delta` when it is above 1 + epsilon_high).")
+    policy = resolve_policy_loss(op, policy_loss)
+    if dual_clip is not None and not isinstance(policy, Clip):
+        raise ValueError(f"{op}: `dual_clip` caps the clipped objective's ratio; it does not apply to "
+                         f"policy_loss={policy.name!r}. Pass dual_clip=None with it.")
     checks.choice(op, "loss_type", loss_type, LOSS_TYPES)
     checks.positive_int(op, "max_completion_length", max_completion_length, allow_none=True)
     if num_items_in_batch is not None:
@@ -187,7 +193,7 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     return ObjectiveParams(trace=params_trace, adv_clamp_min=clamp, epsilon_low=eps_low, epsilon_high=eps_high,
                            beta=beta, loss_type=loss_type, max_completion_length=max_completion_length,
                            kl_bias_correction=kl_bias_correction,
-                           dual_clip=None if dual_clip is None else float(dual_clip))
+                           dual_clip=None if dual_clip is None else float(dual_clip), policy=policy)
 
 
 def grpo_lambda_loss(
@@ -196,7 +202,8 @@ def grpo_lambda_loss(
     adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
     beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
     num_items_in_batch=None, kl_bias_correction: bool = False, dual_clip: float | None = None,
-    policy_weights: torch.Tensor | None = None, importance_sampling_level: str = "token", impl: str = "auto",
+    policy_weights: torch.Tensor | None = None, importance_sampling_level: str = "token", policy_loss="clip",
+    impl: str = "auto",
 ):
     """The clipped GRPO-λ (or plain GRPO) objective on per-token log-probs → `(loss, metrics)`.
 
@@ -247,6 +254,14 @@ def grpo_lambda_loss(
             sequence ratio; needs trace=None, and not with kl_bias_correction). Its gradient reaches every token of
             the sequence equally, so it is still a single pass on-policy. The clip metrics become TRL's
             sequence-level ones: means over all B sequences, and extremes over all of them.
+        policy_loss: the policy term, "clip" (the clipped surrogate above, the default), "cispo" or "sapo" (their
+            defaults), or an instance of `lambda_kernels.Clip` / `CISPO(max_ratio=5.0)` /
+            `SAPO(temperature_pos=1.0, temperature_neg=1.05)` (see `lambda_kernels.policy_losses`). CISPO replaces
+            the policy term by `−sg(min(ρ̃, max_ratio))·Â·ℓ` (TRL's `loss_type="cispo"`, its `epsilon_high` being
+            max_ratio) and SAPO by `−(4/τ)·σ(τ·(ρ̃ − 1))·Â` (TRL's "sapo"); ρ̃ is the traced (or sequence) ratio in
+            both, and the loss_type aggregates them as any other. Neither uses epsilon_low/high nor dual_clip;
+            their metrics are TRL's: "cispo_clip_ratio" (no "clip_ratio/*") for CISPO, none of the clip ones for
+            SAPO. Both are one pass on-policy in the fused loss too.
         impl: "auto" | "triton" | "torch".
 
     Returns:
@@ -265,7 +280,7 @@ def grpo_lambda_loss(
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
-        importance_sampling_level=importance_sampling_level)
+        importance_sampling_level=importance_sampling_level, policy_loss=policy_loss)
     if resolve_impl(op, impl, logprobs.device) == "torch":
         loss, metrics = reference.grpo_lambda_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma,
@@ -273,7 +288,7 @@ def grpo_lambda_loss(
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
             dual_clip=params.dual_clip, policy_weights=policy_weights,
-            importance_sampling_level=importance_sampling_level)
+            importance_sampling_level=importance_sampling_level, policy_loss=params.policy)
         return loss.to(torch.float32), metrics  # (the reference keeps fp64 inputs' loss in fp64)
     from .ops.objective.function import grpo_lambda_objective
 
@@ -451,7 +466,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
                            kl_bias_correction=False, dual_clip=None, policy_weights=None,
-                           importance_sampling_level="token", impl="auto", process_group=None, softcap=None):
+                           importance_sampling_level="token", policy_loss="clip", impl="auto", process_group=None,
+                           softcap=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -492,8 +508,8 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         softcap: None, or the final-logit soft-capping c > 0 of Gemma 2/3 (c·tanh(logits / c), before the
             temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
-        num_items_in_batch, kl_bias_correction, dual_clip, policy_weights, importance_sampling_level: as in
-        `grpo_lambda_loss` (GSPO's sequence-level ratio is one pass on-policy too).
+        num_items_in_batch, kl_bias_correction, dual_clip, policy_weights, importance_sampling_level, policy_loss:
+        as in `grpo_lambda_loss` (GSPO's sequence-level ratio, CISPO and SAPO are one pass on-policy too).
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
@@ -521,7 +537,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
-        importance_sampling_level=importance_sampling_level)
+        importance_sampling_level=importance_sampling_level, policy_loss=policy_loss)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
                                      ("bias", bias)])
     rows_impl = resolve_impl(op, impl, device)

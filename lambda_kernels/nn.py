@@ -29,11 +29,12 @@ class GRPOLambdaLoss(_OptionsModule):
                  adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  kl_bias_correction: bool = False, dual_clip: float | None = None,
-                 importance_sampling_level: str = "token", impl: str = "auto"):
+                 importance_sampling_level: str = "token", policy_loss="clip", impl: str = "auto"):
         super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
                          epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
                          max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction,
-                         dual_clip=dual_clip, importance_sampling_level=importance_sampling_level, impl=impl)
+                         dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
+                         policy_loss=policy_loss, impl=impl)
 
     def forward(self, logprobs, old_logprobs, advantages, mask, ref_logprobs=None, num_items_in_batch=None,
                 policy_weights=None):
@@ -59,14 +60,14 @@ class FusedGRPOLambdaLoss(_OptionsModule):
                  adv_clamp_min: float | None = None, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  temperature: float = 1.0, return_entropy: bool = False, kl_bias_correction: bool = False,
-                 dual_clip: float | None = None, importance_sampling_level: str = "token", impl: str = "auto",
-                 process_group=None, softcap: float | None = None):
+                 dual_clip: float | None = None, importance_sampling_level: str = "token", policy_loss="clip",
+                 impl: str = "auto", process_group=None, softcap: float | None = None):
         super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
                          epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
                          max_completion_length=max_completion_length, temperature=temperature,
                          return_entropy=return_entropy, kl_bias_correction=kl_bias_correction,
-                         dual_clip=dual_clip, importance_sampling_level=importance_sampling_level, impl=impl,
-                         process_group=process_group, softcap=softcap)
+                         dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
+                         policy_loss=policy_loss, impl=impl, process_group=process_group, softcap=softcap)
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
                 ref_logprobs=None, bias=None, num_items_in_batch=None, policy_weights=None):

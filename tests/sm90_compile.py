@@ -110,6 +110,12 @@ def scenarios():
             ref_logprobs=lp, beta=0.04)[0]
     yield "fused on-policy sequence level", lambda: lk.fused_grpo_lambda_loss(
         hidden, weight, ids, mask, adv, trace=None, importance_sampling_level="sequence")[0]
+    for policy in ("cispo", "sapo"):  # the other policy terms, on- and off-policy, through the fused loss too
+        yield f"objective {policy}", lambda policy=policy: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace="both", policy_loss=policy,
+            policy_weights=torch.rand(B, T))[0]
+        yield f"fused on-policy {policy}", lambda policy=policy: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, policy_loss=policy)[0]
     for loss_type in ("bnpo", "dr_grpo", "luspo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..policy_losses import Clip
+
 # trace style codes as the kernels see them (tl.constexpr); SEQUENCE_STYLE is not a trace a user names but
 # `importance_sampling_level="sequence"` (GSPO): every token's z is its sequence's mean m·(ℓ − ℓ_old), a weight
 # w(t, j) = m_j / max(Σ m, 1) for every j of the row (non-causal, so the kernels reduce the row first)
@@ -42,3 +44,4 @@ class ObjectiveParams:
     kl_bias_correction: bool = False  # the KL term weighted by the token's ratio π/π_old (TRL's use_bias_correction_kl)
     dual_clip: float | None = None  # the ratio's cap c > 1 for Â < 0 (dual-clip PPO: verl's clip_ratio_c, TRL's
     # delta): such a token's policy term is at most −c·Â
+    policy: object = Clip()  # the policy term (lambda_kernels.policy_losses: Clip, CISPO, SAPO)

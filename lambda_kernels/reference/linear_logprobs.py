@@ -42,7 +42,7 @@ def fused_grpo_lambda_loss(
     temperature=1.0, trace="both", lam=0.99, gamma=1.0, adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None,
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
     kl_bias_correction=False, dual_clip=None, policy_weights=None, importance_sampling_level="token",
-    process_group=None, softcap=None,
+    policy_loss="clip", process_group=None, softcap=None,
 ):
     """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits; the
     padding's hidden states and ids are not used (as the library's)."""
@@ -55,7 +55,7 @@ def fused_grpo_lambda_loss(
         gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
         loss_type=loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
-        importance_sampling_level=importance_sampling_level)
+        importance_sampling_level=importance_sampling_level, policy_loss=policy_loss)
     if return_entropy:
         m = completion_mask.to(entropy.dtype)
         metrics["entropy"] = ((m * entropy.detach()).sum() / m.sum().clamp(min=1.0)).to(torch.float32)

@@ -1,6 +1,7 @@
 """GRPO / GRPO-λ token objective in plain PyTorch, written from grpo_lambda.md §2–3 (autograd does the backward)."""
 import torch
 
+from ..policy_losses import CISPO, SAPO, Clip, resolve_policy_loss
 from ._dtype import compute_dtype, zero_where_masked
 from .trace import trace_scan
 
@@ -23,11 +24,63 @@ def _token_weights(m: torch.Tensor, loss_type: str, max_completion_length, num_i
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def _unclipped(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("clip_ratio/")}
+
+
+def _clip_term(z, adv, w, epsilon_low, eps_high, dual_clip):
+    """PPO's −min(ρ̃Â, clip(ρ̃)Â) per token, and its low/high-clipped tokens (before the mask)."""
+    with torch.no_grad():
+        ratio = torch.exp(z)
+        low = (ratio < 1 - epsilon_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+        # dual clip (verl's clip_ratio_c): a token with Â < 0 pays at most −c·Â; for c ≥ 1 + ε_high this is TRL's
+        # −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (delta)
+        dual = (ratio > dual_clip) & (adv < 0) if dual_clip is not None else torch.zeros_like(low)
+    # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is (−c·Â where
+    # the dual clip caps it); written so, a token with Â = 0, a clipped one or one of weight 0 adds no inf·0 (NaN) to
+    # the value or the gradient where exp(z) overflows
+    active = (adv != 0) & ~(low | high | dual)
+    if w is not None:
+        active = active & (w != 0)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    ratio_active = torch.exp(torch.where(active, z, zero))
+    constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
+    if dual_clip is not None:
+        constant = torch.where(dual, -dual_clip * adv, constant)
+    return torch.where(active, -ratio_active * adv, constant), low, high
+
+
+def _cispo_term(z, adv, lp, max_ratio):
+    """CISPO's −sg(min(ρ̃, c))·Â·ℓ (TRL's value; the gradient is on ℓ itself, the ratio only weighs it), and its
+    capped tokens with Â > 0 (TRL's cispo_clip_ratio) in the high slot."""
+    with torch.no_grad():
+        ratio = torch.exp(z)
+        weight = ratio.clamp(max=max_ratio)
+        high = (ratio > max_ratio) & (adv > 0)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return torch.where(adv != 0, -weight * adv * lp, zero), torch.zeros_like(high), high
+
+
+def _sapo_term(z, adv, temperature_pos, temperature_neg):
+    """SAPO's −(4/τ)·σ(τ·(ρ̃ − 1))·Â, τ by the sign of Â; nothing clipped. Where exp(z) overflows the gate is 1:
+    the constant −(4/τ)·Â, no gradient (σ' = 0 there, and inf·0 would be NaN)."""
+    full = lambda v: torch.full((), v, dtype=z.dtype, device=z.device)  # noqa: E731
+    tau = torch.where(adv > 0, full(temperature_pos), full(temperature_neg))
+    zero = full(0.0)
+    with torch.no_grad():
+        saturated = torch.isinf(torch.exp(z))
+    gate = torch.sigmoid(tau * (torch.exp(torch.where(saturated, zero, z)) - 1))
+    per_token = torch.where(saturated, -(4 / tau) * adv, -(4 / tau) * gate * adv)
+    none = torch.zeros_like(saturated)
+    return torch.where(adv != 0, per_token, zero), none, none
+
+
 def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
     max_completion_length=None, num_items_in_batch=None, kl_bias_correction=False, dual_clip=None,
-    policy_weights=None, importance_sampling_level="token",
+    policy_weights=None, importance_sampling_level="token", policy_loss="clip",
 ):
     """(loss, metrics); see lambda_kernels.grpo_lambda_loss for the contract."""
     dt = compute_dtype(logprobs, old_logprobs, ref_logprobs)
@@ -50,26 +103,17 @@ def grpo_lambda_loss(
         z = (delta.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)).expand(B, T)
     else:
         z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
+    w = None if policy_weights is None else zero_where_masked(policy_weights.detach().to(dt), m != 0)
+    policy = resolve_policy_loss("grpo_lambda_loss", policy_loss)
+    if isinstance(policy, Clip):
+        per_token, low, high = _clip_term(z, adv, w, epsilon_low, eps_high, dual_clip)
+    elif isinstance(policy, CISPO):
+        per_token, low, high = _cispo_term(z, adv, lp, policy.max_ratio)
+    else:
+        per_token, low, high = _sapo_term(z, adv, policy.temperature_pos, policy.temperature_neg)
     with torch.no_grad():
         ratio = torch.exp(z)
-        low = (ratio < 1 - epsilon_low) & (adv < 0)
-        high = (ratio > 1 + eps_high) & (adv > 0)
-        # dual clip (verl's clip_ratio_c): a token with Â < 0 pays at most −c·Â; for c ≥ 1 + ε_high this is TRL's
-        # −min(min(ρ̃, c)·Â, clip(ρ̃)·Â) (delta)
-        dual = (ratio > dual_clip) & (adv < 0) if dual_clip is not None else torch.zeros_like(low)
-    # −min(ρ̃Â, clip(ρ̃)Â) is −ρ̃Â where the ratio is not clipped, and the constant −clip(ρ̃)Â where it is (−c·Â where
-    # the dual clip caps it); written so, a token with Â = 0, a clipped one or one of weight 0 adds no inf·0 (NaN) to
-    # the value or the gradient where exp(z) overflows
-    w = None if policy_weights is None else zero_where_masked(policy_weights.detach().to(dt), m != 0)
-    active = (adv != 0) & ~(low | high | dual)
-    if w is not None:
-        active = active & (w != 0)
     zero = torch.zeros((), dtype=dt, device=z.device)
-    ratio_active = torch.exp(torch.where(active, z, zero))
-    constant = torch.where(adv != 0, -ratio.clamp(1 - epsilon_low, 1 + eps_high) * adv, zero)
-    if dual_clip is not None:
-        constant = torch.where(dual, -dual_clip * adv, constant)
-    per_token = torch.where(active, -ratio_active * adv, constant)
     if w is not None:  # the policy term weighted per token (a weight of 0 adds exactly 0)
         per_token = torch.where(w != 0, w * per_token, zero)
     if beta > 0:
@@ -115,5 +159,9 @@ def grpo_lambda_loss(
         metrics["clip_ratio/high_max"] = torch.cat([torch.where(has, seq_high, zero), zero.reshape(1)]).amax()
         if beta > 0:
             metrics["kl"] = (m * kl).sum() / count
+        if isinstance(policy, CISPO):  # TRL's one clip metric there: the capped fraction (of tokens with Â > 0)
+            metrics = {"cispo_clip_ratio": metrics["clip_ratio/high_mean"], **_unclipped(metrics)}
+        elif isinstance(policy, SAPO):  # nothing is clipped
+            metrics = _unclipped(metrics)
         metrics = {k: v.detach().to(torch.float32) for k, v in metrics.items()}
     return loss.to(torch.float32) if dt != torch.float64 else loss, metrics

@@ -47,7 +47,7 @@ class FusedGRPOLambdaFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:3])
         loss, metrics, (dx, dw, db) = _run(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params,
                                            needs)
-        values = torch.stack([metrics[k] for k in metric_names(params.beta, params.with_entropy)])
+        values = torch.stack([metrics[k] for k in metric_names(params.objective.params, params.with_entropy)])
         ctx.mark_non_differentiable(values)
         # an uncast half-head dW sum is neither input nor output: kept on ctx as it is (its `finish` frees `rest`)
         ctx.dw_sum = dw if isinstance(dw, HalfHeadGradSum) else None
@@ -80,7 +80,7 @@ def fused_grpo_lambda_apply(hidden, weight, bias, ids, mask_f, adv, old, ref, pw
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         loss, values = FusedGRPOLambdaFunction.apply(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales,
                                                      params)
-        metrics = dict(zip(metric_names(params.beta, params.with_entropy), values.unbind(0)))
+        metrics = dict(zip(metric_names(params.objective.params, params.with_entropy), values.unbind(0)))
         return loss, metrics
     loss, metrics, _ = _run(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), ids, mask_f,
                             adv, old, ref, pw, scales, params, (False, False, False))

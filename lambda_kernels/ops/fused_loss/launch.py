@@ -114,7 +114,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
         m_v = flat_mask if batch.valid is None else flat_mask.index_select(0, batch.valid)
         metrics["entropy"] = ((m_v.to(sdt) * ent_v).sum() / flat_mask.sum().clamp(min=1.0)).to(torch.float32)
     dx = dx_v.reshape(B, T, H) if need_dx else None  # (every row: 0 at padding)
-    metrics = {k: metrics[k].detach().to(torch.float32) for k in metric_names(beta, with_entropy)}
+    metrics = {k: metrics[k].detach().to(torch.float32) for k in metric_names(objective.params, with_entropy)}
     return loss.to(torch.float32), metrics, (dx, dw, db)
 
 

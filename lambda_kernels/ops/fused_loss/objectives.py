@@ -12,12 +12,11 @@ import torch
 from ... import reference
 from ..._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams
 
-OBJECTIVE_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean",
-                     "clip_ratio/low_min", "clip_ratio/high_max")
+def metric_names(params: ObjectiveParams, with_entropy: bool) -> tuple[str, ...]:
+    from ..objective.launch import policy_metric_names
 
-
-def metric_names(beta: float, with_entropy: bool) -> tuple[str, ...]:
-    return OBJECTIVE_METRICS + (("kl",) if beta > 0 else ()) + (("entropy",) if with_entropy else ())
+    return policy_metric_names(params.policy) + (("kl",) if params.beta > 0 else ()) + \
+        (("entropy",) if with_entropy else ())
 
 
 class KernelObjective:
@@ -42,7 +41,7 @@ class KernelObjective:
 
         loss, values, saved = objective_forward(lp, old, adv, mask_f, ref, self.params, need_grad,
                                                 self.num_items_in_batch, weights)
-        metrics = metric_views(values)
+        metrics = metric_views(values, self.params.policy)
         grad = None
         if need_grad:
             one = torch.ones((), dtype=torch.float32, device=lp.device)
@@ -62,7 +61,7 @@ class ReferenceObjective:
                             epsilon_low=params.epsilon_low, epsilon_high=params.epsilon_high, beta=params.beta,
                             loss_type=params.loss_type, max_completion_length=params.max_completion_length,
                             num_items_in_batch=num_items_in_batch, kl_bias_correction=params.kl_bias_correction,
-                            dual_clip=params.dual_clip)
+                            dual_clip=params.dual_clip, policy_loss=params.policy)
 
     def onpolicy_grad(self, adv, mask_f, scales, weights=None):
         lp = torch.zeros(mask_f.shape, dtype=torch.float32, device=mask_f.device, requires_grad=True)

@@ -41,5 +41,5 @@ def grpo_lambda_objective(lp, old, adv, mask, ref, params: ObjectiveParams, num_
     weights = None if weights is None else weights.detach()
     loss, values = GRPOLambdaObjectiveFunction.apply(lp, old, adv.detach(), mask, ref, weights, num_items_in_batch,
                                                      params)
-    metrics = {name: v for name, v in metric_views(values).items() if name != "kl" or params.beta > 0}
+    metrics = {name: v for name, v in metric_views(values, params.policy).items() if name != "kl" or params.beta > 0}
     return loss, metrics

@@ -16,8 +16,9 @@ N_OUT = 8
 
 @triton.jit(do_not_specialize=["T"])
 def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coef_ptr, stats_ptr, scratch_ptr,
-                         T, a, log2a, clamp_min, ratio_low, ratio_high, dual_clip, beta,
-                         STYLE: tl.constexpr, ON_POLICY: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+                         T, a, log2a, clamp_min, ratio_low, ratio_high, dual_clip, beta, cispo_cap, tau_pos, tau_neg,
+                         STYLE: tl.constexpr, POLICY: tl.constexpr, ON_POLICY: tl.constexpr,
+                         ADV_PER_TOKEN: tl.constexpr,
                          HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
                          KL_CORRECTED: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
@@ -31,6 +32,9 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     lp, old, ref [B, T] any float (old unused when ON_POLICY, ref unless HAS_KL); adv [B] or [B, T] (ADV_PER_TOKEN);
     mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the clipped term;
     stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
+    POLICY (lambda_kernels.policy_losses): 0 the clipped term above; 1 CISPO, −min(ρ̃, cispo_cap)·Â·ℓ with its
+    coefficient on ℓ itself (the caller's backward does not scan it), the capped tokens with Â > 0 in the high
+    slot; 2 SAPO, −(4/τ)·σ(τ·(ρ̃ − 1))·Â with τ = tau_pos where Â > 0 and tau_neg elsewhere, nothing clipped.
     STYLE 3 (GSPO's sequence level): ρ̃ is the row's exp(Σ m·(ℓ − ℓ_old) / max(Σ m, 1)) at every token, its mean
     reduced in a first walk over the row (1 on-policy, without one).
     Grid (B,).
@@ -66,12 +70,31 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
             b_adv = tl.zeros((BLOCK_T,), tl.float32) + tl.load(adv_ptr + i_b).to(tl.float32)
         if HAS_CLAMP:
             b_adv = tl.maximum(b_adv, clamp_min)
-        b_clipped = tl.minimum(tl.maximum(b_ratio, ratio_low), ratio_high)
         # a token with Â = 0 adds exactly 0, also where exp(z) overflowed to inf (inf·0 would be NaN)
         b_live = b_adv != 0
-        b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
-        if HAS_DUAL:
-            b_tok = tl.where((b_adv < 0) & (b_ratio > dual_clip), -dual_clip * b_adv, b_tok)
+        b_none = o_t < 0  # (all false: the clip slots of the terms that do not clip)
+        if POLICY == 0:
+            b_clipped = tl.minimum(tl.maximum(b_ratio, ratio_low), ratio_high)
+            b_tok = tl.where(b_live, -tl.minimum(b_ratio * b_adv, b_clipped * b_adv), 0.0)
+            if HAS_DUAL:
+                b_tok = tl.where((b_adv < 0) & (b_ratio > dual_clip), -dual_clip * b_adv, b_tok)
+            b_low = b_valid & (b_ratio < ratio_low) & (b_adv < 0)
+            b_high = b_valid & (b_ratio > ratio_high) & (b_adv > 0)
+        elif POLICY == 1:
+            b_weight = tl.minimum(b_ratio, cispo_cap)
+            b_tok = tl.where(b_live, -b_weight * b_adv * b_lp, 0.0)
+            b_low = b_none
+            b_high = b_valid & (b_ratio > cispo_cap) & (b_adv > 0)
+        else:
+            b_tau = tl.where(b_adv > 0, tau_pos, tau_neg)
+            b_x = b_tau * (b_ratio - 1.0)
+            # σ(x) = 1/(1 + e) for x ≥ 0 and e/(1 + e) below, e = exp(−|x|) ≤ 1 (no overflow; x = inf gives 1), and
+            # σ' = e/(1 + e)², 0 where e underflowed (the gradient's ρ̃ may be inf there: no inf·0)
+            b_e = tl.exp(-tl.abs(b_x))
+            b_sig = tl.where(b_x >= 0, 1.0, b_e) / (1.0 + b_e)
+            b_tok = tl.where(b_live, -(4.0 / b_tau) * b_sig * b_adv, 0.0)
+            b_low = b_none
+            b_high = b_none
         if HAS_W:  # (padding's weight zeroed by a select: it may hold anything)
             b_w = tl.where(b_valid, tl.load(w_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_tok = tl.where(b_w != 0, b_w * b_tok, 0.0)
@@ -85,18 +108,22 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
             b_tok += beta * b_kl
             acc_kl += tl.where(b_valid, b_m * b_kl, 0.0)
         acc_loss += tl.where(b_valid, b_m * b_tok, 0.0)
-        b_low = b_valid & (b_ratio < ratio_low) & (b_adv < 0)
-        b_high = b_valid & (b_ratio > ratio_high) & (b_adv > 0)
         acc_low += tl.where(b_low, b_m, 0.0)
         acc_high += tl.where(b_high, b_m, 0.0)
         acc_ratio += tl.where(b_valid, b_m * b_ratio, 0.0)
         acc_count += b_m
         if NEED_GRAD:
-            # d(−min(ρ̃Â, clip(ρ̃)Â))/dz = −Â·ρ̃ where the unclipped branch is active, 0 where clipping fired
-            b_active = b_valid & b_live & ~(b_low | b_high)
-            if HAS_DUAL:
-                b_active = b_active & ~((b_adv < 0) & (b_ratio > dual_clip))
-            b_c = tl.where(b_active, -b_m * b_adv * b_ratio, 0.0)
+            if POLICY == 0:
+                # d(−min(ρ̃Â, clip(ρ̃)Â))/dz = −Â·ρ̃ where the unclipped branch is active, 0 where clipping fired
+                b_active = b_valid & b_live & ~(b_low | b_high)
+                if HAS_DUAL:
+                    b_active = b_active & ~((b_adv < 0) & (b_ratio > dual_clip))
+                b_c = tl.where(b_active, -b_m * b_adv * b_ratio, 0.0)
+            elif POLICY == 1:  # ∂/∂ℓ_t itself: −min(ρ̃, c)·Â (the weight is a constant)
+                b_c = tl.where(b_valid & b_live, -b_m * b_adv * b_weight, 0.0)
+            else:  # d/dz of −(4/τ)·σ(τ(ρ̃ − 1))·Â = −4·σ'·ρ̃·Â
+                b_d = 4.0 * b_e / ((1.0 + b_e) * (1.0 + b_e))
+                b_c = tl.where(b_valid & b_live & (b_e != 0), -b_m * b_adv * b_d * b_ratio, 0.0)
             if HAS_W:
                 b_c = tl.where(b_w != 0, b_w * b_c, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..._core.normalizers import LOSS_TYPES
-from ..._core.params import SEQUENCE_STYLE, ObjectiveParams
+from ..._core.params import SEQUENCE_STYLE, ObjectiveParams, TraceParams
+from ...policy_losses import CISPO, SAPO
 from ..._core.tuning import scan_config
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
 from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_RATIO, OUT_REGION, \
@@ -60,11 +61,22 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
     return loss, out, ((coef, scales, mask_k) if need_grad else None)
 
 
-def metric_views(out: torch.Tensor) -> dict:
-    """{name: 0-d view of out}, "kl" included (0 when beta = 0; callers report it only when beta > 0)."""
+def metric_views(out: torch.Tensor, policy) -> dict:
+    """{name: 0-d view of out}, "kl" included (0 when beta = 0; callers report it only when beta > 0); the clip
+    metrics of the policy term (`policy_metric_names`)."""
     metrics = {name: out[i] for name, i in METRIC_OUTPUTS.items()}
+    metrics["cispo_clip_ratio"] = out[OUT_HIGH]
     metrics["kl"] = out[OUT_KL]
-    return metrics
+    return {name: metrics[name] for name in policy_metric_names(policy) + ("kl",)}
+
+
+def policy_metric_names(policy) -> tuple[str, ...]:
+    """The metrics of the objective without "kl": TRL's clip metrics of each policy term, and the ratio's mean."""
+    if isinstance(policy, CISPO):
+        return ("cispo_clip_ratio", "ratio_mean")
+    if isinstance(policy, SAPO):
+        return ("ratio_mean",)
+    return tuple(METRIC_OUTPUTS)
 
 
 def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coef, stats, weights=None) -> None:
@@ -79,11 +91,27 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         scratch_for(params.trace, B, T, lp.device), T,
         params.trace.a, params.trace.log2a, 0.0 if params.adv_clamp_min is None else params.adv_clamp_min,
         1.0 - params.epsilon_low, 1.0 + params.epsilon_high, 0.0 if params.dual_clip is None else params.dual_clip,
-        params.beta, STYLE=params.trace.style, ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
+        params.beta, *_policy_args(params.policy), STYLE=params.trace.style, POLICY=params.policy.code,
+        ON_POLICY=old is None, ADV_PER_TOKEN=adv.dim() == 2,
         HAS_CLAMP=params.adv_clamp_min is not None, HAS_DUAL=params.dual_clip is not None,
         HAS_W=weights is not None, HAS_KL=params.beta > 0,
         KL_CORRECTED=params.beta > 0 and params.kl_bias_correction, NEED_GRAD=coef is not None,
         BLOCK_T=block, num_warps=warps)
+
+
+def _policy_args(policy) -> tuple[float, float, float]:
+    """(cispo_cap, tau_pos, tau_neg) of the forward kernel (unused by the other terms: placeholders)."""
+    if isinstance(policy, CISPO):
+        return policy.max_ratio, 1.0, 1.0
+    if isinstance(policy, SAPO):
+        return 1.0, policy.temperature_pos, policy.temperature_neg
+    return 1.0, 1.0, 1.0
+
+
+def scan_params(params: ObjectiveParams) -> TraceParams:
+    """The trace the backward scans the coefficients with: none for CISPO, whose coefficients are on ℓ itself
+    (its ratio, traced or the sequence's, only weighs them), the objective's trace otherwise."""
+    return TraceParams(a=params.trace.a, style=0) if isinstance(params.policy, CISPO) else params.trace
 
 
 def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
@@ -100,11 +128,12 @@ def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, o
     on_policy = old is None
     lp = lp.contiguous()
     block, warps = scan_config(T)
+    trace = scan_params(params)
     objective_bwd_kernel[(B,)](
         coef, lp, old.contiguous() if corrected and not on_policy else lp, ref.contiguous() if has_kl else lp,
-        mask_k, scales, grad_out.reshape(1).to(torch.float32), grad, scratch_for(params.trace, B, T, coef.device), T,
-        params.trace.a, params.trace.log2a, params.beta,
-        STYLE=params.trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=on_policy or not corrected,
+        mask_k, scales, grad_out.reshape(1).to(torch.float32), grad, scratch_for(trace, B, T, coef.device), T,
+        trace.a, trace.log2a, params.beta,
+        STYLE=trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=on_policy or not corrected,
         BLOCK_T=block, num_warps=warps)  # (ON_POLICY only matters to the corrected KL: one variant otherwise)
     return grad
 
@@ -142,8 +171,10 @@ def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams, weights=No
     a = a.unsqueeze(1) if a.dim() == 1 else a
     if params.adv_clamp_min is not None:
         a = a.clamp(min=params.adv_clamp_min)
+    if isinstance(params.policy, CISPO):  # its weight min(ρ̃, c) at ρ̃ = 1 (SAPO's gate has slope 1 there: as clip)
+        a = a * min(1.0, params.policy.max_ratio)
     coef = torch.where(mask_f != 0, -mask_f * scales.unsqueeze(1) * a, torch.zeros((), device=a.device))
     if weights is not None:  # (a weight of 0, or padding's, adds exactly 0 whatever the weight tensor holds there)
         w = weights.to(torch.float32)
         coef = torch.where((mask_f != 0) & (w != 0), coef * w, torch.zeros((), device=a.device))
-    return trace_backward(coef, mask_f, params.trace)
+    return trace_backward(coef, mask_f, scan_params(params))

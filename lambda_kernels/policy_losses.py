@@ -1,0 +1,70 @@
+"""The policy term of the objective, per token, as a function of the (traced) ratio ρ̃ and the advantage Â.
+
+`grpo_lambda_loss(..., policy_loss=...)` takes one of these, or its name ("clip", "cispo", "sapo") for the defaults.
+Each is a frozen dataclass of plain floats: it travels to the kernels as fp32 scalars and one constexpr.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Clip:
+    """PPO's clipped surrogate, GRPO's and DAPO's: `−min(ρ̃·Â, clip(ρ̃, 1 − ε_low, 1 + ε_high)·Â)` with the clip range
+    of `epsilon_low` / `epsilon_high` (and optionally `dual_clip`). The default."""
+
+    name = "clip"
+    code = 0
+
+
+@dataclass(frozen=True)
+class CISPO:
+    """CISPO (MiniMax-M1; ScaleRL's choice; TRL's `loss_type="cispo"`): REINFORCE with a capped importance weight,
+    `−sg(min(ρ̃, max_ratio))·Â·ℓ`. Every token keeps a gradient, `−min(ρ̃, max_ratio)·Â` on its own log-prob ℓ; the
+    ratio (traced, or the sequence's) only sets the weight. `max_ratio` is TRL's `epsilon_high` for this loss (ε_max
+    in ScaleRL, 5 recommended there). The metric "cispo_clip_ratio" is TRL's: the fraction of tokens with Â > 0 whose
+    weight was capped."""
+
+    max_ratio: float = 5.0
+    name = "cispo"
+    code = 1
+
+    def __post_init__(self):
+        _check_positive("CISPO", "max_ratio", self.max_ratio, "the cap of the importance weight, e.g. 5.0")
+
+
+@dataclass(frozen=True)
+class SAPO:
+    """SAPO (Soft Adaptive Policy Optimization, Qwen; TRL's `loss_type="sapo"`): a smooth gate instead of the clip,
+    `−(4/τ)·σ(τ·(ρ̃ − 1))·Â`, with τ = `temperature_pos` where Â > 0 and `temperature_neg` elsewhere (TRL's
+    `sapo_temperature_pos` / `_neg`). Its gradient `−4·σ(1 − σ)·ρ̃·Â` is GRPO's at ρ̃ = 1 and fades away from it;
+    it flows through the trace as the clipped objective's does. No clip metrics (nothing is clipped)."""
+
+    temperature_pos: float = 1.0
+    temperature_neg: float = 1.05
+    name = "sapo"
+    code = 2
+
+    def __post_init__(self):
+        for field in ("temperature_pos", "temperature_neg"):
+            _check_positive("SAPO", field, getattr(self, field), "the gate's temperature, e.g. 1.0")
+
+
+POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO}
+
+
+def _check_positive(cls: str, field: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{cls}: `{field}` must be a finite number > 0; got {value!r} ({hint}).")
+
+
+def resolve_policy_loss(op: str, policy_loss) -> Clip | CISPO | SAPO:
+    """The policy term's object from a name or an instance; a clear error otherwise."""
+    if isinstance(policy_loss, (Clip, CISPO, SAPO)):
+        return policy_loss
+    if isinstance(policy_loss, str) and policy_loss in POLICY_LOSSES:
+        return POLICY_LOSSES[policy_loss]()
+    raise ValueError(f"{op}: `policy_loss` must be one of {tuple(POLICY_LOSSES)} or an instance of "
+                     f"lambda_kernels.Clip / CISPO / SAPO (for other settings, e.g. CISPO(max_ratio=4.0)); "
+                     f"got {policy_loss!r}.")
