@@ -161,10 +161,6 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
             raise ValueError(f"{op}: importance_sampling_level='sequence' (GSPO) gives every token its sequence's "
                              f"mean log-ratio, which takes the place of the λ-trace; got trace={trace!r}. Pass "
                              "trace=None with it, or keep importance_sampling_level='token' for GRPO-λ.")
-        if kl_bias_correction and beta > 0:
-            raise ValueError(f"{op}: kl_bias_correction=True is not supported with importance_sampling_level="
-                             "'sequence' (TRL weights the KL by the sequence's ratio there, whose gradient reaches "
-                             "every token of the sequence); pass kl_bias_correction=False, or use the token level.")
         params_trace = TraceParams(a=params_trace.a, style=SEQUENCE_STYLE)
     clamp = checks.finite_number(op, "adv_clamp_min", adv_clamp_min, allow_none=True)
     eps_low = checks.non_negative(op, "epsilon_low", epsilon_low)
@@ -251,9 +247,12 @@ def grpo_lambda_loss(
             weight there reaches the loss); the clip metrics count every token as without weights, as TRL and verl
             do.
         importance_sampling_level: "token" (the traced per-token ratio) or "sequence" (GSPO's length-normalised
-            sequence ratio; needs trace=None, and not with kl_bias_correction). Its gradient reaches every token of
+            sequence ratio; needs trace=None). Its gradient reaches every token of
             the sequence equally, so it is still a single pass on-policy. The clip metrics become TRL's
-            sequence-level ones: means over all B sequences, and extremes over all of them.
+            sequence-level ones: means over all B sequences, and extremes over all of them. With
+            kl_bias_correction the KL is weighted by the sequence's ratio (TRL's broadcast), whose gradient
+            reaches every token of the sequence through the row's mean KL: the fused loss then needs the
+            log-probs of whole sequences first, as off-policy (still one pass where every sequence fits a chunk).
         policy_loss: the policy term, "clip" (the clipped surrogate above, the default), "cispo" or "sapo" (their
             defaults), or an instance of `lambda_kernels.Clip` / `CISPO(max_ratio=5.0)` /
             `SAPO(temperature_pos=1.0, temperature_neg=1.05)` (see `lambda_kernels.policy_losses`). CISPO replaces

@@ -8,6 +8,7 @@ PTX and reports registers and spills.
 
     python tests/sm90_compile.py            # prints one JSON object; tests/test_sm90_compile.py checks it
 """
+import itertools
 import os
 
 os.environ["TRITON_INTERPRET"] = "0"  # JIT functions, not interpreted ones; before anything imports triton
@@ -104,10 +105,13 @@ def scenarios():
                                                              mask, trace="both", dual_clip=3.0)[0]
     yield "objective policy weights", lambda: lk.grpo_lambda_loss(
         lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace="both", policy_weights=torch.rand(B, T))[0]
-    for old in (None, lp - 0.5):  # GSPO's sequence level: the row walks before the objective kernels' loops
-        yield f"objective sequence level old={old is not None}", lambda old=old: lk.grpo_lambda_loss(
-            lp.clone().requires_grad_(), old, torch.randn(B), mask, trace=None, importance_sampling_level="sequence",
-            ref_logprobs=lp, beta=0.04)[0]
+    # GSPO's sequence level: the row walks before the objective kernels' loops (the KL weighted by the sequence's
+    # ratio: one more in the backward)
+    for old, corrected in itertools.product((None, lp - 0.5), (False, True)):
+        yield f"objective sequence level old={old is not None} corrected={corrected}", \
+            lambda old=old, corrected=corrected: lk.grpo_lambda_loss(
+                lp.clone().requires_grad_(), old, torch.randn(B), mask, trace=None,
+                importance_sampling_level="sequence", ref_logprobs=lp, beta=0.04, kl_bias_correction=corrected)[0]
     yield "fused on-policy sequence level", lambda: lk.fused_grpo_lambda_loss(
         hidden, weight, ids, mask, adv, trace=None, importance_sampling_level="sequence")[0]
     for policy in ("cispo", "sapo"):  # the other policy terms, on- and off-policy, through the fused loss too

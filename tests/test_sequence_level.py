@@ -2,7 +2,8 @@
 and the `luspo` normaliser it is paired with in TRL.
 
 Every token of a sequence shares ρ̃_i = exp(Σ_t m·(ℓ − ℓ_old) / max(Σ_t m, 1)). The reference is checked against
-TRL 1.16's `_compute_loss` written out (loss, gradient and its sequence-level clip metrics); the objective kernels,
+TRL 1.16's `_compute_loss` written out (loss, gradient and its sequence-level clip metrics, the KL weighted by the
+sequence's ratio with use_bias_correction_kl); the objective kernels,
 the on-policy token gradient and the fused loss (every plan, on- and off-policy) against the reference."""
 import itertools
 
@@ -22,7 +23,7 @@ SEQ = dict(trace=None, importance_sampling_level="sequence")
 EPS_LOW, EPS_HIGH = 0.03, 0.04  # GSPO's ranges are narrow (TRL's docs: 3e-4 / 4e-4): here some sequences clip
 
 
-def trl_gspo(lp, old, adv, mask, ref, beta, loss_type, num_items=None):
+def trl_gspo(lp, old, adv, mask, ref, beta, loss_type, num_items=None, corrected=False):
     """TRL 1.16's `_compute_loss` with importance_sampling_level="sequence" (no vLLM, no masks), and its logged
     clip metrics, written out."""
     m = mask.to(lp.dtype)
@@ -32,7 +33,8 @@ def trl_gspo(lp, old, adv, mask, ref, beta, loss_type, num_items=None):
     a = adv.unsqueeze(1)
     per_token = -torch.min(coef_1 * a, coef_2 * a)
     if beta > 0:
-        per_token = per_token + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        per_token = per_token + beta * (kl * coef_1 if corrected else kl)  # (use_bias_correction_kl)
     per_token = per_token.expand_as(m)
     if loss_type == "grpo":
         loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
@@ -55,15 +57,18 @@ def _batch(device="cpu", seed=0, B=6, T=21):
     return lp, old, adv, mask, ref
 
 
-@pytest.mark.parametrize("loss_type, beta", [("grpo", 0.0), ("grpo", 0.04), ("dapo", 0.04), ("luspo", 0.0)])
-def test_reference_is_trls_gspo(loss_type, beta):
+@pytest.mark.parametrize("loss_type, beta, corrected", [
+    ("grpo", 0.0, False), ("grpo", 0.04, False), ("dapo", 0.04, False), ("luspo", 0.0, False), ("grpo", 0.3, True),
+    ("dapo", 0.3, True)])
+def test_reference_is_trls_gspo(loss_type, beta, corrected):
     lp, old, adv, mask, ref = _batch(seed=1)
     n_items = 3.0 * mask.sum().item()
     loss, metrics = R.grpo_lambda_loss(lp, old, adv, mask, ref_logprobs=ref, beta=beta, loss_type=loss_type,
-                                       epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, num_items_in_batch=n_items, **SEQ)
+                                       epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, num_items_in_batch=n_items,
+                                       kl_bias_correction=corrected, **SEQ)
     (grad,) = torch.autograd.grad(loss, lp)
     lp2 = lp.detach().clone().requires_grad_()
-    want, want_metrics = trl_gspo(lp2, old, adv, mask, ref, beta, loss_type, n_items)
+    want, want_metrics = trl_gspo(lp2, old, adv, mask, ref, beta, loss_type, n_items, corrected)
     (grad_want,) = torch.autograd.grad(want, lp2)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, grad_want, rtol=1e-12, atol=1e-14)
@@ -77,7 +82,8 @@ def test_reference_is_trls_gspo(loss_type, beta):
 
 
 @pytest.mark.parametrize("on_policy, loss_type, per_token, extras",
-                         list(itertools.product([False, True], LOSS_TYPES, [False, True], ["kl", "dual+w+clamp"])))
+                         list(itertools.product([False, True], LOSS_TYPES, [False, True],
+                                                ["kl", "corrected kl", "dual+w+clamp"])))
 def test_objective_kernels_match_reference(on_policy, loss_type, per_token, extras, device):
     lp, old, adv, mask, ref = _batch(device, seed=LOSS_TYPES.index(loss_type))
     if per_token:
@@ -85,8 +91,8 @@ def test_objective_kernels_match_reference(on_policy, loss_type, per_token, extr
         adv = adv.unsqueeze(1) * torch.rand(mask.shape, generator=g, dtype=torch.float64).to(device)
     kw = dict(ref_logprobs=ref, loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
               max_completion_length=30, **SEQ)
-    if extras == "kl":
-        kw.update(beta=0.1)
+    if extras != "dual+w+clamp":
+        kw.update(beta=0.1, kl_bias_correction=extras == "corrected kl")
     else:
         g = torch.Generator().manual_seed(3)
         kw.update(dual_clip=1.02, adv_clamp_min=-0.5,
@@ -117,15 +123,18 @@ def test_on_policy_gradient_is_the_sequence_mean(loss_type, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("plan, rows", PLANS)
-@pytest.mark.parametrize("on_policy", [True, False])
-def test_fused_loss_matches_reference(impl, plan, rows, on_policy, device, monkeypatch):
+@pytest.mark.parametrize("on_policy, corrected", [(True, False), (False, False), (True, True), (False, True)])
+def test_fused_loss_matches_reference(impl, plan, rows, on_policy, corrected, device, monkeypatch):
+    """Every plan; with the KL weighted by the sequence's ratio, on-policy too takes the passes that know a row's
+    log-probs before its gradient (whole sequences per chunk, or two passes)."""
     force_plan(monkeypatch, plan, rows)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=PLANS.index((plan, rows)))
     old = perturbed_old(hidden, weight, b, ids, 0.8, scale=0.05)
     old[1] -= 0.2  # sequence 1 (Â > 0) clips high
     adv = torch.tensor([-1.0, 0.8, -0.6, 1.5], device=device)
     kw = dict(old_logprobs=None if on_policy else old, temperature=0.8, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-              loss_type="luspo" if on_policy else "grpo", beta=0.05, ref_logprobs=old, **SEQ)
+              loss_type="luspo" if on_policy else "grpo", beta=0.3 if corrected else 0.05, ref_logprobs=old,
+              kl_bias_correction=corrected, **SEQ)
     with poisoned_outputs():
         loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
         grads = torch.autograd.grad(loss, (hidden, weight, b))
@@ -181,7 +190,6 @@ def test_modules_pass_it_on(device):
 @pytest.mark.parametrize("kw, match", [
     (dict(importance_sampling_level="sequence"),  # the default trace="both"
      r"importance_sampling_level='sequence' \(GSPO\).*got trace='both'. Pass trace=None"),
-    (dict(SEQ, beta=0.1, kl_bias_correction=True), r"kl_bias_correction=True is not supported with"),
     (dict(importance_sampling_level="seq"), r"importance_sampling_level.*'token', 'sequence'"),
 ])
 def test_bad_combinations_are_clear_errors(kw, match):

@@ -45,3 +45,9 @@ class ObjectiveParams:
     dual_clip: float | None = None  # the ratio's cap c > 1 for Â < 0 (dual-clip PPO: verl's clip_ratio_c, TRL's
     # delta): such a token's policy term is at most −c·Â
     policy: object = Clip()  # the policy term (lambda_kernels.policy_losses: Clip, CISPO, SAPO)
+
+    @property
+    def kl_needs_whole_rows(self) -> bool:
+        """Whether a token's KL gradient depends on the other tokens of its row: the KL weighted by the sequence's
+        ratio (TRL's use_bias_correction_kl at the sequence level), which the on-policy pass cannot form as it goes."""
+        return self.beta > 0 and self.kl_bias_correction and self.trace.style == SEQUENCE_STYLE

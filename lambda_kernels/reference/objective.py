@@ -122,7 +122,7 @@ def grpo_lambda_loss(
         if kl_bias_correction:
             # weighted by the token's own ratio π/π_old (untraced, unclipped, differentiable: 1 on-policy, with
             # gradient), which makes the KL gradient the unbiased reverse-KL one (TRL's use_bias_correction_kl)
-            log_r = lp - old
+            log_r = z if sequence_level else lp - old  # (TRL: the sequence's ratio at the sequence level)
             # a zero KL (ℓ = ℓ_ref) where the ratio overflows stays 0, value and gradient (no 0·inf = NaN)
             with torch.no_grad():
                 overflow = (kl == 0) & torch.isinf(torch.exp(log_r))

@@ -4,7 +4,8 @@ Three strategies, chosen per call (`fused_loss_forward`):
 
 * on-policy (old_logprobs None), token plan: per chunk, logits → `onpolicy_rows_kernel` (ℓ, H, dlogits in place) →
   dX, dW GEMMs. The token gradient is known before the log-probs (grpo_lambda.md §5): 6·N·H·V FLOPs.
-* off-policy, token plan, every sequence fits a chunk: chunks hold whole sequences; per chunk, logits → ℓ and lse
+* off-policy (or on-policy with a KL weighted by the sequence's ratio, whose gradient needs the row's log-probs),
+  token plan, every sequence fits a chunk: chunks hold whole sequences; per chunk, logits → ℓ and lse
   (`logprob_rows`) → the objective on those rows alone gives ∂loss/∂ℓ (rows do not interact, the normalisers are
   known from the mask) → dlogits over the same logits → GEMMs. Also 6·N·H·V FLOPs.
 * otherwise (a sequence longer than a chunk, or the vocab plan under a memory budget): pass 1 computes ℓ for all
@@ -83,8 +84,10 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     cast_dw = memory_budget_bytes() is not None
     gemm_args = (weight, bias, objective, beta, tf, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
+    # on-policy, the token gradient is known before the log-probs unless its KL needs whole rows of them
+    one_pass_on_policy = old is None and not objective.params.kl_needs_whole_rows
     ahead = None
-    if need_grad and shard is None and old is None and _runs_ahead(rows_impl, hidden):
+    if need_grad and shard is None and one_pass_on_policy and _runs_ahead(rows_impl, hidden):
         ahead = plan_for(x, weight, need_dx, need_dw)  # for all B·T rows: the real ones are at most that many
         if ahead.kind not in ("tokens", "split") or B * T <= ahead.max_rows:
             ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
@@ -98,8 +101,9 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
         batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt)  # (waits for the read)
         plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
         chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
-        sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and old is not None else None
-        if chunked and old is None:
+        sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and not one_pass_on_policy \
+            else None
+        if chunked and one_pass_on_policy:
             lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, plan)
         elif sequences is not None:
             lp_v, ent_v, (dx_v, dw, db) = _offpolicy_one_pass(batch, *gemm_args, sequences, plan)
@@ -246,7 +250,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
         lp_block = (ref[rows].to(batch.sdt).clone() if ref is not None else
                     torch.zeros((rows.stop - rows.start, T), dtype=batch.sdt, device=lp_v.device))
         lp_block.view(-1).index_copy_(0, local, lp_v[sl])
-        g = objective.rows_grad(lp_block, old[rows], batch.adv[rows], batch.mask_f[rows],
+        g = objective.rows_grad(lp_block, None if old is None else old[rows], batch.adv[rows], batch.mask_f[rows],
                                 None if ref is None else ref[rows], batch.scales[rows],
                                 None if batch.pw is None else batch.pw[rows])
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()

@@ -22,7 +22,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
                          HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
                          KL_CORRECTED: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
-    kl the k3 estimate, times the token's own ratio exp(ℓ − ℓ_old) when KL_CORRECTED (1 on-policy). HAS_DUAL: the
+    kl the k3 estimate, times the token's own ratio exp(ℓ − ℓ_old) when KL_CORRECTED (1 on-policy; the sequence's
+    ratio at STYLE 3, as TRL). HAS_DUAL: the
     policy term of a token with Â < 0 and ρ̃ > dual_clip (> 1) is the constant −dual_clip·Â (dual clip). HAS_W: the
     policy term (not the KL) times the token's weight w [B, T] (a weight of 0 adds exactly 0); the clip statistics
     are the unweighted ones.
@@ -102,7 +103,9 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
             b_ref = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_dr = b_ref - b_lp
             b_kl = tl.exp(b_dr) - b_dr - 1.0
-            if KL_CORRECTED and not ON_POLICY:
+            if KL_CORRECTED and STYLE == 3:  # TRL weighs it by the sequence's ratio there (1 on-policy)
+                b_kl = tl.where(b_kl != 0, b_kl * b_ratio, 0.0)
+            elif KL_CORRECTED and not ON_POLICY:
                 # (padding: both zeroed, ratio 1); a zero KL stays 0 where the ratio overflowed (0·inf would be NaN)
                 b_kl = tl.where(b_kl != 0, b_kl * tl.exp(b_lp - b_old), 0.0)
             b_tok += beta * b_kl
@@ -221,11 +224,34 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     tl.store(out_ptr + o_s, out)
 
 
+@triton.jit
+def _row_ratio_and_kl(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, T, ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(exp(Σ m·(ℓ − ℓ_old) / L), Σ m·kl / L) of a row, L = max(Σ m, 1): the sequence's ratio (1 on-policy) and its
+    mean k3 KL, in a first walk over the row (padding's values selected away: they may be ±inf or NaN)."""
+    acc_d = tl.zeros((BLOCK_T,), tl.float32)
+    acc_kl = tl.zeros((BLOCK_T,), tl.float32)
+    acc_m = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
+        b_valid = b_m != 0
+        b_lp = tl.where(b_valid, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
+        b_dr = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0) - b_lp
+        acc_kl += tl.where(b_valid, b_m * (tl.exp(b_dr) - b_dr - 1.0), 0.0)
+        if not ON_POLICY:
+            b_old = tl.where(b_valid, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
+            acc_d += tl.where(b_valid, b_m * (b_lp - b_old), 0.0)
+        acc_m += b_m
+    inv_len = 1.0 / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+    return tl.exp(tl.sum(acc_d, axis=0) * inv_len), tl.sum(acc_kl, axis=0) * inv_len
+
+
 @triton.jit(do_not_specialize=["T"])
 def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr, gout_ptr, glp_ptr, scratch_ptr,
                          T, a, log2a, beta,
                          STYLE: tl.constexpr, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr,
-                         ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
+                         KL_SEQ: tl.constexpr, ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
     """∂loss/∂ℓ_j = g_out·s_i·m_j·(Σ_{t≥j} w(t, j)·coef_t + β·∂kl_j/∂ℓ_j), rows walked right to left.
 
     ∂kl/∂ℓ = 1 − exp(ℓ_ref − ℓ) for the k3 estimate; with KL_CORRECTED, d(kl·r)/dℓ for r = exp(ℓ − ℓ_old) is
@@ -233,11 +259,15 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr
     coef [B, T] fp32 (forward), lp, old, ref [B, T] any float (ref only when HAS_KL, old only when KL_CORRECTED and
     not ON_POLICY), mask [B, T], scale [B] fp32 (finalize), gout [1] fp32, glp [B, T] out (lp's dtype), scratch
     [B, 2, T] fp32 (STYLE 2). STYLE 3 (the sequence level): Σ_{t≥j} w(t, j)·coef_t is the row's Σ_t coef_t /
-    max(Σ m, 1) for every j, reduced in a first walk over the row. Grid (B,).
+    max(Σ m, 1) for every j, reduced in a first walk over the row. KL_SEQ (with KL_CORRECTED, at the sequence
+    level): the KL term is Σ_t m_t·kl_t·ρ_i with ρ_i the sequence's ratio exp(Σ m·(ℓ − ℓ_old) / L), L = max(Σ m, 1),
+    so ∂/∂ℓ_j = m_j·β·ρ_i·(∂kl_j/∂ℓ_j + Σ_t m_t·kl_t / L): ρ_i and the row's mean KL from a first walk. Grid (B,).
     """
     i_b, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
     if STYLE == 3:
         carry_r = row_mean(coef_ptr, coef_ptr, mask_ptr, row, T, False, BLOCK_T)
+    if KL_SEQ:
+        seq_ratio, seq_kl = _row_ratio_and_kl(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, T, ON_POLICY, BLOCK_T)
     row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
@@ -251,7 +281,10 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr
         if HAS_KL:  # (padding's ℓ, ℓ_ref zeroed, as in the forward)
             b_lp = tl.where(b_m != 0, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
             b_ref = tl.where(b_m != 0, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
-            if KL_CORRECTED:
+            if KL_SEQ:
+                b_kl_g = 1.0 - tl.exp(b_ref - b_lp) + seq_kl
+                b_g += beta * tl.where(b_kl_g != 0, b_kl_g * seq_ratio, 0.0)  # (no 0·inf)
+            elif KL_CORRECTED:
                 b_kl_g = b_lp - b_ref
                 if not ON_POLICY:
                     b_old = tl.where(b_m != 0, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32),

@@ -133,7 +133,8 @@ def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, o
         coef, lp, old.contiguous() if corrected and not on_policy else lp, ref.contiguous() if has_kl else lp,
         mask_k, scales, grad_out.reshape(1).to(torch.float32), grad, scratch_for(trace, B, T, coef.device), T,
         trace.a, trace.log2a, params.beta,
-        STYLE=trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected, ON_POLICY=on_policy or not corrected,
+        STYLE=trace.style, HAS_KL=has_kl, KL_CORRECTED=corrected,
+        KL_SEQ=corrected and params.trace.style == SEQUENCE_STYLE, ON_POLICY=on_policy or not corrected,
         BLOCK_T=block, num_warps=warps)  # (ON_POLICY only matters to the corrected KL: one variant otherwise)
     return grad
 
