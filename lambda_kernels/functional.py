@@ -173,6 +173,12 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
     if dual_clip is not None and not isinstance(policy, Clip):
         raise ValueError(f"{op}: `dual_clip` caps the clipped objective's ratio; it does not apply to "
                          f"policy_loss={policy.name!r}. Pass dual_clip=None with it.")
+    if epsilon_high is not None and not isinstance(policy, Clip):
+        # (TRL reads its epsilon_high as CISPO's cap: a port that passes it here would otherwise be ignored)
+        raise ValueError(f"{op}: `epsilon_high` is the clipped objective's upper clip range; policy_loss="
+                         f"{policy.name!r} does not use it (got epsilon_high={epsilon_high!r}). Pass epsilon_high="
+                         "None; CISPO's cap (TRL's epsilon_high for loss_type='cispo') is "
+                         "lambda_kernels.CISPO(max_ratio=...).")
     checks.choice(op, "loss_type", loss_type, LOSS_TYPES)
     checks.positive_int(op, "max_completion_length", max_completion_length, allow_none=True)
     if num_items_in_batch is not None:
@@ -247,9 +253,10 @@ def grpo_lambda_loss(
             weight there reaches the loss); the clip metrics count every token as without weights, as TRL and verl
             do.
         importance_sampling_level: "token" (the traced per-token ratio) or "sequence" (GSPO's length-normalised
-            sequence ratio; needs trace=None). Its gradient reaches every token of
-            the sequence equally, so it is still a single pass on-policy. The clip metrics become TRL's
-            sequence-level ones: means over all B sequences, and extremes over all of them. With
+            sequence ratio; needs trace=None). Its gradient reaches every token of the sequence equally, so it is
+            still a single pass on-policy. With one advantage per sequence [B] the clip metrics become TRL's
+            sequence-level ones: means over all B sequences, and extremes over all of them (with per-token
+            advantages they stay token means, as TRL's broadcast [B, T] clip masks would give). With
             kl_bias_correction the KL is weighted by the sequence's ratio (TRL's broadcast), whose gradient
             reaches every token of the sequence through the row's mean KL: the fused loss then needs the
             log-probs of whole sequences first, as off-policy (still one pass where every sequence fits a chunk).
@@ -258,7 +265,8 @@ def grpo_lambda_loss(
             `SAPO(temperature_pos=1.0, temperature_neg=1.05)` (see `lambda_kernels.policy_losses`). CISPO replaces
             the policy term by `−sg(min(ρ̃, max_ratio))·Â·ℓ` (TRL's `loss_type="cispo"`, its `epsilon_high` being
             max_ratio) and SAPO by `−(4/τ)·σ(τ·(ρ̃ − 1))·Â` (TRL's "sapo"); ρ̃ is the traced (or sequence) ratio in
-            both, and the loss_type aggregates them as any other. Neither uses epsilon_low/high nor dual_clip;
+            both, and the loss_type aggregates them as any other. Neither uses epsilon_low/high nor dual_clip
+            (an epsilon_high or a dual_clip given with them is refused: CISPO's cap is `CISPO(max_ratio=...)`);
             their metrics are TRL's: "cispo_clip_ratio" (no "clip_ratio/*") for CISPO, none of the clip ones for
             SAPO. Both are one pass on-policy in the fused loss too.
         impl: "auto" | "triton" | "torch".

@@ -23,8 +23,8 @@ class CISPO:
     """CISPO (MiniMax-M1; ScaleRL's choice; TRL's `loss_type="cispo"`): REINFORCE with a capped importance weight,
     `−sg(min(ρ̃, max_ratio))·Â·ℓ`. Every token keeps a gradient, `−min(ρ̃, max_ratio)·Â` on its own log-prob ℓ; the
     ratio (traced, or the sequence's) only sets the weight. `max_ratio` is TRL's `epsilon_high` for this loss (ε_max
-    in ScaleRL, 5 recommended there). The metric "cispo_clip_ratio" is TRL's: the fraction of tokens with Â > 0 whose
-    weight was capped."""
+    in ScaleRL, 5 recommended there). The metric "cispo_clip_ratio" is TRL's: the fraction of the loss tokens that
+    have Â > 0 and a capped weight."""
 
     max_ratio: float = 5.0
     name = "cispo"
@@ -32,6 +32,7 @@ class CISPO:
 
     def __post_init__(self):
         _check_positive("CISPO", "max_ratio", self.max_ratio, "the cap of the importance weight, e.g. 5.0")
+        object.__setattr__(self, "max_ratio", float(self.max_ratio))  # (an int would compile a kernel variant)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class SAPO:
     def __post_init__(self):
         for field in ("temperature_pos", "temperature_neg"):
             _check_positive("SAPO", field, getattr(self, field), "the gate's temperature, e.g. 1.0")
+            object.__setattr__(self, field, float(getattr(self, field)))
 
 
 POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO}

@@ -123,13 +123,15 @@ def test_on_policy_gradients(trace, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("plan, rows", PLANS)
-@pytest.mark.parametrize("name, on_policy", list(itertools.product(POLICIES, [True, False])))
-def test_fused_loss_matches_reference(impl, plan, rows, name, on_policy, device, monkeypatch):
+@pytest.mark.parametrize("name, on_policy, level", list(itertools.product(POLICIES, [True, False],
+                                                                          ["token", "sequence"])))
+def test_fused_loss_matches_reference(impl, plan, rows, name, on_policy, level, device, monkeypatch):
     force_plan(monkeypatch, plan, rows)
     hidden, weight, b, ids, mask, adv = make_batch(B=4, device=device, seed=PLANS.index((plan, rows)))
     old = perturbed_old(hidden, weight, b, ids, 0.8, scale=0.5)
-    kw = dict(old_logprobs=None if on_policy else old, temperature=0.8, trace="both", lam=0.9, beta=0.05,
-              ref_logprobs=old, policy_loss=POLICIES[name], return_entropy=True)
+    kw = dict(old_logprobs=None if on_policy else old, temperature=0.8, trace="both" if level == "token" else None,
+              lam=0.9, beta=0.05, ref_logprobs=old, policy_loss=POLICIES[name], return_entropy=True,
+              importance_sampling_level=level)
     with poisoned_outputs():
         loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
         grads = torch.autograd.grad(loss, (hidden, weight, b))
@@ -211,3 +213,43 @@ def test_dual_clip_needs_the_clip():
     hidden, weight, _, ids, mask, adv = make_batch(B=2, T=3, H=8, V=20)
     with pytest.raises(ValueError, match="does not apply to policy_loss='cispo'"):
         lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, policy_loss="cispo", dual_clip=3.0)
+
+
+@pytest.mark.parametrize("name, level, on_policy", list(itertools.product(
+    POLICIES, ["token", "sequence"], [False, True])))
+def test_fractional_mask_weighs_each_token_once(name, level, on_policy, device):
+    """A float mask m weighs a token's term by m (n = m·s), once: CISPO's coefficient is on ℓ itself, so the kernels
+    must not multiply it by m again as they do the traced terms' (whose z is built from m·Δ)."""
+    lp, old, adv, mask, _ = make_logprob_batch(3, 11, seed=12, spread=0.5, device=device)
+    g = torch.Generator().manual_seed(5)
+    mask_f = mask.to(torch.float64) * (0.25 + torch.rand(mask.shape, generator=g, dtype=torch.float64)).to(device)
+    kw = dict(trace=None, importance_sampling_level=level, policy_loss=POLICIES[name], loss_type="luspo")
+    ours, expected = run_both(lp, None if on_policy else old, adv, mask_f, **kw)
+    assert_objective_matches(ours, expected)
+    hidden, weight, b, ids, mask, adv = make_batch(B=3, device=device, seed=13)
+    mask_f = mask.to(torch.float32) * (0.25 + torch.rand(mask.shape, generator=g)).to(device)
+    kw = dict(kw, old_logprobs=None if on_policy else perturbed_old(hidden, weight, b, ids, 1.0, scale=0.5))
+    loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask_f, adv, bias=b, impl="triton", **kw)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    assert_matches(loss, metrics, grads, reference_run(hidden, weight, b, ids, mask_f, adv, **kw))
+
+
+@pytest.mark.parametrize("policy", ["clip", "sapo"])
+def test_epsilon_high_is_the_clips(policy):
+    lp, old, adv, mask, _ = make_logprob_batch(2, 5, seed=7)
+    lk.grpo_lambda_loss(lp, old, adv, mask, policy_loss=policy, epsilon_low=0.3)  # (epsilon_low: unused, allowed)
+    with pytest.raises(ValueError, match=r"`epsilon_high` is the clipped objective's upper clip range; policy_loss="
+                                         r"'cispo' does not use it \(got epsilon_high=4.0\).*CISPO\(max_ratio=...\)"):
+        lk.grpo_lambda_loss(lp, old, adv, mask, policy_loss="cispo", epsilon_high=4.0)
+    loss, _ = lk.grpo_lambda_loss(lp, old, adv, mask, policy_loss=policy, epsilon_high=0.28) if policy == "clip" \
+        else (None, None)
+    if policy == "sapo":
+        with pytest.raises(ValueError, match="policy_loss='sapo' does not use it"):
+            lk.grpo_lambda_loss(lp, old, adv, mask, policy_loss=policy, epsilon_high=0.28)
+    else:
+        assert torch.isfinite(loss)
+
+
+def test_integer_settings_are_floats():
+    assert lk.CISPO(2) == lk.CISPO(2.0) and isinstance(lk.CISPO(2).max_ratio, float)
+    assert isinstance(lk.SAPO(1, 2).temperature_neg, float)

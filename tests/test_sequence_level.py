@@ -47,6 +47,9 @@ def trl_gspo(lp, old, adv, mask, ref, beta, loss_type, num_items=None, corrected
     metrics = {"clip_ratio/low_mean": low.mean(), "clip_ratio/high_mean": high.mean(),
                "clip_ratio/region_mean": (low + high).clamp(max=1).mean(), "clip_ratio/low_min": low.min(),
                "clip_ratio/high_max": high.max()}
+    if beta > 0:  # TRL logs the KL it adds (weighted by the sequence's ratio with use_bias_correction_kl)
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        metrics["kl"] = ((kl * coef_1 if corrected else kl) * m).sum() / m.sum()
     return loss, metrics
 
 
@@ -199,3 +202,45 @@ def test_bad_combinations_are_clear_errors(kw, match):
     hidden, weight, _, ids, mask, adv = make_batch(B=2, T=3, H=8, V=20)
     with pytest.raises(ValueError, match=match):
         lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, ref_logprobs=torch.zeros(2, 3), **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequences_without_tokens_count_in_the_sequence_metrics(impl, device):
+    """At the sequence level every sequence counts, one without tokens as unclipped (TRL's [B, 1] masks): three
+    low-clipped sequences and an empty one give low_mean 3/4 and low_min 0; at the token level 1 and 1."""
+    lp = torch.zeros(4, 3, device=device, requires_grad=True)
+    old = torch.full((4, 3), 0.5, device=device)  # ratio e^−0.5 < 1 − ε everywhere
+    mask = torch.ones(4, 3, device=device)
+    mask[2] = 0
+    adv = -torch.ones(4, device=device)
+    for level, (mean, least) in (("sequence", (0.75, 0.0)), ("token", (1.0, 1.0))):
+        _, metrics = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, importance_sampling_level=level, impl=impl)
+        assert metrics["clip_ratio/low_mean"].item() == pytest.approx(mean), level
+        assert metrics["clip_ratio/low_min"].item() == least, level
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_advantages_keep_token_means(impl, device):
+    """With advantages [B, T], TRL's clip masks would broadcast to [B, T]: token means, and extremes over the
+    sequences with tokens, as at the token level (a 1-token low-clipped row and a 3-token unclipped one: 1/4)."""
+    lp = torch.zeros(2, 3, device=device, requires_grad=True)
+    old = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], device=device)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], device=device)
+    adv = -torch.ones(2, 3, device=device)
+    _, metrics = lk.grpo_lambda_loss(lp, old, adv, mask, trace=None, importance_sampling_level="sequence", impl=impl)
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(0.25)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(0.25)
+    assert metrics["clip_ratio/low_min"].item() == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_type", ["luspo", "dr_grpo"])
+def test_empty_batch(impl, loss_type, device):
+    """B = 0: a zero loss and zero gradients, no division by B."""
+    hidden = torch.zeros(0, 5, 8, device=device, requires_grad=True)
+    weight = torch.randn(20, 8, device=device, requires_grad=True)
+    ids = torch.zeros(0, 5, dtype=torch.long, device=device)
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, torch.zeros(0, 5, device=device),
+                                        torch.zeros(0, device=device), loss_type=loss_type, impl=impl, **SEQ)
+    grad_w, = torch.autograd.grad(loss, weight)
+    assert loss.item() == 0.0 and (grad_w == 0).all()

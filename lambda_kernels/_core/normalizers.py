@@ -25,7 +25,7 @@ def row_scales(mask: torch.Tensor, loss_type: str, max_completion_length, num_it
         return 1.0 / (B * mask.sum(dim=1).clamp(min=1.0))
     if loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
-        return torch.full((B,), 1.0 / (B * length), dtype=torch.float32, device=mask.device)
+        return torch.full((B,), 1.0 / max(B * length, 1), dtype=torch.float32, device=mask.device)  # (B = 0)
     if loss_type == "luspo":
-        return torch.full((B,), 1.0 / B, dtype=torch.float32, device=mask.device)
+        return torch.full((B,), 1.0 / max(B, 1), dtype=torch.float32, device=mask.device)
     raise ValueError(f"unknown loss_type {loss_type!r}")

@@ -145,9 +145,10 @@ def grpo_lambda_loss(
         has = seq_count > 0
         seq_low = (m * low).sum(dim=1) / seq_count.clamp(min=1e-30)
         seq_high = (m * high).sum(dim=1) / seq_count.clamp(min=1e-30)
-        if sequence_level:
+        if sequence_level and advantages.dim() == 1:
             # TRL's sequence-level metrics: the clipped fractions are means over sequences, every sequence counted
-            # (one without tokens has ratio 1: never clipped), and the extremes range over every sequence too
+            # (one without tokens has ratio 1: never clipped), and the extremes range over every sequence too (with
+            # per-token advantages TRL's clip masks would be [B, T]: token means, as at the token level)
             n_seq = max(B, 1)
             metrics["clip_ratio/low_mean"] = seq_low.sum() / n_seq
             metrics["clip_ratio/high_mean"] = seq_high.sum() / n_seq

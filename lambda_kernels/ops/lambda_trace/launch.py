@@ -43,8 +43,10 @@ def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype:
     """One direction of the trace over rows [B, T]: one program per row, or chunk-parallel for few long rows."""
     inp = inp.contiguous()
     B, T = inp.shape
-    if params.style == SEQUENCE_STYLE:
-        return _sequence_mean(inp, mask, out_dtype, reverse)
+    if params.style == SEQUENCE_STYLE:  # (only the objective's on-policy gradient: the backward)
+        if not reverse:
+            raise NotImplementedError("the sequence style's forward runs inside the objective kernels only")
+        return _sequence_mean_backward(inp, mask, out_dtype)
     out = torch.empty((B, T), dtype=out_dtype, device=inp.device)
     if B == 0 or T == 0:
         return out
@@ -57,22 +59,17 @@ def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype:
     return out
 
 
-def _sequence_mean(inp: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype, reverse: bool) -> torch.Tensor:
-    """The sequence style (GSPO; not a scan): forward z_t = Σ_j m_j·x_j / max(Σ m, 1) at every t; backward
-    grad_x_j = m_j·Σ_t grad_z_t / max(Σ m, 1), over the real t (as the objective's backward kernel). Two row
-    reductions in plain torch: only the on-policy token gradient comes here (the objective kernels reduce their rows
-    themselves)."""
+def _sequence_mean_backward(grad_z: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The sequence style's backward (GSPO; not a scan): grad_x_j = m_j·Σ_t grad_z_t / max(Σ m, 1) over the real t
+    (as the objective's backward kernel). A row reduction in plain torch: only the on-policy token gradient comes
+    here (the objective kernels reduce their rows themselves)."""
     m = mask.to(torch.float32)
     real = m != 0
-    x = inp.to(torch.float32)
+    zero = torch.zeros((), device=grad_z.device)
     count = m.sum(dim=1, keepdim=True).clamp(min=1.0)
-    zero = torch.zeros((), device=inp.device)
-    # (x where m = 0 is never used: it may be ±inf or NaN, selected away, not multiplied)
-    if reverse:
-        out = torch.where(real, m * (torch.where(real, x, zero).sum(dim=1, keepdim=True) / count), zero)
-    else:
-        out = (torch.where(real, m * x, zero).sum(dim=1, keepdim=True) / count).expand_as(x)
-    return out.to(out_dtype)
+    # (grad_z where m = 0 is never used: selected away, not multiplied)
+    total = torch.where(real, grad_z.to(torch.float32), zero).sum(dim=1, keepdim=True)
+    return torch.where(real, m * (total / count), zero).to(out_dtype)
 
 
 def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:

@@ -31,7 +31,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     The aggregation scale of the row is not known yet (it may need the whole batch's Σm): the finalize kernel
     applies it to the row sums, the backward kernel to the coefficients.
     lp, old, ref [B, T] any float (old unused when ON_POLICY, ref unless HAS_KL); adv [B] or [B, T] (ADV_PER_TOKEN);
-    mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the clipped term;
+    mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the policy term (CISPO:
+    ∂L_t/∂ℓ_t, which the backward does not scan);
     stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
     POLICY (lambda_kernels.policy_losses): 0 the clipped term above; 1 CISPO, −min(ρ̃, cispo_cap)·Â·ℓ with its
     coefficient on ℓ itself (the caller's backward does not scan it), the capped tokens with Â > 0 in the high
@@ -122,8 +123,10 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
                 if HAS_DUAL:
                     b_active = b_active & ~((b_adv < 0) & (b_ratio > dual_clip))
                 b_c = tl.where(b_active, -b_m * b_adv * b_ratio, 0.0)
-            elif POLICY == 1:  # ∂/∂ℓ_t itself: −min(ρ̃, c)·Â (the weight is a constant)
-                b_c = tl.where(b_valid & b_live, -b_m * b_adv * b_weight, 0.0)
+            elif POLICY == 1:
+                # ∂L_t/∂ℓ_t itself, −min(ρ̃, c)·Â (the weight is a constant), without m_t: the unscanned backward
+                # multiplies by m_t once (the other terms' m_t is that of z = trace(m·Δ))
+                b_c = tl.where(b_valid & b_live, -b_adv * b_weight, 0.0)
             else:  # d/dz of −(4/τ)·σ(τ(ρ̃ − 1))·Â = −4·σ'·ρ̃·Â
                 b_d = 4.0 * b_e / ((1.0 + b_e) * (1.0 + b_e))
                 b_c = tl.where(b_valid & b_live & (b_e != 0), -b_m * b_adv * b_d * b_ratio, 0.0)

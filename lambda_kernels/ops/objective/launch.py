@@ -54,11 +54,17 @@ def objective_forward(lp, old, adv, mask, ref, params: ObjectiveParams, need_gra
             float(num_items_in_batch) if num_items_in_batch is not None and not items_is_tensor else 1.0,
             1.0 / (B * length), LOSS_TYPE=LOSS_CODES[params.loss_type],
             NUM_ITEMS=2 if items_is_tensor else int(num_items_in_batch is not None),
-            SEQ_LEVEL=params.trace.style == SEQUENCE_STYLE,
+            SEQ_LEVEL=sequence_level_metrics(params, adv),
             BLOCK_B=min(max(16, 1 << (B - 1).bit_length()), 1024))
     # (the loss has storage of its own: a caller may edit it in place, `loss /= accumulation`, which autograd forbids
     # on a view of a buffer the metrics also view)
     return loss, out, ((coef, scales, mask_k) if need_grad else None)
+
+
+def sequence_level_metrics(params: ObjectiveParams, adv: torch.Tensor) -> bool:
+    """TRL's sequence-level clip metrics (over sequences) where its clip masks are [B, 1]: the sequence level with
+    one advantage per sequence; with per-token advantages [B, T] they are [B, T] there, token means as usual."""
+    return params.trace.style == SEQUENCE_STYLE and adv.dim() == 1
 
 
 def metric_views(out: torch.Tensor, policy) -> dict:
@@ -172,9 +178,13 @@ def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams, weights=No
     a = a.unsqueeze(1) if a.dim() == 1 else a
     if params.adv_clamp_min is not None:
         a = a.clamp(min=params.adv_clamp_min)
-    if isinstance(params.policy, CISPO):  # its weight min(ρ̃, c) at ρ̃ = 1 (SAPO's gate has slope 1 there: as clip)
+    m = mask_f
+    if isinstance(params.policy, CISPO):
+        # its weight min(ρ̃, c) at ρ̃ = 1 (SAPO's gate has slope 1 there: as the clip's); its coefficient is on ℓ
+        # itself, which the unscanned backward multiplies by m once (the others' m is that of z = trace(m·Δ))
         a = a * min(1.0, params.policy.max_ratio)
-    coef = torch.where(mask_f != 0, -mask_f * scales.unsqueeze(1) * a, torch.zeros((), device=a.device))
+        m = torch.ones((), device=a.device)
+    coef = torch.where(mask_f != 0, -m * scales.unsqueeze(1) * a, torch.zeros((), device=a.device))
     if weights is not None:  # (a weight of 0, or padding's, adds exactly 0 whatever the weight tensor holds there)
         w = weights.to(torch.float32)
         coef = torch.where((mask_f != 0) & (w != 0), coef * w, torch.zeros((), device=a.device))
