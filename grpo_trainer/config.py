@@ -26,6 +26,7 @@ ALGORITHMS = ("grpo", "grpo_lambda")
 TRACES = ("recent", "both")
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
@@ -121,13 +122,29 @@ class GRPOLambdaConfig:
                       TRAIN, "algorithm")
     kl_bias_correction: bool = opt(False, "Weight each token's KL by its ratio π/π_old (TRL's use_bias_correction_kl; "
                                    "the paper's runs: false).", TRAIN, "algorithm")
-    epsilon: float = opt(0.2, "Lower clip range ε of the ratio.", TRAIN, "algorithm")
-    epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon).", TRAIN, "algorithm")
+    policy_loss: str = opt(
+        "clip", f"Policy term of the objective: one of {POLICY_LOSSES}. 'clip': PPO's clipped ratio (epsilon, "
+                "epsilon_high, delta); 'cispo': CISPO, -sg(min(ratio, cispo_max_ratio))*A*log-prob (TRL's loss_type "
+                "cispo); 'sapo': SAPO's soft gate -(4/t)*sigmoid(t*(ratio - 1))*A, t = sapo_temperature_pos where "
+                "A > 0, else sapo_temperature_neg (TRL's loss_type sapo). The ratio of all three is traced with "
+                "grpo_lambda, and the sequence's with importance_sampling_level sequence; cispo and sapo use neither "
+                "epsilon nor epsilon_high, and refuse delta. loss_type still aggregates (TRL's cispo is dapo's, its "
+                "sapo grpo's).", TRAIN, "algorithm")
+    epsilon: float = opt(0.2, "Lower clip range ε of the ratio (policy_loss clip).", TRAIN, "algorithm")
+    epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon; policy_loss clip).", TRAIN,
+                                        "algorithm")
     delta: Optional[float] = opt(None, "Dual-clip PPO (TRL's delta, verl's clip_ratio_c): a token with a negative "
                                        "advantage and ratio above delta (> 1 + epsilon_high) adds -delta*A and no "
                                        "gradient. Acts only with num_iterations > 1 (from a rollout's second pass "
-                                       "on: the first is on-policy, ratio 1); None = off.",
+                                       "on: the first is on-policy, ratio 1); None = off. policy_loss clip only.",
                                  TRAIN, "algorithm")
+    cispo_max_ratio: float = opt(5.0, "CISPO's cap of the importance weight, > 0 (TRL's epsilon_high with loss_type "
+                                      "cispo, 5.0 recommended there; ScaleRL's ε_max). policy_loss cispo only.",
+                                 TRAIN, "algorithm")
+    sapo_temperature_pos: float = opt(1.0, "SAPO's gate temperature for tokens with A > 0, > 0 (TRL's name and "
+                                           "default). policy_loss sapo only.", TRAIN, "algorithm")
+    sapo_temperature_neg: float = opt(1.05, "SAPO's gate temperature for tokens with A <= 0, > 0 (TRL's name and "
+                                            "default). policy_loss sapo only.", TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names; luspo: the sum over each "
                                  "sequence's tokens, averaged over sequences).", TRAIN, "algorithm")
     importance_sampling_level: str = opt(
@@ -288,7 +305,7 @@ class GRPOLambdaConfig:
         _non_negative("epsilon", self.epsilon)
         if self.epsilon_high is not None:
             _non_negative("epsilon_high", self.epsilon_high)
-        _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
+        self._validate_policy_loss()
         if not _is_number(self.top_entropy_quantile) or not 0 < self.top_entropy_quantile <= 1:
             raise ConfigError(f"top_entropy_quantile must be in (0, 1]; got {self.top_entropy_quantile!r} (1.0 trains "
                               "every token, 0.2 the top 20% by entropy).")
@@ -338,6 +355,21 @@ class GRPOLambdaConfig:
                                   "vLLM engine would sit on cuda:0 apart from the policy. Choose the GPU with "
                                   f"CUDA_VISIBLE_DEVICES={device.index} and --device cuda instead.")
         return self
+
+    def _validate_policy_loss(self):
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _positive_number("cispo_max_ratio", self.cispo_max_ratio,
+                         "It caps CISPO's importance weight min(ratio, cispo_max_ratio); TRL recommends 5.0.")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            _positive_number(name, getattr(self, name), "It is SAPO's gate temperature (TRL's defaults: 1.0 for "
+                                                        "sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
+        if self.policy_loss != "clip" and self.delta is not None:
+            raise ConfigError(f"delta must be null with policy_loss = {self.policy_loss!r}; got {self.delta!r}. "
+                              "Dual clip caps the clipped objective's ratio, which "
+                              + ("CISPO replaces by its capped weight (cispo_max_ratio)" if self.policy_loss ==
+                                 "cispo" else "SAPO replaces by its soft gate")
+                              + ": set delta null, or use policy_loss clip.")
+        _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
 
     def _validate_importance_sampling_level(self):
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)

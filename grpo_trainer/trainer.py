@@ -5,7 +5,8 @@ One step: prompts → G completions each (a GenerationBackend) → rewards (weig
 `linear_logprobs` on hidden states → `num_iterations` updates, each over gradient-accumulated micro-batches of
 `fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
 With vLLM, TRL's importance-sampling correction weights each token's policy term by π_old/q (see
-`vllm_importance_weights`), the fused loss's `policy_weights`.
+`vllm_importance_weights`), the fused loss's `policy_weights`. The policy term is the clipped ratio's, CISPO's or
+SAPO's (`policy_loss`); the metrics are those the loss returns for it.
 A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from lambda_kernels import fused_grpo_lambda_loss, group_advantages, linear_logprobs
+from lambda_kernels import CISPO, SAPO, Clip, fused_grpo_lambda_loss, group_advantages, linear_logprobs
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -63,6 +64,15 @@ class Batch:
         return self._map(lambda t: t[idx])
 
 
+def policy_term(cfg: GRPOLambdaConfig):
+    """The fused loss's `policy_loss` of the config: lambda_kernels' Clip, CISPO or SAPO with its options."""
+    if cfg.policy_loss == "cispo":
+        return CISPO(max_ratio=cfg.cispo_max_ratio)
+    if cfg.policy_loss == "sapo":
+        return SAPO(temperature_pos=cfg.sapo_temperature_pos, temperature_neg=cfg.sapo_temperature_neg)
+    return Clip()
+
+
 def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
                 num_items_in_batch=None):
     """The GRPO(-λ) loss of `model` on `batch` from hidden states and the LM head → (loss, metrics)."""
@@ -80,7 +90,7 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         softcap=softcap, trace=cfg.loss_trace, lam=cfg.lam, gamma=cfg.gamma,
         adv_clamp_min=cfg.loss_adv_clamp_min, policy_weights=weights,
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
-        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, policy_loss=policy_term(cfg),
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
         return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
 
@@ -343,7 +353,8 @@ class GRPOLambdaTrainer:
 
         # TRL's per-sequence clip extremes are undefined for a micro-batch without loss tokens (NaN there, which
         # `add` skips, as TRL's logging drops NaN), not 0; at the sequence level they range over every sequence, one
-        # without tokens included (unclipped, 0), as TRL's do
+        # without tokens included (unclipped, 0), as TRL's do. (Only the clipped ratio has them: the metrics are
+        # whatever the loss returns for the policy term, cispo's cispo_clip_ratio, none of the clip ones for sapo.)
         per_sequence = ("clip_ratio/low_min", "clip_ratio/high_max")
         token_level = cfg.importance_sampling_level == "token"
 
@@ -369,7 +380,8 @@ class GRPOLambdaTrainer:
                 values = {k: v.detach().float() for k, v in m.items()}
                 if token_level:
                     has_tokens = batch.loss_mask[sl].sum() > 0
-                    values.update({k: torch.where(has_tokens, values[k], torch.nan) for k in per_sequence})
+                    values.update({k: torch.where(has_tokens, values[k], torch.nan) for k in per_sequence
+                                   if k in values})
                 per_chunk.append(torch.stack(list(values.values())))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))

@@ -12,15 +12,17 @@ checkpoints. Two methods change:
   [B, T, V] logits; one pass when on-policy), with the GRPO-λ trace on top of TRL's clipped objective;
 - the old-policy and reference log-probs come from `linear_logprobs`, the same kernels as the loss, so that an
   on-policy ratio is exactly 1.
-`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, luspo, with TRL's normalisers; at the token
-level or, with `importance_sampling_level="sequence"`, GSPO's sequence level), which `tests/test_trl_trainer.py`
-checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
+`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, luspo, with TRL's normalisers, and cispo and
+sapo, the fused loss's `policy_loss` CISPO / SAPO with TRL's dapo / grpo normalisers; at the token level or, with
+`importance_sampling_level="sequence"`, GSPO's sequence level), which `tests/test_trl_trainer.py` checks value for
+value and gradient for gradient against TRL's GRPOTrainer. A model's
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
-names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included. TRL's `delta` (two-sided
-clipping) is the fused loss's `dual_clip`; its vLLM importance-sampling weights and its `top_entropy_quantile` and
-`off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one extra log-prob pass under
-no_grad).
+names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included (cispo: TRL's
+`cispo_clip_ratio` instead; sapo: no clip metric). TRL's `delta` (two-sided clipping) is the fused loss's
+`dual_clip` (ignored with cispo and sapo, as TRL ignores it there); its vLLM importance-sampling weights and its
+`top_entropy_quantile` and `off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one
+extra log-prob pass under no_grad).
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -37,10 +39,10 @@ from typing import Optional
 
 import torch
 
-from lambda_kernels import fused_grpo_lambda_loss, linear_logprobs
+from lambda_kernels import CISPO, SAPO, Clip, fused_grpo_lambda_loss, linear_logprobs
 
 from .config import (IMPLS, IMPORTANCE_SAMPLING_LEVELS, TRACES, ConfigError, _check_delta, _choice, _finite,
-                     _unit_closed)
+                     _positive_number, _unit_closed)
 from .model import check_supported, head_softcap, head_temperature, lm_head
 
 try:
@@ -63,8 +65,12 @@ if not trl.__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's in
                   "is installed. Check the loss against trl.GRPOTrainer with trace=None (tests/test_trl_trainer.py).",
                   stacklevel=2)
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-TRL_ONLY_LOSS_TYPES = ("cispo", "sapo", "vespo")  # other policy objectives than the clipped ratio's
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped ratio's, each with TRL's normaliser
+# TRL's loss types with another policy term than the clipped ratio's: the fused loss's loss_type (TRL's normaliser
+# for it) of each; the term itself is `_policy_term`'s
+POLICY_LOSS_TYPES = {"cispo": "dapo", "sapo": "grpo"}
+LOSS_TYPES = CLIP_LOSS_TYPES + tuple(POLICY_LOSS_TYPES)
+TRL_ONLY_LOSS_TYPES = ("vespo",)  # VESPO's gamma-shaped sequence weights are not a policy term of the fused loss
 # TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
 # Pairs (is it set?, what to set instead), checked when the config is built, before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
@@ -124,9 +130,23 @@ class GRPOLambdaTRLConfig(GRPOConfig):
                               "GSPO gives every token its sequence's length-normalised ratio, which takes the place "
                               "of the λ-trace: pass trace=None (--trace none), or keep importance_sampling_level="
                               "'token' for GRPO-λ.")
-        _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         if self.loss_type not in TRL_ONLY_LOSS_TYPES:  # (those are refused below, with the other TRL options)
             _choice("loss_type", self.loss_type, LOSS_TYPES)
+        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high  # (as TRL resolves it)
+        if self.loss_type == "cispo":
+            _positive_number("epsilon_high", epsilon_high,
+                             "With loss_type='cispo' it is CISPO's cap of the importance weight, min(ratio, "
+                             "epsilon_high) (epsilon when unset); TRL recommends 5.0.")
+            if self.epsilon_high is None and epsilon_high < 1:
+                warnings.warn(f"loss_type='cispo' with epsilon_high unset caps the importance weight at epsilon = "
+                              f"{epsilon_high:g} (TRL's resolution), below 1: every on-policy token's weight is "
+                              "capped. TRL recommends epsilon_high=5.0 for cispo.", stacklevel=2)
+        elif self.loss_type == "sapo":
+            for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+                _positive_number(name, getattr(self, name), "It is SAPO's gate temperature (TRL's defaults: 1.0 "
+                                 "for sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
+        if self.loss_type not in POLICY_LOSS_TYPES:  # TRL applies delta in the clipped loss only (ignored there)
+            _check_delta(self.delta, epsilon_high)
         _refuse([what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)], ConfigError)
 
 
@@ -211,8 +231,9 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        policy, loss_type = self._policy_term()
         num_items = None
-        if self.loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens, per process and window
+        if loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens, per process and window
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
@@ -229,17 +250,29 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
             temperature=temperature, softcap=softcap, trace=self.args.trace,
             lam=self.args.lam, gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta, beta=self.beta,
-            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            dual_clip=self.args.delta if isinstance(policy, Clip) else None, beta=self.beta, loss_type=loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights,
-            importance_sampling_level=self.importance_sampling_level, impl=self.args.impl)
-        if self.loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
+            importance_sampling_level=self.importance_sampling_level, policy_loss=policy, impl=self.args.impl)
+        if loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
         self._log_metrics(mode, metrics, completion_mask)
         return loss
 
     # ---- helpers
+
+    def _policy_term(self):
+        """TRL's loss_type as (the fused loss's policy term, its loss_type: TRL's normaliser for it). cispo: CISPO
+        with TRL's epsilon_high (epsilon when unset) as the cap, normalised as dapo; sapo: SAPO with TRL's
+        temperatures, normalised as grpo; the others: the clipped ratio, with their own normaliser."""
+        if self.loss_type == "cispo":
+            return CISPO(max_ratio=self.epsilon_high), POLICY_LOSS_TYPES["cispo"]
+        if self.loss_type == "sapo":
+            # TRL's temperatures are a tensor of torch's default dtype (torch.where of two floats): rounded as there
+            pos, neg = torch.tensor([self.args.sapo_temperature_pos, self.args.sapo_temperature_neg]).tolist()
+            return SAPO(temperature_pos=pos, temperature_neg=neg), POLICY_LOSS_TYPES["sapo"]
+        return Clip(), self.loss_type
 
     @torch.no_grad()
     def _current_policy_masks(self, inputs, hidden, weight, bias, temperature, softcap):
@@ -304,28 +337,38 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     def _log_metrics(self, mode, metrics, mask):
         """TRL's metric names and values (its `global_masked_mean`): each process's means combined over processes by
         what they are means over, and the per-sequence clip extremes over every process's sequences. `entropy` and
-        `kl` are token means; the clip fractions too at the token level, but at the sequence level (one ratio per
-        sequence) means over sequences, every sequence counted. A process with nothing counted (at the token level:
-        no tokens) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One
-        reduce, one gather, one host read."""
+        `kl` are token means; the clip fractions (`clip_ratio/*_mean`, or cispo's `cispo_clip_ratio`) too at the
+        token level, but at the sequence level (one ratio per sequence) means over sequences, every sequence counted.
+        The clip metrics are those the fused loss returns for its policy term, which are TRL's for the loss type
+        (none for sapo). A process with nothing counted (at the token level: no tokens) has no extremes: NaN,
+        skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One reduce, one gather (with extremes
+        only), one host read."""
         tokens = mask.sum().to(torch.float32)
         clip_count = torch.full_like(tokens, mask.size(0)) if self.importance_sampling_level == "sequence" else tokens
         token_names = ["entropy"] + (["kl"] if self.beta != 0.0 else [])
-        clip_names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+        clip_names = [n for n in _CLIP_FRACTIONS if n in metrics]
         sums = [metrics[n] * tokens for n in token_names] + [metrics[n] * clip_count for n in clip_names]
         totals = self.accelerator.reduce(torch.stack(sums + [tokens, clip_count]), reduction="sum")
         counts = torch.cat([totals[-2].expand(len(token_names)), totals[-1].expand(len(clip_names))])
-        means = totals[:-2] / counts.clamp(min=1.0)
-        extremes = torch.stack([metrics["clip_ratio/low_min"], metrics["clip_ratio/high_max"]])
-        gathered = self.accelerator.gather(torch.where(clip_count > 0, extremes, torch.nan).reshape(1, 2))
-        gathered = gathered.reshape(-1, 2)
-        nan = gathered.isnan()
-        low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
-        high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
-        extremes = torch.stack([low_min, high_max])
-        values = torch.cat([means, torch.where(extremes.isinf(), torch.nan, extremes)]).tolist()
-        for name, value in zip(token_names + clip_names + ["clip_ratio/low_min", "clip_ratio/high_max"], values):
+        values = [totals[:-2] / counts.clamp(min=1.0)]
+        names = token_names + clip_names
+        if _CLIP_EXTREMES[0] in metrics:  # (with the clipped ratio's metrics only, as TRL's)
+            extremes = torch.stack([metrics[n] for n in _CLIP_EXTREMES])
+            gathered = self.accelerator.gather(torch.where(clip_count > 0, extremes, torch.nan).reshape(1, 2))
+            gathered = gathered.reshape(-1, 2)
+            nan = gathered.isnan()
+            low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
+            high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
+            extremes = torch.stack([low_min, high_max])
+            values.append(torch.where(extremes.isinf(), torch.nan, extremes))
+            names += list(_CLIP_EXTREMES)
+        for name, value in zip(names, torch.cat(values).tolist()):
             self._metrics[mode][name].append(value)
+
+
+# the fused loss's clip metrics as TRL logs them: fractions (global_masked_mean), per-sequence extremes (min, max)
+_CLIP_FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
+_CLIP_EXTREMES = ("clip_ratio/low_min", "clip_ratio/high_max")
 
 
 def _base_model(model):

@@ -91,6 +91,19 @@ def test_python_dash_m_entry_point():
     ({"delta": 1.2}, r"delta must be None or a finite number > 1 \+ epsilon_high = 1\.2; got 1\.2"),
     ({"delta": 1.3, "epsilon_high": 0.4}, r"delta must be .* > 1 \+ epsilon_high = 1\.4; got 1\.3"),
     ({"delta": float("inf")}, r"delta must be None or a finite number"),
+    ({"policy_loss": "cipso"}, r"policy_loss must be one of \['clip', 'cispo', 'sapo'\]; got 'cipso'\. "
+                               r"Did you mean 'cispo'\?"),
+    ({"policy_loss": "vespo"}, r"policy_loss must be one of \['clip', 'cispo', 'sapo'\]; got 'vespo'"),
+    ({"policy_loss": "cispo", "cispo_max_ratio": 0.0},
+     r"cispo_max_ratio must be a finite number > 0; got 0\.0\. It caps CISPO's importance weight"),
+    ({"cispo_max_ratio": float("nan")}, r"cispo_max_ratio must be a finite number > 0; got nan"),
+    ({"policy_loss": "sapo", "sapo_temperature_neg": -1.05},
+     r"sapo_temperature_neg must be a finite number > 0; got -1\.05\. It is SAPO's gate temperature"),
+    ({"policy_loss": "sapo", "sapo_temperature_pos": 0}, r"sapo_temperature_pos must be a finite number > 0; got 0"),
+    # dual clip caps the clipped objective's ratio: refused with the other policy terms (a valid delta for clip)
+    ({"policy_loss": "cispo", "delta": 3.0}, r"delta must be null with policy_loss = 'cispo'; got 3\.0\. .*CISPO "
+                                             r"replaces by its capped weight \(cispo_max_ratio\).*policy_loss clip"),
+    ({"policy_loss": "sapo", "delta": 3.0}, r"delta must be null with policy_loss = 'sapo'; got 3\.0\. .*soft gate"),
     ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\]; got 0\.0"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]; got 1\.5"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
@@ -131,6 +144,89 @@ def test_gspo_and_luspo_options_validate(overrides):
     cfg = build_config(None, overrides)
     assert cfg.loss_type == overrides.get("loss_type", "dapo")
     assert cfg.importance_sampling_level == overrides.get("importance_sampling_level", "token")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"policy_loss": "cispo"},
+    {"policy_loss": "cispo", "cispo_max_ratio": "4", "algorithm": "grpo", "importance_sampling_level": "sequence"},
+    {"policy_loss": "sapo", "sapo_temperature_pos": "0.5", "sapo_temperature_neg": "2", "loss_type": "grpo"},
+    {"policy_loss": "sapo", "kl_bias_correction": "true", "top_entropy_quantile": "0.2", "num_iterations": "2"},
+    {"policy_loss": "clip", "delta": "3"},
+])
+def test_policy_loss_options_validate(overrides):
+    cfg = build_config(None, overrides)
+    assert cfg.policy_loss == overrides["policy_loss"]
+    assert cfg.cispo_max_ratio == float(overrides.get("cispo_max_ratio", 5.0))
+    assert (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg) == (
+        float(overrides.get("sapo_temperature_pos", 1.0)), float(overrides.get("sapo_temperature_neg", 1.05)))
+
+
+@pytest.mark.parametrize("policy, level", [("cispo", "token"), ("cispo", "sequence"), ("sapo", "token"),
+                                           ("sapo", "sequence")])
+def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
+    """policy_loss cispo / sapo with its options (a cap of 1.1 that some tokens pass, temperatures 0.5 / 2.0 instead
+    of the defaults) is the reference fused loss with lambda_kernels' CISPO / SAPO, loss and metrics (cispo's
+    cispo_clip_ratio, none of the clip_ratio/* ones), on off-policy log-probs (±0.3 per token), with GRPO-λ's trace
+    at the token level and GSPO's ratio at the sequence level; clip, and the library's defaults, give other losses."""
+    import torch
+
+    import lambda_kernels as lk
+    from grpo_trainer import trainer as trainer_mod
+    from grpo_trainer.model import completion_hidden, lm_head
+    from lambda_kernels import reference as R
+
+    from .test_trainer_e2e import _same_batch, tiny
+
+    options = dict(cispo_max_ratio=1.1, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+    algorithm = dict(algorithm="grpo") if level == "sequence" else dict(algorithm="grpo_lambda", trace="both", lam=0.9)
+    cfg = tiny(tmp_path, policy_loss=policy, importance_sampling_level=level, num_iterations=2, impl="torch",
+               beta=0.0, adv_clamp_min=None, **options, **algorithm).validate()
+    model, batch = _same_batch(cfg)
+    with torch.no_grad():
+        lp = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg)
+        old = lp - 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+        hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.attention_mask)
+        weight, _ = lm_head(model)
+        term = lk.CISPO(max_ratio=1.1) if policy == "cispo" else lk.SAPO(temperature_pos=0.5, temperature_neg=2.0)
+
+        def reference(policy_loss):
+            return R.fused_grpo_lambda_loss(
+                hidden.double(), weight.double(), batch.completion_ids, batch.loss_mask, batch.advantages.double(),
+                old_logprobs=old.double(), trace=cfg.loss_trace, lam=cfg.lam, temperature=cfg.temperature,
+                importance_sampling_level=level, policy_loss=policy_loss, return_entropy=True)
+
+        want, want_metrics = reference(term)
+        got, metrics = policy_loss(model, batch, cfg, old_logprobs=old)
+        clip = policy_loss(model, batch, dataclasses.replace(cfg, policy_loss="clip"), old_logprobs=old)[0]
+        defaults = reference(policy)[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert set(metrics) == set(want_metrics)
+    assert ("cispo_clip_ratio" in metrics) == (policy == "cispo")
+    assert not any(k.startswith("clip_ratio/") for k in metrics)
+    for name, value in want_metrics.items():
+        torch.testing.assert_close(metrics[name].double(), value.double(), rtol=1e-5, atol=1e-6, msg=name)
+    if policy == "cispo":
+        assert 0 < metrics["cispo_clip_ratio"] < 1
+    assert abs(got - clip) > 1e-3 and abs(got.double() - defaults) > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["cispo", "sapo"])
+def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
+    """The trainer's update averages whatever metrics the loss returns: cispo's cispo_clip_ratio, no clip_ratio/*
+    for either (the per-sequence extremes are the clipped ratio's only); two micro-batches, two iterations."""
+    import math
+
+    from .test_trainer_e2e import _same_batch, tiny
+
+    cfg = tiny(tmp_path, policy_loss=policy, cispo_max_ratio=1.0, impl="torch", beta=0.0, num_iterations=2,
+               per_device_train_batch_size=4, num_generations=2, reward_funcs=["arithmetic"], reward_weights=None)
+    trainer = GRPOLambdaTrainer(cfg)
+    _, batch = _same_batch(cfg)
+    out = trainer._update(batch)
+    assert out["skipped"] == 0 and math.isfinite(out["loss"]) and math.isfinite(out["entropy"])
+    assert ("cispo_clip_ratio" in out) == (policy == "cispo")
+    assert not any(k.startswith("clip_ratio/") for k in out)
 
 
 def test_importance_sampling_level_and_luspo_reach_the_loss(tmp_path):
@@ -258,11 +354,12 @@ def test_hf_datasets_fail_clearly_when_missing(monkeypatch):
 def test_option_lists_are_the_librarys():
     """The config's choices are copies (its --help stays free of torch); they must not drift from the library's."""
     from grpo_trainer import config
-    from lambda_kernels import functional
+    from lambda_kernels import functional, policy_losses
     from lambda_kernels._core import normalizers, runtime
 
     assert set(config.LOSS_TYPES) == set(normalizers.LOSS_TYPES)
     assert set(config.IMPORTANCE_SAMPLING_LEVELS) == set(functional.IMPORTANCE_SAMPLING_LEVELS)
+    assert set(config.POLICY_LOSSES) == set(policy_losses.POLICY_LOSSES)
     assert set(config.IMPLS) == set(runtime.IMPLS)
     assert set(config.SCALE_REWARDS) == set(functional.ADVANTAGE_SCALES)
     assert set(config.TRACES) == {t for t in functional.TRACE_STYLES if t is not None}

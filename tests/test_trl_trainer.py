@@ -1,5 +1,6 @@
 """TRL as a drop-in (grpo_trainer.trl_trainer): with trace=None the loss and its gradients are TRL's own
-GRPOTrainer's, for every loss type both support; GRPO-λ trains through TRL's loop; unsupported options are refused.
+GRPOTrainer's, for every loss type both support (the clipped ones, and cispo and sapo); GRPO-λ trains through TRL's
+loop; unsupported options are refused.
 
 Comparisons run without autocast (bf16=False): under it TRL rounds the head's logits to bf16 where the fused loss
 does not, so the two would differ by bf16 rounding, not by their math."""
@@ -106,7 +107,8 @@ def loss_inputs(vocab, dtype, on_policy):
     return inputs
 
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo")
+# the clipped ratio's, then the other policy terms (cispo: dapo's normaliser, sapo: grpo's)
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
            "clip_ratio/high_max")
 
@@ -140,19 +142,35 @@ def eval_loss(trainer, inputs, loss_type):
     return loss
 
 
+def assert_same_metrics(ours, theirs, modes=("train",)):
+    """Every metric TRL's _compute_loss logged and no other (cispo logs cispo_clip_ratio and no clip_ratio/*, sapo
+    neither), with TRL's values, call by call."""
+    for mode in modes:
+        assert set(ours._metrics[mode]) == set(theirs._metrics[mode]), mode
+        for name, values in theirs._metrics[mode].items():
+            assert ours._metrics[mode][name] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), (mode, name)
+
+
+# the size of the loss's parts on these batches (|Â|·ρ and β·KL per token, normalised): where they cancel (sapo's
+# negative policy term and the KL nearly do on one of them) the loss is still rounded to about tol × this
+LOSS_PARTS = 0.1
+
+
 def assert_same_loss(ours, theirs, inputs, loss_types, tol, evaluate=False):
-    """Loss to `tol` relative, every parameter's gradient to `tol` × the largest gradient, for each loss type (and
-    with `evaluate`, the eval-mode loss too)."""
+    """Loss to `tol` relative (or tol × LOSS_PARTS absolute), every parameter's gradient to `tol` × the largest
+    gradient, for each loss type (and with `evaluate`, the eval-mode loss too)."""
     for loss_type in loss_types:
         loss, grads = loss_and_grads(ours, inputs, loss_type)
         ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
-        assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=0), (loss_type, loss, ref_loss)
+        assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=tol * LOSS_PARTS), \
+            (loss_type, loss, ref_loss)
         scale = max(g.abs().max().item() for g in ref_grads)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
         if evaluate:
             ours_eval, theirs_eval = eval_loss(ours, inputs, loss_type), eval_loss(theirs, inputs, loss_type)
-            assert torch.isclose(ours_eval, theirs_eval, rtol=tol, atol=0), (loss_type, ours_eval, theirs_eval)
+            assert torch.isclose(ours_eval, theirs_eval, rtol=tol, atol=tol * LOSS_PARTS), \
+                (loss_type, ours_eval, theirs_eval)
 
 
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
@@ -160,16 +178,19 @@ def assert_same_loss(ours, theirs, inputs, loss_types, tol, evaluate=False):
 @pytest.mark.parametrize("kl_correction", [True, False])
 def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, tol, on_policy, kl_correction):
     """TRL folds its log-sum-exp in fp32 whatever the model's dtype: tol is its precision, not ours. The KL term with
-    and without TRL's bias correction (the ratio-weighted KL, TRL's default, changes the gradient on-policy too)."""
+    and without TRL's bias correction (the ratio-weighted KL, TRL's default, changes the gradient on-policy too).
+    The loss in train and eval mode (there without the accumulation scaling; cispo's num_items too) and the
+    metrics of each. cispo's cap is TRL's epsilon_high unset, epsilon = 0.2: off-policy the log-ratios (about −4 to
+    0) fall on both sides of it; on-policy every token with Â > 0 is capped."""
     ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, beta=0.04,
                         use_bias_correction_kl=kl_correction)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, beta=0.04,
                           use_bias_correction_kl=kl_correction)
     inputs = loss_inputs(len(ours.processing_class), getattr(torch, dtype), on_policy)
-    assert_same_loss(ours, theirs, inputs, LOSS_TYPES, tol)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                 "clip_ratio/low_min", "clip_ratio/high_max"):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
+    assert_same_loss(ours, theirs, inputs, LOSS_TYPES, tol, evaluate=True)
+    assert_same_metrics(ours, theirs, ("train", "eval"))
+    capped = ours._metrics["train"]["cispo_clip_ratio"][-1]
+    assert 0 < capped < 1 and len(ours._metrics["train"]["clip_ratio/region_mean"]) == len(LOSS_TYPES) - 2
 
 
 
@@ -202,12 +223,12 @@ def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy
         for trainer in (ours, theirs):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
     assert_same_loss(ours, theirs, inputs, LOSS_TYPES, tol, evaluate=True)
-    for name in METRICS + (("kl",) if beta else ()):
-        for mode in ("train", "eval"):
-            assert ours._metrics[mode][name] == pytest.approx(theirs._metrics[mode][name], rel=1e-5, abs=1e-6), name
+    assert_same_metrics(ours, theirs, ("train", "eval"))
     # one whole sequence clipped on each side (0 of 4 on-policy); the extremes over sequences
     want = [0.0, 0.0, 0.0, 0.0, 0.0] if on_policy else [0.25, 0.25, 0.5, 0.0, 1.0]
     assert [ours._metrics["train"][name][-1] for name in METRICS[1:]] == pytest.approx(want)
+    # cispo's cap (epsilon = 0.2, TRL's epsilon_high unset) is below every ratio here: the two sequences with Â > 0
+    assert ours._metrics["train"]["cispo_clip_ratio"] == pytest.approx([0.5])
 
 
 def test_sequence_level_clip_metrics_count_every_sequence(model_dir, tmp_path):
@@ -248,14 +269,18 @@ def as_rank_0_of_two(monkeypatch, trainer, inputs, rank_1_inputs, loss_type):
     assert recorded and next(rank_1, None) is None
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("rank_1", ["short", "empty"])
-def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch, level, rank_1):
+def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch, level, rank_1, loss_type):
     """TRL combines each process's metrics with a reduce (its global_masked_mean: the token level weighs processes
     by their tokens, the sequence level by their sequences) and a gather (the extremes, NaN skipped): simulated for
     two processes, rank 1 with shorter sequences clipped otherwise than rank 0's, or with no completion tokens at
-    all (the token level skips its extremes, the sequence level counts its sequences, unclipped)."""
-    kw = dict(beta=0.04, importance_sampling_level=level, use_bias_correction_kl=False)
+    all (the token level skips its extremes, the sequence level counts its sequences, unclipped). cispo's one clip
+    metric (a cap of 1.3: each rank has a sequence with Â > 0 above it and one below) is combined as the clip
+    fractions are; sapo has none (no gather)."""
+    kw = dict(beta=0.04, importance_sampling_level=level, use_bias_correction_kl=False, loss_type=loss_type,
+              epsilon_high=1.3 if loss_type == "cispo" else None)
     ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
@@ -267,9 +292,10 @@ def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch
                  advantages=torch.tensor([-1.0, -1.0, 1.0, 0.5]))
     other["old_per_token_logps"] = policy_logprobs(theirs, other) - torch.tensor([[-0.6], [-0.6], [0.6], [0.0]])
     for trainer in (ours, theirs):
-        as_rank_0_of_two(monkeypatch, trainer, inputs, other, "grpo")
-    for name in METRICS + ("kl",):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
+        as_rank_0_of_two(monkeypatch, trainer, inputs, other, loss_type)
+    assert_same_metrics(ours, theirs)
+    if loss_type == "cispo":
+        assert 0 < ours._metrics["train"]["cispo_clip_ratio"][0] < 1
 
 
 @pytest.mark.parametrize("vllm_weights", [False, True])
@@ -295,6 +321,60 @@ def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights):
     if vllm_weights:
         uncapped.use_vllm = uncapped.vllm_importance_sampling_correction = True
     assert abs(loss_and_grads(uncapped, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_cap_and_sapo_temperatures_are_trls(model_dir, tmp_path, level):
+    """cispo's cap (TRL's epsilon_high, 1.3 here) and sapo's temperatures (0.5 for Â > 0, 2.0 otherwise) reach the
+    fused loss: same loss (train and eval), gradients and metrics as trl.GRPOTrainer, with a KL term and vLLM's
+    weights, on off-policy ratios on both sides of the cap (tokens of ±0.5 log-ratio at the token level, sequences
+    of ±0.6 at the sequence level) and advantages of both signs; and not TRL's loss with their defaults. `delta` is
+    accepted with them and ignored, as TRL ignores it there (1.5 would be refused with a clipped loss type, below
+    1 + epsilon_high)."""
+    kw = dict(importance_sampling_level=level, beta=0.04, use_bias_correction_kl=False, loss_type="cispo",
+              epsilon_high=1.3, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+    ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5, **kw)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
+    inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, -0.3])
+    g = torch.Generator().manual_seed(7)
+    if level == "token":
+        shift = torch.tensor([0.5, 0.0, -0.5]).repeat(2)  # each sequence: ratios e^0.5 > 1.3, 1 and e^−0.5
+    else:
+        shift = torch.tensor([[0.6], [-0.6], [0.05], [-0.1]])  # sequence 0 (Â > 0) above the cap, sequence 2 not
+    inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) - shift
+    inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=g)
+    for trainer in (ours, theirs):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
+    assert_same_loss(ours, theirs, inputs, ("cispo", "sapo"), 2e-6, evaluate=True)
+    assert_same_metrics(ours, theirs, ("train", "eval"))
+    assert 0 < ours._metrics["train"]["cispo_clip_ratio"][0] < 1
+    defaults = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **dict(kw, epsilon_high=None,
+                                                                              sapo_temperature_pos=1.0,
+                                                                              sapo_temperature_neg=1.05))
+    defaults.use_vllm = defaults.vllm_importance_sampling_correction = True
+    for loss_type in ("cispo", "sapo"):
+        assert abs(loss_and_grads(defaults, inputs, loss_type)[0] - loss_and_grads(theirs, inputs, loss_type)[0]) \
+            > 1e-3, loss_type
+
+
+def test_trls_loss_types_are_policy_terms_and_normalisers(model_dir, tmp_path):
+    """TRL's loss_type → the fused loss's (policy_loss, loss_type): cispo → CISPO capped at TRL's epsilon_high
+    (epsilon when unset), dapo's normaliser; sapo → SAPO with TRL's temperatures as its torch.where makes them (a
+    tensor of torch's default dtype: 1.05 becomes fp32's 1.0499999523), grpo's; the clipped types → Clip, their
+    own."""
+    import lambda_kernels as lk
+
+    with pytest.warns(UserWarning, match=r"caps the importance weight at epsilon = 0\.3"):
+        trainer = make_trainer(model_dir, tmp_path, trace=None, loss_type="cispo", epsilon=0.3)
+    assert trainer._policy_term() == (lk.CISPO(max_ratio=0.3), "dapo")
+    trainer.loss_type = "sapo"
+    fp32_neg = torch.tensor(1.05, dtype=torch.float32).item()
+    assert fp32_neg != 1.05 and trainer._policy_term() == (lk.SAPO(temperature_pos=1.0, temperature_neg=fp32_neg),
+                                                           "grpo")
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        trainer.loss_type = loss_type
+        assert trainer._policy_term() == (lk.Clip(), loss_type)
 
 
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
@@ -395,8 +475,8 @@ def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     """With vLLM, TRL weights each token's policy loss by an importance ratio (token or sequence level, zeros where
-    masked); the fused loss takes it as its policy_weights: same loss, gradients and clip metrics (TRL counts a
-    zero-weight token's clipping too). (Only _compute_loss runs: no vLLM here.)"""
+    masked; cispo's and sapo's too); the fused loss takes it as its policy_weights: same loss, gradients and clip
+    metrics (TRL counts a zero-weight token's clipping too). (Only _compute_loss runs: no vLLM here.)"""
     ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
@@ -407,10 +487,8 @@ def test_vllm_importance_weights_are_trls(model_dir, tmp_path, level):
     inputs["importance_sampling_ratio"] = weights
     for trainer in (ours, theirs):
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
-    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo"), 2e-6)
-    for name in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
-                 "clip_ratio/high_max"):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"), 2e-6)
+    assert_same_metrics(ours, theirs)
 
 
 def test_vllm_importance_weights_with_a_trace_multiply_the_clamped_term(model_dir, tmp_path):
@@ -478,15 +556,17 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
 
 
 @pytest.mark.parametrize("loss_type, level", [(t, "token") for t in LOSS_TYPES]
-                         + [(t, "sequence") for t in ("grpo", "dapo", "luspo")])
+                         + [(t, "sequence") for t in ("grpo", "dapo", "luspo", "cispo", "sapo")])
 def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level):
     """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights and log
-    the same metrics, at the token level and GSPO's sequence level (without the KL's bias correction there).
-    SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level differences of near-zero
-    gradients would flip whole steps."""
+    the same metrics (the same names: cispo's cispo_clip_ratio, no clip_ratio/* for cispo and sapo), at the token
+    level and GSPO's sequence level (without the KL's bias correction there). cispo's cap is 1.05, which the second
+    iteration's ratios pass on some tokens. SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so
+    rounding-level differences of near-zero gradients would flip whole steps."""
     options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, loss_type=loss_type, max_completion_length=8,
                    per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04,
-                   importance_sampling_level=level, use_bias_correction_kl=level == "token")
+                   importance_sampling_level=level, use_bias_correction_kl=level == "token",
+                   epsilon_high=1.05 if loss_type == "cispo" else None)
     ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
     before = [p.detach().clone() for p in ours.model.parameters()]
     ours.train()
@@ -503,8 +583,13 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     # scaled otherwise for the accumulation, which max_grad_norm's clipping hides)
     ours_logs, their_logs = ([e for e in t.state.log_history if "loss" in e] for t in (ours, theirs))
     assert len(ours_logs) == len(their_logs) == 2
-    for name in METRICS + ("kl", "loss", "grad_norm"):
+    assert [set(e) for e in ours_logs] == [set(e) for e in their_logs]
+    clip_names = ("cispo_clip_ratio",) if loss_type == "cispo" else () if loss_type == "sapo" else METRICS[1:]
+    assert not set(METRICS[1:] + ("cispo_clip_ratio",)).difference(clip_names).intersection(ours_logs[0])
+    for name in ("entropy", "kl", "loss", "grad_norm") + clip_names:
         assert [e[name] for e in ours_logs] == pytest.approx([e[name] for e in their_logs], rel=1e-5, abs=1e-6), name
+    if loss_type == "cispo":
+        assert any(e["cispo_clip_ratio"] > 0 for e in ours_logs)
 
 
 def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
@@ -644,6 +729,15 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(importance_sampling_level="sequence"),
      r"trace must be None with importance_sampling_level='sequence'; got 'both'.*pass trace=None"),
     (dict(importance_sampling_level="sequence", trace="recent"), r"trace must be None .*; got 'recent'"),
+    # cispo's cap is TRL's epsilon_high (epsilon when unset), sapo's temperatures divide
+    (dict(loss_type="cispo", epsilon_high=0.0), r"epsilon_high must be a finite number > 0; got 0\.0\. With "
+                                                r"loss_type='cispo' it is CISPO's cap .*TRL recommends 5\.0"),
+    (dict(loss_type="cispo", epsilon=0.0), r"epsilon_high must be a finite number > 0; got 0\.0.*epsilon when unset"),
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), r"sapo_temperature_neg must be a finite number > 0; got 0\.0\. "
+                                                       r"It is SAPO's gate temperature"),
+    (dict(loss_type="sapo", sapo_temperature_pos=float("inf")), r"sapo_temperature_pos must be a finite number > 0"),
+    # delta is checked with the clipped loss types, where TRL applies it
+    (dict(loss_type="grpo", delta=1.5, epsilon_high=1.3), r"delta must be .* > 1 \+ epsilon_high = 2\.3; got 1\.5"),
 ])
 def test_bad_options_are_config_errors(options, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -657,8 +751,9 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
      "'sequence'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
-    (dict(loss_type="sapo", entropy_coef=0.01), "loss_type must be one of .* entropy_coef"),
-    (dict(loss_type="cispo"), "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo'\\]"),
+    (dict(loss_type="sapo", entropy_coef=0.01), "entropy_coef must be 0"),
+    (dict(loss_type="vespo"),
+     "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'\\]"),
     (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None), "loss_type must be one of"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
@@ -671,10 +766,24 @@ def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, opt
     dict(importance_sampling_level="sequence", trace=None),  # beta 0: the KL's bias correction does not apply
     dict(importance_sampling_level="sequence", trace="none", beta=0.04, use_bias_correction_kl=False),
     dict(importance_sampling_level="sequence", trace=None, loss_type="luspo"),
+    # cispo and sapo, with a trace (GRPO-λ's ratio under their policy term) or at the sequence level; TRL ignores
+    # delta with them (here below 1 + epsilon_high, refused with a clipped loss type)
+    dict(loss_type="cispo", epsilon_high=5.0, delta=1.5),
+    dict(loss_type="cispo", epsilon_high=5.0, importance_sampling_level="sequence", trace=None),
+    dict(loss_type="sapo", delta=1.1, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+    dict(loss_type="sapo", importance_sampling_level="sequence", trace=None, beta=0.04, use_bias_correction_kl=False),
 ])
-def test_gspo_and_luspo_options_are_accepted(tmp_path, options):
+def test_supported_trl_options_are_accepted(tmp_path, options):
     args = GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
     assert all(getattr(args, k) == (None if k == "trace" else v) for k, v in options.items())
+
+
+def test_cispo_without_epsilon_high_warns_of_trls_cap(tmp_path):
+    """TRL's cispo caps the importance weight at epsilon_high, which is epsilon (0.2) when unset: reproduced (the
+    same loss as TRL's), with a warning, since a cap below 1 caps every on-policy token."""
+    with pytest.warns(UserWarning, match=r"loss_type='cispo' with epsilon_high unset caps the importance weight at "
+                                         r"epsilon = 0\.2 .*TRL recommends epsilon_high=5\.0"):
+        GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, loss_type="cispo")
 
 
 def test_trace_none_from_a_command_line_or_yaml(tmp_path):
