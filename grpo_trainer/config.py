@@ -128,10 +128,11 @@ class GRPOLambdaConfig:
                 "cispo); 'sapo': SAPO's soft gate -(4/t)*sigmoid(t*(ratio - 1))*A, t = sapo_temperature_pos where "
                 "A > 0, else sapo_temperature_neg (TRL's loss_type sapo). The ratio of all three is traced with "
                 "grpo_lambda, and the sequence's with importance_sampling_level sequence; cispo and sapo use neither "
-                "epsilon nor epsilon_high, and refuse delta. loss_type still aggregates (TRL's cispo is dapo's, its "
-                "sapo grpo's).", TRAIN, "algorithm")
+                "epsilon nor epsilon_high, and refuse epsilon_high and delta. loss_type still aggregates (TRL's "
+                "cispo is dapo's, its sapo grpo's).", TRAIN, "algorithm")
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio (policy_loss clip).", TRAIN, "algorithm")
-    epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon; policy_loss clip).", TRAIN,
+    epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon; policy_loss clip only: CISPO's cap, "
+                                              "TRL's epsilon_high for cispo, is cispo_max_ratio).", TRAIN,
                                         "algorithm")
     delta: Optional[float] = opt(None, "Dual-clip PPO (TRL's delta, verl's clip_ratio_c): a token with a negative "
                                        "advantage and ratio above delta (> 1 + epsilon_high) adds -delta*A and no "
@@ -363,12 +364,19 @@ class GRPOLambdaConfig:
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             _positive_number(name, getattr(self, name), "It is SAPO's gate temperature (TRL's defaults: 1.0 for "
                                                         "sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
+        cispo = self.policy_loss == "cispo"
+        if self.policy_loss != "clip" and self.epsilon_high is not None:
+            # (TRL's epsilon_high is CISPO's cap: a TRL config carried over would otherwise set an unused option)
+            raise ConfigError(f"epsilon_high must be null with policy_loss = {self.policy_loss!r}; got "
+                              f"{self.epsilon_high!r}. It is the clipped objective's upper clip range, which "
+                              + ("CISPO does not use: its cap is cispo_max_ratio (TRL's epsilon_high for loss_type "
+                                 "cispo), e.g. --cispo_max_ratio 5.0" if cispo else
+                                 "SAPO does not use (its gate has sapo_temperature_pos / _neg)") + ".")
         if self.policy_loss != "clip" and self.delta is not None:
             raise ConfigError(f"delta must be null with policy_loss = {self.policy_loss!r}; got {self.delta!r}. "
                               "Dual clip caps the clipped objective's ratio, which "
-                              + ("CISPO replaces by its capped weight (cispo_max_ratio)" if self.policy_loss ==
-                                 "cispo" else "SAPO replaces by its soft gate")
-                              + ": set delta null, or use policy_loss clip.")
+                              + ("CISPO replaces by its capped weight (cispo_max_ratio)" if cispo else
+                                 "SAPO replaces by its soft gate") + ": set delta null, or use policy_loss clip.")
         _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
 
     def _validate_importance_sampling_level(self):

@@ -250,7 +250,8 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, bias=bias,
             temperature=temperature, softcap=softcap, trace=self.args.trace,
             lam=self.args.lam, gamma=self.args.trace_gamma, adv_clamp_min=adv_clamp_min,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            # (the clipped ratio's options: TRL's epsilon_high is CISPO's cap there, and TRL ignores delta)
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high if isinstance(policy, Clip) else None,
             dual_clip=self.args.delta if isinstance(policy, Clip) else None, beta=self.beta, loss_type=loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights,

@@ -100,7 +100,12 @@ def test_python_dash_m_entry_point():
     ({"policy_loss": "sapo", "sapo_temperature_neg": -1.05},
      r"sapo_temperature_neg must be a finite number > 0; got -1\.05\. It is SAPO's gate temperature"),
     ({"policy_loss": "sapo", "sapo_temperature_pos": 0}, r"sapo_temperature_pos must be a finite number > 0; got 0"),
-    # dual clip caps the clipped objective's ratio: refused with the other policy terms (a valid delta for clip)
+    # the clipped objective's epsilon_high (TRL's cispo cap, ours is cispo_max_ratio) and dual clip: refused with the
+    # other policy terms (a valid delta for clip)
+    ({"policy_loss": "cispo", "epsilon_high": 5.0},
+     r"epsilon_high must be null with policy_loss = 'cispo'; got 5\.0\. .*its cap is cispo_max_ratio \(TRL's "
+     r"epsilon_high for loss_type cispo\), e\.g\. --cispo_max_ratio 5\.0"),
+    ({"policy_loss": "sapo", "epsilon_high": 0.28}, r"epsilon_high must be null with policy_loss = 'sapo'; got 0\.28"),
     ({"policy_loss": "cispo", "delta": 3.0}, r"delta must be null with policy_loss = 'cispo'; got 3\.0\. .*CISPO "
                                              r"replaces by its capped weight \(cispo_max_ratio\).*policy_loss clip"),
     ({"policy_loss": "sapo", "delta": 3.0}, r"delta must be null with policy_loss = 'sapo'; got 3\.0\. .*soft gate"),
