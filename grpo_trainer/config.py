@@ -151,7 +151,8 @@ class GRPOLambdaConfig:
     importance_sampling_level: str = opt(
         "token", f"Ratio of the clipped objective: one of {IMPORTANCE_SAMPLING_LEVELS} (TRL's option). 'sequence' is "
                  "GSPO: every token shares its sequence's ratio exp(mean of its log-ratios), in place of the λ-trace "
-                 "(needs algorithm grpo; not with kl_bias_correction and beta > 0).", TRAIN, "algorithm")
+                 "(needs algorithm grpo; with kl_bias_correction the KL is weighted by the sequence's ratio, as "
+                 "TRL).", TRAIN, "algorithm")
     scale_rewards: str = opt("group", f"Advantage scaling: one of {SCALE_REWARDS}.", TRAIN, "algorithm")
     num_iterations: int = opt(1, "Optimisation passes over each rollout (1 = on-policy).", TRAIN, "algorithm")
     top_entropy_quantile: float = opt(1.0, "Train only the tokens whose entropy is in this top fraction of each "
@@ -387,10 +388,6 @@ class GRPOLambdaConfig:
             raise ConfigError(f"algorithm must be 'grpo' with importance_sampling_level = 'sequence'; got "
                               f"{self.algorithm!r}. GSPO's sequence ratio takes the place of the λ-trace: pass "
                               "--algorithm grpo, or keep importance_sampling_level token for GRPO-λ.")
-        if self.kl_bias_correction and self.beta > 0:
-            raise ConfigError(f"kl_bias_correction must be false with importance_sampling_level = 'sequence' and "
-                              f"beta > 0; got true (beta = {self.beta}). Weighting the KL by the sequence's ratio is "
-                              "not implemented: set kl_bias_correction false, or beta 0.")
 
     def _validate_vllm_importance_sampling(self):
         if not isinstance(self.vllm_importance_sampling_correction, bool):

@@ -75,10 +75,6 @@ TRL_ONLY_LOSS_TYPES = ("vespo",)  # VESPO's gamma-shaped sequence weights are no
 # Pairs (is it set?, what to set instead), checked when the config is built, before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
     (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
-    # TRL weights the KL by the sequence's ratio there, whose gradient reaches every token of the sequence
-    (lambda a: a.importance_sampling_level == "sequence" and a.use_bias_correction_kl and a.beta != 0.0,
-     "use_bias_correction_kl must be false (TRL's default is true) or beta 0 with importance_sampling_level="
-     "'sequence'"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
 )

@@ -80,9 +80,6 @@ def test_python_dash_m_entry_point():
     # GSPO's sequence ratio replaces the trace, which the default algorithm (grpo_lambda) asks for
     ({"importance_sampling_level": "sequence"}, r"algorithm must be 'grpo' with importance_sampling_level = "
                                                 r"'sequence'; got 'grpo_lambda'\..*--algorithm grpo"),
-    ({"importance_sampling_level": "sequence", "algorithm": "grpo", "kl_bias_correction": True},
-     r"kl_bias_correction must be false with importance_sampling_level = 'sequence' and beta > 0; got true "
-     r"\(beta = 0\.001\).*or beta 0"),
     ({"algorithm": "ppo"}, r"algorithm must be one of \['grpo', 'grpo_lambda'\]; got 'ppo'"),
     ({"trace": "all"}, r"trace must be one of \['recent', 'both'\]"),
     ({"lam": 1.5}, r"lam must be in \[0, 1\]; got 1\.5"),
@@ -143,6 +140,7 @@ def test_override_parse_errors(overrides, message):
     {"algorithm": "grpo", "importance_sampling_level": "sequence"},
     {"algorithm": "grpo", "importance_sampling_level": "sequence", "loss_type": "luspo"},
     {"algorithm": "grpo", "importance_sampling_level": "sequence", "kl_bias_correction": "true", "beta": "0"},
+    {"algorithm": "grpo", "importance_sampling_level": "sequence", "kl_bias_correction": "true", "beta": "0.04"},
     {"loss_type": "luspo"},
 ])
 def test_gspo_and_luspo_options_validate(overrides):

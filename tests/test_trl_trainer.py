@@ -196,16 +196,19 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 
 
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
-@pytest.mark.parametrize("on_policy,beta,vllm_weights", [(False, 0.0, False), (False, 0.04, False),
-                                                         (True, 0.04, True)])
-def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy, beta, vllm_weights):
+@pytest.mark.parametrize("on_policy,beta,vllm_weights,kl_correction", [
+    (False, 0.0, False, False), (False, 0.04, False, False), (True, 0.04, True, False), (False, 0.3, False, True),
+    (True, 0.3, False, True)])
+def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy, beta, vllm_weights, kl_correction):
     """importance_sampling_level="sequence" (GSPO: every token shares its sequence's ratio exp(mean log-ratio)):
     the same loss (train and eval), gradients and metrics as trl.GRPOTrainer for every loss type. Off-policy, the
     old log-probs put one sequence's ratio above the clip range (Â > 0: high-clipped), one below (Â < 0:
     low-clipped) and two inside, with per-token noise of zero mean per sequence: the token level would clip
     fractions of sequences, the sequence level clips whole ones. On-policy (ratio 1) with vLLM's per-token
-    importance weights, which weigh the shared ratio token by token (there the gradient is not the token level's)."""
-    kw = dict(importance_sampling_level="sequence", beta=beta, use_bias_correction_kl=False)
+    importance weights, which weigh the shared ratio token by token (there the gradient is not the token level's).
+    With use_bias_correction_kl (TRL's default) each token's KL is weighted by its sequence's ratio, whose gradient
+    reaches every token of the sequence (on-policy too: the fused loss then takes its whole-sequence pass)."""
+    kw = dict(importance_sampling_level="sequence", beta=beta, use_bias_correction_kl=kl_correction)
     ours = make_trainer(model_dir, tmp_path, dtype=dtype, trace=None, impl=impl, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, dtype=dtype, **kw)
     dt = getattr(torch, dtype)
@@ -745,10 +748,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
 
 
 @pytest.mark.parametrize("options,match", [
-    # (TRL's default use_bias_correction_kl=True)
-    (dict(importance_sampling_level="sequence", trace=None, beta=0.04),
-     "use_bias_correction_kl must be false \\(TRL's default is true\\) or beta 0 with importance_sampling_level="
-     "'sequence'"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(loss_type="sapo", entropy_coef=0.01), "entropy_coef must be 0"),
@@ -765,6 +764,7 @@ def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, opt
     dict(loss_type="luspo"),
     dict(importance_sampling_level="sequence", trace=None),  # beta 0: the KL's bias correction does not apply
     dict(importance_sampling_level="sequence", trace="none", beta=0.04, use_bias_correction_kl=False),
+    dict(importance_sampling_level="sequence", trace=None, beta=0.04),  # (TRL's default use_bias_correction_kl)
     dict(importance_sampling_level="sequence", trace=None, loss_type="luspo"),
     # cispo and sapo, with a trace (GRPO-λ's ratio under their policy term) or at the sequence level; TRL ignores
     # delta with them (here below 1 + epsilon_high, refused with a clipped loss type)
