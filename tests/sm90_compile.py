@@ -120,6 +120,9 @@ def scenarios():
             policy_weights=torch.rand(B, T))[0]
         yield f"fused on-policy {policy}", lambda policy=policy: lk.fused_grpo_lambda_loss(
             hidden, weight, ids, mask, adv, policy_loss=policy)[0]
+        yield f"objective {policy} sequence level", lambda policy=policy: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace=None, policy_loss=policy,
+            importance_sampling_level="sequence", adv_clamp_min=-0.1)[0]
     for loss_type in ("bnpo", "dr_grpo", "luspo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,

@@ -253,3 +253,21 @@ def test_epsilon_high_is_the_clips(policy):
 def test_integer_settings_are_floats():
     assert lk.CISPO(2) == lk.CISPO(2.0) and isinstance(lk.CISPO(2).max_ratio, float)
     assert isinstance(lk.SAPO(1, 2).temperature_neg, float)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cap, want", [(0.2, 0.75), (CAP, 0.0)])
+def test_cispo_counts_an_empty_sequence_as_trl(impl, cap, want, device):
+    """At the sequence level TRL flags every sequence, one without loss tokens too, whose ratio is then exp(0) = 1:
+    capped where the cap is below 1 (TRL's cispo with epsilon_high unset: 0.2) and Â > 0. On-policy, advantages
+    [1, −0.8, 0.5, 0.7] with row 3 empty: 3 of 4 sequences capped under 0.2, none under 1.3."""
+    lp = torch.zeros(4, 3, device=device, requires_grad=True)
+    mask = torch.ones(4, 3, device=device)
+    mask[3] = 0
+    adv = torch.tensor([1.0, -0.8, 0.5, 0.7], device=device)
+    _, metrics = lk.grpo_lambda_loss(lp, None, adv, mask, trace=None, importance_sampling_level="sequence",
+                                     policy_loss=lk.CISPO(max_ratio=cap), impl=impl)
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx(want)
+    _, metrics = lk.grpo_lambda_loss(lp, None, adv, mask, trace=None, policy_loss=lk.CISPO(max_ratio=cap),
+                                     impl=impl)
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx(2 / 3 if cap < 1 else 0.0)  # (tokens: 6 of 9)

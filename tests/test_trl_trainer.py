@@ -195,10 +195,12 @@ def test_trace_none_is_trls_loss_and_gradient(model_dir, tmp_path, impl, dtype, 
 
 
 
-@pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
-@pytest.mark.parametrize("on_policy,beta,vllm_weights,kl_correction", [
-    (False, 0.0, False, False), (False, 0.04, False, False), (True, 0.04, True, False), (False, 0.3, False, True),
-    (True, 0.3, False, True)])
+# the kernels (auto, fp32) in every case, the fp64 reference path in two
+@pytest.mark.parametrize("impl,dtype,tol,on_policy,beta,vllm_weights,kl_correction", [
+    ("auto", "float32", 2e-6, False, 0.0, False, False), ("auto", "float32", 2e-6, False, 0.04, False, False),
+    ("auto", "float32", 2e-6, True, 0.04, True, False), ("auto", "float32", 2e-6, False, 0.3, False, True),
+    ("auto", "float32", 2e-6, True, 0.3, False, True), ("torch", "float64", 1e-6, False, 0.04, False, False),
+    ("torch", "float64", 1e-6, True, 0.3, False, True)])
 def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy, beta, vllm_weights, kl_correction):
     """importance_sampling_level="sequence" (GSPO: every token shares its sequence's ratio exp(mean log-ratio)):
     the same loss (train and eval), gradients and metrics as trl.GRPOTrainer for every loss type. Off-policy, the
@@ -286,19 +288,45 @@ def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch
               epsilon_high=1.3 if loss_type == "cispo" else None)
     ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
-    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
-    inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, -0.3])
-    inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) - torch.tensor([[0.6], [-0.6], [0.05], [-0.1]])
-    lengths = torch.tensor([[2], [1], [3], [6]]) if rank_1 == "short" else torch.zeros(4, 1, dtype=torch.long)
-    mask = (torch.arange(6) < lengths).long()
-    other = dict(inputs, completion_mask=mask, num_items_in_batch=mask.sum().float(),
-                 advantages=torch.tensor([-1.0, -1.0, 1.0, 0.5]))
-    other["old_per_token_logps"] = policy_logprobs(theirs, other) - torch.tensor([[-0.6], [-0.6], [0.6], [0.0]])
+    inputs, other = two_ranks_inputs(theirs, rank_1)
     for trainer in (ours, theirs):
         as_rank_0_of_two(monkeypatch, trainer, inputs, other, loss_type)
     assert_same_metrics(ours, theirs)
     if loss_type == "cispo":
         assert 0 < ours._metrics["train"]["cispo_clip_ratio"][0] < 1
+
+
+def two_ranks_inputs(trainer, rank_1, per_token_advantages=False):
+    """Rank 0's and rank 1's micro-batches of the test above (optionally with the advantages as [B, T])."""
+    inputs = loss_inputs(len(trainer.processing_class), torch.float32, on_policy=True)
+    inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, -0.3])
+    inputs["old_per_token_logps"] = policy_logprobs(trainer, inputs) - torch.tensor([[0.6], [-0.6], [0.05], [-0.1]])
+    lengths = torch.tensor([[2], [1], [3], [6]]) if rank_1 == "short" else torch.zeros(4, 1, dtype=torch.long)
+    mask = (torch.arange(6) < lengths).long()
+    other = dict(inputs, completion_mask=mask, num_items_in_batch=mask.sum().float(),
+                 advantages=torch.tensor([-1.0, -1.0, 1.0, 0.5]))
+    other["old_per_token_logps"] = policy_logprobs(trainer, other) - torch.tensor([[-0.6], [-0.6], [0.6], [0.0]])
+    if per_token_advantages:
+        for batch in (inputs, other):
+            batch["advantages"] = batch["advantages"].unsqueeze(1).expand(4, 6).contiguous()
+    return inputs, other
+
+
+@pytest.mark.parametrize("loss_type, rank_1", [("grpo", "short"), ("cispo", "empty")])
+def test_per_token_advantages_at_the_sequence_level_combine_as_trls(model_dir, tmp_path, monkeypatch, loss_type,
+                                                                    rank_1):
+    """A subclass may hand per-token advantages [B, T] (TRL's _compute_loss supports them): at the sequence level
+    TRL's clip masks are then [B, T], so its global_masked_mean weighs the processes by their tokens, not their
+    sequences, and its per-sequence extremes skip the sequences without tokens (rank 1 "empty": all of its). Two
+    simulated processes, as above."""
+    kw = dict(importance_sampling_level="sequence", loss_type=loss_type,
+              epsilon_high=1.3 if loss_type == "cispo" else None)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
+    inputs, other = two_ranks_inputs(theirs, rank_1, per_token_advantages=True)
+    for trainer in (ours, theirs):
+        as_rank_0_of_two(monkeypatch, trainer, inputs, other, loss_type)
+    assert_same_metrics(ours, theirs)
 
 
 @pytest.mark.parametrize("vllm_weights", [False, True])
@@ -558,8 +586,11 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
     assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 0
 
 
-@pytest.mark.parametrize("loss_type, level", [(t, "token") for t in LOSS_TYPES]
-                         + [(t, "sequence") for t in ("grpo", "dapo", "luspo", "cispo", "sapo")])
+# one loss type per normaliser path of TRL's loop (dapo: num_items_in_batch; grpo and luspo: ÷ accumulation steps,
+# as bnpo, dr_grpo and sapo; cispo: dapo's with its own policy term) and both levels; the equality tests above run
+# every loss type on the same loss inputs
+@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "token"), ("luspo", "token"),
+                                              ("cispo", "token"), ("dapo", "sequence"), ("sapo", "sequence")])
 def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level):
     """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights and log
     the same metrics (the same names: cispo's cispo_clip_ratio, no clip_ratio/* for cispo and sapo), at the token

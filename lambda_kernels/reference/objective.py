@@ -150,6 +150,10 @@ def grpo_lambda_loss(
             # (one without tokens has ratio 1: never clipped), and the extremes range over every sequence too (with
             # per-token advantages TRL's clip masks would be [B, T]: token means, as at the token level)
             n_seq = max(B, 1)
+            if isinstance(policy, CISPO):  # a sequence without tokens has ratio 1: capped by a cap below 1, Â > 0
+                a_row = advantages.detach().to(dt)
+                a_row = a_row if adv_clamp_min is None else a_row.clamp(min=adv_clamp_min)
+                seq_high = torch.where(has, seq_high, ((policy.max_ratio < 1.0) & (a_row > 0)).to(dt))
             metrics["clip_ratio/low_mean"] = seq_low.sum() / n_seq
             metrics["clip_ratio/high_mean"] = seq_high.sum() / n_seq
             metrics["clip_ratio/region_mean"] = (seq_low + seq_high).sum() / n_seq

@@ -133,11 +133,20 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
             if HAS_W:
                 b_c = tl.where(b_w != 0, b_w * b_c, 0.0)
             tl.store(coef_ptr + row + o_t, b_c, mask=m_t)
+    high = tl.sum(acc_high, axis=0)
+    if STYLE == 3 and POLICY == 1 and not ADV_PER_TOKEN:
+        # TRL's sequence-level CISPO flag counts a sequence without loss tokens too: its ratio is exp(0) = 1, capped
+        # where the cap is below 1 and Â > 0 (the finalize reads this row's high slot as its fraction, 0 or 1)
+        a_row = tl.load(adv_ptr + i_b).to(tl.float32)
+        if HAS_CLAMP:
+            a_row = tl.maximum(a_row, clamp_min)
+        empty_capped = (tl.sum(acc_count, axis=0) == 0) & (cispo_cap < 1.0) & (a_row > 0)
+        high += tl.where(empty_capped, 1.0, 0.0)
     o_s = tl.arange(0, 8)
     stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
     stats += tl.where(o_s == 1, tl.sum(acc_kl, axis=0), 0.0)
     stats += tl.where(o_s == 2, tl.sum(acc_low, axis=0), 0.0)
-    stats += tl.where(o_s == 3, tl.sum(acc_high, axis=0), 0.0)
+    stats += tl.where(o_s == 3, high, 0.0)
     stats += tl.where(o_s == 4, tl.sum(acc_ratio, axis=0), 0.0)
     stats += tl.where(o_s == 5, tl.sum(acc_count, axis=0), 0.0)
     tl.store(stats_ptr + i_b * 8 + o_s, stats)
