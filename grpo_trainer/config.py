@@ -27,6 +27,11 @@ TRACES = ("recent", "both")
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 POLICY_LOSSES = ("clip", "cispo", "sapo")
+# the policy terms' own options, their values when left null (TRL's recommended epsilon_high for cispo, its SAPO
+# temperatures) and the one policy_loss that uses each
+CISPO_MAX_RATIO = 5.0
+SAPO_TEMPERATURE_POS, SAPO_TEMPERATURE_NEG = 1.0, 1.05
+POLICY_LOSS_OPTIONS = {"cispo_max_ratio": "cispo", "sapo_temperature_pos": "sapo", "sapo_temperature_neg": "sapo"}
 SCALE_REWARDS = ("group", "batch", "none")
 IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
@@ -128,7 +133,8 @@ class GRPOLambdaConfig:
                 "cispo); 'sapo': SAPO's soft gate -(4/t)*sigmoid(t*(ratio - 1))*A, t = sapo_temperature_pos where "
                 "A > 0, else sapo_temperature_neg (TRL's loss_type sapo). The ratio of all three is traced with "
                 "grpo_lambda, and the sequence's with importance_sampling_level sequence; cispo and sapo use neither "
-                "epsilon nor epsilon_high, and refuse epsilon_high and delta. loss_type still aggregates (TRL's "
+                "epsilon nor epsilon_high, and refuse epsilon_high and delta; cispo_max_ratio and the "
+                "sapo_temperature_* are refused with the other policy terms. loss_type still aggregates (TRL's "
                 "cispo is dapo's, its sapo grpo's).", TRAIN, "algorithm")
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio (policy_loss clip).", TRAIN, "algorithm")
     epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon; policy_loss clip only: CISPO's cap, "
@@ -139,13 +145,16 @@ class GRPOLambdaConfig:
                                        "gradient. Acts only with num_iterations > 1 (from a rollout's second pass "
                                        "on: the first is on-policy, ratio 1); None = off. policy_loss clip only.",
                                  TRAIN, "algorithm")
-    cispo_max_ratio: float = opt(5.0, "CISPO's cap of the importance weight, > 0 (TRL's epsilon_high with loss_type "
-                                      "cispo, 5.0 recommended there; ScaleRL's ε_max). policy_loss cispo only.",
-                                 TRAIN, "algorithm")
-    sapo_temperature_pos: float = opt(1.0, "SAPO's gate temperature for tokens with A > 0, > 0 (TRL's name and "
-                                           "default). policy_loss sapo only.", TRAIN, "algorithm")
-    sapo_temperature_neg: float = opt(1.05, "SAPO's gate temperature for tokens with A <= 0, > 0 (TRL's name and "
-                                            "default). policy_loss sapo only.", TRAIN, "algorithm")
+    cispo_max_ratio: Optional[float] = opt(
+        None, f"CISPO's cap of the importance weight, > 0 (TRL's epsilon_high with loss_type cispo; ScaleRL's "
+              f"ε_max); None = {CISPO_MAX_RATIO} (TRL's recommendation). policy_loss cispo only (refused with the "
+              "others).", TRAIN, "algorithm")
+    sapo_temperature_pos: Optional[float] = opt(
+        None, f"SAPO's gate temperature for tokens with A > 0, > 0 (TRL's name); None = {SAPO_TEMPERATURE_POS} "
+              "(TRL's default). policy_loss sapo only (refused with the others).", TRAIN, "algorithm")
+    sapo_temperature_neg: Optional[float] = opt(
+        None, f"SAPO's gate temperature for tokens with A <= 0, > 0 (TRL's name); None = {SAPO_TEMPERATURE_NEG} "
+              "(TRL's default). policy_loss sapo only (refused with the others).", TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names; luspo: the sum over each "
                                  "sequence's tokens, averaged over sequences).", TRAIN, "algorithm")
     importance_sampling_level: str = opt(
@@ -219,6 +228,16 @@ class GRPOLambdaConfig:
     @property
     def loss_adv_clamp_min(self) -> Optional[float]:
         return self.adv_clamp_min if self.algorithm == "grpo_lambda" else None
+
+    @property
+    def loss_cispo_max_ratio(self) -> float:
+        return CISPO_MAX_RATIO if self.cispo_max_ratio is None else self.cispo_max_ratio
+
+    @property
+    def loss_sapo_temperatures(self) -> tuple:
+        """(for A > 0, for A <= 0), the defaults where null."""
+        return (SAPO_TEMPERATURE_POS if self.sapo_temperature_pos is None else self.sapo_temperature_pos,
+                SAPO_TEMPERATURE_NEG if self.sapo_temperature_neg is None else self.sapo_temperature_neg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -360,11 +379,22 @@ class GRPOLambdaConfig:
 
     def _validate_policy_loss(self):
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _positive_number("cispo_max_ratio", self.cispo_max_ratio,
-                         "It caps CISPO's importance weight min(ratio, cispo_max_ratio); TRL recommends 5.0.")
+        if self.cispo_max_ratio is not None:
+            _positive_number("cispo_max_ratio", self.cispo_max_ratio,
+                             f"It caps CISPO's importance weight min(ratio, cispo_max_ratio); TRL recommends "
+                             f"{CISPO_MAX_RATIO}.")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            _positive_number(name, getattr(self, name), "It is SAPO's gate temperature (TRL's defaults: 1.0 for "
-                                                        "sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
+            if getattr(self, name) is not None:
+                _positive_number(name, getattr(self, name), f"It is SAPO's gate temperature (TRL's defaults: "
+                                 f"{SAPO_TEMPERATURE_POS} for sapo_temperature_pos, {SAPO_TEMPERATURE_NEG} for "
+                                 "sapo_temperature_neg).")
+        for name, user in POLICY_LOSS_OPTIONS.items():
+            if getattr(self, name) is not None and self.policy_loss != user:
+                # (else silently unused: a cap or temperature set for the wrong policy term)
+                what = "CISPO's cap" if user == "cispo" else "SAPO's gate temperature"
+                raise ConfigError(f"{name} must be null with policy_loss = {self.policy_loss!r}; got "
+                                  f"{getattr(self, name)!r}. It is {what}, used with policy_loss {user} only: set "
+                                  f"--policy_loss {user}, or leave {name} null.")
         cispo = self.policy_loss == "cispo"
         if self.policy_loss != "clip" and self.epsilon_high is not None:
             # (TRL's epsilon_high is CISPO's cap: a TRL config carried over would otherwise set an unused option)

@@ -67,9 +67,10 @@ class Batch:
 def policy_term(cfg: GRPOLambdaConfig):
     """The fused loss's `policy_loss` of the config: lambda_kernels' Clip, CISPO or SAPO with its options."""
     if cfg.policy_loss == "cispo":
-        return CISPO(max_ratio=cfg.cispo_max_ratio)
+        return CISPO(max_ratio=cfg.loss_cispo_max_ratio)
     if cfg.policy_loss == "sapo":
-        return SAPO(temperature_pos=cfg.sapo_temperature_pos, temperature_neg=cfg.sapo_temperature_neg)
+        pos, neg = cfg.loss_sapo_temperatures
+        return SAPO(temperature_pos=pos, temperature_neg=neg)
     return Clip()
 
 

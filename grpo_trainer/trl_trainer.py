@@ -72,9 +72,11 @@ POLICY_LOSS_TYPES = {"cispo": "dapo", "sapo": "grpo"}
 LOSS_TYPES = CLIP_LOSS_TYPES + tuple(POLICY_LOSS_TYPES)
 TRL_ONLY_LOSS_TYPES = ("vespo",)  # VESPO's gamma-shaped sequence weights are not a policy term of the fused loss
 # TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
-# Pairs (is it set?, what to set instead), checked when the config is built, before any model is loaded.
+# Pairs (is it set?, what to set instead: a string, or a function of the config), checked when the config is built,
+# before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
-    (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES, f"loss_type must be one of {list(LOSS_TYPES)}"),
+    (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES,
+     lambda a: f"loss_type must be one of {list(LOSS_TYPES)}; got {a.loss_type!r}"),
     (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
      "entropy_coef must be 0 and use_adaptive_entropy false"),
 )
@@ -143,7 +145,8 @@ class GRPOLambdaTRLConfig(GRPOConfig):
                                  "for sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
         if self.loss_type not in POLICY_LOSS_TYPES:  # TRL applies delta in the clipped loss only (ignored there)
             _check_delta(self.delta, epsilon_high)
-        _refuse([what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)], ConfigError)
+        _refuse([what(self) if callable(what) else what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)],
+                ConfigError)
 
 
 def add_hidden_states_forward(model) -> None:
@@ -254,7 +257,7 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             importance_sampling_level=self.importance_sampling_level, policy_loss=policy, impl=self.args.impl)
         if loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
-        self._log_metrics(mode, metrics, completion_mask)
+        self._log_metrics(mode, metrics, completion_mask, advantages)
         return loss
 
     # ---- helpers
@@ -331,17 +334,20 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         """The model's final-logit soft-capping (Gemma 2/3), or None: TRL's head caps before the temperature too."""
         return head_softcap(_base_model(self.accelerator.unwrap_model(model)))
 
-    def _log_metrics(self, mode, metrics, mask):
+    def _log_metrics(self, mode, metrics, mask, advantages):
         """TRL's metric names and values (its `global_masked_mean`): each process's means combined over processes by
         what they are means over, and the per-sequence clip extremes over every process's sequences. `entropy` and
         `kl` are token means; the clip fractions (`clip_ratio/*_mean`, or cispo's `cispo_clip_ratio`) too at the
-        token level, but at the sequence level (one ratio per sequence) means over sequences, every sequence counted.
+        token level, but at the sequence level with per-sequence advantages [B] (one clip decision per sequence)
+        means over sequences, every sequence counted. With per-token advantages [B, T] (a subclass may hand them)
+        TRL's clip masks are [B, T] at the sequence level too: token means, as the fused loss returns them then.
         The clip metrics are those the fused loss returns for its policy term, which are TRL's for the loss type
-        (none for sapo). A process with nothing counted (at the token level: no tokens) has no extremes: NaN,
-        skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One reduce, one gather (with extremes
-        only), one host read."""
+        (none for sapo). A process with nothing counted (no tokens, or at the sequence level with advantages [B] no
+        sequences) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One
+        reduce, one gather (with extremes only), one host read."""
         tokens = mask.sum().to(torch.float32)
-        clip_count = torch.full_like(tokens, mask.size(0)) if self.importance_sampling_level == "sequence" else tokens
+        sequence = self.importance_sampling_level == "sequence" and advantages.dim() == 1
+        clip_count = torch.full_like(tokens, mask.size(0)) if sequence else tokens
         token_names = ["entropy"] + (["kl"] if self.beta != 0.0 else [])
         clip_names = [n for n in _CLIP_FRACTIONS if n in metrics]
         sums = [metrics[n] * tokens for n in token_names] + [metrics[n] * clip_count for n in clip_names]

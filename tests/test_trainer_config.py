@@ -10,7 +10,7 @@ import pytest
 
 from grpo_trainer import cli
 from grpo_trainer.config import FIELDS, ConfigError, GRPOLambdaConfig, build_config
-from grpo_trainer.trainer import GRPOLambdaTrainer, policy_loss
+from grpo_trainer.trainer import GRPOLambdaTrainer, policy_loss, policy_term
 
 from ._helpers import LOSS_TYPES
 
@@ -97,6 +97,17 @@ def test_python_dash_m_entry_point():
     ({"policy_loss": "sapo", "sapo_temperature_neg": -1.05},
      r"sapo_temperature_neg must be a finite number > 0; got -1\.05\. It is SAPO's gate temperature"),
     ({"policy_loss": "sapo", "sapo_temperature_pos": 0}, r"sapo_temperature_pos must be a finite number > 0; got 0"),
+    # a policy term's own options, refused with the other policy terms (else silently unused)
+    ({"cispo_max_ratio": 5.0}, r"cispo_max_ratio must be null with policy_loss = 'clip'; got 5\.0\. It is CISPO's "
+                               r"cap, used with policy_loss cispo only: set --policy_loss cispo, or leave "
+                               r"cispo_max_ratio null\."),
+    ({"policy_loss": "sapo", "cispo_max_ratio": 4.0}, r"cispo_max_ratio must be null with policy_loss = 'sapo'; "
+                                                      r"got 4\.0"),
+    ({"sapo_temperature_pos": 0.5}, r"sapo_temperature_pos must be null with policy_loss = 'clip'; got 0\.5\. It is "
+                                    r"SAPO's gate temperature, used with policy_loss sapo only: set --policy_loss "
+                                    r"sapo, or leave sapo_temperature_pos null\."),
+    ({"policy_loss": "cispo", "sapo_temperature_neg": 1.05},
+     r"sapo_temperature_neg must be null with policy_loss = 'cispo'; got 1\.05"),
     # the clipped objective's epsilon_high (TRL's cispo cap, ours is cispo_max_ratio) and dual clip: refused with the
     # other policy terms (a valid delta for clip)
     ({"policy_loss": "cispo", "epsilon_high": 5.0},
@@ -157,11 +168,18 @@ def test_gspo_and_luspo_options_validate(overrides):
     {"policy_loss": "clip", "delta": "3"},
 ])
 def test_policy_loss_options_validate(overrides):
+    """Accepted, and the policy term the loss gets: the options given, else their defaults (TRL's recommended cap
+    5.0 for cispo, its temperatures 1.0 and 1.05 for sapo), which the config leaves null."""
+    import lambda_kernels as lk
+
     cfg = build_config(None, overrides)
     assert cfg.policy_loss == overrides["policy_loss"]
-    assert cfg.cispo_max_ratio == float(overrides.get("cispo_max_ratio", 5.0))
-    assert (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg) == (
-        float(overrides.get("sapo_temperature_pos", 1.0)), float(overrides.get("sapo_temperature_neg", 1.05)))
+    want = {"clip": lk.Clip(), "cispo": lk.CISPO(max_ratio=float(overrides.get("cispo_max_ratio", 5.0))),
+            "sapo": lk.SAPO(temperature_pos=float(overrides.get("sapo_temperature_pos", 1.0)),
+                            temperature_neg=float(overrides.get("sapo_temperature_neg", 1.05)))}
+    assert policy_term(cfg) == want[cfg.policy_loss]
+    assert all(getattr(cfg, name) == (float(overrides[name]) if name in overrides else None)
+               for name in ("cispo_max_ratio", "sapo_temperature_pos", "sapo_temperature_neg"))
 
 
 @pytest.mark.parametrize("policy, level", [("cispo", "token"), ("cispo", "sequence"), ("sapo", "token"),
@@ -180,7 +198,8 @@ def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
 
     from .test_trainer_e2e import _same_batch, tiny
 
-    options = dict(cispo_max_ratio=1.1, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+    options = dict(cispo_max_ratio=1.1) if policy == "cispo" else dict(sapo_temperature_pos=0.5,
+                                                                        sapo_temperature_neg=2.0)
     algorithm = dict(algorithm="grpo") if level == "sequence" else dict(algorithm="grpo_lambda", trace="both", lam=0.9)
     cfg = tiny(tmp_path, policy_loss=policy, importance_sampling_level=level, num_iterations=2, impl="torch",
                beta=0.0, adv_clamp_min=None, **options, **algorithm).validate()
@@ -222,8 +241,9 @@ def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
 
     from .test_trainer_e2e import _same_batch, tiny
 
-    cfg = tiny(tmp_path, policy_loss=policy, cispo_max_ratio=1.0, impl="torch", beta=0.0, num_iterations=2,
-               per_device_train_batch_size=4, num_generations=2, reward_funcs=["arithmetic"], reward_weights=None)
+    cfg = tiny(tmp_path, policy_loss=policy, cispo_max_ratio=1.0 if policy == "cispo" else None, impl="torch",
+               beta=0.0, num_iterations=2, per_device_train_batch_size=4, num_generations=2,
+               reward_funcs=["arithmetic"], reward_weights=None)
     trainer = GRPOLambdaTrainer(cfg)
     _, batch = _same_batch(cfg)
     out = trainer._update(batch)
@@ -232,10 +252,13 @@ def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
     assert not any(k.startswith("clip_ratio/") for k in out)
 
 
-def test_importance_sampling_level_and_luspo_reach_the_loss(tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_importance_sampling_level_and_luspo_reach_the_loss(tmp_path, beta):
     """policy_loss with importance_sampling_level sequence and loss_type luspo is the reference fused loss with both
     (GSPO's shared sequence ratio, Σ m·L / B), on old log-probs off by a different amount at each token (so the
-    sequence's mean ratio is not its tokens'); the token level gives another loss."""
+    sequence's mean ratio is not its tokens'); the token level gives another loss. With beta > 0 and
+    kl_bias_correction (reference log-probs 1 below the policy's), the KL weighted by each sequence's ratio, as the
+    reference weighs it, which is not the uncorrected loss."""
     import torch
 
     from grpo_trainer import trainer as trainer_mod
@@ -245,22 +268,27 @@ def test_importance_sampling_level_and_luspo_reach_the_loss(tmp_path):
     from .test_trainer_e2e import _same_batch, tiny
 
     cfg = tiny(tmp_path, algorithm="grpo", importance_sampling_level="sequence", loss_type="luspo", num_iterations=2,
-               impl="torch", beta=0.0).validate()
+               impl="torch", beta=beta, kl_bias_correction=beta > 0).validate()
     model, batch = _same_batch(cfg)
     with torch.no_grad():
         lp = trainer_mod.batch_logprobs(model, batch, trainer_mod.micro_batches(batch, cfg), cfg)
         old = lp - 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+        ref = lp - 1.0 if beta > 0 else None
         hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                    batch.attention_mask)
         weight, _ = lm_head(model)
         want, _ = R.fused_grpo_lambda_loss(hidden.double(), weight.double(), batch.completion_ids, batch.loss_mask,
-                                           batch.advantages.double(), old_logprobs=old.double(), trace=None,
-                                           temperature=cfg.temperature, loss_type="luspo",
-                                           importance_sampling_level="sequence")
+                                           batch.advantages.double(), old_logprobs=old.double(),
+                                           ref_logprobs=None if ref is None else ref.double(), trace=None,
+                                           temperature=cfg.temperature, loss_type="luspo", beta=beta,
+                                           kl_bias_correction=beta > 0, importance_sampling_level="sequence")
         got = {level: policy_loss(model, batch, dataclasses.replace(cfg, importance_sampling_level=level),
-                                  old_logprobs=old)[0] for level in ("sequence", "token")}
+                                  old_logprobs=old, ref_logprobs=ref)[0] for level in ("sequence", "token")}
+        uncorrected = policy_loss(model, batch, dataclasses.replace(cfg, kl_bias_correction=False), old_logprobs=old,
+                                  ref_logprobs=ref)[0]
     torch.testing.assert_close(got["sequence"].double(), want, rtol=1e-5, atol=1e-7)
     assert abs(got["sequence"] - got["token"]) > 1e-3
+    assert (abs(got["sequence"] - uncorrected) > 1e-4) == (beta > 0)
 
 
 @pytest.mark.parametrize("level, want", [("token", 0.5), ("sequence", 1 / 3)])

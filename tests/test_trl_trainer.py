@@ -236,25 +236,33 @@ def test_sequence_level_is_trls(model_dir, tmp_path, impl, dtype, tol, on_policy
     assert ours._metrics["train"]["cispo_clip_ratio"] == pytest.approx([0.5])
 
 
-def test_sequence_level_clip_metrics_count_every_sequence(model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_sequence_level_clip_metrics_count_every_sequence(model_dir, tmp_path, loss_type):
     """At the sequence level TRL's clip fractions are means over all the sequences and its extremes range over all
-    of them, one without completion tokens included (ratio 1: never clipped), where the token level skips it: three
-    sequences below the clip range with Â < 0 and an empty one give low_mean 3/4 and low_min 0 (1 and 1 at the
-    token level)."""
-    ours = make_trainer(model_dir, tmp_path, trace=None, importance_sampling_level="sequence")
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, importance_sampling_level="sequence")
+    of them, one without completion tokens included (ratio 1), where the token level skips it. grpo: three sequences
+    below the clip range with Â < 0 and an empty one (never clipped) give low_mean 3/4 and low_min 0 (1 and 1 at the
+    token level). cispo with TRL's cap epsilon_high unset (epsilon, 0.2, below every ratio): the empty sequence's
+    ratio 1 is capped too where its Â > 0, so with advantages of both signs (row 3 empty, Â > 0)
+    cispo_clip_ratio is 3/4."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, importance_sampling_level="sequence", loss_type=loss_type)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, importance_sampling_level="sequence",
+                          loss_type=loss_type)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
     inputs["completion_mask"][3] = 0
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
-    inputs["advantages"] = -0.1 - inputs["advantages"].abs()
-    inputs["old_per_token_logps"] = policy_logprobs(ours, inputs) + 0.5  # every ratio e^−0.5 < 1 − ε
+    if loss_type == "cispo":
+        inputs["advantages"] = torch.tensor([1.0, -0.8, 0.5, 0.7])
+        want = {"cispo_clip_ratio": 0.75}
+    else:
+        inputs["advantages"] = -0.1 - inputs["advantages"].abs()
+        inputs["old_per_token_logps"] = policy_logprobs(ours, inputs) + 0.5  # every ratio e^−0.5 < 1 − ε
+        want = {"clip_ratio/low_mean": 0.75, "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.75,
+                "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.0}
     for trainer in (ours, theirs):
-        loss_and_grads(trainer, inputs, "grpo")
-    want = {"clip_ratio/low_mean": 0.75, "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.75,
-            "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.0}
+        loss_and_grads(trainer, inputs, loss_type)
+    assert_same_metrics(ours, theirs)
     for name, value in want.items():
         assert ours._metrics["train"][name] == pytest.approx([value]), name
-        assert theirs._metrics["train"][name] == pytest.approx([value]), name
 
 
 
@@ -312,31 +320,39 @@ def two_ranks_inputs(trainer, rank_1, per_token_advantages=False):
     return inputs, other
 
 
-@pytest.mark.parametrize("loss_type, rank_1", [("grpo", "short"), ("cispo", "empty")])
+@pytest.mark.parametrize("loss_type, rank_1", [("grpo", "short"), ("grpo", "empty"), ("cispo", "empty")])
 def test_per_token_advantages_at_the_sequence_level_combine_as_trls(model_dir, tmp_path, monkeypatch, loss_type,
                                                                     rank_1):
     """A subclass may hand per-token advantages [B, T] (TRL's _compute_loss supports them): at the sequence level
     TRL's clip masks are then [B, T], so its global_masked_mean weighs the processes by their tokens, not their
-    sequences, and its per-sequence extremes skip the sequences without tokens (rank 1 "empty": all of its). Two
+    sequences, and its per-sequence extremes skip the sequences without tokens (rank 1 "empty": all of its; with
+    every rank-0 sequence low-clipped, low_min is 1, where counting rank 1's sequences would make it 0). Two
     simulated processes, as above."""
     kw = dict(importance_sampling_level="sequence", loss_type=loss_type,
               epsilon_high=1.3 if loss_type == "cispo" else None)
     ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     inputs, other = two_ranks_inputs(theirs, rank_1, per_token_advantages=True)
+    all_low = loss_type == "grpo" and rank_1 == "empty"
+    if all_low:  # Â < 0 and ratio e^−0.6 < 1 − ε on every token of rank 0
+        inputs["advantages"] = -inputs["advantages"].abs()
+        inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) + 0.6
     for trainer in (ours, theirs):
         as_rank_0_of_two(monkeypatch, trainer, inputs, other, loss_type)
     assert_same_metrics(ours, theirs)
+    if all_low:
+        assert ours._metrics["train"]["clip_ratio/low_min"] == [1.0]
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("vllm_weights", [False, True])
-def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights):
+def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights, level):
     """TRL's `delta` caps the ratio of the tokens with Â < 0 (the fused loss's dual_clip): same loss, gradients and
-    clip metrics as trl.GRPOTrainer on off-policy inputs whose ratios pass it (with vLLM's importance weights too, as
-    policy_weights), and not the loss without it. Advantages of both signs: the cap leaves Â > 0
-    tokens alone."""
-    ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5)
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5)
+    metrics as trl.GRPOTrainer on off-policy inputs whose ratios pass it (with vLLM's importance weights too, as
+    policy_weights), and not the loss without it, at the token level and at the sequence level (the sequence's
+    ratio capped). Advantages of both signs: the cap leaves Â > 0 tokens alone."""
+    ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5, importance_sampling_level=level)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5, importance_sampling_level=level)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
     inputs["advantages"] = torch.tensor([-1.0, 0.7, -0.4, 1.2])
     inputs["old_per_token_logps"] -= 4.0  # log-ratios from about −0.5 to 3.5: many past log(1.5)
@@ -345,10 +361,8 @@ def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights):
         for trainer in (ours, theirs):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # what _compute_loss reads
     assert_same_loss(ours, theirs, inputs, ("dapo", "bnpo"), 2e-6)
-    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
-                 "clip_ratio/high_max"):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6)
-    uncapped = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer)
+    assert_same_metrics(ours, theirs)
+    uncapped = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, importance_sampling_level=level)
     if vllm_weights:
         uncapped.use_vllm = uncapped.vllm_importance_sampling_correction = True
     assert abs(loss_and_grads(uncapped, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
@@ -455,34 +469,36 @@ def test_a_models_softcap_is_applied_as_trl_applies_it(gemma2_dir, tmp_path):
     assert (uncapped - lp).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("on_policy, vllm_weights", [(True, False), (False, False), (False, True)])
-def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weights):
+def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weights, level):
     """TRL's entropy mask (only the top 40% highest-entropy tokens train, over the micro-batch's real tokens): the
     fused loss takes it as policy weights (times vLLM's importance weights when both are on): same loss, gradients
-    and metrics as trl.GRPOTrainer, and not the loss without it."""
-    ours = make_trainer(model_dir, tmp_path, trace=None, beta=0.04, top_entropy_quantile=0.4)
-    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04, top_entropy_quantile=0.4)
+    and metrics as trl.GRPOTrainer, and not the loss without it, at the token and the sequence level."""
+    kw = dict(beta=0.04, importance_sampling_level=level)
+    ours = make_trainer(model_dir, tmp_path, trace=None, top_entropy_quantile=0.4, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, top_entropy_quantile=0.4, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy)
     if vllm_weights:
         inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(4))
         for trainer in (ours, theirs):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                 "clip_ratio/low_min", "clip_ratio/high_max"):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
-    unmasked = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, beta=0.04)
+    assert_same_metrics(ours, theirs)
+    unmasked = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     if vllm_weights:
         unmasked.use_vllm = unmasked.vllm_importance_sampling_correction = True
     assert abs(loss_and_grads(unmasked, inputs, "dapo")[0] - loss_and_grads(theirs, inputs, "dapo")[0]) > 1e-3
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("vllm_weights", [False, True])
-def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights):
+def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights, level):
     """TRL's off_policy_mask_threshold (DeepSeek-V3.2's off-policy sequence mask: a sequence with Â < 0 whose mean KL
     from the sampling policy passes the threshold is dropped), with the entropy mask too: same loss, gradients and
-    metrics as trl.GRPOTrainer, with a threshold that drops some sequences and keeps others."""
-    kw = dict(beta=0.04, off_policy_mask_threshold=1.0, top_entropy_quantile=0.8)
+    metrics as trl.GRPOTrainer, with a threshold that drops some sequences and keeps others, at the token and the
+    sequence level."""
+    kw = dict(beta=0.04, off_policy_mask_threshold=1.0, top_entropy_quantile=0.8, importance_sampling_level=level)
     ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
@@ -498,9 +514,7 @@ def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights):
         "sampling_per_token_logps", inputs["old_per_token_logps"]), inputs["completion_mask"], 1.0)
     assert keep.flatten().tolist() == [1.0, 0.0, 1.0, 1.0]  # Â < 0 and far off-policy: dropped; Â > 0: kept
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                 "clip_ratio/low_min", "clip_ratio/high_max"):
-        assert ours._metrics["train"][name] == pytest.approx(theirs._metrics["train"][name], rel=1e-5, abs=1e-6), name
+    assert_same_metrics(ours, theirs)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -783,8 +797,9 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
     (dict(loss_type="sapo", entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(loss_type="vespo"),
-     "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'\\]"),
-    (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None), "loss_type must be one of"),
+     "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'\\]; got 'vespo'"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None),
+     "loss_type must be one of .*; got 'vespo'"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
