@@ -277,7 +277,8 @@ def grpo_lambda_loss(
         "clip_ratio/region_mean", "ratio_mean" (of ρ̃) and "kl" (when beta > 0; the corrected one with
         `kl_bias_correction`, as TRL logs it), masked means over tokens; and TRL's per-sequence extremes
         "clip_ratio/low_min" and "clip_ratio/high_max": the least low-clipped and the most high-clipped fraction of a
-        sequence's tokens, over the sequences with tokens (0 when none has).
+        sequence's tokens, over the sequences with tokens (0 when none has). At the sequence level and with
+        CISPO or SAPO, the clip metrics are those described under importance_sampling_level and policy_loss.
     """
     op = "grpo_lambda_loss"
     checks.float_tensor(op, "logprobs", logprobs, ndim=2)

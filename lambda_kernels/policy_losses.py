@@ -23,8 +23,8 @@ class CISPO:
     """CISPO (MiniMax-M1; ScaleRL's choice; TRL's `loss_type="cispo"`): REINFORCE with a capped importance weight,
     `−sg(min(ρ̃, max_ratio))·Â·ℓ`. Every token keeps a gradient, `−min(ρ̃, max_ratio)·Â` on its own log-prob ℓ; the
     ratio (traced, or the sequence's) only sets the weight. `max_ratio` is TRL's `epsilon_high` for this loss (ε_max
-    in ScaleRL, 5 recommended there). The metric "cispo_clip_ratio" is TRL's: the fraction of the loss tokens that
-    have Â > 0 and a capped weight."""
+    in ScaleRL, 5 recommended there). The metric "cispo_clip_ratio" is TRL's: the fraction of the loss tokens (of
+    the sequences, at the sequence level) that have Â > 0 and a capped weight."""
 
     max_ratio: float = 5.0
     name = "cispo"

@@ -12,6 +12,7 @@ import torch
 from ... import reference
 from ..._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams
 
+
 def metric_names(params: ObjectiveParams, with_entropy: bool) -> tuple[str, ...]:
     from ..objective.launch import policy_metric_names
 

@@ -9,8 +9,8 @@ import torch
 
 from ..._core.normalizers import LOSS_TYPES
 from ..._core.params import SEQUENCE_STYLE, ObjectiveParams, TraceParams
-from ...policy_losses import CISPO, SAPO
 from ..._core.tuning import scan_config
+from ...policy_losses import CISPO, SAPO
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
 from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_RATIO, OUT_REGION, \
     objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
@@ -172,7 +172,8 @@ def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams, weights=No
     `scales` [B] from `lambda_kernels._core.normalizers.row_scales` (n_t = m_t·s_i). With ℓ_old = ℓ the traced
     ratio is 1 everywhere, which no clip range with ε ≥ 0 clips, so every token's coefficient is −n_t·Â_t and the
     gradient is one reverse scan; it does not depend on the log-probs. weights (None or [B, T]): the policy term's
-    per-token weights w, so the coefficient is −n_t·w_t·Â_t.
+    per-token weights w, so the coefficient is −n_t·w_t·Â_t. SAPO's gate has slope 1 at ρ̃ = 1, so its gradient is
+    the same; CISPO's is −n_j·w_j·min(1, c)·Â_j on each log-prob, unscanned (`scan_params`).
     """
     a = adv.to(torch.float32)
     a = a.unsqueeze(1) if a.dim() == 1 else a
