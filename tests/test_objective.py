@@ -36,6 +36,26 @@ def run_both(lp, old, adv, mask, **kw):
     return (loss, grad, metrics), (loss_ref, grad_ref, metrics_ref)
 
 
+def assert_padding_never_read(lp, old, adv, mask, impl, ref=None, ref_poison=torch.nan, **kw):
+    """The objective with −inf log-probs, NaN old log-probs and `ref_poison` reference log-probs at the masked
+    positions equals the reference on the clean inputs (loss, gradient), with zero gradient and finite metrics there.
+    Returns (our metrics, the reference's)."""
+    real = mask != 0
+    lp_p = torch.where(real, lp.detach(), -torch.inf).requires_grad_()
+    old_p = None if old is None else torch.where(real, old, torch.nan)
+    ref_p = None if ref is None else torch.where(real, ref, ref_poison)
+    loss, metrics = lk.grpo_lambda_loss(lp_p, old_p, adv, mask, ref_logprobs=ref_p, impl=impl, **kw)
+    (grad,) = torch.autograd.grad(loss, lp_p)
+    lp_c = lp.detach().clone().requires_grad_()
+    want, want_metrics = R.grpo_lambda_loss(lp_c, old, adv, mask, ref_logprobs=ref, **kw)
+    (grad_want,) = torch.autograd.grad(want, lp_c)
+    torch.testing.assert_close(loss.double(), want.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad_want.double(), rtol=1e-4, atol=1e-6)
+    assert (grad[~real] == 0).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+    return metrics, want_metrics
+
+
 def assert_matches(ours, ref, atol=1e-5):
     loss, grad, metrics = ours
     loss_ref, grad_ref, metrics_ref = ref

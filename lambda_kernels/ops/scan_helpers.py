@@ -115,10 +115,12 @@ def trace_backward_block(c, offs, in_row, carry_r, carry_s, scratch_r, scratch_s
 
 
 @triton.jit
-def row_mean(x_ptr, sub_ptr, mask_ptr, row, T, LOG_RATIO: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The sequence style's per-row mean, a first walk over the row, over max(Σ_t m_t, 1):
-    LOG_RATIO 1: of m_t·(x_t − sub_t), the forward's sequence log-ratio (x, sub where m = 0 are never used: they
-    may be ±inf or NaN); LOG_RATIO 0: of x_t, a row of coefficients that already carry m_t (0 at padding)."""
+def row_mean(x_ptr, y_ptr, mask_ptr, row, T, MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A per-row mean over max(Σ_t m_t, 1), a first walk over the row (the sequence style's reductions):
+    MODE 0: of x_t, a row of coefficients that already carry m_t (0 at padding);
+    MODE 1: of m_t·(x_t − y_t), the sequence's log-ratio (x = ℓ, y = ℓ_old);
+    MODE 2: of m_t·kl_t, kl = exp(y − x) − (y − x) − 1 the k3 KL (x = ℓ, y = ℓ_ref).
+    Values where m = 0 are never used (selected away: they may be ±inf or NaN)."""
     acc_x = tl.zeros((BLOCK_T,), tl.float32)
     acc_m = tl.zeros((BLOCK_T,), tl.float32)
     for t0 in range(0, T, BLOCK_T):
@@ -126,8 +128,11 @@ def row_mean(x_ptr, sub_ptr, mask_ptr, row, T, LOG_RATIO: tl.constexpr, BLOCK_T:
         m_t = o_t < T
         b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
         b_x = tl.load(x_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
-        if LOG_RATIO:
-            b_x = b_m * (b_x - tl.load(sub_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32))
+        if MODE == 1:
+            b_x = b_m * (b_x - tl.load(y_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32))
+        elif MODE == 2:
+            b_d = tl.load(y_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32) - b_x
+            b_x = b_m * (tl.exp(b_d) - b_d - 1.0)
         acc_x += tl.where(b_m != 0, b_x, 0.0)
         acc_m += b_m
     return tl.sum(acc_x, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)

@@ -43,7 +43,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     """
     i_b, row, scratch_f, scratch_p, carry_f, carry_p = row_scan_start(scratch_ptr, T)
     if STYLE == 3 and not ON_POLICY:
-        carry_f = row_mean(lp_ptr, old_ptr, mask_ptr, row, T, True, BLOCK_T)
+        carry_f = row_mean(lp_ptr, old_ptr, mask_ptr, row, T, 1, BLOCK_T)
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
@@ -236,29 +236,6 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     tl.store(out_ptr + o_s, out)
 
 
-@triton.jit
-def _row_ratio_and_kl(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, T, ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(exp(Σ m·(ℓ − ℓ_old) / L), Σ m·kl / L) of a row, L = max(Σ m, 1): the sequence's ratio (1 on-policy) and its
-    mean k3 KL, in a first walk over the row (padding's values selected away: they may be ±inf or NaN)."""
-    acc_d = tl.zeros((BLOCK_T,), tl.float32)
-    acc_kl = tl.zeros((BLOCK_T,), tl.float32)
-    acc_m = tl.zeros((BLOCK_T,), tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        o_t = t0 + tl.arange(0, BLOCK_T)
-        m_t = o_t < T
-        b_m = tl.load(mask_ptr + row + o_t, mask=m_t, other=0).to(tl.float32)
-        b_valid = b_m != 0
-        b_lp = tl.where(b_valid, tl.load(lp_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
-        b_dr = tl.where(b_valid, tl.load(ref_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0) - b_lp
-        acc_kl += tl.where(b_valid, b_m * (tl.exp(b_dr) - b_dr - 1.0), 0.0)
-        if not ON_POLICY:
-            b_old = tl.where(b_valid, tl.load(old_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32), 0.0)
-            acc_d += tl.where(b_valid, b_m * (b_lp - b_old), 0.0)
-        acc_m += b_m
-    inv_len = 1.0 / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
-    return tl.exp(tl.sum(acc_d, axis=0) * inv_len), tl.sum(acc_kl, axis=0) * inv_len
-
-
 @triton.jit(do_not_specialize=["T"])
 def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr, gout_ptr, glp_ptr, scratch_ptr,
                          T, a, log2a, beta,
@@ -277,9 +254,13 @@ def objective_bwd_kernel(coef_ptr, lp_ptr, old_ptr, ref_ptr, mask_ptr, scale_ptr
     """
     i_b, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
     if STYLE == 3:
-        carry_r = row_mean(coef_ptr, coef_ptr, mask_ptr, row, T, False, BLOCK_T)
-    if KL_SEQ:
-        seq_ratio, seq_kl = _row_ratio_and_kl(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, T, ON_POLICY, BLOCK_T)
+        carry_r = row_mean(coef_ptr, coef_ptr, mask_ptr, row, T, 0, BLOCK_T)
+    if KL_SEQ:  # the sequence's ratio (1 on-policy) and its mean k3 KL, in first walks over the row
+        seq_kl = row_mean(lp_ptr, ref_ptr, mask_ptr, row, T, 2, BLOCK_T)
+        if ON_POLICY:
+            seq_ratio = 1.0
+        else:
+            seq_ratio = tl.exp(row_mean(lp_ptr, old_ptr, mask_ptr, row, T, 1, BLOCK_T))
     row_scale = tl.load(gout_ptr).to(tl.float32) * tl.load(scale_ptr + i_b)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
