@@ -28,10 +28,10 @@ def _unclipped(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("clip_ratio/")}
 
 
-def _clip_term(z, adv, w, epsilon_low, eps_high, dual_clip):
-    """PPO's −min(ρ̃Â, clip(ρ̃)Â) per token, and its low/high-clipped tokens (before the mask)."""
+def _clip_term(z, ratio, adv, w, epsilon_low, eps_high, dual_clip):
+    """PPO's −min(ρ̃Â, clip(ρ̃)Â) per token, and its low/high-clipped tokens (before the mask); ratio = exp(z),
+    detached."""
     with torch.no_grad():
-        ratio = torch.exp(z)
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
         # dual clip (verl's clip_ratio_c): a token with Â < 0 pays at most −c·Â; for c ≥ 1 + ε_high this is TRL's
@@ -51,25 +51,22 @@ def _clip_term(z, adv, w, epsilon_low, eps_high, dual_clip):
     return torch.where(active, -ratio_active * adv, constant), low, high
 
 
-def _cispo_term(z, adv, lp, max_ratio):
+def _cispo_term(ratio, adv, lp, max_ratio):
     """CISPO's −sg(min(ρ̃, c))·Â·ℓ (TRL's value; the gradient is on ℓ itself, the ratio only weighs it), and its
     capped tokens with Â > 0 (TRL's cispo_clip_ratio) in the high slot."""
-    with torch.no_grad():
-        ratio = torch.exp(z)
-        weight = ratio.clamp(max=max_ratio)
-        high = (ratio > max_ratio) & (adv > 0)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    weight = ratio.clamp(max=max_ratio)
+    high = (ratio > max_ratio) & (adv > 0)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     return torch.where(adv != 0, -weight * adv * lp, zero), torch.zeros_like(high), high
 
 
-def _sapo_term(z, adv, temperature_pos, temperature_neg):
+def _sapo_term(z, ratio, adv, temperature_pos, temperature_neg):
     """SAPO's −(4/τ)·σ(τ·(ρ̃ − 1))·Â, τ by the sign of Â; nothing clipped. Where exp(z) overflows the gate is 1:
     the constant −(4/τ)·Â, no gradient (σ' = 0 there, and inf·0 would be NaN)."""
     full = lambda v: torch.full((), v, dtype=z.dtype, device=z.device)  # noqa: E731
     tau = torch.where(adv > 0, full(temperature_pos), full(temperature_neg))
     zero = full(0.0)
-    with torch.no_grad():
-        saturated = torch.isinf(torch.exp(z))
+    saturated = torch.isinf(ratio)
     gate = torch.sigmoid(tau * (torch.exp(torch.where(saturated, zero, z)) - 1))
     per_token = torch.where(saturated, -(4 / tau) * adv, -(4 / tau) * gate * adv)
     none = torch.zeros_like(saturated)
@@ -104,15 +101,14 @@ def grpo_lambda_loss(
     else:
         z = delta if trace is None else trace_scan(delta, gamma * lam, trace)
     w = None if policy_weights is None else zero_where_masked(policy_weights.detach().to(dt), m != 0)
+    ratio = torch.exp(z.detach())
     policy = resolve_policy_loss("grpo_lambda_loss", policy_loss)
     if isinstance(policy, Clip):
-        per_token, low, high = _clip_term(z, adv, w, epsilon_low, eps_high, dual_clip)
+        per_token, low, high = _clip_term(z, ratio, adv, w, epsilon_low, eps_high, dual_clip)
     elif isinstance(policy, CISPO):
-        per_token, low, high = _cispo_term(z, adv, lp, policy.max_ratio)
+        per_token, low, high = _cispo_term(ratio, adv, lp, policy.max_ratio)
     else:
-        per_token, low, high = _sapo_term(z, adv, policy.temperature_pos, policy.temperature_neg)
-    with torch.no_grad():
-        ratio = torch.exp(z)
+        per_token, low, high = _sapo_term(z, ratio, adv, policy.temperature_pos, policy.temperature_neg)
     zero = torch.zeros((), dtype=dt, device=z.device)
     if w is not None:  # the policy term weighted per token (a weight of 0 adds exactly 0)
         per_token = torch.where(w != 0, w * per_token, zero)
@@ -164,7 +160,7 @@ def grpo_lambda_loss(
         metrics["clip_ratio/high_max"] = torch.cat([torch.where(has, seq_high, zero), zero.reshape(1)]).amax()
         if beta > 0:
             metrics["kl"] = (m * kl).sum() / count
-        if isinstance(policy, CISPO):  # TRL's one clip metric there: the capped fraction (of tokens with Â > 0)
+        if isinstance(policy, CISPO):  # TRL's one clip metric there: the fraction capped with Â > 0
             metrics = {"cispo_clip_ratio": metrics["clip_ratio/high_mean"], **_unclipped(metrics)}
         elif isinstance(policy, SAPO):  # nothing is clipped
             metrics = _unclipped(metrics)

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from ..scan_helpers import row_scan_start, trace_backward_block, trace_forward_block
+from ..scan_helpers import row_mean, row_scan_start, trace_backward_block, trace_forward_block
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -30,9 +30,13 @@ def lambda_trace_bwd_kernel(gz_ptr, mask_ptr, gx_ptr, scratch_ptr, T, a, log2a,
                             STYLE: tl.constexpr, BLOCK_T: tl.constexpr):
     """∂/∂x_j = m_j·Σ_{t≥j} w(t, j)·gz_t.
 
-    gz [B, T] fp32, mask [B, T], gx [B, T] (x's dtype), scratch [B, 2, T] fp32 (STYLE 2 only). Grid (B,).
+    gz [B, T] fp32, mask [B, T], gx [B, T] (x's dtype), scratch [B, 2, T] fp32 (STYLE 2 only). STYLE 3 (the
+    sequence mean, GSPO: only the objective's on-policy gradient comes here) reduces Σ_t gz_t / max(Σ m, 1) over the
+    real t in a first walk. Grid (B,).
     """
     _, row, scratch_r, scratch_s, carry_r, carry_s = row_scan_start(scratch_ptr, T)
+    if STYLE == 3:
+        carry_r = row_mean(gz_ptr, gz_ptr, mask_ptr, row, T, 0, BLOCK_T)
     n_blocks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_blocks):
         t0 = (n_blocks - 1 - i) * BLOCK_T

@@ -43,33 +43,18 @@ def _scan(inp: torch.Tensor, mask: torch.Tensor, params: TraceParams, out_dtype:
     """One direction of the trace over rows [B, T]: one program per row, or chunk-parallel for few long rows."""
     inp = inp.contiguous()
     B, T = inp.shape
-    if params.style == SEQUENCE_STYLE:  # (only the objective's on-policy gradient: the backward)
-        if not reverse:
-            raise NotImplementedError("the sequence style's forward runs inside the objective kernels only")
-        return _sequence_mean_backward(inp, mask, out_dtype)
+    if params.style == SEQUENCE_STYLE and not reverse:  # (only the objective's on-policy gradient: the backward)
+        raise NotImplementedError("the sequence style's forward runs inside the objective kernels only")
     out = torch.empty((B, T), dtype=out_dtype, device=inp.device)
     if B == 0 or T == 0:
         return out
     block, warps = scan_config(T)
-    if params.style != 0 and use_chunked_scan(B, T, block):
+    if params.style not in (0, SEQUENCE_STYLE) and use_chunked_scan(B, T, block):  # (a row mean is not a scan)
         return _chunked(inp, mask, params, out, block, warps, reverse=reverse)
     kernel = lambda_trace_bwd_kernel if reverse else lambda_trace_fwd_kernel
     kernel[(B,)](inp, kernel_mask(mask), out, scratch_for(params, B, T, inp.device), T, params.a, params.log2a,
                  STYLE=params.style, BLOCK_T=block, num_warps=warps)
     return out
-
-
-def _sequence_mean_backward(grad_z: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The sequence style's backward (GSPO; not a scan): grad_x_j = m_j·Σ_t grad_z_t / max(Σ m, 1) over the real t
-    (as the objective's backward kernel). A row reduction in plain torch: only the on-policy token gradient comes
-    here (the objective kernels reduce their rows themselves)."""
-    m = mask.to(torch.float32)
-    real = m != 0
-    zero = torch.zeros((), device=grad_z.device)
-    count = m.sum(dim=1, keepdim=True).clamp(min=1.0)
-    # (grad_z where m = 0 is never used: selected away, not multiplied)
-    total = torch.where(real, grad_z.to(torch.float32), zero).sum(dim=1, keepdim=True)
-    return torch.where(real, m * (total / count), zero).to(out_dtype)
 
 
 def trace_forward(x: torch.Tensor, mask: torch.Tensor, params: TraceParams) -> torch.Tensor:
