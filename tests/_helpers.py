@@ -63,17 +63,20 @@ def set_chunk_rows(monkeypatch, rows: int, V: int = 123) -> None:
 
 # (plan, rows per chunk) for the fused loss's paths at the test shapes (B·T ≈ 68 rows, V = 123): "tokens" with chunks
 # of 40 rows runs off-policy in one pass (chunks of whole sequences), with 5 rows in two passes; "split": the chunks'
-# dW for some vocabulary rows and a tail pass for the rest; "vocab": two passes over vocabulary slabs
+# dW for the vocabulary rows [0, 56) and a tail pass for the rest (fp32 heads too); "vocab": two passes over
+# vocabulary slabs
 PLANS = [("tokens", 40), ("tokens", 5), ("split", 8), ("vocab", 8)]
 
 
-def force_plan(monkeypatch, plan: str, rows: int) -> None:
-    """Chunks of `rows` rows and the gradient plan `plan` (split under a 1 GiB memory budget, the others without)."""
+def force_plan(monkeypatch, plan: str, rows: int, V: int = 123) -> None:
+    """Chunks of `rows` rows and the gradient plan `plan` (split under a memory budget of one chunk of logits, which
+    leaves the chunks the dW rows a half head's gradient holds, ⌊V/2⌋ aligned down, and the tail the rest; the
+    others without a budget)."""
     from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV
 
-    set_chunk_rows(monkeypatch, rows)
+    set_chunk_rows(monkeypatch, rows, V)
     monkeypatch.setenv(PLAN_ENV, plan)
-    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else "1G")
+    monkeypatch.setenv(MEMORY_BUDGET_ENV, "none" if plan != "split" else str(4 * V * rows))
 
 
 def assert_module_is_function(module_cls, fn, options: dict, args: tuple, **call_kw) -> None:

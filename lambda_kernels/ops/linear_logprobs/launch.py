@@ -150,7 +150,7 @@ def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
-                     lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1))
+                     lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1), dw_forced=need_dw)
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
@@ -204,8 +204,8 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
         else:  # each piece's dX goes through a piece-sized buffer into its rows of x
             dx, dx_buf = torch.zeros_like(x), torch.empty((most, H), dtype=x.dtype, device=x.device)
     if need_dw:
-        if weight.dtype == sdt:  # the sum is the gradient
-            dw = torch.empty(weight.shape, dtype=sdt, device=weight.device)
+        if weight.dtype == sdt:  # the sum is the gradient (a forced split plan's tail: its rows of dw_out)
+            dw = torch.empty(weight.shape, dtype=sdt, device=weight.device) if dw_out is None else dw_out
         elif len(slabs) > 1 or dw_out is not None:
             dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if dw_out is None else dw_out
             dw_slab = torch.empty((slabs[0].stop, H), dtype=sdt, device=weight.device)
@@ -225,8 +225,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
             # (columns of the slab's dlogits, the fp32 sum of their dW rows)
             sums = []
             if need_dw:
+                summed = cols if dw_rows is None else dw_rows  # (dw_rows: one slab, the split plan's chunks)
                 sums = dw_sum.parts() if dw_sum is not None else [
-                    (slice(0, cols), dw[sv] if dw_slab is None else dw_slab[:cols])]
+                    (slice(0, summed), dw[sv][:summed] if dw_slab is None else dw_slab[:summed])]
             for i, sl in enumerate(pieces):
                 m = sl.stop - sl.start
                 if x_c is None or not gather_once:

@@ -31,7 +31,9 @@ Gradient plans (the forward-only log-prob pass is always token chunks):
             (8·V − 2·V_t)·N·H FLOPs, one pass for dX and the on-policy loss: between the two others where the
             log-sum-exp is not yet known (the fused loss's one-pass paths); a backward that has it (after a log-prob
             pass) does the vocab plan's slabs alone, 6·N·H·V, so split is its choice only where the vocab plan's fp32
-            dX sum does not fit (a long row of a wide hidden).
+            dX sum does not fit (a long row of a wide hidden). Auto picks it for half heads only (an fp32 head's dW
+            sum is its gradient: nothing to split); forced, an fp32 head's chunks write rows [0, V_t) of its
+            gradient and the tail the rest, so that the tests run every row function of the tail on fp32 heads.
 
 Why three: dW = Σ_rows dlogitsᵀ·x needs every row's log-sum-exp before any row's dlogits, and the log-sum-exp needs
 the whole vocabulary. Summing a vocabulary row's dW over rows in fp32 therefore costs either fp32 room for it across
@@ -214,7 +216,8 @@ def plan_choice() -> str:
 
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
-              dx_sum_in_tokens: bool = False, lse_known: bool = False, gathered: int | None = None) -> GradPlan:
+              dx_sum_in_tokens: bool = False, lse_known: bool = False, gathered: int | None = None,
+              dw_forced: bool = False) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
@@ -235,8 +238,10 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
         gathered = 4 if dx_accumulator else 2
     row = 4 * max(V, 1)
     choice = plan_choice()
-    if choice == "split" and (not dw_accumulator or dx_sum_in_tokens):
-        choice = "tokens"  # no fp32 dW sum to split (or dX summed across ranks, which the split plan does not do)
+    # a forced split plan splits an fp32 head's dW too (tests run its row functions on fp32 heads); auto: a half's
+    split_dw = dw_accumulator or (choice == "split" and dw_forced)
+    if choice == "split" and (not split_dw or dx_sum_in_tokens):
+        choice = "tokens"  # no dW to split (or dX summed across ranks, which the split plan does not do)
     if choice == "tokens" or choice == "auto" and memory is None:
         return _token_plan(N, V, max(forward_budget_bytes() if choice == "tokens" else logits, row))
     if choice == "auto":  # a budget that does not bind changes nothing: the plan without one, where it fits
@@ -248,7 +253,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
                                          row))
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
         return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
-    if choice == "vocab" or dx_sum_in_tokens or not dw_accumulator:
+    if choice == "vocab" or dx_sum_in_tokens or not split_dw:
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
     if choice == "split":  # forced (tests, comparisons): the forward pass's chunks, V_t as the budget allows, a tail
         chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
