@@ -475,7 +475,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
                            max_completion_length=None, num_items_in_batch=None, return_entropy=False,
                            kl_bias_correction=False, dual_clip=None, policy_weights=None,
                            importance_sampling_level="token", policy_loss="clip", impl="auto", process_group=None,
-                           softcap=None):
+                           softcap=None, entropy_coef=0.0, entropy_weights=None):
     """The GRPO-λ (or plain GRPO) loss straight from the last hidden states and the LM head → `(loss, metrics)`.
 
     Same value, gradients and metrics as
@@ -519,6 +519,13 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         num_items_in_batch, kl_bias_correction, dual_clip, policy_weights, importance_sampling_level, policy_loss:
         as in `grpo_lambda_loss` (GSPO's sequence-level ratio, CISPO and SAPO are one pass on-policy too).
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
+        entropy_coef: c, a finite number: an entropy bonus, loss − c·Σ_t m_t·w_t·H_t / max(Σ_t m_t·w_t, 1) with
+            its exact gradient (H: that tempered entropy, m: the mask, w: entropy_weights). TRL's `entropy_coef`
+            (over its effective mask, c divided by the accumulation steps as its loss is) and verl's
+            `entropy_coeff` with token-mean aggregation. Computed in the same passes (no extra matmul); 0 = off.
+        entropy_weights: None (w = 1), or `[B, T]` bool/int/float constant weights w of the bonus, e.g. TRL's
+            top-entropy mask; not read where the mask is 0. For another aggregation of H, use
+            `linear_logprobs(..., return_entropy=True)`.
         impl: "auto" | "triton" | "torch" (the same chunked pipeline with PyTorch row ops and the reference
             objective: the CPU fallback).
 
@@ -539,6 +546,9 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
     transform, bias = _check_lm_head(op, hidden, weight, bias, temperature, softcap)
     checks.mask_tensor(op, "completion_mask", completion_mask, (B, T))
     checks.flag(op, "return_entropy", return_entropy)
+    entropy_coef = checks.finite_number(op, "entropy_coef", entropy_coef)
+    if entropy_weights is not None:
+        checks.mask_tensor(op, "entropy_weights", entropy_weights, (B, T))
     params = check_objective_args(
         op, (B, T), ("hidden", hidden), old_logprobs=old_logprobs, advantages=advantages, mask=completion_mask,
         ref_logprobs=ref_logprobs, trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min,
@@ -547,19 +557,22 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
         kl_bias_correction=kl_bias_correction, dual_clip=dual_clip, policy_weights=policy_weights,
         importance_sampling_level=importance_sampling_level, policy_loss=policy_loss)
     device = checks.same_device(op, [("hidden", hidden), ("weight", weight), ("completion_ids", completion_ids),
-                                     ("bias", bias)])
+                                     ("bias", bias), ("entropy_weights", entropy_weights)])
     rows_impl = resolve_impl(op, impl, device)
     with _on_device(device):
         shard = _vocab_shard(op, process_group, weight, device)
         tokens = _pending_tokens(op, "completion_ids", completion_ids,
                                  weight.shape[0] if shard is None else shard.vocab_size, completion_mask)
+        from .ops.fused_loss.entropy_bonus import EntropyBonus
         from .ops.fused_loss.function import FusedLossParams, fused_grpo_lambda_apply
         from .ops.fused_loss.objectives import KernelObjective, ReferenceObjective
 
         mask_f = completion_mask.to(torch.float32)
         scales = row_scales(mask_f, loss_type, max_completion_length, num_items_in_batch)
         objective = (KernelObjective if rows_impl == "triton" else ReferenceObjective)(params, num_items_in_batch)
+        bonus = None if entropy_coef == 0 else EntropyBonus(entropy_coef, mask_f, entropy_weights)
         fparams = FusedLossParams(objective=objective, beta=params.beta, transform=transform,
-                                  with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens)
+                                  with_entropy=return_entropy, rows_impl=rows_impl, shard=shard, tokens=tokens,
+                                  bonus=bonus)
         return fused_grpo_lambda_apply(hidden, weight, bias, completion_ids, mask_f, advantages, old_logprobs,
                                        ref_logprobs, policy_weights, scales, fparams)

@@ -61,17 +61,19 @@ class FusedGRPOLambdaLoss(_OptionsModule):
                  beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
                  temperature: float = 1.0, return_entropy: bool = False, kl_bias_correction: bool = False,
                  dual_clip: float | None = None, importance_sampling_level: str = "token", policy_loss="clip",
-                 impl: str = "auto", process_group=None, softcap: float | None = None):
+                 impl: str = "auto", process_group=None, softcap: float | None = None,
+                 entropy_coef: float = 0.0):
         super().__init__(trace=trace, lam=lam, gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low,
                          epsilon_high=epsilon_high, beta=beta, loss_type=loss_type,
                          max_completion_length=max_completion_length, temperature=temperature,
                          return_entropy=return_entropy, kl_bias_correction=kl_bias_correction,
                          dual_clip=dual_clip, importance_sampling_level=importance_sampling_level,
-                         policy_loss=policy_loss, impl=impl, process_group=process_group, softcap=softcap)
+                         policy_loss=policy_loss, impl=impl, process_group=process_group, softcap=softcap,
+                         entropy_coef=entropy_coef)
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, old_logprobs=None,
-                ref_logprobs=None, bias=None, num_items_in_batch=None, policy_weights=None):
+                ref_logprobs=None, bias=None, num_items_in_batch=None, policy_weights=None, entropy_weights=None):
         return F.fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, advantages,
                                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
                                         num_items_in_batch=num_items_in_batch, policy_weights=policy_weights,
-                                        **self.options)
+                                        entropy_weights=entropy_weights, **self.options)

@@ -127,9 +127,16 @@ def scenarios():
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
             num_items_in_batch=torch.tensor(100.0), adv_clamp_min=-0.1)[0]
+    # the entropy bonus: its gradient in the on-policy row kernel (WITH_ENT_GRAD) and the off-policy dlogits kernel
+    yield "fused on-policy entropy bonus", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, entropy_coef=0.01)[0]
+    yield "fused off-policy entropy bonus", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, old_logprobs=lp - 0.1, entropy_coef=0.01)[0]
     os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"  # the on-policy row kernel that also stores lse and g
     yield "fused on-policy split plan", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=bias,
                                                                          ref_logprobs=lp, beta=0.04)[0]
+    yield "fused on-policy split plan entropy bonus", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, bias=bias, entropy_coef=0.01, softcap=30.0)[0]
     yield "fused on-policy split plan softcap", lambda: lk.fused_grpo_lambda_loss(
         hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, softcap=30.0)[0]
     os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")

@@ -33,6 +33,7 @@ CASES = [  # (name, impl, extra options)
     ("logprobs", "triton", {"softcap": 2.5}), ("fused_on", "triton", {"softcap": 2.5}),
     ("fused_off", "torch", {"softcap": 2.5}),
     ("fused_off", "triton", {"weights": True}), ("fused_on", "torch", {"weights": True}),  # policy_weights
+    ("fused_on", "triton", {"entropy": True}), ("fused_off", "torch", {"entropy": True}),  # the entropy bonus
 ]
 
 
@@ -53,7 +54,7 @@ def _logprobs_inputs(extra):
     return x, w, b, t, mask, torch.randn(37, generator=g), torch.randn(37, generator=g)
 
 
-def _fused_inputs(off_policy: bool, softcap=None, weights=False):
+def _fused_inputs(off_policy: bool, softcap=None, weights=False, entropy=False):
     hidden, weight, b, ids, mask, adv = make_batch(B=3, T=9, H=24, V=V, seed=8)
     old = perturbed_old(hidden, weight, b, ids, 0.9, scale=0.3) if off_policy else None
     with torch.no_grad():
@@ -61,6 +62,8 @@ def _fused_inputs(off_policy: bool, softcap=None, weights=False):
     kw = dict(old_logprobs=old, ref_logprobs=ref, temperature=0.9, trace="both", lam=0.9, beta=0.04,
               adv_clamp_min=-0.1, return_entropy=True, softcap=softcap,
               policy_weights=2 * torch.rand(3, 9, generator=torch.Generator().manual_seed(6)) if weights else None)
+    if entropy:  # the bonus's H is the whole vocabulary's: its gradient needs the statistics combined over ranks
+        kw.update(entropy_coef=0.7, entropy_weights=torch.rand(3, 9, generator=torch.Generator().manual_seed(7)))
     return hidden.detach(), weight.detach(), b.detach(), ids, mask, adv, kw
 
 
@@ -102,7 +105,7 @@ def _run_case(case, rank, group, device):
             grads = torch.autograd.grad((lp64 * g_lp.double()).sum() + (ent64 * g_ent.double()).sum(), leaves)
             return {**out, "ref": dict(lp=lp64.detach(), ent=ent64.detach(), dx=grads[0], dw=grads[1], db=grads[2])}
         hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off", extra.get("softcap"),
-                                                              extra.get("weights", False))
+                                                              extra.get("weights", False), extra.get("entropy", False))
         hidden, weight, b, ids, mask, adv = _on(device, hidden, weight, b, ids, mask, adv)
         kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         h = hidden.requires_grad_()
@@ -181,7 +184,7 @@ def test_fused_loss_vocab_parallel(rank_results, index):
     assert torch.equal(r0["loss"], r1["loss"]) and torch.equal(r0["dx"], r1["dx"])
     name, _, extra = CASES[index]
     hidden, weight, b, ids, mask, adv, kw = _fused_inputs(name == "fused_off", extra.get("softcap"),
-                                                          extra.get("weights", False))
+                                                          extra.get("weights", False), extra.get("entropy", False))
     loss, metrics, (dx, dw, db) = reference_run(hidden, weight, b, ids, mask, adv, **kw)
     _close(r0["loss"], loss.detach(), name="loss")
     assert set(r0["metrics"]) == set(metrics)

@@ -42,14 +42,16 @@ def fused_grpo_lambda_loss(
     temperature=1.0, trace="both", lam=0.99, gamma=1.0, adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None,
     beta=0.0, loss_type="dapo", max_completion_length=None, num_items_in_batch=None, return_entropy=False,
     kl_bias_correction=False, dual_clip=None, policy_weights=None, importance_sampling_level="token",
-    policy_loss="clip", process_group=None, softcap=None,
+    policy_loss="clip", process_group=None, softcap=None, entropy_coef=0.0, entropy_weights=None,
 ):
     """grpo_lambda_loss(linear_logprobs(hidden, weight, completion_ids), ...) with materialised logits; the
-    padding's hidden states and ids are not used (as the library's)."""
+    padding's hidden states and ids are not used (as the library's). With entropy_coef c the loss less
+    c·Σ m·w·H / max(Σ m·w, 1), w the entropy_weights (1 when None; not read where the mask is 0)."""
+    with_entropy = return_entropy or entropy_coef != 0
     out = linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy, process_group=process_group, mask=completion_mask,
+                          return_entropy=with_entropy, process_group=process_group, mask=completion_mask,
                           softcap=softcap)
-    logp, entropy = out if return_entropy else (out, None)
+    logp, entropy = out if with_entropy else (out, None)
     loss, metrics = grpo_lambda_loss(
         logp, old_logprobs, advantages, completion_mask, ref_logprobs=ref_logprobs, trace=trace, lam=lam,
         gamma=gamma, adv_clamp_min=adv_clamp_min, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
@@ -59,7 +61,17 @@ def fused_grpo_lambda_loss(
     if return_entropy:
         m = completion_mask.to(entropy.dtype)
         metrics["entropy"] = ((m * entropy.detach()).sum() / m.sum().clamp(min=1.0)).to(torch.float32)
+    if entropy_coef != 0:
+        loss = loss - entropy_coef * entropy_bonus_mean(entropy, completion_mask, entropy_weights).to(loss.dtype)
     return loss, metrics
+
+
+def entropy_bonus_mean(entropy, mask, weights=None):
+    """Σ m·w·H / max(Σ m·w, 1) (w = 1 when None): the entropy the bonus raises; w is not read where m is 0."""
+    m = mask.to(entropy.dtype)
+    if weights is not None:
+        m = torch.where(mask != 0, m * weights.to(entropy.dtype), torch.zeros((), dtype=entropy.dtype))
+    return (m * entropy).sum() / m.sum().clamp(min=1.0)
 
 
 class _SumGradOverGroup(torch.autograd.Function):

@@ -21,9 +21,9 @@ from .objectives import metric_names
 @dataclass(frozen=True)
 class FusedLossParams:
     """Inputs autograd does not track: the objective (kernel or reference, holding ObjectiveParams), β, the logits'
-    temperature and softcap (`LogitTransform`), entropy metric on/off, the row backend, and the real (unmasked)
+    temperature and softcap (`LogitTransform`), entropy metric on/off, the row backend, the real (unmasked)
     tokens (`PendingTokens`: their positions in the flattened batch on the device, each row's count from the id
-    check's host read, waited for inside the pass)."""
+    check's host read, waited for inside the pass) and the entropy bonus."""
 
     objective: Any
     beta: float
@@ -32,13 +32,14 @@ class FusedLossParams:
     rows_impl: str  # "triton" | "torch"
     shard: Any = None  # vocab_parallel.VocabShard of a vocabulary-parallel head
     tokens: Any = None
+    bonus: Any = None  # entropy_bonus.EntropyBonus, or None (no entropy term in the loss)
 
 
 def _run(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params: FusedLossParams, needs):
     return fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, params.objective,
                               beta=params.beta, tf=params.transform, with_entropy=params.with_entropy,
                               rows_impl=params.rows_impl, need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
-                              shard=params.shard, tokens=params.tokens)
+                              shard=params.shard, tokens=params.tokens, bonus=params.bonus)
 
 
 class FusedGRPOLambdaFunction(torch.autograd.Function):

@@ -12,19 +12,22 @@ from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
-def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, lp_ptr, ent_ptr, lse_ptr, g_ptr,
-                         dl_ptr, stride_l, stride_dl, V, inv_t, cap, beta,
+def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, gent_ptr, lp_ptr, ent_ptr, lse_ptr,
+                         g_ptr, dl_ptr, stride_l, stride_dl, V, inv_t, cap, beta,
                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KL: tl.constexpr,
-                         KL_CORRECTED: tl.constexpr, WITH_ENT: tl.constexpr, WITH_STATS: tl.constexpr,
-                         BLOCK_V: tl.constexpr):
+                         KL_CORRECTED: tl.constexpr, WITH_ENT: tl.constexpr, WITH_ENT_GRAD: tl.constexpr,
+                         WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
     """g_r = g0_r + β·n_r·(1 − exp(ref_r − ℓ_r)); dlogits_r = g_r·(onehot(target_r) − p_r) / temperature
     (times 1 − tanh² of the soft-capped logits with SOFTCAP).
 
     KL_CORRECTED: the KL weighted by the token's ratio π/π_old, whose gradient at ratio 1 is β·n_r·(ℓ_r − ref_r).
+    WITH_ENT_GRAD (needs WITH_ENT): an entropy bonus's gradient g_ent_r w.r.t. H_r, known before the logits like
+    g0, adds −g_ent_r·p·(log p + H_r) to the row's dlogits.
 
     logits [M, V] fp32 (stride stride_l); dl (stride stride_dl, the GEMM input dtype) may alias logits;
-    targets [M] int; g0, n, ref [M] fp32 (n, ref only with HAS_KL); outputs lp [M] fp32, ent [M] fp32 (WITH_ENT),
-    and with WITH_STATS lse and g [M] fp32 (what a later pass over vocabulary slabs needs for the same dlogits).
+    targets [M] int; g0, n, ref, gent [M] fp32 (n, ref only with HAS_KL, gent with WITH_ENT_GRAD); outputs lp [M]
+    fp32, ent [M] fp32 (WITH_ENT), and with WITH_STATS lse and g [M] fp32 (what a later pass over vocabulary slabs
+    needs for the same dlogits).
     Grid (M,).
     """
     i_r = tl.program_id(0).to(tl.int64)
@@ -48,5 +51,8 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
     if WITH_STATS:
         tl.store(lse_ptr + i_r, lse)
         tl.store(g_ptr + i_r, g)
-    row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, lse, g, 0.0, V, inv_t, cap,
-                      HAS_BIAS, SOFTCAP, False, BLOCK_V)
+    g_ent = tl.full((), 0.0, tl.float32)
+    if WITH_ENT_GRAD:
+        g_ent = tl.load(gent_ptr + i_r)
+    row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, ent, g, g_ent, V, inv_t, cap,
+                      HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, BLOCK_V)

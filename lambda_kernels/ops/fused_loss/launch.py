@@ -37,28 +37,31 @@ from .kernels import onpolicy_rows_kernel
 from .objectives import metric_names
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl,
-                  lse=None, g=None, kl_corrected: bool = False) -> None:
+                  lse=None, g=None, kl_corrected: bool = False, g_ent=None) -> None:
     """ℓ (H) of a chunk and its dlogits for the token gradient g0 + β·n·(1 − exp(ref − ℓ)) (β·n·(ℓ − ref) for the
-    ratio-weighted KL, `kl_corrected`), written into dl; with lse and g given, also each row's log-sum-exp and that
-    token gradient."""
+    ratio-weighted KL, `kl_corrected`) and, with g_ent (ent then given), the entropy's gradient g_ent, written into
+    dl; with lse and g given, also each row's log-sum-exp and that token gradient."""
     if torch_rows(rows_impl, logits):
-        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, tf, lp, ent, dl, lse, g, kl_corrected)
+        chunked_torch.onpolicy_rows(logits, bias, tgt, g0, n, ref, beta, tf, lp, ent, dl, lse, g, kl_corrected,
+                                    g_ent)
         return
     M, V = logits.shape
     block, warps = row_config(V)
     has_kl = ref is not None
     with_stats = lse is not None
+    with_ent_grad = g_ent is not None
     onpolicy_rows_kernel[(M,)](
-        logits, logits if bias is None else bias, tgt, g0, n if has_kl else g0, ref if has_kl else g0, lp,
-        lp if ent is None else ent, lse if with_stats else lp, g if with_stats else lp, dl, logits.stride(0),
-        dl.stride(0), V, *tf.kernel_args(), beta, HAS_BIAS=bias is not None, SOFTCAP=tf.capped, HAS_KL=has_kl,
-        KL_CORRECTED=has_kl and kl_corrected, WITH_ENT=ent is not None, WITH_STATS=with_stats, BLOCK_V=block,
+        logits, logits if bias is None else bias, tgt, g0, n if has_kl else g0, ref if has_kl else g0,
+        g_ent if with_ent_grad else g0, lp, lp if ent is None else ent, lse if with_stats else lp,
+        g if with_stats else lp, dl, logits.stride(0), dl.stride(0), V, *tf.kernel_args(), beta,
+        HAS_BIAS=bias is not None, SOFTCAP=tf.capped, HAS_KL=has_kl, KL_CORRECTED=has_kl and kl_corrected,
+        WITH_ENT=ent is not None, WITH_ENT_GRAD=with_ent_grad, WITH_STATS=with_stats, BLOCK_V=block,
         num_warps=warps)
 
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, objective, *, beta: float,
                        tf: LogitTransform, with_entropy: bool, rows_impl: str, need_dx: bool, need_dw: bool,
-                       need_db: bool, tokens: PendingTokens, shard=None):
+                       need_db: bool, tokens: PendingTokens, shard=None, bonus=None):
     """(loss 0-d fp32, metrics {name: 0-d fp32}, (dX [B, T, H], dW, db) for grad_output = 1, None where not needed).
 
     dW may come back as the fp32 sum of a half head (`dw_sum.HalfHeadGradSum`; token plan with
@@ -72,6 +75,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     the id check's one host read, which raises on a bad id). The on-policy token-chunk pass queues its first chunk
     before it waits for that read (`_runs_ahead`); the other paths wait first. shard: a vocabulary-parallel head
     (`linear_logprobs.vocab_parallel`): always the two passes, whose log-prob statistics are combined over the group.
+    bonus: an `entropy_bonus.EntropyBonus` (its gradient folded into every pass's dlogits) or None.
     """
     B, T, H = hidden.shape
     sdt = stats_dtype(hidden)
@@ -82,7 +86,10 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     # call holds; without one ("none") it is kept until the backward, which scales and casts it in place in one pass
     # (`dw_sum.HalfHeadGradSum`: its `rest`, 2·V·H bytes, lives on between forward and backward)
     cast_dw = memory_budget_bytes() is not None
-    gemm_args = (weight, bias, objective, beta, tf, with_entropy, rows_impl, need_dx, need_dw, need_db, cast_dw)
+    # the passes compute H where the metric or the bonus needs it, and fold the bonus's gradient g_ent into dlogits
+    with_ent = with_entropy or bonus is not None
+    g_ent = None if bonus is None or not need_grad else bonus.token_grad
+    gemm_args = (weight, bias, objective, beta, tf, with_ent, rows_impl, need_dx, need_dw, need_db, cast_dw)
 
     # on-policy, the token gradient is known before the log-probs unless its KL needs whole rows of them
     one_pass_on_policy = old is None and not objective.params.kl_needs_whole_rows
@@ -93,12 +100,12 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
             ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
     if ahead is not None:
         # a row per entry of the positions, the real ones first: the pass learns their number after its first chunk
-        batch = _Batch(x, ids, tokens.positions[: B * T], (B, T), mask_f, adv, old, ref, pw, scales, sdt)
+        batch = _Batch(x, ids, tokens.positions[: B * T], (B, T), mask_f, adv, old, ref, pw, scales, sdt, g_ent)
         lp_v, ent_v, (dx_v, dw, db) = _onpolicy_one_pass(batch, *gemm_args, ahead, tokens)
         n = batch.settle(tokens.count(), tokens.rows())
         lp_v, ent_v = lp_v[:n], (None if ent_v is None else ent_v[:n])
     else:
-        batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt)  # (waits for the read)
+        batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt, g_ent)  # (waits: read)
         plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
         chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
         sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and not one_pass_on_policy \
@@ -113,6 +120,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     loss, metrics, _ = objective.evaluate(batch.full_logprobs(lp_v), old, adv, mask_f, ref, need_grad=False,
                                           weights=pw)
 
+    if bonus is not None:  # (after `settle`: batch.real gives the real rows, as ent_v holds them)
+        loss = loss + bonus.loss(batch.real(bonus.token_grad), ent_v).to(loss.dtype)
     metrics = dict(metrics)
     if with_entropy:
         m_v = flat_mask if batch.valid is None else flat_mask.index_select(0, batch.valid)
@@ -132,16 +141,18 @@ def _runs_ahead(rows_impl: str, hidden) -> bool:
 class _Batch:
     """The real tokens of a [B, T] batch and the per-token inputs of the loss. x: the hidden states of every token
     [B·T, H]; valid: the positions of the n rows the pass computes (None: every token, all real); tgt [n]: their
-    targets. A pass that runs ahead of the count computes a row per entry of the positions, real ones first and
-    then padding, until `settle` keeps the real ones."""
+    targets; g_ent: the entropy bonus's ∂loss/∂H [B, T] (None without one, or without gradients). A pass that runs
+    ahead of the count computes a row per entry of the positions, real ones first and then padding, until `settle`
+    keeps the real ones."""
 
-    def __init__(self, x, ids, valid, shape, mask_f, adv, old, ref, pw, scales, sdt):
+    def __init__(self, x, ids, valid, shape, mask_f, adv, old, ref, pw, scales, sdt, g_ent=None):
         tgt = ids.reshape(-1)
         self.tgt = (tgt if valid is None else tgt.index_select(0, valid)).contiguous()
         self.x = x if valid is not None else x.contiguous()
         self.valid, self.shape, self.n = valid, shape, self.tgt.shape[0]
         self.mask_f, self.adv, self.old, self.ref, self.pw = mask_f, adv, old, ref, pw
         self.scales, self.sdt = scales, sdt
+        self.g_ent = g_ent  # [B, T] ∂loss/∂H of the entropy bonus, or None
 
     def settle(self, n: int, valid) -> int:
         """The real rows once their number n is known (valid: their positions, None when every token is real)."""
@@ -187,6 +198,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
     row_pieces = plan.rows if ahead is None else _PiecesAhead(ahead, piece_cap(plan.max_rows))
     split = plan.kind == "split"
     lse_v, g_v = batch.empty(split), batch.empty(split)  # what the split plan's tail pass needs
+    gent_v = batch.empty(batch.g_ent is not None)  # (filled at the first chunk, as the token gradient)
     tgt = batch.tgt
     token = {}  # the per-token inputs of the row kernel, prepared at its first call
 
@@ -199,6 +211,8 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
                 return v if live is None else torch.where(live, v, 0.0)
 
             token["g0"] = rows_of(objective.onpolicy_grad(batch.adv, batch.mask_f, batch.scales, batch.pw))
+            if gent_v is not None:
+                gent_v.copy_(rows_of(batch.g_ent))
             token["n"] = token["ref"] = None
             if beta > 0:
                 token["n"] = rows_of(batch.mask_f * batch.scales.unsqueeze(1))
@@ -207,10 +221,11 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, tf, lp_v[sl],
                       None if ent_v is None else ent_v[sl], dl, *((lse_v[sl], g_v[sl]) if split else (None, None)),
-                      kl_corrected=objective.params.kl_bias_correction)
+                      kl_corrected=objective.params.kl_bias_correction,
+                      g_ent=None if gent_v is None else gent_v[sl])
 
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_v, None, tf)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None if gent_v is None else ent_v, g_v, gent_v, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, row_pieces,
                                            rows_impl, plan, batch.valid, live,
                                            None if ahead is None else ahead.rows)  # (the tail: real rows only)
@@ -239,6 +254,8 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
     split = plan.kind == "split"
     g_full = batch.empty(split)  # each token's gradient, for the split plan's tail pass
+    gent_v = None if batch.g_ent is None else batch.real(batch.g_ent.to(batch.sdt))
+    ent_g = None if gent_v is None else ent_v  # H where the entropy's gradient needs it
     rows_of = {tokens.start: rows for rows, tokens in sequences}
     tgt, old, ref = batch.tgt, batch.old, batch.ref
     positions = torch.arange(B * T, device=batch.x.device) if batch.valid is None else batch.valid
@@ -256,11 +273,12 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
         if split:
             g_full[sl] = g_v
-        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None, g_v, None, tf, dl)
+        dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None if ent_g is None else ent_g[sl], g_v,
+                     None if gent_v is None else gent_v[sl], tf, dl)
 
     pieces = [tokens for _, tokens in sequences]
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None, g_full, None, tf)
+        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, ent_g, g_full, gent_v, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
                                            plan, batch.valid)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
@@ -276,8 +294,10 @@ def _two_passes(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, 
     if need_dx or need_dw or need_db:
         _, _, g = objective.evaluate(batch.full_logprobs(lp_v), batch.old, batch.adv, batch.mask_f, batch.ref,
                                      need_grad=True, weights=batch.pw)
-        grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None, batch.real(g), None, tf,
-                                  rows_impl, need_dx, need_dw, need_db, shard, cast_dw=cast_dw, rows=batch.valid)
+        gent_v = None if batch.g_ent is None else batch.real(batch.g_ent.to(batch.sdt))
+        grads = logprobs_backward(batch.x, weight, bias, batch.tgt, lse_v, None if gent_v is None else ent_v,
+                                  batch.real(g), gent_v, tf, rows_impl, need_dx, need_dw, need_db, shard,
+                                  cast_dw=cast_dw, rows=batch.valid)
     return lp_v, ent_v, grads
 
 

@@ -71,10 +71,10 @@ def dlogits_rows(logits, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, d
 
 
 def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl, lse=None, g=None,
-                  kl_corrected: bool = False):
+                  kl_corrected: bool = False, g_ent=None):
     """Log-probs (and entropy), then dlogits for g = g0 + β·n·∂kl/∂ℓ (KL only when ref is given): 1 − exp(ref − ℓ),
-    or ℓ − ref for the ratio-weighted KL (`kl_corrected`, at ratio 1); lse and g, when given, receive each row's
-    log-sum-exp and that token gradient."""
+    or ℓ − ref for the ratio-weighted KL (`kl_corrected`, at ratio 1), and the entropy's gradient g_ent when given
+    (ent then given too); lse and g, when given, receive each row's log-sum-exp and that token gradient."""
     row_lse = torch.empty_like(lp) if lse is None else lse
     logprob_rows(logits, bias, tgt, tf, lp, row_lse, ent)
     if ref is None:
@@ -84,4 +84,4 @@ def onpolicy_rows(logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform
         row_g = g0 + torch.where(n != 0, beta * n * kl_grad, 0.0)
     if g is not None:
         g.copy_(row_g)
-    dlogits_rows(logits, bias, tgt, row_lse, None, row_g, None, tf, dl)
+    dlogits_rows(logits, bias, tgt, row_lse, ent, row_g, g_ent, tf, dl)
