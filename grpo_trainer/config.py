@@ -167,6 +167,12 @@ class GRPOLambdaConfig:
     top_entropy_quantile: float = opt(1.0, "Train only the tokens whose entropy is in this top fraction of each "
                                            "micro-batch's (TRL's; 'Beyond the 80/20 rule': 0.2); 1.0 = all. Costs "
                                            "a log-prob pass per micro-batch.", TRAIN, "algorithm")
+    entropy_coef: float = opt(
+        0.0, "Entropy bonus c, a finite number (0 = off; < 0 penalises entropy): the loss minus c times the mean "
+             "entropy of the tempered distribution over an update's trained tokens, a token mean whatever loss_type "
+             "(TRL's entropy_coef, verl's entropy_coeff with token-mean aggregation). With top_entropy_quantile < 1: "
+             "over each micro-batch's kept tokens, the micro-batches weighted by their loss tokens. Computed in the "
+             "loss's own pass.", TRAIN, "algorithm")
     mask_truncated_completions: bool = opt(False, "Exclude completions cut at max_completion_length from the loss.",
                                            TRAIN, "algorithm")
     dynamic_sampling: bool = opt(False, "Drop groups whose rewards are all equal (no learning signal).", TRAIN,
@@ -330,6 +336,7 @@ class GRPOLambdaConfig:
         if not _is_number(self.top_entropy_quantile) or not 0 < self.top_entropy_quantile <= 1:
             raise ConfigError(f"top_entropy_quantile must be in (0, 1]; got {self.top_entropy_quantile!r} (1.0 trains "
                               "every token, 0.2 the top 20% by entropy).")
+        _finite("entropy_coef", self.entropy_coef, "It weighs the entropy bonus; 0 turns it off.")
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         self._validate_importance_sampling_level()
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
@@ -474,9 +481,9 @@ def _non_negative_int(name, v):
         raise ConfigError(f"{name} must be an integer >= 0; got {v!r}.")
 
 
-def _finite(name, v):
+def _finite(name, v, hint: str = ""):
     if not _is_number(v) or not math.isfinite(v):
-        raise ConfigError(f"{name} must be a finite number; got {v!r}.")
+        raise ConfigError(f"{name} must be a finite number; got {v!r}." + (f" {hint}" if hint else ""))
 
 
 def _non_negative(name, v):

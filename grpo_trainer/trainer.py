@@ -6,7 +6,8 @@ One step: prompts → G completions each (a GenerationBackend) → rewards (weig
 `fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
 With vLLM, TRL's importance-sampling correction weights each token's policy term by π_old/q (see
 `vllm_importance_weights`), the fused loss's `policy_weights`. The policy term is the clipped ratio's, CISPO's or
-SAPO's (`policy_loss`); the metrics are those the loss returns for it.
+SAPO's (`policy_loss`); the metrics are those the loss returns for it. `entropy_coef` subtracts an entropy bonus, a
+token mean over the update's trained tokens (`entropy_coefficients`).
 A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
 """
 from __future__ import annotations
@@ -75,13 +76,17 @@ def policy_term(cfg: GRPOLambdaConfig):
 
 
 def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None, ref_logprobs=None,
-                num_items_in_batch=None):
-    """The GRPO(-λ) loss of `model` on `batch` from hidden states and the LM head → (loss, metrics)."""
+                num_items_in_batch=None, entropy_coef: Optional[float] = None):
+    """The GRPO(-λ) loss of `model` on `batch` from hidden states and the LM head → (loss, metrics).
+
+    `entropy_coef`: the fused loss's coefficient of the entropy bonus over `batch`'s trained tokens (the loss tokens,
+    or those top_entropy_quantile keeps); None = cfg.entropy_coef, `batch` being the whole update (a micro-batch's
+    is from `entropy_coefficients`)."""
     hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                batch.attention_mask)
     weight, bias = lm_head(model)
     temperature, softcap = head_temperature(model, cfg.temperature), head_softcap(model)
-    weights = batch.policy_weights
+    weights, keep = batch.policy_weights, None
     if cfg.top_entropy_quantile < 1.0:
         keep = high_entropy_mask(hidden, weight, bias, batch, temperature, softcap, cfg)
         weights = keep if weights is None else weights * keep
@@ -93,7 +98,8 @@ def policy_loss(model, batch: Batch, cfg: GRPOLambdaConfig, *, old_logprobs=None
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.delta, beta=cfg.beta,
         loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, policy_loss=policy_term(cfg),
         max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
-        return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl)
+        return_entropy=True, kl_bias_correction=cfg.kl_bias_correction, impl=cfg.impl,
+        entropy_coef=cfg.entropy_coef if entropy_coef is None else entropy_coef, entropy_weights=keep)
 
 
 @torch.no_grad()
@@ -142,6 +148,21 @@ def micro_batch_weights(loss_mask: torch.Tensor, chunks: list[slice], loss_type:
         return [tokens[sl].sum().clamp(min=1.0) / total for sl in chunks]  # each chunk divides by max(Σm, 1)
     rows = loss_mask.shape[0]
     return [(min(sl.stop, rows) - sl.start) / rows for sl in chunks]
+
+
+def entropy_coefficients(loss_mask: torch.Tensor, chunks: list[slice], weights: list, coef: float) -> list[float]:
+    """Per micro-batch `entropy_coef` of the fused loss that makes the micro-batches' bonuses, each multiplied by its
+    loss weight (`micro_batch_weights`), the update's: −coef × the entropy's token mean over the batch's loss tokens.
+
+    The fused loss takes a micro-batch's own token mean, Σ m·w·H / max(Σ m·w, 1) (w: the top-entropy mask, else 1);
+    the micro-batch's share of the batch's loss tokens is bnpo's loss weight, so it gets coef × that share / its own
+    loss weight: coef with bnpo, coef × its token share with dapo (weight 1), whatever loss_type (the bonus is a token
+    mean in all). With top_entropy_quantile < 1 each micro-batch's mean is over the tokens its own quantile keeps,
+    weighted by its loss tokens. One host read per update (none when coef is 0)."""
+    if coef == 0:
+        return [0.0] * len(chunks)
+    shares = micro_batch_weights(loss_mask, chunks, "bnpo")
+    return [coef * r for r in torch.stack([share / weight for share, weight in zip(shares, weights)]).tolist()]
 
 
 def _finite_or_none(v):
@@ -348,6 +369,7 @@ class GRPOLambdaTrainer:
         ref_logprobs = batch_logprobs(self.ref_model, batch, chunks, cfg) if self.ref_model is not None else None
         num_items = batch.loss_mask.sum().clamp(min=1) if cfg.loss_type == "dapo" else None
         weights = micro_batch_weights(batch.loss_mask, chunks, cfg.loss_type)
+        entropy_coefs = entropy_coefficients(batch.loss_mask, chunks, weights, cfg.entropy_coef)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         skipped = 0
@@ -369,11 +391,11 @@ class GRPOLambdaTrainer:
             # loss and metrics stay on the device until the update is decided: one host sync of the trainer's per
             # update (the library adds one per fused-loss call, its token-id check)
             loss_total, per_chunk, names = 0.0, [], []
-            for sl, weight in zip(chunks, weights):
+            for sl, weight, entropy_coef in zip(chunks, weights, entropy_coefs):
                 loss, m = policy_loss(
                     model, batch.select(sl), cfg, num_items_in_batch=num_items,
                     old_logprobs=None if old_logprobs is None else old_logprobs[sl],
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl])
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[sl], entropy_coef=entropy_coef)
                 loss = loss * weight
                 loss.backward()  # a non-finite loss makes a non-finite gradient: the update is skipped below
                 loss_total = loss_total + loss.detach()

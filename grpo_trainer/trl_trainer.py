@@ -22,7 +22,9 @@ names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max
 `cispo_clip_ratio` instead; sapo: no clip metric). TRL's `delta` (two-sided clipping) is the fused loss's
 `dual_clip` (ignored with cispo and sapo, as TRL ignores it there); its vLLM importance-sampling weights and its
 `top_entropy_quantile` and `off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one
-extra log-prob pass under no_grad).
+extra log-prob pass under no_grad). TRL's entropy bonus (`entropy_coef`, and `use_adaptive_entropy`'s controller) is
+the fused loss's `entropy_coef` over TRL's entropy mask (`entropy_weights`), with TRL's `policy_loss` and
+`entropy_coef` metrics.
 
 TRL options the fused loss does not implement are refused when the config is built (or, for the model and tools,
 when the trainer is), rather than silently ignored. Written against TRL 1.16 (it overrides the private
@@ -35,7 +37,7 @@ import functools
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -77,8 +79,6 @@ TRL_ONLY_LOSS_TYPES = ("vespo",)  # VESPO's gamma-shaped sequence weights are no
 _UNSUPPORTED_OPTIONS = (
     (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES,
      lambda a: f"loss_type must be one of {list(LOSS_TYPES)}; got {a.loss_type!r}"),
-    (lambda a: a.entropy_coef != 0.0 or a.use_adaptive_entropy,
-     "entropy_coef must be 0 and use_adaptive_entropy false"),
 )
 # the same, for what only the trainer knows (the model, the tools)
 _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
@@ -145,6 +145,12 @@ class GRPOLambdaTRLConfig(GRPOConfig):
                                  "for sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
         if self.loss_type not in POLICY_LOSS_TYPES:  # TRL applies delta in the clipped loss only (ignored there)
             _check_delta(self.delta, epsilon_high)
+        # (TRL checks none of them; its coefficient reaches the fused loss, which needs it finite)
+        _finite("entropy_coef", self.entropy_coef, "It weighs TRL's entropy bonus; 0 turns it off.")
+        if self.use_adaptive_entropy:
+            for name in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta"):
+                _finite(name, getattr(self, name), "use_adaptive_entropy moves entropy_coef by entropy_coef_delta "
+                        "within [entropy_coef_min, entropy_coef_max] (TRL's defaults: 0.005 within [0, 1]).")
         _refuse([what(self) if callable(what) else what for bad, what in _UNSUPPORTED_OPTIONS if bad(self)],
                 ConfigError)
 
@@ -189,6 +195,10 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         if kwargs.get("tools") or kwargs.get("environment_factory"):  # before TRL loads anything for them
             _refuse([_NO_TOOLS], ValueError)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        missing = [name for name in _TRL_ENTROPY_STATE if not hasattr(self, name)]
+        if missing:  # pragma: no cover - (the entropy bonus reads and updates TRL's own state, as its checkpoints do)
+            raise RuntimeError(f"GRPOLambdaTRLTrainer: TRL's GRPOTrainer must set {list(_TRL_ENTROPY_STATE)} as TRL "
+                               f"1.16 does; TRL {trl.__version__} lacks {missing}. pip install 'trl>=1.16,<2'.")
         _refuse([what for bad, what in _UNSUPPORTED_SETUP if bad(self)], ValueError)
         for m in (self.model, self.ref_model):
             if m is not None:
@@ -241,8 +251,16 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         temperature, softcap = self._head_temperature(model), self._head_softcap(model)
         policy_weights = self._policy_weights(inputs)
         masks = self._current_policy_masks(inputs, hidden, weight, bias, temperature, softcap)
-        if masks is not None:
-            policy_weights = masks if policy_weights is None else policy_weights * masks
+        for mask in (masks.entropy, masks.off_policy):
+            if mask is not None:
+                policy_weights = mask if policy_weights is None else policy_weights * mask
+        # TRL's loss is its policy loss − apply_coef · E / accumulation, E the entropy's mean over its effective mask
+        # (completion mask · entropy mask; neither OPSM nor vLLM's weights). The fused loss subtracts entropy_coef · E;
+        # with dapo its loss is returned as is (TRL's dapo normaliser holds the accumulation), with the other types it
+        # is divided by `accumulation` below, the bonus with it: so the coefficient is divided here with dapo only,
+        # and the total is TRL's with every type.
+        apply_coef = self._entropy_apply_coef() if self._entropy_bonus_enabled else 0.0
+        entropy_coef = apply_coef / accumulation if loss_type == "dapo" else apply_coef
         loss, metrics = fused_grpo_lambda_loss(
             hidden, weight, completion_ids, completion_mask, advantages,
             old_logprobs=inputs.get("old_per_token_logps"),
@@ -254,10 +272,20 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
             dual_clip=self.args.delta if isinstance(policy, Clip) else None, beta=self.beta, loss_type=loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items, return_entropy=True,
             kl_bias_correction=self.args.use_bias_correction_kl, policy_weights=policy_weights,
-            importance_sampling_level=self.importance_sampling_level, policy_loss=policy, impl=self.args.impl)
+            importance_sampling_level=self.importance_sampling_level, policy_loss=policy, impl=self.args.impl,
+            entropy_coef=entropy_coef, entropy_weights=masks.entropy)
+        policy_loss = window = None
+        if self._entropy_bonus_enabled:
+            stats = self._entropy_stats(metrics, completion_mask, masks)
+            # TRL's policy_loss metric is its loss before the bonus (with every type but dapo, also before the
+            # division by the accumulation steps): the fused loss's here, the bonus added back
+            policy_loss = loss.detach() + entropy_coef * stats[0] / stats[1].clamp(min=1.0)
+            window = self._entropy_window(mode, stats)
         if loss_type != "dapo":  # TRL divides the other types by the accumulation steps (dapo: in num_items)
             loss = loss / accumulation
-        self._log_metrics(mode, metrics, completion_mask, advantages)
+        world_entropy = self._log_metrics(mode, metrics, completion_mask, advantages, policy_loss, window)
+        if self._entropy_bonus_enabled:
+            self._update_entropy_coef(mode, world_entropy)
         return loss
 
     # ---- helpers
@@ -275,32 +303,79 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         return Clip(), self.loss_type
 
     @torch.no_grad()
-    def _current_policy_masks(self, inputs, hidden, weight, bias, temperature, softcap):
-        """The product of TRL's masks that depend on the current policy, as policy weights [B, T] fp32 (None when
-        neither is on): `top_entropy_quantile` (1 where a token's entropy is at least the quantile over every
-        process's real tokens, TRL's `get_high_entropy_mask`) and `off_policy_mask_threshold` (DeepSeek-V3.2's
+    def _current_policy_masks(self, inputs, hidden, weight, bias, temperature, softcap) -> "_PolicyMasks":
+        """TRL's masks that depend on the current policy, as [B, T] fp32 (each None when off): `top_entropy_quantile`
+        (1 where a token's entropy is at least the quantile over every process's real tokens, TRL's
+        `get_high_entropy_mask`; with the entropies it comes from) and `off_policy_mask_threshold` (DeepSeek-V3.2's
         off-policy sequence mask: 0 on a sequence with Â < 0 whose mean KL from the sampling policy passes the
         threshold, TRL's `get_off_policy_mask`). Both need the current log-probs or entropies before the loss's one
         pass: one log-prob pass of their own under no_grad (2·N·H·V FLOPs more)."""
         entropy_mask, opsm = self.top_entropy_quantile < 1.0, self.off_policy_mask_threshold is not None
         if not (entropy_mask or opsm):
-            return None
+            return _PolicyMasks()
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         out = linear_logprobs(hidden.detach(), weight.detach(), completion_ids,
                               bias=None if bias is None else bias.detach(), temperature=temperature, softcap=softcap,
                               return_entropy=entropy_mask, impl=self.args.impl, mask=completion_mask)
         logps, entropies = out if entropy_mask else (out, None)
-        masks = torch.ones(completion_mask.shape, dtype=torch.float32, device=completion_mask.device)
+        high_entropy = off_policy = None
         if entropy_mask:
-            masks = masks * self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+            high_entropy = self.get_high_entropy_mask(entropies, completion_mask, 1 - self.top_entropy_quantile)
+            high_entropy = high_entropy.to(torch.float32)
         if opsm:  # TRL's inputs: the sampler's log-probs (vLLM) or the old policy's, else the current ones
             old = inputs.get("old_per_token_logps")
             old = logps if old is None else old
             advantages = inputs["advantages"]
             advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-            masks = masks * self.get_off_policy_mask(advantages, logps, inputs.get("sampling_per_token_logps", old),
-                                                     completion_mask, self.off_policy_mask_threshold)
-        return masks
+            off_policy = self.get_off_policy_mask(advantages, logps, inputs.get("sampling_per_token_logps", old),
+                                                  completion_mask, self.off_policy_mask_threshold).to(torch.float32)
+        return _PolicyMasks(high_entropy, off_policy, entropies)
+
+    # ---- TRL's entropy bonus (its state is TRL's attributes, which its checkpoints save and restore)
+
+    def _entropy_apply_coef(self) -> float:
+        """The coefficient TRL applies to the bonus in this accumulation window: `entropy_coef`, but with
+        `use_adaptive_entropy` 0 unless the last window's entropy was at or below `entropy_target` (TRL's gate; 0 in
+        the first window, whose last entropy is inf)."""
+        if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    @staticmethod
+    def _entropy_stats(metrics, mask, masks: "_PolicyMasks") -> torch.Tensor:
+        """[Σ H, tokens] (fp32) over TRL's effective mask, the completion mask times the entropy mask: from the fused
+        loss's entropy metric (the completion-mask mean) without an entropy mask, else from the entropies the mask
+        came from."""
+        if masks.entropy is None:
+            tokens = mask.sum().to(torch.float32)
+            return torch.stack([metrics["entropy"] * tokens, tokens])
+        effective = mask * masks.entropy
+        return torch.stack([(masks.entropies * effective).sum(), effective.sum()]).to(torch.float32)
+
+    def _entropy_window(self, mode, stats):
+        """With `use_adaptive_entropy` in training: adds a micro-batch's [Σ H, tokens] to its accumulation window's
+        (TRL's `_entropy_window_stats`) and, at the window's last micro-batch (sync_gradients), returns the window's
+        totals (for `_log_metrics` to sum over processes) and starts the next window; else None."""
+        if not (self.use_adaptive_entropy and mode == "train"):
+            return None
+        window = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        self._entropy_window_stats = None if self.accelerator.sync_gradients else window
+        return window if self.accelerator.sync_gradients else None
+
+    def _update_entropy_coef(self, mode, world_entropy: Optional[float]) -> None:
+        """TRL's adaptive control (Skywork-OR1) at a window's end, given the window's entropy over every process:
+        entropy_coef ± entropy_coef_delta (up at or below entropy_target, else down) within [entropy_coef_min,
+        entropy_coef_max], applied from the next window on. Then TRL's `entropy_coef` metric, at every train
+        optimizer step."""
+        if world_entropy is not None:
+            args = self.args
+            if world_entropy <= args.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+            self._last_world_entropy = world_entropy
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _policy_weights(self, inputs):
         """TRL's vLLM importance-sampling weights of each token's policy term ([B, T] or [B, 1]: token or sequence
@@ -334,7 +409,7 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         """The model's final-logit soft-capping (Gemma 2/3), or None: TRL's head caps before the temperature too."""
         return head_softcap(_base_model(self.accelerator.unwrap_model(model)))
 
-    def _log_metrics(self, mode, metrics, mask, advantages):
+    def _log_metrics(self, mode, metrics, mask, advantages, policy_loss=None, entropy_window=None):
         """TRL's metric names and values (its `global_masked_mean`): each process's means combined over processes by
         what they are means over, and the per-sequence clip extremes over every process's sequences. `entropy` and
         `kl` are token means; the clip fractions (`clip_ratio/*_mean`, or cispo's `cispo_clip_ratio`) too at the
@@ -343,32 +418,62 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         TRL's clip masks are [B, T] at the sequence level too: token means, as the fused loss returns them then.
         The clip metrics are those the fused loss returns for its policy term, which are TRL's for the loss type
         (none for sapo). A process with nothing counted (no tokens, or at the sequence level with advantages [B] no
-        sequences) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any. One
-        reduce, one gather (with extremes only), one host read."""
+        sequences) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any.
+        With the entropy bonus: `policy_loss`, each process's loss before the bonus, logged as TRL's nanmean of it
+        over processes; `entropy_window`, the adaptive controller's [Σ H, tokens] of an accumulation window at its
+        end, summed over processes: its mean is returned (else None), as TRL's `.item()` of it. One reduce, one
+        gather (with extremes or policy_loss only), one host read."""
         tokens = mask.sum().to(torch.float32)
         sequence = self.importance_sampling_level == "sequence" and advantages.dim() == 1
         clip_count = torch.full_like(tokens, mask.size(0)) if sequence else tokens
         token_names = ["entropy"] + (["kl"] if self.beta != 0.0 else [])
         clip_names = [n for n in _CLIP_FRACTIONS if n in metrics]
         sums = [metrics[n] * tokens for n in token_names] + [metrics[n] * clip_count for n in clip_names]
-        totals = self.accelerator.reduce(torch.stack(sums + [tokens, clip_count]), reduction="sum")
-        counts = torch.cat([totals[-2].expand(len(token_names)), totals[-1].expand(len(clip_names))])
-        values = [totals[:-2] / counts.clamp(min=1.0)]
+        window = [] if entropy_window is None else list(entropy_window.unbind(0))
+        totals = self.accelerator.reduce(torch.stack(sums + [tokens, clip_count] + window), reduction="sum")
+        n = len(sums)
+        counts = torch.cat([totals[n].expand(len(token_names)), totals[n + 1].expand(len(clip_names))])
+        values = [totals[:n] / counts.clamp(min=1.0)]
         names = token_names + clip_names
-        if _CLIP_EXTREMES[0] in metrics:  # (with the clipped ratio's metrics only, as TRL's)
-            extremes = torch.stack([metrics[n] for n in _CLIP_EXTREMES])
-            gathered = self.accelerator.gather(torch.where(clip_count > 0, extremes, torch.nan).reshape(1, 2))
-            gathered = gathered.reshape(-1, 2)
-            nan = gathered.isnan()
-            low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
-            high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
-            extremes = torch.stack([low_min, high_max])
-            values.append(torch.where(extremes.isinf(), torch.nan, extremes))
-            names += list(_CLIP_EXTREMES)
-        for name, value in zip(names, torch.cat(values).tolist()):
+        extremes = _CLIP_EXTREMES[0] in metrics  # (with the clipped ratio's metrics only, as TRL's)
+        row = []  # this process's values to gather: its clip extremes, its policy_loss
+        if extremes:
+            row.append(torch.where(clip_count > 0, torch.stack([metrics[n] for n in _CLIP_EXTREMES]), torch.nan))
+        if policy_loss is not None:
+            row.append(policy_loss.reshape(1).to(torch.float32))
+        if row:
+            row = torch.cat(row)
+            gathered = self.accelerator.gather(row.reshape(1, -1)).reshape(-1, row.numel())
+            if extremes:
+                nan = gathered.isnan()
+                low_min = torch.where(nan[:, 0], torch.inf, gathered[:, 0]).amin()
+                high_max = torch.where(nan[:, 1], -torch.inf, gathered[:, 1]).amax()
+                both = torch.stack([low_min, high_max])
+                values.append(torch.where(both.isinf(), torch.nan, both))
+                names += list(_CLIP_EXTREMES)
+            if policy_loss is not None:
+                values.append(gathered[:, -1].nanmean().reshape(1))
+                names.append("policy_loss")
+        if window:
+            values.append((totals[n + 2] / totals[n + 3].clamp(min=1.0)).reshape(1))
+        host = torch.cat(values).tolist()
+        for name, value in zip(names, host):
             self._metrics[mode][name].append(value)
+        return host[-1] if window else None
 
 
+class _PolicyMasks(NamedTuple):
+    """TRL's masks that depend on the current policy, [B, T] fp32 (None when off), and the entropies [B, T] the
+    entropy mask came from (None without it)."""
+    entropy: Optional[torch.Tensor] = None
+    off_policy: Optional[torch.Tensor] = None
+    entropies: Optional[torch.Tensor] = None
+
+
+# TRL's entropy-bonus state that the drop-in reads and updates (set by GRPOTrainer.__init__; its checkpoints save
+# entropy_coef and _last_world_entropy)
+_TRL_ENTROPY_STATE = ("entropy_coef", "use_adaptive_entropy", "_entropy_bonus_enabled", "_last_world_entropy",
+                      "_entropy_window_stats")
 # the fused loss's clip metrics as TRL logs them: fractions (global_masked_mean), per-sequence extremes (min, max)
 _CLIP_FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 _CLIP_EXTREMES = ("clip_ratio/low_min", "clip_ratio/high_max")

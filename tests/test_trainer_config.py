@@ -34,8 +34,8 @@ def test_yaml_then_overrides(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("learning_rate: 1e-3\nnum_generations: 4\nreward_funcs: [arithmetic]\nreward_weights: null\n")
     cfg = build_config(y, {"num-generations": "2", "beta": "0", "adv_clamp_min": "none", "dynamic_sampling": "true",
-                           "reward_funcs": "arithmetic,format"})
-    assert cfg.learning_rate == 1e-3 and cfg.num_generations == 2 and cfg.beta == 0.0
+                           "reward_funcs": "arithmetic,format", "entropy_coef": "-0.01"})
+    assert cfg.learning_rate == 1e-3 and cfg.num_generations == 2 and cfg.beta == 0.0 and cfg.entropy_coef == -0.01
     assert cfg.adv_clamp_min is None and cfg.dynamic_sampling is True
     assert cfg.reward_funcs == ["arithmetic", "format"] and cfg.reward_weights is None
 
@@ -119,6 +119,10 @@ def test_python_dash_m_entry_point():
     ({"policy_loss": "sapo", "delta": 3.0}, r"delta must be null with policy_loss = 'sapo'; got 3\.0\. .*soft gate"),
     ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\]; got 0\.0"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]; got 1\.5"),
+    ({"entropy_coef": float("nan")}, r"entropy_coef must be a finite number; got nan\. It weighs the entropy bonus; "
+                                     r"0 turns it off"),
+    ({"entropy_coef": float("-inf")}, r"entropy_coef must be a finite number; got -inf"),
+    ({"entropy_coef": "0.01"}, r"entropy_coef must be a finite number; got '0\.01'"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"temperature": 0}, r"temperature must be a finite number > 0"),
     ({"impl": "cuda"}, r"impl must be one of \['auto', 'torch', 'triton'\]"),
@@ -236,20 +240,47 @@ def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
 @pytest.mark.parametrize("policy", ["cispo", "sapo"])
 def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
     """The trainer's update averages whatever metrics the loss returns: cispo's cispo_clip_ratio, no clip_ratio/*
-    for either (the per-sequence extremes are the clipped ratio's only); two micro-batches, two iterations."""
+    for either (the per-sequence extremes are the clipped ratio's only); two micro-batches, two iterations. The
+    entropy bonus (entropy_coef 0.1) lowers an update's loss by 0.1 × the entropy's token mean over the batch's loss
+    tokens, with micro-batches of 4 and 2 rows holding other shares of the tokens, with dapo's normaliser (cispo
+    here) and grpo's (sapo)."""
+    import copy
     import math
+
+    import torch
+
+    from grpo_trainer.model import completion_hidden, lm_head
+    from lambda_kernels import reference as R
 
     from .test_trainer_e2e import _same_batch, tiny
 
     cfg = tiny(tmp_path, policy_loss=policy, cispo_max_ratio=1.0 if policy == "cispo" else None, impl="torch",
                beta=0.0, num_iterations=2, per_device_train_batch_size=4, num_generations=2,
-               reward_funcs=["arithmetic"], reward_weights=None)
+               reward_funcs=["arithmetic"], reward_weights=None, loss_type="dapo" if policy == "cispo" else "grpo")
     trainer = GRPOLambdaTrainer(cfg)
+    start = copy.deepcopy(trainer.model.state_dict())
     _, batch = _same_batch(cfg)
     out = trainer._update(batch)
     assert out["skipped"] == 0 and math.isfinite(out["loss"]) and math.isfinite(out["entropy"])
     assert ("cispo_clip_ratio" in out) == (policy == "cispo")
     assert not any(k.startswith("clip_ratio/") for k in out)
+
+    mask = batch.loss_mask.clone()
+    mask[4, 1:] = 0  # the second micro-batch's share of the tokens is not its share of the rows
+    batch = dataclasses.replace(batch, loss_mask=mask)
+    assert mask[4:].sum() / mask.sum() < 2 / 6
+    trainer.model.load_state_dict(start)
+    with torch.no_grad():
+        hidden = completion_hidden(trainer.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                   batch.attention_mask)
+        _, ent = R.linear_logprobs(hidden, lm_head(trainer.model)[0], batch.completion_ids, return_entropy=True,
+                                   temperature=cfg.temperature, mask=mask)
+    losses = {}
+    for coef in (0.0, 0.1):  # one on-policy update each, from the same weights
+        trainer.model.load_state_dict(start)
+        trainer.cfg = dataclasses.replace(cfg, num_iterations=1, entropy_coef=coef)
+        losses[coef] = trainer._update(batch)["loss"]
+    assert losses[0.1] - losses[0.0] == pytest.approx(-0.1 * ((ent * mask).sum() / mask.sum()).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])

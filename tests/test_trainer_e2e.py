@@ -280,7 +280,8 @@ def test_delta_reaches_the_loss(tmp_path):
 
 def test_top_entropy_quantile_trains_the_high_entropy_tokens(tmp_path):
     """top_entropy_quantile = 0.5: the loss is the fused loss with policy weights 1 on the loss tokens whose entropy
-    is at least the median of the micro-batch's (computed here from the reference's entropies), 0 elsewhere."""
+    is at least the median of the micro-batch's (computed here from the reference's entropies), 0 elsewhere; the
+    entropy bonus (entropy_coef) is over those tokens too."""
     from lambda_kernels import reference as R
     from grpo_trainer.model import completion_hidden, lm_head
 
@@ -304,6 +305,24 @@ def test_top_entropy_quantile_trains_the_high_entropy_tokens(tmp_path):
                for q in (0.5, 1.0)}
     torch.testing.assert_close(got[0.5].double(), want, rtol=1e-5, atol=1e-7)
     assert abs(got[0.5] - got[1.0]) > 1e-3
+    # entropy_coef 0.1: the loss and every gradient move by those of −0.1 × the kept tokens' mean entropy
+    moved = []
+    for coef in (0.0, 0.1):
+        model.zero_grad(set_to_none=False)
+        loss = policy_loss(model, batch, dataclasses.replace(cfg, entropy_coef=coef), old_logprobs=old)[0]
+        loss.backward()
+        moved.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    model.zero_grad(set_to_none=False)
+    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.attention_mask)
+    _, ent = R.linear_logprobs(hidden, lm_head(model)[0], batch.completion_ids, return_entropy=True,
+                               temperature=cfg.temperature, mask=batch.loss_mask)
+    bonus = -0.1 * (ent * keep).sum() / keep.sum()
+    bonus.backward()
+    expected = [bonus.detach()] + [p.grad for p in model.parameters()]
+    assert bonus < -0.1  # (an entropy above 1 nat: no rounding-sized change)
+    for without, with_bonus, want_change in zip(*moved, expected):
+        torch.testing.assert_close(with_bonus - without, want_change, rtol=1e-4, atol=1e-6)
     # a micro-batch without loss tokens: nothing to keep (and no error from an empty quantile)
     empty = dataclasses.replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))
     keep_none = trainer_mod.high_entropy_mask(hidden, weight, None, empty, cfg.temperature, None, cfg)

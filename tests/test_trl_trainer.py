@@ -158,12 +158,14 @@ LOSS_PARTS = 0.1
 
 def assert_same_loss(ours, theirs, inputs, loss_types, tol, evaluate=False):
     """Loss to `tol` relative (or tol × LOSS_PARTS absolute), every parameter's gradient to `tol` × the largest
-    gradient, for each loss type (and with `evaluate`, the eval-mode loss too)."""
+    gradient, for each loss type (and with `evaluate`, the eval-mode loss too). Returns our train losses."""
+    losses = []
     for loss_type in loss_types:
         loss, grads = loss_and_grads(ours, inputs, loss_type)
         ref_loss, ref_grads = loss_and_grads(theirs, inputs, loss_type)
         assert loss.item() != 0 and torch.isclose(loss, ref_loss, rtol=tol, atol=tol * LOSS_PARTS), \
             (loss_type, loss, ref_loss)
+        losses.append(loss.item())
         scale = max(g.abs().max().item() for g in ref_grads)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=loss_type)
@@ -171,6 +173,7 @@ def assert_same_loss(ours, theirs, inputs, loss_types, tol, evaluate=False):
             ours_eval, theirs_eval = eval_loss(ours, inputs, loss_type), eval_loss(theirs, inputs, loss_type)
             assert torch.isclose(ours_eval, theirs_eval, rtol=tol, atol=tol * LOSS_PARTS), \
                 (loss_type, ours_eval, theirs_eval)
+    return losses
 
 
 @pytest.mark.parametrize("impl,dtype,tol", [("torch", "float64", 1e-6), ("auto", "float32", 2e-6)])
@@ -470,12 +473,15 @@ def test_a_models_softcap_is_applied_as_trl_applies_it(gemma2_dir, tmp_path):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("on_policy, vllm_weights", [(True, False), (False, False), (False, True)])
-def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weights, level):
+@pytest.mark.parametrize("on_policy, vllm_weights, entropy_coef", [(True, False, 0.0), (False, False, 0.0),
+                                                                   (False, True, 0.05)])
+def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weights, entropy_coef, level):
     """TRL's entropy mask (only the top 40% highest-entropy tokens train, over the micro-batch's real tokens): the
     fused loss takes it as policy weights (times vLLM's importance weights when both are on): same loss, gradients
-    and metrics as trl.GRPOTrainer, and not the loss without it, at the token and the sequence level."""
-    kw = dict(beta=0.04, importance_sampling_level=level)
+    and metrics as trl.GRPOTrainer, and not the loss without it, at the token and the sequence level. With TRL's
+    entropy bonus, the entropy's mean over the kept tokens (the fused loss's entropy_weights; not weighed by vLLM's
+    weights), in train and eval mode, with TRL's policy_loss metric."""
+    kw = dict(beta=0.04, importance_sampling_level=level, entropy_coef=entropy_coef)
     ours = make_trainer(model_dir, tmp_path, trace=None, top_entropy_quantile=0.4, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, top_entropy_quantile=0.4, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy)
@@ -483,8 +489,9 @@ def test_top_entropy_quantile_is_trls(model_dir, tmp_path, on_policy, vllm_weigh
         inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(4))
         for trainer in (ours, theirs):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
-    assert_same_metrics(ours, theirs)
+    assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6, evaluate=entropy_coef != 0)
+    assert_same_metrics(ours, theirs, ("train", "eval") if entropy_coef else ("train",))
+    assert ("policy_loss" in ours._metrics["train"]) == (entropy_coef != 0)
     unmasked = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
     if vllm_weights:
         unmasked.use_vllm = unmasked.vllm_importance_sampling_correction = True
@@ -515,6 +522,60 @@ def test_off_policy_sequence_mask_is_trls(model_dir, tmp_path, vllm_weights, lev
     assert keep.flatten().tolist() == [1.0, 0.0, 1.0, 1.0]  # Â < 0 and far off-policy: dropped; Â > 0: kept
     assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6)
     assert_same_metrics(ours, theirs)
+
+
+def test_entropy_bonus_is_trls(model_dir, tmp_path):
+    """TRL's entropy bonus (entropy_coef 0.05): the loss minus the coefficient times the entropy's mean over TRL's
+    effective mask (the completion mask here; times its entropy mask with top_entropy_quantile < 1, tested with it
+    above; vLLM's weights, on here, weigh the policy term only), divided by the accumulation steps in training
+    whatever the loss type: same loss (train and eval), gradients and metrics (policy_loss, the loss before the
+    bonus; entropy_coef; entropy) as trl.GRPOTrainer, with dapo (whose normaliser holds the accumulation) and grpo
+    (the loss divided by it)."""
+    kw = dict(beta=0.04, entropy_coef=0.05)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
+    inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    inputs["importance_sampling_ratio"] = 2 * torch.rand(4, 6, generator=torch.Generator().manual_seed(8))
+    for trainer in (ours, theirs):
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    _, grpo_loss = assert_same_loss(ours, theirs, inputs, ("dapo", "grpo"), 2e-6, evaluate=True)
+    assert_same_metrics(ours, theirs, ("train", "eval"))
+    train = ours._metrics["train"]
+    assert train["entropy_coef"] == [0.05, 0.05] and "entropy_coef" not in ours._metrics["eval"]
+    # no rounding-sized bonus: grpo's loss × 2 accumulation steps is its policy_loss − 0.05 × an entropy of about 4.6
+    assert train["policy_loss"][1] - 2 * grpo_loss > 0.1
+
+
+def test_adaptive_entropy_control_is_trls(model_dir, tmp_path, monkeypatch):
+    """use_adaptive_entropy (Skywork-OR1's controller, TRL's): at each optimizer step the coefficient moves by
+    entropy_coef_delta, up if the accumulation window's entropy (over all its micro-batches' tokens: two micro-batches
+    of 20 and 15 tokens here) is at or below entropy_target, else down; it applies from the next window on, only
+    while the last window's entropy is at or below the target (never in the first window: inf). Two windows of
+    _compute_loss (sync_gradients on each window's second micro-batch), the target below the entropy (about 4.6) in
+    the first and above it in the second: the coefficient goes 0.1 → 0.05 → 0.1 and applies 0, then 0.05; same
+    losses, gradients, metrics and controller state as trl.GRPOTrainer."""
+    kw = dict(entropy_coef=0.1, use_adaptive_entropy=True, entropy_coef_delta=0.05)
+    ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
+    theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **kw)
+    first = loss_inputs(len(ours.processing_class), torch.float32, on_policy=False)
+    second = dict(first, completion_mask=first["completion_mask"].flip(0))
+    second["completion_mask"][0, 1:] = 0
+    losses = []
+    for target in (0.5, 10.0):
+        for trainer in (ours, theirs):
+            trainer.args.entropy_target = target  # (read at every call, by TRL too)
+        for sync, inputs in ((False, first), (True, second)):
+            monkeypatch.setattr(ours.accelerator.gradient_state, "sync_gradients", sync)  # (shared by both)
+            losses += assert_same_loss(ours, theirs, inputs, ("grpo",), 2e-6)
+        assert ours._last_world_entropy == pytest.approx(theirs._last_world_entropy, rel=1e-6)
+        assert 0.5 < ours._last_world_entropy < 10.0
+        assert ours._entropy_window_stats is None and theirs._entropy_window_stats is None
+    assert_same_metrics(ours, theirs)
+    assert ours._metrics["train"]["entropy_coef"] == pytest.approx([0.05, 0.1])
+    # the same micro-batches on the same weights in both windows: only the applied bonus changes their loss, by
+    # −0.05 × the micro-batch's entropy / 2 accumulation steps in the second
+    entropy = ours._metrics["train"]["entropy"][:2]
+    assert [b - a for a, b in zip(losses[:2], losses[2:])] == pytest.approx([-0.025 * e for e in entropy], rel=1e-5)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -602,19 +663,24 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
 
 # one loss type per normaliser path of TRL's loop (dapo: num_items_in_batch; grpo and luspo: ÷ accumulation steps,
 # as bnpo, dr_grpo and sapo; cispo: dapo's with its own policy term) and both levels; the equality tests above run
-# every loss type on the same loss inputs
-@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "token"), ("luspo", "token"),
-                                              ("cispo", "token"), ("dapo", "sequence"), ("sapo", "sequence")])
-def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level):
+# every loss type on the same loss inputs; grpo with TRL's adaptive entropy bonus, its controller driven by the loop
+@pytest.mark.parametrize("loss_type, level, entropy_bonus", [
+    ("dapo", "token", False), ("grpo", "token", True), ("luspo", "token", False), ("cispo", "token", False),
+    ("dapo", "sequence", False), ("sapo", "sequence", False)])
+def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level, entropy_bonus):
     """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights and log
     the same metrics (the same names: cispo's cispo_clip_ratio, no clip_ratio/* for cispo and sapo), at the token
     level and GSPO's sequence level (without the KL's bias correction there). cispo's cap is 1.05, which the second
-    iteration's ratios pass on some tokens. SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so
-    rounding-level differences of near-zero gradients would flip whole steps."""
+    iteration's ratios pass on some tokens. With the adaptive entropy bonus (a target above the entropy) the
+    coefficient rises by 0.05 at each optimizer step from 0.1 and applies in the second (policy_loss and
+    entropy_coef logged as TRL). SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level
+    differences of near-zero gradients would flip whole steps."""
     options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, loss_type=loss_type, max_completion_length=8,
                    per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04,
                    importance_sampling_level=level, use_bias_correction_kl=level == "token",
                    epsilon_high=1.05 if loss_type == "cispo" else None)
+    if entropy_bonus:
+        options.update(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_target=10.0)
     ours = make_trainer(model_dir, tmp_path, trace=None, **options)  # each trainer seeds the RNGs as it is built
     before = [p.detach().clone() for p in ours.model.parameters()]
     ours.train()
@@ -634,10 +700,14 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     assert [set(e) for e in ours_logs] == [set(e) for e in their_logs]
     clip_names = ("cispo_clip_ratio",) if loss_type == "cispo" else () if loss_type == "sapo" else METRICS[1:]
     assert not set(METRICS[1:] + ("cispo_clip_ratio",)).difference(clip_names).intersection(ours_logs[0])
-    for name in ("entropy", "kl", "loss", "grad_norm") + clip_names:
+    bonus_names = ("policy_loss", "entropy_coef") if entropy_bonus else ()
+    for name in ("entropy", "kl", "loss", "grad_norm") + clip_names + bonus_names:
         assert [e[name] for e in ours_logs] == pytest.approx([e[name] for e in their_logs], rel=1e-5, abs=1e-6), name
     if loss_type == "cispo":
         assert any(e["cispo_clip_ratio"] > 0 for e in ours_logs)
+    if entropy_bonus:
+        assert [e["entropy_coef"] for e in ours_logs] == pytest.approx([0.15, 0.2])
+        assert ours._last_world_entropy == pytest.approx(theirs._last_world_entropy, rel=1e-5)
 
 
 def test_lora_adapters_train_as_in_trl(model_dir, tmp_path):
@@ -786,6 +856,10 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(loss_type="sapo", sapo_temperature_pos=float("inf")), r"sapo_temperature_pos must be a finite number > 0"),
     # delta is checked with the clipped loss types, where TRL applies it
     (dict(loss_type="grpo", delta=1.5, epsilon_high=1.3), r"delta must be .* > 1 \+ epsilon_high = 2\.3; got 1\.5"),
+    # the entropy bonus's coefficient reaches the fused loss: finite, also as the adaptive controller moves it
+    (dict(entropy_coef=float("nan")), r"entropy_coef must be a finite number; got nan\. It weighs TRL's entropy bonus"),
+    (dict(use_adaptive_entropy=True, entropy_coef_max=float("inf")),
+     r"entropy_coef_max must be a finite number; got inf\. use_adaptive_entropy moves entropy_coef"),
 ])
 def test_bad_options_are_config_errors(options, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -793,9 +867,6 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(entropy_coef=0.01), "entropy_coef must be 0"),
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy false"),
-    (dict(loss_type="sapo", entropy_coef=0.01), "entropy_coef must be 0"),
     (dict(loss_type="vespo"),
      "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'\\]; got 'vespo'"),
     (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None),
@@ -818,6 +889,10 @@ def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, opt
     dict(loss_type="cispo", epsilon_high=5.0, importance_sampling_level="sequence", trace=None),
     dict(loss_type="sapo", delta=1.1, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
     dict(loss_type="sapo", importance_sampling_level="sequence", trace=None, beta=0.04, use_bias_correction_kl=False),
+    # TRL's entropy bonus, static (a penalty too) or adaptive, with its entropy mask
+    dict(entropy_coef=0.01, top_entropy_quantile=0.2),
+    dict(entropy_coef=-0.01, loss_type="sapo"),
+    dict(use_adaptive_entropy=True, entropy_target=0.5, entropy_coef_max=0.1),
 ])
 def test_supported_trl_options_are_accepted(tmp_path, options):
     args = GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
