@@ -18,7 +18,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -265,7 +265,10 @@ class GRPOLambdaTrainer:
         import yaml
 
         before = yaml.safe_load(saved.read_text()) or {}
-        changed = [k for k, v in self.cfg.to_dict().items() if k != "resume" and k in before and before[k] != v]
+        # an option the interrupted run's config.yaml lacks (added to the trainer since) ran at its default
+        defaults = {f.name: f.default for f in fields(self.cfg) if f.default is not MISSING}
+        changed = [k for k, v in self.cfg.to_dict().items()
+                   if k != "resume" and (k in before or k in defaults) and before.get(k, defaults.get(k)) != v]
         if changed:
             self._print(f"warning: resuming with options that differ from the interrupted run: {changed}; "
                         "the continuation will not reproduce an uninterrupted run")

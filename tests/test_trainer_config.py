@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -521,3 +522,25 @@ def test_vllm_on_another_gpu_than_cuda_0_is_refused(monkeypatch):
                                           r"CUDA_VISIBLE_DEVICES=1"):
         dataclasses.replace(GRPOLambdaConfig(), use_vllm=True, device="cuda:1").validate()
     dataclasses.replace(GRPOLambdaConfig(), use_vllm=True, device="cuda:0", impl="torch").validate()
+
+
+def test_resume_warns_about_options_changed_since_the_interrupted_run(tmp_path):
+    """An option that differs from the interrupted run's config.yaml is named; one its config.yaml lacks (an option
+    added since) is compared with its default, which is what that run used."""
+    old = build_config(overrides={"learning_rate": 1e-5})
+    old.save_yaml(tmp_path / "config.yaml", resume=None)
+    saved = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("\n".join(line for line in saved.splitlines()
+                                                    if not line.startswith("entropy_coef:")))
+
+    def warnings_for(**overrides):
+        printed = []
+        trainer = types.SimpleNamespace(out=tmp_path, cfg=build_config(overrides={"learning_rate": 1e-5, **overrides}),
+                                        _print=printed.append)
+        GRPOLambdaTrainer._warn_config_changes(trainer)
+        return printed
+
+    assert warnings_for() == []
+    assert warnings_for(entropy_coef=0.0) == []  # missing there, the default here: unchanged
+    (changed,) = warnings_for(entropy_coef=0.01, learning_rate=2e-5)
+    assert "['entropy_coef', 'learning_rate']" in changed  # (in the options' order)
