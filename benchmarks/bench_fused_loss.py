@@ -13,6 +13,7 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_vocab  ours_on with the vocab plan forced (LAMBDA_KERNELS_GRAD_PLAN=vocab): 8·N·H·V FLOPs
   ours_on_softcap  ours_on with Gemma 2's final-logit soft-capping (softcap=30): what the tanh in the row kernels
                  costs (compare with ours_on)
+  ours_on_entropy  ours_on with an entropy bonus (entropy_coef=0.01): what its gradient in the row kernels costs
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -57,9 +58,9 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_logprobs",
-        "ours_logprobs_masked", "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap")
+OURS = ["ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy",
+        "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy")
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset,
@@ -68,7 +69,8 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_vocab": {PLAN_ENV: "vocab"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
-PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}}  # options per provider beyond LOSS_OPTIONS
+# options per provider beyond LOSS_OPTIONS (the entropy bonus: what its gradient adds to the row kernels)
+PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}, "ours_on_entropy": {"entropy_coef": 0.01}}
 BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
 BASELINE_LOGPROBS = ("trl_logprobs",)  # forward only: 2·N·H·V
 # the largest anchor shape; the 65,536-token row would need > 100 GB of logits: not run for the baselines that hold
@@ -218,7 +220,7 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     out = {}
     for name, old, provider in (("on", None, None), ("off", sub["old"], None),
                                  ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
-                                 ("on_softcap", None, "ours_on_softcap")):
+                                 ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)

@@ -135,8 +135,8 @@ def scenarios():
     os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"  # the on-policy row kernel that also stores lse and g
     yield "fused on-policy split plan", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=bias,
                                                                          ref_logprobs=lp, beta=0.04)[0]
-    yield "fused on-policy split plan entropy bonus", lambda: lk.fused_grpo_lambda_loss(
-        hidden, weight, ids, mask, adv, bias=bias, entropy_coef=0.01, softcap=30.0)[0]
+    yield "fused on-policy split plan entropy bonus", lambda: lk.fused_grpo_lambda_loss(  # every variant at once
+        hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, entropy_coef=0.01, softcap=30.0)[0]
     yield "fused on-policy split plan softcap", lambda: lk.fused_grpo_lambda_loss(
         hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, softcap=30.0)[0]
     os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")

@@ -7,6 +7,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
+from lambda_kernels.reference.linear_logprobs import entropy_bonus_mean
 
 from ._helpers import IMPLS, PLANS, assert_module_is_function, force_plan, poisoned_outputs
 from ._lm_head import assert_matches, make_batch, perturbed_old, reference_run
@@ -76,6 +77,29 @@ def test_bonus_is_trls_entropy_term(impl, softcap, device):
     assert metrics.keys() == metrics0.keys()
     for k in metrics:
         assert torch.equal(metrics[k], metrics0[k]), k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("plan", ["tokens", "split"])
+def test_fp16_head_relative_oracle(impl, plan, device, monkeypatch):
+    """A half head (its dW summed in fp32, in the chunks or the split tail): no further from the fp64 oracle than
+    PyTorch's fp16 logits are (the interpreter's fp16 arithmetic is sound; bf16's is not)."""
+    from ._lm_head import assert_loss_no_worse_than_naive
+
+    force_plan(monkeypatch, plan, 8)
+    hidden, weight, b, ids, mask, adv = make_batch(B=4, dtype=torch.float16, device=device, seed=14)
+    kw = dict(entropy_coef=0.5, entropy_weights=_weights(mask, seed=3), loss_type="grpo")
+    loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, impl=impl, **kw)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    loss_r, _, grads_r = reference_run(hidden, weight, b, ids, mask, adv, **kw)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+    logp_all = torch.log_softmax((leaves[0] @ leaves[1].t() + leaves[2]).float(), -1)  # PyTorch's fp16 logits
+    lp_n = torch.where(mask != 0, logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1), 0.0)
+    ent_n = -(logp_all.exp() * logp_all).sum(-1)
+    loss_n = R.grpo_lambda_loss(lp_n, None, adv, mask, loss_type="grpo")[0] \
+        - 0.5 * entropy_bonus_mean(ent_n, mask, kw["entropy_weights"])
+    assert_loss_no_worse_than_naive((loss, grads), (loss_r, [g.float() for g in grads_r]),
+                                    (loss_n, torch.autograd.grad(loss_n, leaves)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
