@@ -54,15 +54,20 @@ def budgets(monkeypatch):
     return set_memory
 
 
+# (row backend, softcap): the PyTorch rows compute the capped logits' tanh and its slope in chunk-sized temporaries
+# (in place, in the bound); the Triton rows in registers, so a capped Triton case measures the uncapped one's buffers
+# again (and costs the interpreter twice its time)
+IMPL_SOFTCAP = [("triton", None), ("torch", None), ("torch", 30.0)]
+
+
 def _bound(impl: str, workspace: int) -> int:
     bound = (workspace if impl == "triton" else TORCH_ROWS_TEMPORARIES * workspace) + SLACK
     assert bound < FULL_LOGITS  # the bounds mean something
     return bound
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, softcap", IMPL_SOFTCAP)
 @pytest.mark.parametrize("with_grad", [False, True])
-@pytest.mark.parametrize("softcap", [None, 30.0])  # the capped rows' tanh and its slope: in place, in the bound
 def test_linear_logprobs_holds_one_chunk(impl, with_grad, softcap, budgets, device):
     hidden, weight, ids, _, _, _ = _inputs(device)  # no old log-probs needed here
     x = hidden.reshape(-1, H).requires_grad_(with_grad)
@@ -76,9 +81,8 @@ def test_linear_logprobs_holds_one_chunk(impl, with_grad, softcap, budgets, devi
     assert extra >= 4 * V * plan.chunk_rows(B * T, V)  # the tracker does see a chunk (the log-prob pass's is larger)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, softcap", IMPL_SOFTCAP)
 @pytest.mark.parametrize("policy", ["on", "off"])
-@pytest.mark.parametrize("softcap", [None, 30.0])
 def test_fused_loss_holds_one_chunk_or_the_memory_budget(impl, policy, softcap, budgets, device):
     """Token plan: one chunk (whole sequences for one-pass off-policy). Under LAMBDA_KERNELS_MEMORY_BUDGET: the
     budget, with shorter token chunks (an fp32 head has no accumulator) or with the vocab plan (forced here, as a
