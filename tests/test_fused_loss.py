@@ -227,7 +227,7 @@ def test_inside_torch_compile(impl, device):
 
     def step(h):
         loss, metrics = lk.fused_grpo_lambda_loss(torch.tanh(proj(h)), weight, ids, mask, adv, beta=0.0,
-                                                  temperature=0.7, impl=impl, lam=0.97)
+                                                  temperature=0.7, impl=impl, lam=0.97, entropy_coef=0.01)
         return loss * 2.0, metrics["ratio_mean"]
 
     compiled = torch.compile(step, backend="aot_eager" if device.type == "cpu" else "inductor")
