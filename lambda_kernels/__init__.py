@@ -8,7 +8,7 @@ from .functional import (
     linear_logprobs,
 )
 from .nn import FusedGRPOLambdaLoss, GRPOLambdaLoss
-from .policy_losses import CISPO, SAPO, Clip
+from .policy_losses import CISPO, SAPO, VESPO, Clip
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ __all__ = [
     "Clip",
     "CISPO",
     "SAPO",
+    "VESPO",
 ]

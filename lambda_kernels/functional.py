@@ -17,7 +17,7 @@ from ._core import checks
 from ._core.normalizers import LOSS_TYPES, row_scales
 from ._core.params import SEQUENCE_STYLE, TRACE_CODES, ObjectiveParams, TraceParams
 from ._core.runtime import resolve_impl
-from .policy_losses import Clip, resolve_policy_loss
+from .policy_losses import VESPO, Clip, resolve_policy_loss
 
 TRACE_STYLES = ("recent", "both")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -170,6 +170,11 @@ def check_objective_args(op: str, shape, lead: tuple[str, torch.Tensor], *, old_
                          "ratio of tokens with a negative advantage (dual-clip PPO: verl's `clip_ratio_c`, typically "
                          "3; TRL's `delta` when it is above 1 + epsilon_high).")
     policy = resolve_policy_loss(op, policy_loss)
+    if isinstance(policy, VESPO) and (trace is not None or importance_sampling_level != "token"):
+        raise ValueError(f"{op}: policy_loss='vespo' weighs each sequence by its own importance weight (a sum of its "
+                         f"tokens' log-ratios), which takes the place of the λ-trace and of GSPO's ratio; got "
+                         f"trace={trace!r}, importance_sampling_level={importance_sampling_level!r}. Pass trace=None "
+                         "and importance_sampling_level='token' with it (as TRL's loss_type='vespo').")
     if dual_clip is not None and not isinstance(policy, Clip):
         raise ValueError(f"{op}: `dual_clip` caps the clipped objective's ratio; it does not apply to "
                          f"policy_loss={policy.name!r}. Pass dual_clip=None with it.")
@@ -268,7 +273,10 @@ def grpo_lambda_loss(
             both, and the loss_type aggregates them as any other. Neither uses epsilon_low/high nor dual_clip
             (an epsilon_high or a dual_clip given with them is refused: CISPO's cap is `CISPO(max_ratio=...)`);
             their metrics are TRL's: "cispo_clip_ratio" (no "clip_ratio/*") for CISPO, none of the clip ones for
-            SAPO. Both are one pass on-policy in the fused loss too.
+            SAPO. Both are one pass on-policy in the fused loss too. "vespo" / `VESPO(k_pos=2.0, lambda_pos=3.0,
+            k_neg=3.0, lambda_neg=2.0)` (TRL's "vespo"): `−sg(φ(w))·Â·ℓ`, φ a gamma-shaped function of the
+            sequence's weight w = exp(Σ_t m·clamp(ℓ − ℓ_old, ±20)) (clamped to [1e-8, e^20]), φ(1) = 1; it takes
+            the trace's place (trace=None, importance_sampling_level="token"); metric "vespo/phi_seq_mean".
         impl: "auto" | "triton" | "torch".
 
     Returns:

@@ -1,6 +1,7 @@
 """The policy term of the objective, per token, as a function of the (traced) ratio ρ̃ and the advantage Â.
 
-`grpo_lambda_loss(..., policy_loss=...)` takes one of these, or its name ("clip", "cispo", "sapo") for the defaults.
+`grpo_lambda_loss(..., policy_loss=...)` takes one of these, or its name ("clip", "cispo", "sapo", "vespo") for the
+defaults.
 Each is a frozen dataclass of plain floats: it travels to the kernels as fp32 scalars and one constexpr.
 """
 from __future__ import annotations
@@ -53,7 +54,40 @@ class SAPO:
             object.__setattr__(self, field, float(getattr(self, field)))
 
 
-POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO}
+@dataclass(frozen=True)
+class VESPO:
+    """VESPO (TRL's `loss_type="vespo"`): REINFORCE weighted by a gamma-shaped function of the sequence's importance
+    weight, `−sg(φ(w))·Â·ℓ` with `log w = clamp(Σ_t m_t·clamp(ℓ_t − ℓ_old,t, −20, 20), log 1e-8, 20)` (a sum over
+    the sequence, not a mean) and `φ(w) = e^λ·w^k·e^(−λw)` (so φ(1) = 1: on-policy it is plain REINFORCE), with
+    (k, λ) = (`k_pos`, `lambda_pos`) where Â ≥ 0 and (`k_neg`, `lambda_neg`) elsewhere (λ at least 1e-4; an
+    overflowing φ counts 0), TRL's `get_gamma_weights`. The ratio only weighs each token's gradient, which is on its
+    own log-prob; it takes the trace's place (trace=None, importance_sampling_level="token", as TRL requires). Its
+    metric is TRL's "vespo/phi_seq_mean": the mean φ over the sequences (over the tokens with per-token Â)."""
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+    name = "vespo"
+    code = 3
+
+    def __post_init__(self):
+        for field in ("k_pos", "k_neg"):
+            _check_finite("VESPO", field, getattr(self, field), "the power of w in φ, e.g. 2.0")
+        for field in ("lambda_pos", "lambda_neg"):
+            _check_finite("VESPO", field, getattr(self, field), "the rate of φ's decay in w, e.g. 3.0")
+        for field in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):
+            object.__setattr__(self, field, float(getattr(self, field)))
+
+
+POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO, "vespo": VESPO}
+# the terms whose gradient is on each token's own log-prob (the ratio only weighs it): their backward does not scan
+UNSCANNED = (CISPO, VESPO)
+
+
+def _check_finite(cls: str, field: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{cls}: `{field}` must be a finite number; got {value!r} ({hint}).")
 
 
 def _check_positive(cls: str, field: str, value, hint: str) -> None:
@@ -61,12 +95,12 @@ def _check_positive(cls: str, field: str, value, hint: str) -> None:
         raise ValueError(f"{cls}: `{field}` must be a finite number > 0; got {value!r} ({hint}).")
 
 
-def resolve_policy_loss(op: str, policy_loss) -> Clip | CISPO | SAPO:
+def resolve_policy_loss(op: str, policy_loss) -> Clip | CISPO | SAPO | VESPO:
     """The policy term's object from a name or an instance; a clear error otherwise."""
-    if isinstance(policy_loss, (Clip, CISPO, SAPO)):
+    if isinstance(policy_loss, (Clip, CISPO, SAPO, VESPO)):
         return policy_loss
     if isinstance(policy_loss, str) and policy_loss in POLICY_LOSSES:
         return POLICY_LOSSES[policy_loss]()
     raise ValueError(f"{op}: `policy_loss` must be one of {tuple(POLICY_LOSSES)} or an instance of "
-                     f"lambda_kernels.Clip / CISPO / SAPO (for other settings, e.g. CISPO(max_ratio=4.0)); "
+                     f"lambda_kernels.Clip / CISPO / SAPO / VESPO (for other settings, e.g. CISPO(max_ratio=4.0)); "
                      f"got {policy_loss!r}.")

@@ -123,6 +123,13 @@ def scenarios():
         yield f"objective {policy} sequence level", lambda policy=policy: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp - 0.5, torch.randn(B), mask, trace=None, policy_loss=policy,
             importance_sampling_level="sequence", adv_clamp_min=-0.1)[0]
+    # VESPO: a first walk sums the row's clamped log-ratios (off-policy), φ per token or per row
+    for adv_shape in ((B,), (B, T)):
+        yield f"objective vespo adv {adv_shape}", lambda adv_shape=adv_shape: lk.grpo_lambda_loss(
+            lp.clone().requires_grad_(), lp - 0.1, torch.randn(adv_shape), mask, trace=None, policy_loss="vespo",
+            policy_weights=torch.rand(B, T))[0]
+    yield "fused on-policy vespo", lambda: lk.fused_grpo_lambda_loss(
+        hidden, weight, ids, mask, adv, trace=None, policy_loss="vespo")[0]
     for loss_type in ("bnpo", "dr_grpo", "luspo"):
         yield f"objective {loss_type}", lambda loss_type=loss_type: lk.grpo_lambda_loss(
             lp.clone().requires_grad_(), lp, torch.randn(B, T), mask, loss_type=loss_type,
@@ -202,7 +209,7 @@ def main() -> dict:
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 out.backward()
         except Exception as e:  # a kernel that does not compile: reported, the next scenario runs
-            errors[name] = f"{type(e).__name__}: {e}"[:500]
+            errors[name] = f"{type(e).__name__}: {e}"[-1500:]
     kernels, seen = [], set()
     for name, kernel in COMPILED:
         if id(kernel) in seen:

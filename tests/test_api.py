@@ -5,7 +5,7 @@ from lambda_kernels import reference
 def test_public_names_are_pinned():
     assert sorted(lambda_kernels.__all__) == sorted([
         "group_advantages", "lambda_trace", "gae", "grpo_lambda_loss", "GRPOLambdaLoss",
-        "linear_logprobs", "fused_grpo_lambda_loss", "FusedGRPOLambdaLoss", "Clip", "CISPO", "SAPO",
+        "linear_logprobs", "fused_grpo_lambda_loss", "FusedGRPOLambdaLoss", "Clip", "CISPO", "SAPO", "VESPO",
     ])
     for name in lambda_kernels.__all__:
         assert getattr(lambda_kernels, name).__doc__, f"{name} needs a docstring"

@@ -115,11 +115,12 @@ def trace_backward_block(c, offs, in_row, carry_r, carry_s, scratch_r, scratch_s
 
 
 @triton.jit
-def row_mean(x_ptr, y_ptr, mask_ptr, row, T, MODE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A per-row mean over max(Σ_t m_t, 1), a first walk over the row (the sequence style's reductions):
-    MODE 0: of x_t, a row of coefficients that already carry m_t (0 at padding);
-    MODE 1: of m_t·(x_t − y_t), the sequence's log-ratio (x = ℓ, y = ℓ_old);
-    MODE 2: of m_t·kl_t, kl = exp(y − x) − (y − x) − 1 the k3 KL (x = ℓ, y = ℓ_ref).
+def row_sums(x_ptr, y_ptr, mask_ptr, row, T, MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(Σ_t of a per-token term, Σ_t m_t) over a row, a first walk over it (the row reductions before a scan):
+    MODE 0: x_t, a row of coefficients that already carry m_t (0 at padding);
+    MODE 1: m_t·(x_t − y_t), the sequence's log-ratio (x = ℓ, y = ℓ_old);
+    MODE 2: m_t·kl_t, kl = exp(y − x) − (y − x) − 1 the k3 KL (x = ℓ, y = ℓ_ref);
+    MODE 3: m_t·clamp(x_t − y_t, −20, 20), VESPO's clamped log-ratio (x = ℓ, y = ℓ_old).
     Values where m = 0 are never used (selected away: they may be ±inf or NaN)."""
     acc_x = tl.zeros((BLOCK_T,), tl.float32)
     acc_m = tl.zeros((BLOCK_T,), tl.float32)
@@ -133,6 +134,16 @@ def row_mean(x_ptr, y_ptr, mask_ptr, row, T, MODE: tl.constexpr, BLOCK_T: tl.con
         elif MODE == 2:
             b_d = tl.load(y_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32) - b_x
             b_x = b_m * (tl.exp(b_d) - b_d - 1.0)
+        elif MODE == 3:
+            b_d = b_x - tl.load(y_ptr + row + o_t, mask=m_t, other=0.0).to(tl.float32)
+            b_x = b_m * tl.minimum(tl.maximum(b_d, -20.0), 20.0)
         acc_x += tl.where(b_m != 0, b_x, 0.0)
         acc_m += b_m
-    return tl.sum(acc_x, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+    return tl.sum(acc_x, axis=0), tl.sum(acc_m, axis=0)
+
+
+@triton.jit
+def row_mean(x_ptr, y_ptr, mask_ptr, row, T, MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The mean over max(Σ_t m_t, 1) of `row_sums`' term (the sequence style's reductions)."""
+    total, count = row_sums(x_ptr, y_ptr, mask_ptr, row, T, MODE, BLOCK_T)
+    return total / tl.maximum(count, 1.0)

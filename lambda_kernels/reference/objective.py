@@ -1,7 +1,9 @@
 """GRPO / GRPO-λ token objective in plain PyTorch, written from grpo_lambda.md §2–3 (autograd does the backward)."""
+import math
+
 import torch
 
-from ..policy_losses import CISPO, SAPO, Clip, resolve_policy_loss
+from ..policy_losses import CISPO, SAPO, VESPO, Clip, resolve_policy_loss
 from ._dtype import compute_dtype, zero_where_masked
 from .trace import trace_scan
 
@@ -73,6 +75,27 @@ def _sapo_term(z, ratio, adv, temperature_pos, temperature_neg):
     return torch.where(adv != 0, per_token, zero), none, none
 
 
+def _vespo_phi(log_w, adv, policy: VESPO):
+    """VESPO's φ(w) = exp(λ + k·log w − λ·w) (TRL's `get_gamma_weights`): (k, λ) by the sign of Â, Â ≥ 0 the
+    positive pair; λ at least 1e-4; an overflow counts 0."""
+    full = lambda v: torch.full((), v, dtype=log_w.dtype, device=log_w.device)  # noqa: E731
+    pos = adv >= 0
+    k = torch.where(pos, full(policy.k_pos), full(policy.k_neg))
+    lam = torch.where(pos, full(policy.lambda_pos), full(policy.lambda_neg)).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _vespo_term(lp, old, m, adv, policy: VESPO):
+    """VESPO's −sg(φ)·Â·ℓ per token, with log w = clamp(Σ_t m·clamp(ℓ − ℓ_old, ±20), log 1e-8, 20) of the row (a
+    sum, TRL's), nothing clipped; and the log-weight [B, 1]."""
+    with torch.no_grad():
+        log_w = (m * (lp - old).clamp(-20.0, 20.0)).sum(dim=1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        phi = _vespo_phi(log_w, adv, policy)
+    none = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
+    return torch.where(adv != 0, -phi * adv * lp, torch.zeros((), dtype=lp.dtype, device=lp.device)), none, none, \
+        log_w
+
+
 def grpo_lambda_loss(
     logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, trace="both", lam=0.99, gamma=1.0,
     adv_clamp_min=None, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
@@ -107,6 +130,8 @@ def grpo_lambda_loss(
         per_token, low, high = _clip_term(z, ratio, adv, w, epsilon_low, eps_high, dual_clip)
     elif isinstance(policy, CISPO):
         per_token, low, high = _cispo_term(ratio, adv, lp, policy.max_ratio)
+    elif isinstance(policy, VESPO):
+        per_token, low, high, log_w = _vespo_term(lp, old, m, adv, policy)
     else:
         per_token, low, high = _sapo_term(z, ratio, adv, policy.temperature_pos, policy.temperature_neg)
     zero = torch.zeros((), dtype=dt, device=z.device)
@@ -164,5 +189,13 @@ def grpo_lambda_loss(
             metrics = {"cispo_clip_ratio": metrics["clip_ratio/high_mean"], **_unclipped(metrics)}
         elif isinstance(policy, SAPO):  # nothing is clipped
             metrics = _unclipped(metrics)
+        elif isinstance(policy, VESPO):  # TRL's mean φ: over the sequences with advantages [B], else the tokens
+            if advantages.dim() == 1:
+                a_row = advantages.detach().to(dt).unsqueeze(1)
+                a_row = a_row if adv_clamp_min is None else a_row.clamp(min=adv_clamp_min)
+                phi_mean = _vespo_phi(log_w, a_row, policy).sum() / max(B, 1)
+            else:
+                phi_mean = (m * _vespo_phi(log_w, adv, policy)).sum() / count
+            metrics = {"vespo/phi_seq_mean": phi_mean, **_unclipped(metrics)}
         metrics = {k: v.detach().to(torch.float32) for k, v in metrics.items()}
     return loss.to(torch.float32) if dt != torch.float64 else loss, metrics

@@ -2,14 +2,17 @@
 import triton
 import triton.language as tl
 
-from ..scan_helpers import row_mean, row_scan_start, trace_backward_block, trace_forward_block
+from ..scan_helpers import row_mean, row_scan_start, row_sums, trace_backward_block, trace_forward_block
 
 # Columns of the per-row statistics written by the forward kernel (sums over the row's tokens, unscaled):
-# 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm (6, 7 zero padding).
+# 0 Σm·L, 1 Σm·kl, 2 low-clipped mass, 3 high-clipped mass, 4 Σm·ρ̃, 5 Σm, 6 and 7 VESPO's φ mass and its count
+# (the row's φ and 1 with advantages [B], TRL's mean over sequences; Σm·φ and Σm with [B, T]; else 0).
 N_STATS = 8
 # the finalize kernel's metric outputs (the loss has a buffer of its own): token means, then the extremes over
-# sequences of their clipped fractions (TRL's clip_ratio/low_min and high_max)
-OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL, OUT_LOW_MIN, OUT_HIGH_MAX = 0, 1, 2, 3, 4, 5, 6
+# sequences of their clipped fractions (TRL's clip_ratio/low_min and high_max), then VESPO's mean φ
+OUT_LOW, OUT_HIGH, OUT_REGION, OUT_RATIO, OUT_KL, OUT_LOW_MIN, OUT_HIGH_MAX, OUT_PHI = 0, 1, 2, 3, 4, 5, 6, 7
+LOG_1E8 = tl.constexpr(-18.420680743952367)  # log(1e-8): TRL's lower clamp of VESPO's log-weight (a global that
+# a kernel reads must be a constexpr instance)
 N_OUT = 8
 # LOSS_TYPE constexpr: the index in lambda_kernels._core.normalizers.LOSS_TYPES (dapo, bnpo, grpo, dr_grpo, luspo)
 
@@ -17,8 +20,8 @@ N_OUT = 8
 @triton.jit(do_not_specialize=["T"])
 def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coef_ptr, stats_ptr, scratch_ptr,
                          T, a, log2a, clamp_min, ratio_low, ratio_high, dual_clip, beta, cispo_cap, tau_pos, tau_neg,
-                         STYLE: tl.constexpr, POLICY: tl.constexpr, ON_POLICY: tl.constexpr,
-                         ADV_PER_TOKEN: tl.constexpr,
+                         k_pos, lam_pos, k_neg, lam_neg, STYLE: tl.constexpr, POLICY: tl.constexpr,
+                         ON_POLICY: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
                          HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
                          KL_CORRECTED: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per row: Σ_t m_t·L_t with L = −min(ρ̃Â, clip(ρ̃, ratio_low, ratio_high)Â) + β·kl, ρ̃ = exp(trace(m·(ℓ − ℓ_old))),
@@ -33,10 +36,14 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     lp, old, ref [B, T] any float (old unused when ON_POLICY, ref unless HAS_KL); adv [B] or [B, T] (ADV_PER_TOKEN);
     mask [B, T] uint8/int/float; coef [B, T] fp32 out (NEED_GRAD): ∂(Σ m·L)/∂z_t of the policy term (CISPO:
     ∂L_t/∂ℓ_t, which the backward does not scan);
-    stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm); scratch [B, 2, T] fp32 (STYLE 2).
+    stats [B, N_STATS] fp32 out (Σm·L, Σm·kl, low/high clipped mass, Σm·ρ̃, Σm, VESPO's φ mass and count);
+    scratch [B, 2, T] fp32 (STYLE 2).
     POLICY (lambda_kernels.policy_losses): 0 the clipped term above; 1 CISPO, −min(ρ̃, cispo_cap)·Â·ℓ with its
     coefficient on ℓ itself (the caller's backward does not scan it), the capped tokens with Â > 0 in the high
-    slot; 2 SAPO, −(4/τ)·σ(τ·(ρ̃ − 1))·Â with τ = tau_pos where Â > 0 and tau_neg elsewhere, nothing clipped.
+    slot; 2 SAPO, −(4/τ)·σ(τ·(ρ̃ − 1))·Â with τ = tau_pos where Â > 0 and tau_neg elsewhere, nothing clipped;
+    3 VESPO, −φ·Â·ℓ with φ = exp(λ + k·log w − λ·w), log w the row's clamped Σ m·clamp(ℓ − ℓ_old, ±20) (a first
+    walk; 0 on-policy), (k, λ) = (k_pos, lam_pos) where Â ≥ 0 else (k_neg, lam_neg), its coefficient on ℓ itself
+    as CISPO's, nothing clipped, φ's mass in stats 6 and 7.
     STYLE 3 (GSPO's sequence level): ρ̃ is the row's exp(Σ m·(ℓ − ℓ_old) / max(Σ m, 1)) at every token, its mean
     reduced in a first walk over the row (1 on-policy, without one).
     Grid (B,).
@@ -44,6 +51,13 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     i_b, row, scratch_f, scratch_p, carry_f, carry_p = row_scan_start(scratch_ptr, T)
     if STYLE == 3 and not ON_POLICY:
         carry_f = row_mean(lp_ptr, old_ptr, mask_ptr, row, T, 1, BLOCK_T)
+    if POLICY == 3:  # VESPO's sequence weight w: its log from the row's clamped log-ratio sum (0 on-policy)
+        log_w = tl.full((), 0.0, tl.float32)
+        if not ON_POLICY:
+            log_ratio_sum, _ = row_sums(lp_ptr, old_ptr, mask_ptr, row, T, 3, BLOCK_T)
+            log_w = tl.minimum(tl.maximum(log_ratio_sum, LOG_1E8), 20.0)
+        w_seq = tl.exp(log_w)
+        acc_phi = tl.zeros((BLOCK_T,), tl.float32)
     acc_loss = tl.zeros((BLOCK_T,), tl.float32)
     acc_kl = tl.zeros((BLOCK_T,), tl.float32)
     acc_low = tl.zeros((BLOCK_T,), tl.float32)
@@ -87,6 +101,13 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
             b_tok = tl.where(b_live, -b_weight * b_adv * b_lp, 0.0)
             b_low = b_none
             b_high = b_valid & (b_ratio > cispo_cap) & (b_adv > 0)
+        elif POLICY == 3:
+            b_phi = vespo_phi(b_adv, log_w, w_seq, k_pos, lam_pos, k_neg, lam_neg)
+            b_tok = tl.where(b_live, -b_phi * b_adv * b_lp, 0.0)
+            b_low = b_none
+            b_high = b_none
+            if ADV_PER_TOKEN:
+                acc_phi += tl.where(b_valid, b_m * b_phi, 0.0)
         else:
             b_tau = tl.where(b_adv > 0, tau_pos, tau_neg)
             b_x = b_tau * (b_ratio - 1.0)
@@ -127,6 +148,8 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
                 # ∂L_t/∂ℓ_t itself, −min(ρ̃, c)·Â (the weight is a constant), without m_t: the unscanned backward
                 # multiplies by m_t once (the other terms' m_t is that of z = trace(m·Δ))
                 b_c = tl.where(b_valid & b_live, -b_adv * b_weight, 0.0)
+            elif POLICY == 3:  # −φ·Â on ℓ itself, as CISPO's
+                b_c = tl.where(b_valid & b_live, -b_adv * b_phi, 0.0)
             else:  # d/dz of −(4/τ)·σ(τ(ρ̃ − 1))·Â = −4·σ'·ρ̃·Â
                 b_d = 4.0 * b_e / ((1.0 + b_e) * (1.0 + b_e))
                 b_c = tl.where(b_valid & b_live & (b_e != 0), -b_m * b_adv * b_d * b_ratio, 0.0)
@@ -143,13 +166,34 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
         empty_capped = (tl.sum(acc_count, axis=0) == 0) & (cispo_cap < 1.0) & (a_row > 0)
         high += tl.where(empty_capped, 1.0, 0.0)
     o_s = tl.arange(0, 8)
-    stats = tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
+    stats = tl.zeros((8,), tl.float32)
+    if POLICY == 3:
+        if ADV_PER_TOKEN:
+            phi_mass, phi_count = tl.sum(acc_phi, axis=0), tl.sum(acc_count, axis=0)
+        else:  # TRL's φ per sequence, every sequence counted (one without tokens has w = 1)
+            a_row = tl.load(adv_ptr + i_b).to(tl.float32)
+            if HAS_CLAMP:
+                a_row = tl.maximum(a_row, clamp_min)
+            phi_mass, phi_count = vespo_phi(a_row, log_w, w_seq, k_pos, lam_pos, k_neg, lam_neg), 1.0
+        stats += tl.where(o_s == 6, phi_mass, 0.0)
+        stats += tl.where(o_s == 7, phi_count, 0.0)
+    stats += tl.where(o_s == 0, tl.sum(acc_loss, axis=0), 0.0)
     stats += tl.where(o_s == 1, tl.sum(acc_kl, axis=0), 0.0)
     stats += tl.where(o_s == 2, tl.sum(acc_low, axis=0), 0.0)
     stats += tl.where(o_s == 3, high, 0.0)
     stats += tl.where(o_s == 4, tl.sum(acc_ratio, axis=0), 0.0)
     stats += tl.where(o_s == 5, tl.sum(acc_count, axis=0), 0.0)
     tl.store(stats_ptr + i_b * 8 + o_s, stats)
+
+
+@triton.jit
+def vespo_phi(adv, log_w, w, k_pos, lam_pos, k_neg, lam_neg):
+    """VESPO's φ(w) = exp(λ + k·log w − λ·w), (k, λ) by the sign of Â (Â ≥ 0: the positive pair), λ ≥ 1e-4; an
+    overflow counts 0 (TRL's nan_to_num)."""
+    pos = adv >= 0
+    lam = tl.maximum(tl.where(pos, lam_pos, lam_neg), 1e-4)
+    phi = tl.exp(lam + tl.where(pos, k_pos, k_neg) * log_w - lam * w)
+    return tl.where(phi < float("inf"), phi, 0.0)
 
 
 @triton.jit
@@ -160,7 +204,8 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
 
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
     0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl token means; the
-    least low-clipped and the most high-clipped fraction of a sequence with tokens, 0 when none has); loss [] fp32
+    least low-clipped and the most high-clipped fraction of a sequence with tokens, 0 when none has; VESPO's mean
+    φ, stats 6 over stats 7, 0 for the other terms); loss [] fp32
     out, in storage of its own (a caller may edit it in place: not a view of the metrics' buffer). `inv_b_len` is
     1/(B·max_completion_length) for dr_grpo. SEQ_LEVEL (GSPO): the clipped fractions are TRL's sequence-level
     ones, means over all B sequences of each one's clipped fraction (0 without tokens), extremes over all of them.
@@ -233,6 +278,8 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     least_low = tl.min(low_min, axis=0)
     out += tl.where(o_s == 5, tl.where(least_low == float("inf"), 0.0, least_low), 0.0)
     out += tl.where(o_s == 6, tl.max(high_max, axis=0), 0.0)
+    phi_count = tl.sum(tl.where(o_s == 7, tot, 0.0), axis=0)
+    out += tl.where(o_s == 7, tl.sum(tl.where(o_s == 6, tot, 0.0), axis=0) / tl.maximum(phi_count, 1.0), 0.0)
     tl.store(out_ptr + o_s, out)
 
 

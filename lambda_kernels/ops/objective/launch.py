@@ -10,10 +10,10 @@ import torch
 from ..._core.normalizers import LOSS_TYPES
 from ..._core.params import SEQUENCE_STYLE, ObjectiveParams, TraceParams
 from ..._core.tuning import scan_config
-from ...policy_losses import CISPO, SAPO
+from ...policy_losses import CISPO, SAPO, UNSCANNED, VESPO
 from ..lambda_trace.launch import kernel_mask, scratch_for, trace_backward
-from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_RATIO, OUT_REGION, \
-    objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
+from .kernels import N_OUT, N_STATS, OUT_HIGH, OUT_HIGH_MAX, OUT_KL, OUT_LOW, OUT_LOW_MIN, OUT_PHI, OUT_RATIO, \
+    OUT_REGION, objective_bwd_kernel, objective_finalize_kernel, objective_fwd_kernel
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}  # the finalize kernel's LOSS_TYPE
 METRIC_OUTPUTS = {"clip_ratio/low_mean": OUT_LOW, "clip_ratio/high_mean": OUT_HIGH,
@@ -72,6 +72,7 @@ def metric_views(out: torch.Tensor, policy) -> dict:
     metrics of the policy term (`policy_metric_names`)."""
     metrics = {name: out[i] for name, i in METRIC_OUTPUTS.items()}
     metrics["cispo_clip_ratio"] = out[OUT_HIGH]
+    metrics["vespo/phi_seq_mean"] = out[OUT_PHI]
     metrics["kl"] = out[OUT_KL]
     return {name: metrics[name] for name in policy_metric_names(policy) + ("kl",)}
 
@@ -82,6 +83,8 @@ def policy_metric_names(policy) -> tuple[str, ...]:
         return ("cispo_clip_ratio", "ratio_mean")
     if isinstance(policy, SAPO):
         return ("ratio_mean",)
+    if isinstance(policy, VESPO):
+        return ("vespo/phi_seq_mean", "ratio_mean")
     return tuple(METRIC_OUTPUTS)
 
 
@@ -105,19 +108,20 @@ def _launch_forward_rows(lp, old, adv, mask_k, ref, params: ObjectiveParams, coe
         BLOCK_T=block, num_warps=warps)
 
 
-def _policy_args(policy) -> tuple[float, float, float]:
-    """(cispo_cap, tau_pos, tau_neg) of the forward kernel (unused by the other terms: placeholders)."""
-    if isinstance(policy, CISPO):
-        return policy.max_ratio, 1.0, 1.0
-    if isinstance(policy, SAPO):
-        return 1.0, policy.temperature_pos, policy.temperature_neg
-    return 1.0, 1.0, 1.0
+def _policy_args(policy) -> tuple[float, ...]:
+    """(cispo_cap, tau_pos, tau_neg, k_pos, lam_pos, k_neg, lam_neg) of the forward kernel (those of the other terms:
+    placeholders)."""
+    cispo = (policy.max_ratio,) if isinstance(policy, CISPO) else (1.0,)
+    sapo = (policy.temperature_pos, policy.temperature_neg) if isinstance(policy, SAPO) else (1.0, 1.0)
+    vespo = (policy.k_pos, policy.lambda_pos, policy.k_neg, policy.lambda_neg) if isinstance(policy, VESPO) \
+        else (1.0, 1.0, 1.0, 1.0)
+    return cispo + sapo + vespo
 
 
 def scan_params(params: ObjectiveParams) -> TraceParams:
-    """The trace the backward scans the coefficients with: none for CISPO, whose coefficients are on ℓ itself
-    (its ratio, traced or the sequence's, only weighs them), the objective's trace otherwise."""
-    return TraceParams(a=params.trace.a, style=0) if isinstance(params.policy, CISPO) else params.trace
+    """The trace the backward scans the coefficients with: none for CISPO and VESPO, whose coefficients are on ℓ
+    itself (their ratio, traced or the sequence's, only weighs them), the objective's trace otherwise."""
+    return TraceParams(a=params.trace.a, style=0) if isinstance(params.policy, UNSCANNED) else params.trace
 
 
 def objective_backward(grad_out, saved, lp, old, ref, params: ObjectiveParams, out_dtype) -> torch.Tensor:
@@ -173,17 +177,20 @@ def onpolicy_token_grad(adv, mask_f, scales, params: ObjectiveParams, weights=No
     ratio is 1 everywhere, which no clip range with ε ≥ 0 clips, so every token's coefficient is −n_t·Â_t and the
     gradient is one reverse scan; it does not depend on the log-probs. weights (None or [B, T]): the policy term's
     per-token weights w, so the coefficient is −n_t·w_t·Â_t. SAPO's gate has slope 1 at ρ̃ = 1, so its gradient is
-    the same; CISPO's is −n_j·w_j·min(1, c)·Â_j on each log-prob, unscanned (`scan_params`).
+    the same; CISPO's is −n_j·w_j·min(1, c)·Â_j on each log-prob, unscanned (`scan_params`), and VESPO's
+    −n_j·w_j·Â_j (φ(1) = 1).
     """
     a = adv.to(torch.float32)
     a = a.unsqueeze(1) if a.dim() == 1 else a
     if params.adv_clamp_min is not None:
         a = a.clamp(min=params.adv_clamp_min)
     m = mask_f
-    if isinstance(params.policy, CISPO):
-        # its weight min(ρ̃, c) at ρ̃ = 1 (SAPO's gate has slope 1 there: as the clip's); its coefficient is on ℓ
-        # itself, which the unscanned backward multiplies by m once (the others' m is that of z = trace(m·Δ))
-        a = a * min(1.0, params.policy.max_ratio)
+    if isinstance(params.policy, UNSCANNED):
+        # CISPO's weight min(ρ̃, c) at ρ̃ = 1, VESPO's φ(1) = 1 (SAPO's gate has slope 1 there: as the clip's); their
+        # coefficient is on ℓ itself, which the unscanned backward multiplies by m once (the others' m is that of
+        # z = trace(m·Δ))
+        if isinstance(params.policy, CISPO):
+            a = a * min(1.0, params.policy.max_ratio)
         m = torch.ones((), device=a.device)
     coef = torch.where(mask_f != 0, -m * scales.unsqueeze(1) * a, torch.zeros((), device=a.device))
     if weights is not None:  # (a weight of 0, or padding's, adds exactly 0 whatever the weight tensor holds there)
