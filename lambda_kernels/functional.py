@@ -525,7 +525,7 @@ def fused_grpo_lambda_loss(hidden, weight, completion_ids, completion_mask, adva
             temperature), as in `linear_logprobs`.
         trace, lam, gamma, adv_clamp_min, epsilon_low, epsilon_high, beta, loss_type, max_completion_length,
         num_items_in_batch, kl_bias_correction, dual_clip, policy_weights, importance_sampling_level, policy_loss:
-        as in `grpo_lambda_loss` (GSPO's sequence-level ratio, CISPO and SAPO are one pass on-policy too).
+        as in `grpo_lambda_loss` (GSPO's sequence-level ratio, CISPO, SAPO and VESPO are one pass on-policy too).
         return_entropy: add metrics["entropy"], the masked token mean of the tempered distribution's entropy.
         entropy_coef: c, a finite number: an entropy bonus, loss − c·Σ_t m_t·w_t·H_t / max(Σ_t m_t·w_t, 1) with
             its exact gradient (H: that tempered entropy, m: the mask, w: entropy_weights). TRL's `entropy_coef`
