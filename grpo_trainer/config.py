@@ -26,12 +26,18 @@ ALGORITHMS = ("grpo", "grpo_lambda")
 TRACES = ("recent", "both")
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-POLICY_LOSSES = ("clip", "cispo", "sapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "vespo")
 # the policy terms' own options, their values when left null (TRL's recommended epsilon_high for cispo, its SAPO
-# temperatures) and the one policy_loss that uses each
+# temperatures, its VESPO shapes: lambda_kernels' defaults too) and the one policy_loss that uses each
 CISPO_MAX_RATIO = 5.0
 SAPO_TEMPERATURE_POS, SAPO_TEMPERATURE_NEG = 1.0, 1.05
-POLICY_LOSS_OPTIONS = {"cispo_max_ratio": "cispo", "sapo_temperature_pos": "sapo", "sapo_temperature_neg": "sapo"}
+VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG = 2.0, 3.0, 3.0, 2.0
+VESPO_OPTIONS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+POLICY_LOSS_OPTIONS = {"cispo_max_ratio": "cispo", "sapo_temperature_pos": "sapo", "sapo_temperature_neg": "sapo",
+                       **{name: "vespo" for name in VESPO_OPTIONS}}
+# what each policy term's own options are, for the messages
+_POLICY_OPTION_WHAT = {"cispo": "CISPO's cap", "sapo": "SAPO's gate temperature",
+                       "vespo": "a shape parameter of VESPO's weight phi"}
 SCALE_REWARDS = ("group", "batch", "none")
 IMPLS = ("auto", "torch", "triton")
 MODEL_ARCHS = ("llama", "qwen2")
@@ -131,11 +137,15 @@ class GRPOLambdaConfig:
         "clip", f"Policy term of the objective: one of {POLICY_LOSSES}. 'clip': PPO's clipped ratio (epsilon, "
                 "epsilon_high, delta); 'cispo': CISPO, -sg(min(ratio, cispo_max_ratio))*A*log-prob (TRL's loss_type "
                 "cispo); 'sapo': SAPO's soft gate -(4/t)*sigmoid(t*(ratio - 1))*A, t = sapo_temperature_pos where "
-                "A > 0, else sapo_temperature_neg (TRL's loss_type sapo). The ratio of all three is traced with "
-                "grpo_lambda, and the sequence's with importance_sampling_level sequence; cispo and sapo use neither "
-                "epsilon nor epsilon_high, and refuse epsilon_high and delta; cispo_max_ratio and the "
-                "sapo_temperature_* are refused with the other policy terms. loss_type still aggregates (TRL's "
-                "cispo is dapo's, its sapo grpo's).", TRAIN, "algorithm")
+                "A > 0, else sapo_temperature_neg (TRL's loss_type sapo); 'vespo': VESPO, -sg(phi(w))*A*log-prob "
+                "with w the sequence's importance weight exp(sum of its log-ratios) and phi(w) = "
+                "exp(l)*w^k*exp(-l*w), (k, l) = (vespo_k_pos, vespo_lambda_pos) where A >= 0, else (vespo_k_neg, "
+                "vespo_lambda_neg) (TRL's loss_type vespo; needs algorithm grpo and importance_sampling_level "
+                "token). The ratio of the first three is traced with grpo_lambda, and the sequence's with "
+                "importance_sampling_level sequence; cispo, sapo and vespo use neither epsilon nor epsilon_high, and "
+                "refuse epsilon_high and delta; cispo_max_ratio, the sapo_temperature_* and the vespo_* are refused "
+                "with the other policy terms. loss_type still aggregates (TRL's cispo and vespo are dapo's, its sapo "
+                "grpo's).", TRAIN, "algorithm")
     epsilon: float = opt(0.2, "Lower clip range ε of the ratio (policy_loss clip).", TRAIN, "algorithm")
     epsilon_high: Optional[float] = opt(None, "Upper clip range (None = epsilon; policy_loss clip only: CISPO's cap, "
                                               "TRL's epsilon_high for cispo, is cispo_max_ratio).", TRAIN,
@@ -155,6 +165,20 @@ class GRPOLambdaConfig:
     sapo_temperature_neg: Optional[float] = opt(
         None, f"SAPO's gate temperature for tokens with A <= 0, > 0 (TRL's name); None = {SAPO_TEMPERATURE_NEG} "
               "(TRL's default). policy_loss sapo only (refused with the others).", TRAIN, "algorithm")
+    vespo_k_pos: Optional[float] = opt(
+        None, f"VESPO's power k of w in phi for sequences with A >= 0, a finite number (TRL's name); None = "
+              f"{VESPO_K_POS} (TRL's default). policy_loss vespo only (refused with the others).", TRAIN, "algorithm")
+    vespo_lambda_pos: Optional[float] = opt(
+        None, f"VESPO's decay rate l of phi in w for sequences with A >= 0, a finite number (at least 1e-4 is "
+              f"used, as TRL; TRL's name); None = {VESPO_LAMBDA_POS} (TRL's default). policy_loss vespo only "
+              "(refused with the others).", TRAIN, "algorithm")
+    vespo_k_neg: Optional[float] = opt(
+        None, f"VESPO's power k of w in phi for sequences with A < 0, a finite number (TRL's name); None = "
+              f"{VESPO_K_NEG} (TRL's default). policy_loss vespo only (refused with the others).", TRAIN, "algorithm")
+    vespo_lambda_neg: Optional[float] = opt(
+        None, f"VESPO's decay rate l of phi in w for sequences with A < 0, a finite number (at least 1e-4 is used, "
+              f"as TRL; TRL's name); None = {VESPO_LAMBDA_NEG} (TRL's default). policy_loss vespo only (refused "
+              "with the others).", TRAIN, "algorithm")
     loss_type: str = opt("dapo", f"Token aggregation: one of {LOSS_TYPES} (TRL's names; luspo: the sum over each "
                                  "sequence's tokens, averaged over sequences).", TRAIN, "algorithm")
     importance_sampling_level: str = opt(
@@ -244,6 +268,13 @@ class GRPOLambdaConfig:
         """(for A > 0, for A <= 0), the defaults where null."""
         return (SAPO_TEMPERATURE_POS if self.sapo_temperature_pos is None else self.sapo_temperature_pos,
                 SAPO_TEMPERATURE_NEG if self.sapo_temperature_neg is None else self.sapo_temperature_neg)
+
+    @property
+    def loss_vespo_options(self) -> dict:
+        """VESPO's k_pos, lambda_pos, k_neg, lambda_neg (lambda_kernels.VESPO's names), the defaults where null."""
+        defaults = (VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG)
+        return {name[len("vespo_"):]: default if getattr(self, name) is None else getattr(self, name)
+                for name, default in zip(VESPO_OPTIONS, defaults)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -395,27 +426,46 @@ class GRPOLambdaConfig:
                 _positive_number(name, getattr(self, name), f"It is SAPO's gate temperature (TRL's defaults: "
                                  f"{SAPO_TEMPERATURE_POS} for sapo_temperature_pos, {SAPO_TEMPERATURE_NEG} for "
                                  "sapo_temperature_neg).")
+        for name in VESPO_OPTIONS:
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name), f"It shapes VESPO's weight phi(w) = exp(l)*w^k*exp(-l*w) (TRL's "
+                        f"defaults: k {VESPO_K_POS} and l {VESPO_LAMBDA_POS} where A >= 0, k {VESPO_K_NEG} and l "
+                        f"{VESPO_LAMBDA_NEG} elsewhere).")
         for name, user in POLICY_LOSS_OPTIONS.items():
             if getattr(self, name) is not None and self.policy_loss != user:
-                # (else silently unused: a cap or temperature set for the wrong policy term)
-                what = "CISPO's cap" if user == "cispo" else "SAPO's gate temperature"
+                # (else silently unused: a cap, temperature or shape set for the wrong policy term)
                 raise ConfigError(f"{name} must be null with policy_loss = {self.policy_loss!r}; got "
-                                  f"{getattr(self, name)!r}. It is {what}, used with policy_loss {user} only: set "
-                                  f"--policy_loss {user}, or leave {name} null.")
-        cispo = self.policy_loss == "cispo"
+                                  f"{getattr(self, name)!r}. It is {_POLICY_OPTION_WHAT[user]}, used with policy_loss "
+                                  f"{user} only: set --policy_loss {user}, or leave {name} null.")
+        replaced_by = {  # what each other policy term has in place of the clipped ratio's options
+            "cispo": ("CISPO does not use: its cap is cispo_max_ratio (TRL's epsilon_high for loss_type cispo), e.g. "
+                      "--cispo_max_ratio 5.0", "CISPO replaces by its capped weight (cispo_max_ratio)"),
+            "sapo": ("SAPO does not use (its gate has sapo_temperature_pos / _neg)", "SAPO replaces by its soft gate"),
+            "vespo": ("VESPO does not use (its weight has vespo_k_* / vespo_lambda_*)",
+                      "VESPO replaces by its sequence's weight phi"),
+        }
         if self.policy_loss != "clip" and self.epsilon_high is not None:
             # (TRL's epsilon_high is CISPO's cap: a TRL config carried over would otherwise set an unused option)
             raise ConfigError(f"epsilon_high must be null with policy_loss = {self.policy_loss!r}; got "
                               f"{self.epsilon_high!r}. It is the clipped objective's upper clip range, which "
-                              + ("CISPO does not use: its cap is cispo_max_ratio (TRL's epsilon_high for loss_type "
-                                 "cispo), e.g. --cispo_max_ratio 5.0" if cispo else
-                                 "SAPO does not use (its gate has sapo_temperature_pos / _neg)") + ".")
+                              f"{replaced_by[self.policy_loss][0]}.")
         if self.policy_loss != "clip" and self.delta is not None:
             raise ConfigError(f"delta must be null with policy_loss = {self.policy_loss!r}; got {self.delta!r}. "
-                              "Dual clip caps the clipped objective's ratio, which "
-                              + ("CISPO replaces by its capped weight (cispo_max_ratio)" if cispo else
-                                 "SAPO replaces by its soft gate") + ": set delta null, or use policy_loss clip.")
+                              f"Dual clip caps the clipped objective's ratio, which {replaced_by[self.policy_loss][1]}"
+                              ": set delta null, or use policy_loss clip.")
         _check_delta(self.delta, self.epsilon if self.epsilon_high is None else self.epsilon_high)
+        if self.policy_loss == "vespo":
+            # VESPO's weight is of its sequence's summed log-ratios (TRL's, with trace=None): no trace, token level
+            if self.algorithm != "grpo":  # (grpo_lambda is the default: VESPO must ask for grpo explicitly)
+                raise ConfigError(f"algorithm must be 'grpo' with policy_loss = 'vespo'; got {self.algorithm!r}. "
+                                  "VESPO weighs each token's gradient by a function of its sequence's importance "
+                                  "weight, which takes the place of the λ-trace: pass --algorithm grpo, or another "
+                                  "policy_loss for GRPO-λ.")
+            if self.importance_sampling_level != "token":
+                raise ConfigError(f"importance_sampling_level must be 'token' with policy_loss = 'vespo'; got "
+                                  f"{self.importance_sampling_level!r}. VESPO computes its own sequence-level weight "
+                                  "from the token log-ratios (TRL's loss_type vespo asks for the token level): "
+                                  "set importance_sampling_level token.")
 
     def _validate_importance_sampling_level(self):
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)

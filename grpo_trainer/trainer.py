@@ -5,9 +5,9 @@ One step: prompts → G completions each (a GenerationBackend) → rewards (weig
 `linear_logprobs` on hidden states → `num_iterations` updates, each over gradient-accumulated micro-batches of
 `fused_grpo_lambda_loss` on hidden states (no [B, T, V] logits) → grad clipping, AdamW, LR schedule.
 With vLLM, TRL's importance-sampling correction weights each token's policy term by π_old/q (see
-`vllm_importance_weights`), the fused loss's `policy_weights`. The policy term is the clipped ratio's, CISPO's or
-SAPO's (`policy_loss`); the metrics are those the loss returns for it. `entropy_coef` subtracts an entropy bonus, a
-token mean over the update's trained tokens (`entropy_coefficients`).
+`vllm_importance_weights`), the fused loss's `policy_weights`. The policy term is the clipped ratio's, CISPO's,
+SAPO's or VESPO's (`policy_loss`); the metrics are those the loss returns for it. `entropy_coef` subtracts an entropy
+bonus, a token mean over the update's trained tokens (`entropy_coefficients`).
 A non-finite loss or gradient skips the update (weights untouched) and is logged as `skipped`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from lambda_kernels import CISPO, SAPO, Clip, fused_grpo_lambda_loss, group_advantages, linear_logprobs
+from lambda_kernels import CISPO, SAPO, VESPO, Clip, fused_grpo_lambda_loss, group_advantages, linear_logprobs
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -66,12 +66,14 @@ class Batch:
 
 
 def policy_term(cfg: GRPOLambdaConfig):
-    """The fused loss's `policy_loss` of the config: lambda_kernels' Clip, CISPO or SAPO with its options."""
+    """The fused loss's `policy_loss` of the config: lambda_kernels' Clip, CISPO, SAPO or VESPO with its options."""
     if cfg.policy_loss == "cispo":
         return CISPO(max_ratio=cfg.loss_cispo_max_ratio)
     if cfg.policy_loss == "sapo":
         pos, neg = cfg.loss_sapo_temperatures
         return SAPO(temperature_pos=pos, temperature_neg=neg)
+    if cfg.policy_loss == "vespo":
+        return VESPO(**cfg.loss_vespo_options)
     return Clip()
 
 
@@ -380,7 +382,8 @@ class GRPOLambdaTrainer:
         # TRL's per-sequence clip extremes are undefined for a micro-batch without loss tokens (NaN there, which
         # `add` skips, as TRL's logging drops NaN), not 0; at the sequence level they range over every sequence, one
         # without tokens included (unclipped, 0), as TRL's do. (Only the clipped ratio has them: the metrics are
-        # whatever the loss returns for the policy term, cispo's cispo_clip_ratio, none of the clip ones for sapo.)
+        # whatever the loss returns for the policy term, cispo's cispo_clip_ratio, none of the clip ones for sapo
+        # and vespo, which has its vespo/phi_seq_mean.)
         per_sequence = ("clip_ratio/low_min", "clip_ratio/high_max")
         token_level = cfg.importance_sampling_level == "token"
 

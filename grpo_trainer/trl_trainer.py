@@ -12,17 +12,18 @@ checkpoints. Two methods change:
   [B, T, V] logits; one pass when on-policy), with the GRPO-λ trace on top of TRL's clipped objective;
 - the old-policy and reference log-probs come from `linear_logprobs`, the same kernels as the loss, so that an
   on-policy ratio is exactly 1.
-`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, luspo, with TRL's normalisers, and cispo and
-sapo, the fused loss's `policy_loss` CISPO / SAPO with TRL's dapo / grpo normalisers; at the token level or, with
-`importance_sampling_level="sequence"`, GSPO's sequence level), which `tests/test_trl_trainer.py` checks value for
-value and gradient for gradient against TRL's GRPOTrainer. A model's
+`trace=None` is TRL's own loss (loss types grpo, bnpo, dr_grpo, dapo, luspo, with TRL's normalisers, and cispo,
+sapo and vespo, the fused loss's `policy_loss` CISPO / SAPO / VESPO with TRL's dapo / grpo / dapo normalisers; at the
+token level or, with `importance_sampling_level="sequence"`, GSPO's sequence level, vespo excepted), which
+`tests/test_trl_trainer.py` checks value for value and gradient for gradient against TRL's GRPOTrainer. A model's
 logit scale (Granite, Cohere, ...) is folded into the temperature and its final-logit soft-capping (Gemma 2/3) is
 applied before the temperature, as TRL's head applies them (a model with both is refused). Metrics keep TRL's
 names and values, the per-sequence `clip_ratio/low_min` and `clip_ratio/high_max` included (cispo: TRL's
-`cispo_clip_ratio` instead; sapo: no clip metric). TRL's `delta` (two-sided clipping) is the fused loss's
-`dual_clip` (ignored with cispo and sapo, as TRL ignores it there); its vLLM importance-sampling weights and its
-`top_entropy_quantile` and `off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one
-extra log-prob pass under no_grad). TRL's entropy bonus (`entropy_coef`, and `use_adaptive_entropy`'s controller) is
+`cispo_clip_ratio` instead; sapo: no clip metric; vespo: TRL's `vespo/phi_seq_mean`). TRL's `delta` (two-sided
+clipping) is the fused loss's `dual_clip` (ignored with cispo, sapo and vespo, as TRL ignores it there); its vLLM
+importance-sampling weights (refused with vespo, whose φ TRL folds them into) and its `top_entropy_quantile` and
+`off_policy_mask_threshold` masks are the fused loss's `policy_weights` (the masks from one extra log-prob pass under
+no_grad). TRL's entropy bonus (`entropy_coef`, and `use_adaptive_entropy`'s controller) is
 the fused loss's `entropy_coef` over TRL's entropy mask (`entropy_weights`), with TRL's `policy_loss` and
 `entropy_coef` metrics.
 
@@ -41,7 +42,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from lambda_kernels import CISPO, SAPO, Clip, fused_grpo_lambda_loss, linear_logprobs
+from lambda_kernels import CISPO, SAPO, VESPO, Clip, fused_grpo_lambda_loss, linear_logprobs
 
 from .config import (IMPLS, IMPORTANCE_SAMPLING_LEVELS, TRACES, ConfigError, _check_delta, _choice, _finite,
                      _positive_number, _unit_closed)
@@ -70,15 +71,22 @@ if not trl.__version__.startswith(TESTED_TRL):  # the overrides rely on TRL's in
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped ratio's, each with TRL's normaliser
 # TRL's loss types with another policy term than the clipped ratio's: the fused loss's loss_type (TRL's normaliser
 # for it) of each; the term itself is `_policy_term`'s
-POLICY_LOSS_TYPES = {"cispo": "dapo", "sapo": "grpo"}
+POLICY_LOSS_TYPES = {"cispo": "dapo", "sapo": "grpo", "vespo": "dapo"}
 LOSS_TYPES = CLIP_LOSS_TYPES + tuple(POLICY_LOSS_TYPES)
-TRL_ONLY_LOSS_TYPES = ("vespo",)  # VESPO's gamma-shaped sequence weights are not a policy term of the fused loss
 # TRL options that change the loss in ways the fused loss does not implement: refused, never silently ignored.
 # Pairs (is it set?, what to set instead: a string, or a function of the config), checked when the config is built,
 # before any model is loaded.
 _UNSUPPORTED_OPTIONS = (
-    (lambda a: a.loss_type in TRL_ONLY_LOSS_TYPES,
-     lambda a: f"loss_type must be one of {list(LOSS_TYPES)}; got {a.loss_type!r}"),
+    # TRL folds vLLM's importance-sampling ratios into VESPO's sequence sum (its φ), where the fused loss can only
+    # weigh each token's term by them (policy_weights)
+    (lambda a: a.loss_type == "vespo" and a.use_vllm and a.vllm_importance_sampling_correction,
+     "vllm_importance_sampling_correction must be False with loss_type='vespo' and use_vllm=True (TRL folds vLLM's "
+     "importance-sampling ratios into VESPO's sequence weight φ, which the fused loss cannot)"),
+    # VESPO's weight is of the sequence's summed token log-ratios: the fused loss takes it at the token level only
+    (lambda a: a.loss_type == "vespo" and a.importance_sampling_level != "token",
+     lambda a: f"importance_sampling_level must be 'token' with loss_type='vespo'; got "
+               f"{a.importance_sampling_level!r} (VESPO computes its own sequence-level weight from the token "
+               "log-ratios; TRL warns and uses the sequence's ratio only in the KL's bias correction)"),
 )
 # the same, for what only the trainer knows (the model, the tools)
 _NO_TOOLS = "tools (and environments) must not be given: tool-output tokens need a loss mask"
@@ -128,8 +136,13 @@ class GRPOLambdaTRLConfig(GRPOConfig):
                               "GSPO gives every token its sequence's length-normalised ratio, which takes the place "
                               "of the λ-trace: pass trace=None (--trace none), or keep importance_sampling_level="
                               "'token' for GRPO-λ.")
-        if self.loss_type not in TRL_ONLY_LOSS_TYPES:  # (those are refused below, with the other TRL options)
-            _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        if self.loss_type == "vespo" and self.trace is not None:
+            # (trace defaults to "both": VESPO needs it set to None explicitly, as GSPO does)
+            raise ConfigError(f"trace must be None with loss_type='vespo'; got {self.trace!r}. VESPO weighs each "
+                              "token's gradient by a function of its sequence's importance weight, which takes the "
+                              "place of the λ-trace: pass trace=None (--trace none), or another loss_type for "
+                              "GRPO-λ.")
         epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high  # (as TRL resolves it)
         if self.loss_type == "cispo":
             _positive_number("epsilon_high", epsilon_high,
@@ -143,6 +156,10 @@ class GRPOLambdaTRLConfig(GRPOConfig):
             for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
                 _positive_number(name, getattr(self, name), "It is SAPO's gate temperature (TRL's defaults: 1.0 "
                                  "for sapo_temperature_pos, 1.05 for sapo_temperature_neg).")
+        elif self.loss_type == "vespo":  # (TRL checks none of them; the fused loss needs them finite)
+            for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+                _finite(name, getattr(self, name), "It shapes VESPO's weight φ(w) = e^λ·w^k·e^(−λw) (TRL's "
+                        "defaults: k 2.0 and λ 3.0 where the advantage is ≥ 0, k 3.0 and λ 2.0 elsewhere).")
         if self.loss_type not in POLICY_LOSS_TYPES:  # TRL applies delta in the clipped loss only (ignored there)
             _check_delta(self.delta, epsilon_high)
         # (TRL checks none of them; its coefficient reaches the fused loss, which needs it finite)
@@ -293,13 +310,21 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
     def _policy_term(self):
         """TRL's loss_type as (the fused loss's policy term, its loss_type: TRL's normaliser for it). cispo: CISPO
         with TRL's epsilon_high (epsilon when unset) as the cap, normalised as dapo; sapo: SAPO with TRL's
-        temperatures, normalised as grpo; the others: the clipped ratio, with their own normaliser."""
+        temperatures, normalised as grpo; vespo: VESPO with TRL's vespo_k_* / vespo_lambda_*, normalised as dapo;
+        the others: the clipped ratio, with their own normaliser."""
         if self.loss_type == "cispo":
             return CISPO(max_ratio=self.epsilon_high), POLICY_LOSS_TYPES["cispo"]
         if self.loss_type == "sapo":
             # TRL's temperatures are a tensor of torch's default dtype (torch.where of two floats): rounded as there
             pos, neg = torch.tensor([self.args.sapo_temperature_pos, self.args.sapo_temperature_neg]).tolist()
             return SAPO(temperature_pos=pos, temperature_neg=neg), POLICY_LOSS_TYPES["sapo"]
+        if self.loss_type == "vespo":
+            # TRL's k and λ are tensors of torch's default dtype too (get_gamma_weights' torch.where): rounded so
+            args = self.args
+            k_pos, lambda_pos, k_neg, lambda_neg = torch.tensor(
+                [args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg]).tolist()
+            return (VESPO(k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg),
+                    POLICY_LOSS_TYPES["vespo"])
         return Clip(), self.loss_type
 
     @torch.no_grad()
@@ -417,24 +442,30 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
         means over sequences, every sequence counted. With per-token advantages [B, T] (a subclass may hand them)
         TRL's clip masks are [B, T] at the sequence level too: token means, as the fused loss returns them then.
         The clip metrics are those the fused loss returns for its policy term, which are TRL's for the loss type
-        (none for sapo). A process with nothing counted (no tokens, or at the sequence level with advantages [B] no
+        (none for sapo and vespo). vespo's `vespo/phi_seq_mean` is TRL's mean of its φ: over the sequences, every one
+        counted, with advantages [B] (TRL's φ is then [B, 1], at the token level too), over the tokens with [B, T]
+        (φ per token). A process with nothing counted (no tokens, or at the sequence level with advantages [B] no
         sequences) has no extremes: NaN, skipped as TRL's nanmin/nanmax skip it; NaN when no process has any.
         With the entropy bonus: `policy_loss`, each process's loss before the bonus, logged as TRL's nanmean of it
         over processes; `entropy_window`, the adaptive controller's [Σ H, tokens] of an accumulation window at its
         end, summed over processes: its mean is returned (else None), as TRL's `.item()` of it. One reduce, one
         gather (with extremes or policy_loss only), one host read."""
         tokens = mask.sum().to(torch.float32)
+        sequences = torch.full_like(tokens, mask.size(0))
         sequence = self.importance_sampling_level == "sequence" and advantages.dim() == 1
-        clip_count = torch.full_like(tokens, mask.size(0)) if sequence else tokens
-        token_names = ["entropy"] + (["kl"] if self.beta != 0.0 else [])
-        clip_names = [n for n in _CLIP_FRACTIONS if n in metrics]
-        sums = [metrics[n] * tokens for n in token_names] + [metrics[n] * clip_count for n in clip_names]
+        clip_count = sequences if sequence else tokens
+        # the means by what they are means over (this process's count of it)
+        groups = [(["entropy"] + (["kl"] if self.beta != 0.0 else []), tokens),
+                  ([n for n in _CLIP_FRACTIONS if n in metrics], clip_count),
+                  ([n for n in _PER_SEQUENCE_MEANS if n in metrics], sequences if advantages.dim() == 1 else tokens)]
+        sums = [metrics[n] * count for group, count in groups for n in group]
         window = [] if entropy_window is None else list(entropy_window.unbind(0))
-        totals = self.accelerator.reduce(torch.stack(sums + [tokens, clip_count] + window), reduction="sum")
-        n = len(sums)
-        counts = torch.cat([totals[n].expand(len(token_names)), totals[n + 1].expand(len(clip_names))])
+        totals = self.accelerator.reduce(torch.stack(sums + [count for _, count in groups] + window),
+                                         reduction="sum")
+        n, k = len(sums), len(groups)
+        counts = torch.cat([totals[n + i].expand(len(group)) for i, (group, _) in enumerate(groups)])
         values = [totals[:n] / counts.clamp(min=1.0)]
-        names = token_names + clip_names
+        names = [name for group, _ in groups for name in group]
         extremes = _CLIP_EXTREMES[0] in metrics  # (with the clipped ratio's metrics only, as TRL's)
         row = []  # this process's values to gather: its clip extremes, its policy_loss
         if extremes:
@@ -455,7 +486,7 @@ class GRPOLambdaTRLTrainer(GRPOTrainer):
                 values.append(gathered[:, -1].nanmean().reshape(1))
                 names.append("policy_loss")
         if window:
-            values.append((totals[n + 2] / totals[n + 3].clamp(min=1.0)).reshape(1))
+            values.append((totals[n + k] / totals[n + k + 1].clamp(min=1.0)).reshape(1))
         host = torch.cat(values).tolist()
         for name, value in zip(names, host):
             self._metrics[mode][name].append(value)
@@ -477,6 +508,8 @@ _TRL_ENTROPY_STATE = ("entropy_coef", "use_adaptive_entropy", "_entropy_bonus_en
 # the fused loss's clip metrics as TRL logs them: fractions (global_masked_mean), per-sequence extremes (min, max)
 _CLIP_FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 _CLIP_EXTREMES = ("clip_ratio/low_min", "clip_ratio/high_max")
+# the fused loss's means over the sequences with advantages [B] at either level (over the tokens with [B, T])
+_PER_SEQUENCE_MEANS = ("vespo/phi_seq_mean",)
 
 
 def _base_model(model):

@@ -89,9 +89,21 @@ def test_python_dash_m_entry_point():
     ({"delta": 1.2}, r"delta must be None or a finite number > 1 \+ epsilon_high = 1\.2; got 1\.2"),
     ({"delta": 1.3, "epsilon_high": 0.4}, r"delta must be .* > 1 \+ epsilon_high = 1\.4; got 1\.3"),
     ({"delta": float("inf")}, r"delta must be None or a finite number"),
-    ({"policy_loss": "cipso"}, r"policy_loss must be one of \['clip', 'cispo', 'sapo'\]; got 'cipso'\. "
+    ({"policy_loss": "cipso"}, r"policy_loss must be one of \['clip', 'cispo', 'sapo', 'vespo'\]; got 'cipso'\. "
                                r"Did you mean 'cispo'\?"),
-    ({"policy_loss": "vespo"}, r"policy_loss must be one of \['clip', 'cispo', 'sapo'\]; got 'vespo'"),
+    # VESPO's sequence weight replaces the trace (the default algorithm, grpo_lambda, asks for one) and is of the
+    # sequence's summed token log-ratios (the token level only)
+    ({"policy_loss": "vespo"}, r"algorithm must be 'grpo' with policy_loss = 'vespo'; got 'grpo_lambda'\. .*takes the "
+                               r"place of the λ-trace: pass --algorithm grpo"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "importance_sampling_level": "sequence"},
+     r"importance_sampling_level must be 'token' with policy_loss = 'vespo'; got 'sequence'\. .*set "
+     r"importance_sampling_level token"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "vespo_k_pos": float("nan")},
+     r"vespo_k_pos must be a finite number; got nan\. It shapes VESPO's weight phi\(w\)"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "vespo_lambda_neg": float("-inf")},
+     r"vespo_lambda_neg must be a finite number; got -inf"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "vespo_lambda_pos": "3"},
+     r"vespo_lambda_pos must be a finite number; got '3'"),
     ({"policy_loss": "cispo", "cispo_max_ratio": 0.0},
      r"cispo_max_ratio must be a finite number > 0; got 0\.0\. It caps CISPO's importance weight"),
     ({"cispo_max_ratio": float("nan")}, r"cispo_max_ratio must be a finite number > 0; got nan"),
@@ -109,6 +121,14 @@ def test_python_dash_m_entry_point():
                                     r"sapo, or leave sapo_temperature_pos null\."),
     ({"policy_loss": "cispo", "sapo_temperature_neg": 1.05},
      r"sapo_temperature_neg must be null with policy_loss = 'cispo'; got 1\.05"),
+    ({"vespo_k_neg": 3.0}, r"vespo_k_neg must be null with policy_loss = 'clip'; got 3\.0\. It is a shape parameter "
+                           r"of VESPO's weight phi, used with policy_loss vespo only: set --policy_loss vespo, or "
+                           r"leave vespo_k_neg null\."),
+    ({"policy_loss": "sapo", "vespo_lambda_pos": 3.0}, r"vespo_lambda_pos must be null with policy_loss = 'sapo'"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "sapo_temperature_pos": 1.0},
+     r"sapo_temperature_pos must be null with policy_loss = 'vespo'; got 1\.0"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "cispo_max_ratio": 5.0},
+     r"cispo_max_ratio must be null with policy_loss = 'vespo'"),
     # the clipped objective's epsilon_high (TRL's cispo cap, ours is cispo_max_ratio) and dual clip: refused with the
     # other policy terms (a valid delta for clip)
     ({"policy_loss": "cispo", "epsilon_high": 5.0},
@@ -118,6 +138,11 @@ def test_python_dash_m_entry_point():
     ({"policy_loss": "cispo", "delta": 3.0}, r"delta must be null with policy_loss = 'cispo'; got 3\.0\. .*CISPO "
                                              r"replaces by its capped weight \(cispo_max_ratio\).*policy_loss clip"),
     ({"policy_loss": "sapo", "delta": 3.0}, r"delta must be null with policy_loss = 'sapo'; got 3\.0\. .*soft gate"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "epsilon_high": 0.28},
+     r"epsilon_high must be null with policy_loss = 'vespo'; got 0\.28\. .*VESPO does not use \(its weight has "
+     r"vespo_k_\* / vespo_lambda_\*\)"),
+    ({"policy_loss": "vespo", "algorithm": "grpo", "delta": 3.0},
+     r"delta must be null with policy_loss = 'vespo'; got 3\.0\. .*VESPO replaces by its sequence's weight phi"),
     ({"top_entropy_quantile": 0.0}, r"top_entropy_quantile must be in \(0, 1\]; got 0\.0"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \(0, 1\]; got 1\.5"),
     ({"entropy_coef": float("nan")}, r"entropy_coef must be a finite number; got nan\. It weighs the entropy bonus; "
@@ -171,29 +196,40 @@ def test_gspo_and_luspo_options_validate(overrides):
     {"policy_loss": "sapo", "sapo_temperature_pos": "0.5", "sapo_temperature_neg": "2", "loss_type": "grpo"},
     {"policy_loss": "sapo", "kl_bias_correction": "true", "top_entropy_quantile": "0.2", "num_iterations": "2"},
     {"policy_loss": "clip", "delta": "3"},
+    {"policy_loss": "vespo", "algorithm": "grpo"},
+    {"policy_loss": "vespo", "algorithm": "grpo", "vespo_k_pos": "1.5", "vespo_lambda_neg": "-1", "loss_type": "grpo",
+     "beta": "0.04", "kl_bias_correction": "true", "top_entropy_quantile": "0.2", "num_iterations": "2"},
+    {"policy_loss": "vespo", "algorithm": "grpo", "vespo_k_pos": "0", "vespo_lambda_pos": "0.5", "vespo_k_neg": "4",
+     "vespo_lambda_neg": "2.5"},
 ])
 def test_policy_loss_options_validate(overrides):
     """Accepted, and the policy term the loss gets: the options given, else their defaults (TRL's recommended cap
-    5.0 for cispo, its temperatures 1.0 and 1.05 for sapo), which the config leaves null."""
+    5.0 for cispo, its temperatures 1.0 and 1.05 for sapo, lambda_kernels' VESPO defaults, TRL's, for vespo), which
+    the config leaves null."""
     import lambda_kernels as lk
 
+    vespo_options = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
     cfg = build_config(None, overrides)
     assert cfg.policy_loss == overrides["policy_loss"]
     want = {"clip": lk.Clip(), "cispo": lk.CISPO(max_ratio=float(overrides.get("cispo_max_ratio", 5.0))),
             "sapo": lk.SAPO(temperature_pos=float(overrides.get("sapo_temperature_pos", 1.0)),
-                            temperature_neg=float(overrides.get("sapo_temperature_neg", 1.05)))}
+                            temperature_neg=float(overrides.get("sapo_temperature_neg", 1.05))),
+            "vespo": lk.VESPO(**{name[len("vespo_"):]: float(overrides[name]) for name in vespo_options
+                                 if name in overrides})}
     assert policy_term(cfg) == want[cfg.policy_loss]
     assert all(getattr(cfg, name) == (float(overrides[name]) if name in overrides else None)
-               for name in ("cispo_max_ratio", "sapo_temperature_pos", "sapo_temperature_neg"))
+               for name in ("cispo_max_ratio", "sapo_temperature_pos", "sapo_temperature_neg") + vespo_options)
 
 
 @pytest.mark.parametrize("policy, level", [("cispo", "token"), ("cispo", "sequence"), ("sapo", "token"),
-                                           ("sapo", "sequence")])
+                                           ("sapo", "sequence"), ("vespo", "token")])
 def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
-    """policy_loss cispo / sapo with its options (a cap of 1.1 that some tokens pass, temperatures 0.5 / 2.0 instead
-    of the defaults) is the reference fused loss with lambda_kernels' CISPO / SAPO, loss and metrics (cispo's
-    cispo_clip_ratio, none of the clip_ratio/* ones), on off-policy log-probs (±0.3 per token), with GRPO-λ's trace
-    at the token level and GSPO's ratio at the sequence level; clip, and the library's defaults, give other losses."""
+    """policy_loss cispo / sapo / vespo with its options (a cap of 1.1 that some tokens pass, temperatures 0.5 / 2.0,
+    VESPO's (k, λ) (1.5, 2.0) for Â ≥ 0 and (2.5, 1.5) otherwise, instead of the defaults) is the reference fused
+    loss with lambda_kernels' CISPO / SAPO / VESPO, loss and metrics (cispo's cispo_clip_ratio, vespo's
+    vespo/phi_seq_mean, none of the clip_ratio/* ones), on off-policy log-probs (±0.3 per token), with GRPO-λ's trace
+    at the token level and GSPO's ratio at the sequence level (vespo: algorithm grpo, its own sequence weight at the
+    token level); clip, and the library's defaults, give other losses."""
     import torch
 
     import lambda_kernels as lk
@@ -203,9 +239,10 @@ def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
 
     from .test_trainer_e2e import _same_batch, tiny
 
-    options = dict(cispo_max_ratio=1.1) if policy == "cispo" else dict(sapo_temperature_pos=0.5,
-                                                                        sapo_temperature_neg=2.0)
-    algorithm = dict(algorithm="grpo") if level == "sequence" else dict(algorithm="grpo_lambda", trace="both", lam=0.9)
+    options = {"cispo": dict(cispo_max_ratio=1.1), "sapo": dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+               "vespo": dict(vespo_k_pos=1.5, vespo_lambda_pos=2.0, vespo_k_neg=2.5, vespo_lambda_neg=1.5)}[policy]
+    untraced = level == "sequence" or policy == "vespo"
+    algorithm = dict(algorithm="grpo") if untraced else dict(algorithm="grpo_lambda", trace="both", lam=0.9)
     cfg = tiny(tmp_path, policy_loss=policy, importance_sampling_level=level, num_iterations=2, impl="torch",
                beta=0.0, adv_clamp_min=None, **options, **algorithm).validate()
     model, batch = _same_batch(cfg)
@@ -215,7 +252,8 @@ def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
         hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                    batch.attention_mask)
         weight, _ = lm_head(model)
-        term = lk.CISPO(max_ratio=1.1) if policy == "cispo" else lk.SAPO(temperature_pos=0.5, temperature_neg=2.0)
+        term = {"cispo": lk.CISPO(max_ratio=1.1), "sapo": lk.SAPO(temperature_pos=0.5, temperature_neg=2.0),
+                "vespo": lk.VESPO(k_pos=1.5, lambda_pos=2.0, k_neg=2.5, lambda_neg=1.5)}[policy]
 
         def reference(policy_loss):
             return R.fused_grpo_lambda_loss(
@@ -230,21 +268,24 @@ def test_policy_loss_reaches_the_loss(tmp_path, policy, level):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     assert set(metrics) == set(want_metrics)
     assert ("cispo_clip_ratio" in metrics) == (policy == "cispo")
+    assert ("vespo/phi_seq_mean" in metrics) == (policy == "vespo")
     assert not any(k.startswith("clip_ratio/") for k in metrics)
     for name, value in want_metrics.items():
         torch.testing.assert_close(metrics[name].double(), value.double(), rtol=1e-5, atol=1e-6, msg=name)
     if policy == "cispo":
         assert 0 < metrics["cispo_clip_ratio"] < 1
+    if policy == "vespo":  # (off-policy: the sequences' weights are not on-policy's φ(1) = 1)
+        assert abs(metrics["vespo/phi_seq_mean"] - 1) > 1e-2
     assert abs(got - clip) > 1e-3 and abs(got.double() - defaults) > 1e-3
 
 
-@pytest.mark.parametrize("policy", ["cispo", "sapo"])
+@pytest.mark.parametrize("policy", ["cispo", "sapo", "vespo"])
 def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
-    """The trainer's update averages whatever metrics the loss returns: cispo's cispo_clip_ratio, no clip_ratio/*
-    for either (the per-sequence extremes are the clipped ratio's only); two micro-batches, two iterations. The
-    entropy bonus (entropy_coef 0.1) lowers an update's loss by 0.1 × the entropy's token mean over the batch's loss
-    tokens, with micro-batches of 4 and 2 rows holding other shares of the tokens, with dapo's normaliser (cispo
-    here) and grpo's (sapo)."""
+    """The trainer's update averages whatever metrics the loss returns: cispo's cispo_clip_ratio, vespo's
+    vespo/phi_seq_mean, no clip_ratio/* for any (the per-sequence extremes are the clipped ratio's only), nor the
+    loss's ratio_mean; two micro-batches, two iterations. The entropy bonus (entropy_coef 0.1) lowers an update's
+    loss by 0.1 × the entropy's token mean over the batch's loss tokens, with micro-batches of 4 and 2 rows holding
+    other shares of the tokens, with dapo's normaliser (cispo and vespo here) and grpo's (sapo)."""
     import copy
     import math
 
@@ -257,14 +298,16 @@ def test_an_update_logs_the_metrics_of_the_policy_term(tmp_path, policy):
 
     cfg = tiny(tmp_path, policy_loss=policy, cispo_max_ratio=1.0 if policy == "cispo" else None, impl="torch",
                beta=0.0, num_iterations=2, per_device_train_batch_size=4, num_generations=2,
-               reward_funcs=["arithmetic"], reward_weights=None, loss_type="dapo" if policy == "cispo" else "grpo")
+               reward_funcs=["arithmetic"], reward_weights=None, loss_type="grpo" if policy == "sapo" else "dapo",
+               algorithm="grpo" if policy == "vespo" else "grpo_lambda")
     trainer = GRPOLambdaTrainer(cfg)
     start = copy.deepcopy(trainer.model.state_dict())
     _, batch = _same_batch(cfg)
     out = trainer._update(batch)
     assert out["skipped"] == 0 and math.isfinite(out["loss"]) and math.isfinite(out["entropy"])
     assert ("cispo_clip_ratio" in out) == (policy == "cispo")
-    assert not any(k.startswith("clip_ratio/") for k in out)
+    assert ("vespo/phi_seq_mean" in out) == (policy == "vespo")
+    assert not any(k.startswith("clip_ratio/") for k in out) and "ratio_mean" not in out
 
     mask = batch.loss_mask.clone()
     mask[4, 1:] = 0  # the second micro-batch's share of the tokens is not its share of the rows

@@ -1,6 +1,6 @@
 """TRL as a drop-in (grpo_trainer.trl_trainer): with trace=None the loss and its gradients are TRL's own
-GRPOTrainer's, for every loss type both support (the clipped ones, and cispo and sapo); GRPO-λ trains through TRL's
-loop; unsupported options are refused.
+GRPOTrainer's, for every loss type both support (the clipped ones, and cispo, sapo and vespo); GRPO-λ trains through
+TRL's loop; unsupported options are refused.
 
 Comparisons run without autocast (bf16=False): under it TRL rounds the head's logits to bf16 where the fused loss
 does not, so the two would differ by bf16 rounding, not by their math."""
@@ -107,7 +107,9 @@ def loss_inputs(vocab, dtype, on_policy):
     return inputs
 
 
-# the clipped ratio's, then the other policy terms (cispo: dapo's normaliser, sapo: grpo's)
+# the clipped ratio's, then the other policy terms (cispo: dapo's normaliser, sapo: grpo's); vespo (dapo's, token
+# level only) runs on inputs of its own (test_cispo_cap_sapo_temperatures_and_vespo_shapes_are_trls, and
+# test_metrics_combine_over_processes_as_trls's two simulated processes) and in TRL's loop
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
            "clip_ratio/high_max")
@@ -294,7 +296,9 @@ def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch
     two processes, rank 1 with shorter sequences clipped otherwise than rank 0's, or with no completion tokens at
     all (the token level skips its extremes, the sequence level counts its sequences, unclipped). cispo's one clip
     metric (a cap of 1.3: each rank has a sequence with Â > 0 above it and one below) is combined as the clip
-    fractions are; sapo has none (no gather)."""
+    fractions are; sapo has none (no gather). vespo (token level only) runs on sapo's trainers with rank 1 empty: its
+    vespo/phi_seq_mean is a mean over the sequences at the token level too (rank 1's count, with φ = 1), over the
+    tokens with per-token advantages [B, T] (rank 1 has none)."""
     kw = dict(beta=0.04, importance_sampling_level=level, use_bias_correction_kl=False, loss_type=loss_type,
               epsilon_high=1.3 if loss_type == "cispo" else None)
     ours = make_trainer(model_dir, tmp_path, trace=None, **kw)
@@ -305,6 +309,19 @@ def test_metrics_combine_over_processes_as_trls(model_dir, tmp_path, monkeypatch
     assert_same_metrics(ours, theirs)
     if loss_type == "cispo":
         assert 0 < ours._metrics["train"]["cispo_clip_ratio"][0] < 1
+    if loss_type == "sapo" and level == "token" and rank_1 == "empty":
+        # rank 0's φ average 0.28 over its sequences (0.30 over its tokens); rank 1's sequences count, at φ = 1 (no
+        # tokens: ratio 1), with advantages [B] only
+        # (read at every call; the kernels' vespo is checked against TRL in
+        # test_cispo_cap_sapo_temperatures_and_vespo_shapes_are_trls)
+        ours.args.impl = "torch"
+        for per_token_advantages, want in ((False, 0.642), (True, 0.302)):
+            inputs, other = two_ranks_inputs(theirs, rank_1, per_token_advantages)
+            for trainer in (ours, theirs):
+                trainer._metrics["train"].clear()
+                as_rank_0_of_two(monkeypatch, trainer, inputs, other, "vespo")
+            assert_same_metrics(ours, theirs)
+            assert ours._metrics["train"]["vespo/phi_seq_mean"] == pytest.approx([want], abs=1e-3)
 
 
 def two_ranks_inputs(trainer, rank_1, per_token_advantages=False):
@@ -372,15 +389,21 @@ def test_delta_is_trls_two_sided_clipping(model_dir, tmp_path, vllm_weights, lev
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_cispo_cap_and_sapo_temperatures_are_trls(model_dir, tmp_path, level):
+def test_cispo_cap_sapo_temperatures_and_vespo_shapes_are_trls(model_dir, tmp_path, level):
     """cispo's cap (TRL's epsilon_high, 1.3 here) and sapo's temperatures (0.5 for Â > 0, 2.0 otherwise) reach the
     fused loss: same loss (train and eval), gradients and metrics as trl.GRPOTrainer, with a KL term and vLLM's
     weights, on off-policy ratios on both sides of the cap (tokens of ±0.5 log-ratio at the token level, sequences
     of ±0.6 at the sequence level) and advantages of both signs; and not TRL's loss with their defaults. `delta` is
     accepted with them and ignored, as TRL ignores it there (1.5 would be refused with a clipped loss type, below
-    1 + epsilon_high)."""
+    1 + epsilon_high). At the token level, vespo's k and λ (1.5 and 2.3 for Â ≥ 0, 2.3 fp32-rounded as TRL's
+    torch.where rounds it; 2.5 and 1.5 otherwise) too, without vLLM's weights (refused with vespo), on sequences whose
+    summed log-ratios (from −0.3 to 0.65, their tokens' ±0.15 apart) give weights φ from about 0.3 to 0.85; and with
+    TRL's entropy mask and off-policy sequence mask (both sequences with Â < 0 dropped), which multiply its token
+    losses as the other types', together with TRL's default use_bias_correction_kl (the KL weighted by each token's
+    ratio)."""
     kw = dict(importance_sampling_level=level, beta=0.04, use_bias_correction_kl=False, loss_type="cispo",
-              epsilon_high=1.3, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+              epsilon_high=1.3, sapo_temperature_pos=0.5, sapo_temperature_neg=2.0, vespo_k_pos=1.5,
+              vespo_lambda_pos=2.3, vespo_k_neg=2.5, vespo_lambda_neg=1.5)
     ours = make_trainer(model_dir, tmp_path, trace=None, delta=1.5, **kw)
     theirs = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, delta=1.5, **kw)
     inputs = loss_inputs(len(ours.processing_class), torch.float32, on_policy=True)
@@ -399,18 +422,44 @@ def test_cispo_cap_and_sapo_temperatures_are_trls(model_dir, tmp_path, level):
     assert 0 < ours._metrics["train"]["cispo_clip_ratio"][0] < 1
     defaults = make_trainer(model_dir, tmp_path, cls=trl.GRPOTrainer, **dict(kw, epsilon_high=None,
                                                                               sapo_temperature_pos=1.0,
-                                                                              sapo_temperature_neg=1.05))
+                                                                              sapo_temperature_neg=1.05,
+                                                                              vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                                                                              vespo_k_neg=3.0, vespo_lambda_neg=2.0))
     defaults.use_vllm = defaults.vllm_importance_sampling_correction = True
     for loss_type in ("cispo", "sapo"):
         assert abs(loss_and_grads(defaults, inputs, loss_type)[0] - loss_and_grads(theirs, inputs, loss_type)[0]) \
             > 1e-3, loss_type
+    if level == "sequence":
+        return
+    inputs = {k: v for k, v in inputs.items() if k != "importance_sampling_ratio"}  # (TRL folds it in φ if given)
+    shift = torch.tensor([[0.05], [-0.1], [0.1], [-0.05]]) + torch.tensor([0.15, -0.15]).repeat(3)
+    inputs["old_per_token_logps"] = policy_logprobs(theirs, inputs) - shift  # Σ: 0.3, −0.15, 0.65, −0.3
+    for trainer in (ours, theirs, defaults):
+        trainer.use_vllm = False
+        trainer._metrics["train"].clear()
+        trainer._metrics["eval"].clear()
+    unmasked = assert_same_loss(ours, theirs, inputs, ("vespo",), 2e-6, evaluate=True)[0]
+    assert_same_metrics(ours, theirs, ("train", "eval"))
+    assert ours._metrics["train"]["vespo/phi_seq_mean"][0] == pytest.approx(0.64, abs=0.01)
+    assert abs(loss_and_grads(defaults, inputs, "vespo")[0] - loss_and_grads(theirs, inputs, "vespo")[0]) > 1e-3
+    for trainer in (ours, theirs):  # (all read at every call)
+        trainer.top_entropy_quantile, trainer.off_policy_mask_threshold = 0.6, 0.04
+        trainer.args.use_bias_correction_kl = True
+        trainer._metrics["train"].clear()
+    keep = theirs.get_off_policy_mask(inputs["advantages"].unsqueeze(1), policy_logprobs(theirs, inputs),
+                                      inputs["old_per_token_logps"], inputs["completion_mask"], 0.04)
+    assert keep.flatten().tolist() == [1.0, 0.0, 1.0, 0.0]  # mean KLs 0.05 on the two sequences with Â < 0
+    masked = assert_same_loss(ours, theirs, inputs, ("vespo",), 2e-6)[0]
+    assert_same_metrics(ours, theirs)
+    assert abs(masked - unmasked) > 1e-3
 
 
 def test_trls_loss_types_are_policy_terms_and_normalisers(model_dir, tmp_path):
     """TRL's loss_type → the fused loss's (policy_loss, loss_type): cispo → CISPO capped at TRL's epsilon_high
     (epsilon when unset), dapo's normaliser; sapo → SAPO with TRL's temperatures as its torch.where makes them (a
-    tensor of torch's default dtype: 1.05 becomes fp32's 1.0499999523), grpo's; the clipped types → Clip, their
-    own."""
+    tensor of torch's default dtype: 1.05 becomes fp32's 1.0499999523), grpo's; vespo → VESPO with TRL's
+    vespo_k_* / vespo_lambda_* (lambda_kernels' defaults; also rounded as TRL's torch.where rounds them), dapo's; the
+    clipped types → Clip, their own."""
     import lambda_kernels as lk
 
     with pytest.warns(UserWarning, match=r"caps the importance weight at epsilon = 0\.3"):
@@ -420,6 +469,10 @@ def test_trls_loss_types_are_policy_terms_and_normalisers(model_dir, tmp_path):
     fp32_neg = torch.tensor(1.05, dtype=torch.float32).item()
     assert fp32_neg != 1.05 and trainer._policy_term() == (lk.SAPO(temperature_pos=1.0, temperature_neg=fp32_neg),
                                                            "grpo")
+    trainer.loss_type = "vespo"
+    assert trainer._policy_term() == (lk.VESPO(), "dapo")
+    trainer.args.vespo_lambda_neg = 1.05
+    assert trainer._policy_term() == (lk.VESPO(lambda_neg=fp32_neg), "dapo")
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         trainer.loss_type = loss_type
         assert trainer._policy_term() == (lk.Clip(), loss_type)
@@ -662,19 +715,20 @@ def test_old_logprobs_from_the_same_weights_are_exactly_on_policy(model_dir, tmp
 
 
 # one loss type per normaliser path of TRL's loop (dapo: num_items_in_batch; grpo and luspo: ÷ accumulation steps,
-# as bnpo, dr_grpo and sapo; cispo: dapo's with its own policy term) and both levels; the equality tests above run
-# every loss type on the same loss inputs; grpo with TRL's adaptive entropy bonus, its controller driven by the loop
+# as bnpo, dr_grpo and sapo; cispo and vespo: dapo's with their own policy term) and both levels; the equality tests
+# above run every loss type on the same loss inputs; grpo with TRL's adaptive entropy bonus, its controller driven by
+# the loop
 @pytest.mark.parametrize("loss_type, level, entropy_bonus", [
     ("dapo", "token", False), ("grpo", "token", True), ("luspo", "token", False), ("cispo", "token", False),
-    ("dapo", "sequence", False), ("sapo", "sequence", False)])
+    ("vespo", "token", False), ("dapo", "sequence", False), ("sapo", "sequence", False)])
 def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_type, level, entropy_bonus):
     """Two optimizer steps of TRL's loop (generation, rewards, advantages, updates) land on the same weights and log
-    the same metrics (the same names: cispo's cispo_clip_ratio, no clip_ratio/* for cispo and sapo), at the token
-    level and GSPO's sequence level (without the KL's bias correction there). cispo's cap is 1.05, which the second
-    iteration's ratios pass on some tokens. With the adaptive entropy bonus (a target above the entropy) the
-    coefficient rises by 0.05 at each optimizer step from 0.1 and applies in the second (policy_loss and
-    entropy_coef logged as TRL). SGD: Adam's first steps are ±lr wherever a gradient is nonzero, so rounding-level
-    differences of near-zero gradients would flip whole steps."""
+    the same metrics (the same names: cispo's cispo_clip_ratio, vespo's vespo/phi_seq_mean, no clip_ratio/* for
+    cispo, sapo and vespo), at the token level and GSPO's sequence level (without the KL's bias correction there).
+    cispo's cap is 1.05, which the second iteration's ratios pass on some tokens; there vespo's φ moves off 1. With
+    the adaptive entropy bonus (a target above the entropy) the coefficient rises by 0.05 at each optimizer step from
+    0.1 and applies in the second (policy_loss and entropy_coef logged as TRL). SGD: Adam's first steps are ±lr
+    wherever a gradient is nonzero, so rounding-level differences of near-zero gradients would flip whole steps."""
     options = dict(num_iterations=2, optim="sgd", learning_rate=0.5, loss_type=loss_type, max_completion_length=8,
                    per_device_train_batch_size=4, gradient_accumulation_steps=2, beta=0.04,
                    importance_sampling_level=level, use_bias_correction_kl=level == "token",
@@ -698,13 +752,17 @@ def test_same_training_steps_as_trl_with_trace_none(model_dir, tmp_path, loss_ty
     ours_logs, their_logs = ([e for e in t.state.log_history if "loss" in e] for t in (ours, theirs))
     assert len(ours_logs) == len(their_logs) == 2
     assert [set(e) for e in ours_logs] == [set(e) for e in their_logs]
-    clip_names = ("cispo_clip_ratio",) if loss_type == "cispo" else () if loss_type == "sapo" else METRICS[1:]
-    assert not set(METRICS[1:] + ("cispo_clip_ratio",)).difference(clip_names).intersection(ours_logs[0])
+    clip_names = {"cispo": ("cispo_clip_ratio",), "sapo": (), "vespo": ("vespo/phi_seq_mean",)}.get(loss_type,
+                                                                                                  METRICS[1:])
+    policy_metrics = METRICS[1:] + ("cispo_clip_ratio", "vespo/phi_seq_mean")
+    assert not set(policy_metrics).difference(clip_names).intersection(ours_logs[0])
     bonus_names = ("policy_loss", "entropy_coef") if entropy_bonus else ()
     for name in ("entropy", "kl", "loss", "grad_norm") + clip_names + bonus_names:
         assert [e[name] for e in ours_logs] == pytest.approx([e[name] for e in their_logs], rel=1e-5, abs=1e-6), name
     if loss_type == "cispo":
         assert any(e["cispo_clip_ratio"] > 0 for e in ours_logs)
+    if loss_type == "vespo":  # (1 on-policy; the second step's updates are off-policy: about 0.43 there)
+        assert min(e["vespo/phi_seq_mean"] for e in ours_logs) < 0.9
     if entropy_bonus:
         assert [e["entropy_coef"] for e in ours_logs] == pytest.approx([0.15, 0.2])
         assert ours._last_world_entropy == pytest.approx(theirs._last_world_entropy, rel=1e-5)
@@ -854,6 +912,13 @@ def test_trl_options_keep_trls_defaults(tmp_path):
     (dict(loss_type="sapo", sapo_temperature_neg=0.0), r"sapo_temperature_neg must be a finite number > 0; got 0\.0\. "
                                                        r"It is SAPO's gate temperature"),
     (dict(loss_type="sapo", sapo_temperature_pos=float("inf")), r"sapo_temperature_pos must be a finite number > 0"),
+    # VESPO's sequence weight takes the trace's place (trace defaults to "both"); its shapes reach the fused loss
+    (dict(loss_type="vespo"), r"trace must be None with loss_type='vespo'; got 'both'\. .*pass trace=None"),
+    (dict(loss_type="vespo", trace="recent"), r"trace must be None with loss_type='vespo'; got 'recent'"),
+    (dict(loss_type="vespo", trace=None, vespo_k_pos=float("nan")),
+     r"vespo_k_pos must be a finite number; got nan\. It shapes VESPO's weight"),
+    (dict(loss_type="vespo", trace=None, vespo_lambda_neg=float("-inf")),
+     r"vespo_lambda_neg must be a finite number; got -inf"),
     # delta is checked with the clipped loss types, where TRL applies it
     (dict(loss_type="grpo", delta=1.5, epsilon_high=1.3), r"delta must be .* > 1 \+ epsilon_high = 2\.3; got 1\.5"),
     # the entropy bonus's coefficient reaches the fused loss: finite, also as the adaptive controller moves it
@@ -867,10 +932,13 @@ def test_bad_options_are_config_errors(options, match, tmp_path):
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(loss_type="vespo"),
-     "loss_type must be one of \\['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'\\]; got 'vespo'"),
+    # TRL folds vLLM's importance-sampling ratios into VESPO's φ (the fused loss would weigh the tokens by them)
+    (dict(loss_type="vespo", trace=None, use_vllm=True),
+     "vllm_importance_sampling_correction must be False with loss_type='vespo' and use_vllm=True"),
+    (dict(loss_type="vespo", trace=None, use_vllm=True, vllm_importance_sampling_mode="token_truncate"),
+     "vllm_importance_sampling_correction must be False with loss_type='vespo'"),
     (dict(loss_type="vespo", importance_sampling_level="sequence", trace=None),
-     "loss_type must be one of .*; got 'vespo'"),
+     "importance_sampling_level must be 'token' with loss_type='vespo'; got 'sequence'"),
 ])
 def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, options, match):
     with pytest.raises(ConfigError, match=f"does not implement these TRL options: .*{match}.*use trl.GRPOTrainer"):
@@ -893,6 +961,12 @@ def test_unsupported_trl_options_are_refused_before_any_model_work(tmp_path, opt
     dict(entropy_coef=0.01, top_entropy_quantile=0.2),
     dict(entropy_coef=-0.01, loss_type="sapo"),
     dict(use_adaptive_entropy=True, entropy_target=0.5, entropy_coef_max=0.1),
+    # vespo without a trace, with its shapes (any finite numbers; TRL ignores delta with it), vLLM without the
+    # importance-sampling correction, TRL's masks and entropy bonus
+    dict(loss_type="vespo", trace=None, delta=1.1, vespo_k_pos=0.0, vespo_lambda_pos=-1.0, vespo_k_neg=4.5,
+         vespo_lambda_neg=0.5),
+    dict(loss_type="vespo", trace="none", use_vllm=True, vllm_importance_sampling_correction=False, beta=0.04),
+    dict(loss_type="vespo", trace=None, top_entropy_quantile=0.2, off_policy_mask_threshold=0.5, entropy_coef=0.01),
 ])
 def test_supported_trl_options_are_accepted(tmp_path, options):
     args = GRPOLambdaTRLConfig(output_dir=str(tmp_path), use_cpu=True, **options)
