@@ -185,7 +185,7 @@ def test_names_and_modules(device):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: "ppo", r"`policy_loss` must be one of \('clip', 'cispo', 'sapo'\) or an instance of .*got 'ppo'"),
+    (lambda: "ppo", r"`policy_loss` must be one of \('clip', 'cispo', 'sapo', 'vespo'\) or an instance of .*got 'ppo'"),
     (lambda: lk.CISPO(max_ratio=0.0), r"CISPO: `max_ratio` must be a finite number > 0; got 0.0"),
     (lambda: lk.SAPO(temperature_neg=math.inf), r"SAPO: `temperature_neg` must be a finite number > 0; got inf"),
     (lambda: lk.SAPO(temperature_pos="1"), r"SAPO: `temperature_pos` must be a finite number > 0; got '1'"),
