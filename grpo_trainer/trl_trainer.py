@@ -130,19 +130,17 @@ class GRPOLambdaTRLConfig(GRPOConfig):
             _finite("adv_clamp_min", self.adv_clamp_min)
         _choice("impl", self.impl, IMPLS)
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-        if self.importance_sampling_level == "sequence" and self.trace is not None:
-            # (trace defaults to "both": GSPO needs it set to None explicitly)
-            raise ConfigError(f"trace must be None with importance_sampling_level='sequence'; got {self.trace!r}. "
-                              "GSPO gives every token its sequence's length-normalised ratio, which takes the place "
-                              "of the λ-trace: pass trace=None (--trace none), or keep importance_sampling_level="
-                              "'token' for GRPO-λ.")
         _choice("loss_type", self.loss_type, LOSS_TYPES)
-        if self.loss_type == "vespo" and self.trace is not None:
-            # (trace defaults to "both": VESPO needs it set to None explicitly, as GSPO does)
-            raise ConfigError(f"trace must be None with loss_type='vespo'; got {self.trace!r}. VESPO weighs each "
-                              "token's gradient by a function of its sequence's importance weight, which takes the "
-                              "place of the λ-trace: pass trace=None (--trace none), or another loss_type for "
-                              "GRPO-λ.")
+        # what takes the λ-trace's place (trace defaults to "both": each needs it set to None explicitly)
+        for chosen, option, what, instead in (
+                (self.importance_sampling_level == "sequence", "importance_sampling_level='sequence'",
+                 "GSPO gives every token its sequence's length-normalised ratio", "keep importance_sampling_level="
+                 "'token'"),
+                (self.loss_type == "vespo", "loss_type='vespo'", "VESPO weighs each token's gradient by a function "
+                 "of its sequence's importance weight", "use another loss_type")):
+            if chosen and self.trace is not None:
+                raise ConfigError(f"trace must be None with {option}; got {self.trace!r}. {what}, which takes the "
+                                  f"place of the λ-trace: pass trace=None (--trace none), or {instead} for GRPO-λ.")
         epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high  # (as TRL resolves it)
         if self.loss_type == "cispo":
             _positive_number("epsilon_high", epsilon_high,

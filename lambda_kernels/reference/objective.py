@@ -111,6 +111,8 @@ def grpo_lambda_loss(
     old = lp.detach() if old_logprobs is None else zero_where_masked(old_logprobs.detach().to(dt), m != 0)
     B, T = lp.shape
     adv = advantages.detach().to(dt)
+    # each row's own advantage (advantages [B]), for the per-sequence metrics of rows that may have no tokens
+    adv_row = adv if adv_clamp_min is None or adv.dim() == 2 else adv.clamp(min=adv_clamp_min)
     adv = zero_where_masked(adv.unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv, m != 0)
     if adv_clamp_min is not None:
         adv = adv.clamp(min=adv_clamp_min)
@@ -172,9 +174,7 @@ def grpo_lambda_loss(
             # per-token advantages TRL's clip masks would be [B, T]: token means, as at the token level)
             n_seq = max(B, 1)
             if isinstance(policy, CISPO):  # a sequence without tokens has ratio 1: capped by a cap below 1, Â > 0
-                a_row = advantages.detach().to(dt)
-                a_row = a_row if adv_clamp_min is None else a_row.clamp(min=adv_clamp_min)
-                seq_high = torch.where(has, seq_high, ((policy.max_ratio < 1.0) & (a_row > 0)).to(dt))
+                seq_high = torch.where(has, seq_high, ((policy.max_ratio < 1.0) & (adv_row > 0)).to(dt))
             metrics["clip_ratio/low_mean"] = seq_low.sum() / n_seq
             metrics["clip_ratio/high_mean"] = seq_high.sum() / n_seq
             metrics["clip_ratio/region_mean"] = (seq_low + seq_high).sum() / n_seq
@@ -191,9 +191,7 @@ def grpo_lambda_loss(
             metrics = _unclipped(metrics)
         elif isinstance(policy, VESPO):  # TRL's mean φ: over the sequences with advantages [B], else the tokens
             if advantages.dim() == 1:
-                a_row = advantages.detach().to(dt).unsqueeze(1)
-                a_row = a_row if adv_clamp_min is None else a_row.clamp(min=adv_clamp_min)
-                phi_mean = _vespo_phi(log_w, a_row, policy).sum() / max(B, 1)
+                phi_mean = _vespo_phi(log_w, adv_row.unsqueeze(1), policy).sum() / max(B, 1)
             else:
                 phi_mean = (m * _vespo_phi(log_w, adv, policy)).sum() / count
             metrics = {"vespo/phi_seq_mean": phi_mean, **_unclipped(metrics)}

@@ -160,9 +160,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     if STYLE == 3 and POLICY == 1 and not ADV_PER_TOKEN:
         # TRL's sequence-level CISPO flag counts a sequence without loss tokens too: its ratio is exp(0) = 1, capped
         # where the cap is below 1 and Â > 0 (the finalize reads this row's high slot as its fraction, 0 or 1)
-        a_row = tl.load(adv_ptr + i_b).to(tl.float32)
-        if HAS_CLAMP:
-            a_row = tl.maximum(a_row, clamp_min)
+        a_row = row_advantage(adv_ptr, i_b, clamp_min, HAS_CLAMP)
         empty_capped = (tl.sum(acc_count, axis=0) == 0) & (cispo_cap < 1.0) & (a_row > 0)
         high += tl.where(empty_capped, 1.0, 0.0)
     o_s = tl.arange(0, 8)
@@ -171,9 +169,7 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
         if ADV_PER_TOKEN:
             phi_mass, phi_count = tl.sum(acc_phi, axis=0), tl.sum(acc_count, axis=0)
         else:  # TRL's φ per sequence, every sequence counted (one without tokens has w = 1)
-            a_row = tl.load(adv_ptr + i_b).to(tl.float32)
-            if HAS_CLAMP:
-                a_row = tl.maximum(a_row, clamp_min)
+            a_row = row_advantage(adv_ptr, i_b, clamp_min, HAS_CLAMP)
             phi_mass, phi_count = vespo_phi(a_row, log_w, w_seq, k_pos, lam_pos, k_neg, lam_neg), 1.0
         stats += tl.where(o_s == 6, phi_mass, 0.0)
         stats += tl.where(o_s == 7, phi_count, 0.0)
@@ -184,6 +180,16 @@ def objective_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, w_ptr, coe
     stats += tl.where(o_s == 4, tl.sum(acc_ratio, axis=0), 0.0)
     stats += tl.where(o_s == 5, tl.sum(acc_count, axis=0), 0.0)
     tl.store(stats_ptr + i_b * 8 + o_s, stats)
+
+
+@triton.jit
+def row_advantage(adv_ptr, i_b, clamp_min, HAS_CLAMP: tl.constexpr):
+    """Row i_b's advantage of advantages [B] (clamped from below with HAS_CLAMP), for the per-sequence metrics of
+    rows that may have no tokens."""
+    a_row = tl.load(adv_ptr + i_b).to(tl.float32)
+    if HAS_CLAMP:
+        a_row = tl.maximum(a_row, clamp_min)
+    return a_row
 
 
 @triton.jit
@@ -205,8 +211,8 @@ def objective_finalize_kernel(stats_ptr, num_items_ptr, scale_ptr, out_ptr, loss
     stats [B, N_STATS] fp32 (forward kernel); num_items [1] (NUM_ITEMS 2: a tensor; 1: the scalar `num_items`;
     0: none); scale [B] fp32 out; out [N_OUT] fp32 out, the metrics (low, high, region, ratio, kl token means; the
     least low-clipped and the most high-clipped fraction of a sequence with tokens, 0 when none has; VESPO's mean
-    φ, stats 6 over stats 7, 0 for the other terms); loss [] fp32
-    out, in storage of its own (a caller may edit it in place: not a view of the metrics' buffer). `inv_b_len` is
+    φ, stats 6 over stats 7, 0 for the other terms); loss [] fp32 out, in storage of its own (a caller may edit it
+    in place: not a view of the metrics' buffer). `inv_b_len` is
     1/(B·max_completion_length) for dr_grpo. SEQ_LEVEL (GSPO): the clipped fractions are TRL's sequence-level
     ones, means over all B sequences of each one's clipped fraction (0 without tokens), extremes over all of them.
     Grid (1,): B is small and this replaces a dozen tiny torch ops.
