@@ -332,8 +332,12 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
             "over_floor_valid": ms / (flops * n_valid / rate * 1e3) if n_valid else None}
 
 
-def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
-    """All shapes × providers; stops starting new cases once `time_budget_s` is spent. Prints one line per case."""
+def main(time_budget_s: float | None = None, shapes=None, providers=None) -> list[dict]:
+    """All shapes × providers (or those named); stops starting new cases once `time_budget_s` is spent. Prints one
+    line per case."""
+    unknown = set(providers or ()) - set(OURS + BASELINES)
+    if unknown:
+        raise ValueError(f"unknown provider(s) {sorted(unknown)}; choose from {OURS + BASELINES}")
     t_start = time.perf_counter()
     rows = []
     for shape, B, T, H, V in SHAPES:
@@ -343,7 +347,7 @@ def main(time_budget_s: float | None = None, shapes=None) -> list[dict]:
         err = check_correct(inp)
         print(f"# {shape}: correctness (rel err vs fp32 reference) "
               + " ".join(f"{k} {v:.2e}" for k, v in err.items()), flush=True)
-        for provider in OURS + BASELINES:
+        for provider in [p for p in OURS + BASELINES if not providers or p in providers]:
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 rows.append(dict(shape=shape, provider=provider, error="not run: time budget spent"))
                 continue

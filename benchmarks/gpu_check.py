@@ -5,7 +5,8 @@ configurations (cuBLAS chunking, the Triton log-sum-exp GEMMs), a kernel breakdo
 
 Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/results.json. Every stage is guarded:
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
-GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES (comma-separated shape names to benchmark),
+GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES and PROVIDERS (comma-separated shape and provider
+names of the fused-loss benchmark),
 GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all). The tests run in
 6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound), the GPU-only ones first, and stop
 starting new ones 20 s before the stage's timeout (LK_TEST_DEADLINE): the summary says how many that left out.
@@ -117,9 +118,10 @@ def main() -> int:
     def fused_loss():
         from benchmarks import bench_fused_loss
 
-        shapes = os.environ.get("SHAPES")
+        shapes, providers = os.environ.get("SHAPES"), os.environ.get("PROVIDERS")
         return bench_fused_loss.main(time_budget_s=max(BUDGET - elapsed() - 120, 30),
-                                     shapes=shapes.split(",") if shapes else None)
+                                     shapes=shapes.split(",") if shapes else None,
+                                     providers=providers.split(",") if providers else None)
 
     def lse_gemm():
         from benchmarks import bench_lse_gemm
