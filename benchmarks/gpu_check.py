@@ -6,7 +6,7 @@ configurations (cuBLAS chunking, the Triton log-sum-exp GEMMs), a kernel breakdo
 Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/results.json. Every stage is guarded:
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
 GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES and PROVIDERS (comma-separated shape and provider
-names of the fused-loss benchmark),
+names of the fused-loss benchmark; BREAKDOWN_SHAPES and BREAKDOWN_PROVIDERS those of the kernel breakdown),
 GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all). The tests run in
 6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound), the GPU-only ones first, and stop
 starting new ones 20 s before the stage's timeout (LK_TEST_DEADLINE): the summary says how many that left out.
@@ -21,8 +21,10 @@ os.environ.setdefault("LK_TEST_GPU", "1")
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -55,27 +57,42 @@ def run_gpu_tests() -> dict:
            "-k", "not (test_objective and test_matches_reference) or dapo"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "6"]
-    cmd += ["-rs"]  # (skip reasons: how many tests the deadline left out)
+    cmd += ["-rfEs"]  # failures, errors and skip reasons (how many tests the deadline left out)
     # the tests end themselves 20 s before the hard timeout, most telling first (tests/conftest.py), so that their
-    # failures are reported even when not all of them fit
+    # failures are reported even when not all of them fit; each failure's traceback is also logged as it happens
+    # (LK_TEST_FAILURE_LOG), for a run that still has to be stopped at the timeout
+    out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu_check_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failure_log = out_dir / "test_failures.log"
+    failure_log.unlink(missing_ok=True)
     env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": str(ROOT),
-           "LK_TEST_DEADLINE": str(time.time() + max(TEST_TIMEOUT - 20, 10))}
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
-        out = proc.stdout + proc.stderr
-        if os.environ.get("OUT"):  # the whole log (failures' tracebacks) beside the results
-            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-            (Path(os.environ["OUT"]) / "tests.log").write_text(out)
-        summary = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line
-                        or " error" in line or "no tests ran" in line), out.strip().splitlines()[-1] if out else "")
-        failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        # "SKIPPED [n] file:line: reason" lines of -rs, for the deadline's reason
-        left = sum(int(m.group(1)) for m in re.finditer(r"SKIPPED \[(\d+)\][^\n]*time budget was spent", out))
-        summary = summary.strip() + (f" ({left} not run: the test stage's time budget was spent)" if left else "")
-        return dict(rc=proc.returncode, summary=summary, failures=failures, tail=out[-12000:])
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return dict(rc=124, summary=f"timed out after {TEST_TIMEOUT:.0f} s", failures=[], tail=out[-4000:])
+           "LK_TEST_DEADLINE": str(time.time() + max(TEST_TIMEOUT - 20, 10)), "LK_TEST_FAILURE_LOG": str(failure_log)}
+    log_path = out_dir / "tests.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=TEST_TIMEOUT)
+        except subprocess.TimeoutExpired:  # Ctrl-C first: pytest then prints what ran and what failed
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = 124
+    out = log_path.read_text(errors="replace")
+    summary = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line
+                    or " error" in line or "no tests ran" in line), out.strip().splitlines()[-1] if out else "")
+    if rc == 124:
+        summary = f"timed out after {TEST_TIMEOUT:.0f} s (stopped with Ctrl-C): {summary.strip()}"
+    logged = re.findall(r"^=== (\S+) \((\w+)\)$", failure_log.read_text(), re.M) if failure_log.exists() else []
+    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if not failures:  # (killed before its summary: the failure log's names)
+        failures = [f"FAILED {nodeid} ({when})" for nodeid, when in logged]
+    # "SKIPPED [n] file:line: reason" lines of -rs, for the deadline's reason
+    left = sum(int(m.group(1)) for m in re.finditer(r"SKIPPED \[(\d+)\][^\n]*time budget was spent", out))
+    summary = summary.strip() + (f" ({left} not run: the test stage's time budget was spent)" if left else "")
+    return dict(rc=rc, summary=summary, failures=failures, tail=out[-12000:])
 
 
 def run_stage(results: dict, name: str, fn, min_left: float) -> list:
@@ -132,10 +149,11 @@ def main() -> int:
         from benchmarks.bench_fused_loss import kernel_breakdown
 
         out = os.environ.get("OUT")  # timelines of the smallest shape, where host gaps weigh most
+        shapes = os.environ.get("BREAKDOWN_SHAPES", "qwen2.5-1.5b,qwen2.5-7b").split(",")
+        providers = os.environ.get("BREAKDOWN_PROVIDERS", "ours_on,ours_off,ours_logprobs,ours_logprobs_masked,"
+                                   "ours_logprobs_masked_tma").split(",")
         rows = [kernel_breakdown(shape, provider, trace_dir=out if shape == "qwen2.5-1.5b" else None)
-                for shape in ("qwen2.5-1.5b", "qwen2.5-7b")
-                for provider in ("ours_on", "ours_off", "ours_logprobs", "ours_logprobs_masked",
-                                 "ours_logprobs_masked_tma")]
+                for shape in shapes for provider in providers]
         for r in rows:
             log(r)
         return rows

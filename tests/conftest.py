@@ -44,6 +44,23 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=_priority)  # (stable: each file's own order is kept)
 
 
+# and with LK_TEST_FAILURE_LOG set, each failure's traceback is appended to that file as it happens, so that a run
+# killed at its time limit still says what failed and why (written by the xdist controller alone)
+FAILURE_LOG = os.environ.get("LK_TEST_FAILURE_LOG")
+_IS_XDIST_WORKER = False
+
+
+def pytest_configure(config):
+    global _IS_XDIST_WORKER
+    _IS_XDIST_WORKER = hasattr(config, "workerinput")
+
+
+def pytest_runtest_logreport(report):
+    if FAILURE_LOG and report.failed and not _IS_XDIST_WORKER:
+        with open(FAILURE_LOG, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n\n")
+
+
 def pytest_runtest_setup(item):
     if time.time() > DEADLINE:
         pytest.skip(DEADLINE_REASON)
