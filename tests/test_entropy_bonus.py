@@ -174,7 +174,8 @@ def test_gpu_bf16_relative_oracle(on_policy):
         lp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
         ent = -(logp_all.exp() * logp_all).sum(-1).float()
         m = mask.float()
-        return R.grpo_lambda_loss(lp, old, adv, mask, **kw)[0] - 0.01 * (m * ent).sum() / m.sum()
+        rest = {k: v for k, v in kw.items() if k != "old_logprobs"}  # (old passed by position)
+        return R.grpo_lambda_loss(lp, old, adv, mask, **rest)[0] - 0.01 * (m * ent).sum() / m.sum()
 
     leaves32 = [t.detach().float().requires_grad_() for t in (hidden, weight)]
     loss_r = composed(*leaves32, torch.float32)

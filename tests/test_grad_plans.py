@@ -370,6 +370,7 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
     N, V, H = SHAPES[shape]
     p = _plan(N, V, H)
     assert p.kind == "split" and plan.split_rows(V) <= p.dw_rows < V and p.rows >= plan.TOKEN_PLAN_MIN_ROWS
+    assert p.dw_rows % plan.DW_ROWS_ALIGN == 0 and (V - p.dw_rows) % 8 == 0  # (cuBLAS's sm_90 kernels: see plan.py)
 
     def reserve(rows):  # a chunk's rows gathered out of the padding and their dX
         return 4 * rows * H
@@ -380,7 +381,8 @@ def test_one_gib_budget_picks_the_fastest_modelled_plan(shape, monkeypatch):
     others = [_plan(N, V, H)]
     for rows in range(512, plan.piece_cap(GiB // (4 * V + 4 * H)) + 1, 128):
         chunk = plan._token_plan(N, V, rows * 4 * V)
-        dw_rows = min(V, plan.split_rows(V) + (GiB - reserve(chunk.max_rows) - 4 * chunk.max_rows * V) // (4 * H))
+        dw_rows = plan.aligned_dw_rows(V, plan.split_rows(V) + (GiB - reserve(chunk.max_rows) - 4 * chunk.max_rows * V)
+                                       // (4 * H))
         others.append(chunk if dw_rows == V else plan._split_plan(N, V, H, chunk, dw_rows, GiB, GiB))
     def held(q):  # a split plan's two phases; a token plan's chunk, dW rows and gather buffers; the vocab plan's
         if q.kind == "split":

@@ -156,6 +156,7 @@ def test_masked_rows_gathered_per_piece(device, triton_gemm, launches, monkeypat
     poisoned[~mask] = float("nan")
     t = torch.where(mask, t, torch.full_like(t, -100))
     monkeypatch.setenv(plan.BUDGET_ENV, "1024")  # pieces of BLOCK_M rows (the floor): 67 real rows in 3 pieces
+    monkeypatch.setenv(lse_gemm.CONFIG_ENV, ",".join(map(str, lse_gemm.INTERPRETER_CONFIG)))  # 32 rows, on a GPU too
     with torch.no_grad():
         lp, ent = lk.linear_logprobs(poisoned, w, t, bias=b, return_entropy=True, mask=mask)
         lp_real, ent_real = lk.linear_logprobs(x.detach()[mask], w, t[mask], bias=b, return_entropy=True)

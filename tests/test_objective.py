@@ -30,7 +30,7 @@ def run_both(lp, old, adv, mask, **kw):
         (grad,) = torch.autograd.grad(loss, lp)
     lp_ref = lp.detach().cpu().double().requires_grad_()
     cpu = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
-    kw_ref = dict(kw, ref_logprobs=cpu(kw.get("ref_logprobs")))
+    kw_ref = {k: cpu(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # (ref_logprobs, weights)
     loss_ref, metrics_ref = R.grpo_lambda_loss(lp_ref, cpu(old), cpu(adv), mask.cpu(), **kw_ref)
     (grad_ref,) = torch.autograd.grad(loss_ref, lp_ref)
     return (loss, grad, metrics), (loss_ref, grad_ref, metrics_ref)

@@ -74,6 +74,10 @@ MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then c
 # redone when the real tokens turn out to fit one piece, so it should be cheap.
 FIRST_PIECE_ROWS = 512
 SPLIT_ALIGN = 8  # `split_rows` a multiple of 8: the dlogits columns from there start 16-byte aligned for cuBLAS
+# A budget's split point V_t a multiple of 128: the chunks' dW rows [split_rows, V_t) and the tail's slabs then have
+# widths whose rows are 16-byte multiples, which cuBLAS's sm_90 kernels need (an H100 ran V_t = 150282 on an sm_80
+# CUTLASS kernel for both, 2026-11-27)
+DW_ROWS_ALIGN = 128
 
 
 def _parse_bytes(name: str, raw: str, alternative: str = "") -> int:
@@ -303,12 +307,21 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
     for rows in sorted(r for r in sizes if max(low, 1) <= r <= cap):
         chunk = _token_plan(N, V, rows * row)
         room = memory - _token_reserve(chunk.max_rows, H, gathered) - 4 * chunk.max_rows * V
-        dw_rows = min(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
+        dw_rows = aligned_dw_rows(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
         if dw_rows == V:
             candidates.append(chunk)
         elif dw_rows >= 0:  # (with lse known the vocab plan does less of the same work where it fits)
             candidates.append(_split_plan(N, V, H, chunk, dw_rows, memory, logits))
     return candidates
+
+
+def aligned_dw_rows(V: int, dw_rows: int) -> int:
+    """The split point a budget's `dw_rows` of fp32 dW rows gives: V where they all fit (the token plan), else
+    dw_rows down to a multiple of DW_ROWS_ALIGN, and never below `split_rows(V)` (the rows the gradient's own bytes
+    hold, which cost nothing)."""
+    if dw_rows >= V:
+        return V
+    return max(split_rows(V), dw_rows // DW_ROWS_ALIGN * DW_ROWS_ALIGN)
 
 
 def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
