@@ -234,7 +234,7 @@ def test_persistent_programs_share_the_tiles(device, launches, monkeypatch):
         lp_ref, ent_ref, _ = oracle(x, w, b, t, 1.0)
         torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=2e-5)
         torch.testing.assert_close(ent.double(), ent_ref, rtol=0, atol=2e-5)
-    programs = lse_gemm.persistent_programs(device, lse_gemm.tile_config(), 2)
+    programs = lse_gemm.persistent_programs(device, lse_gemm.tile_config(tma=True), 2)
     assert launches["lse_gemm_persistent_kernel"] == [(programs,)] * 2
 
 
@@ -269,7 +269,22 @@ def test_bad_settings(monkeypatch):
     with pytest.raises(RuntimeError, match="powers of two ≥ 16"):
         lse_gemm.tile_config()
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, "64,64,32,4,4,2")
-    assert lse_gemm.tile_config() == (64, 64, 32, 4, 4, 2)
+    assert lse_gemm.tile_config() == (64, 64, 32, 4, 4, 2) == lse_gemm.tile_config(tma=True)  # both main loops
+
+
+def test_gpu_default_configs(monkeypatch):
+    """The compiled defaults (H100 sweep): one tile shape for both main loops, so that a pass falling back from TMA
+    keeps its partials; the per-tile kernel's pipeline within an A100's 164 KB of shared memory per block, the
+    persistent one's within Hopper's 227 KB; one persistent program per SM."""
+    monkeypatch.setattr(lse_gemm, "interpreter_enabled", lambda: False)
+    tiles, tma = lse_gemm.tile_config(), lse_gemm.tile_config(tma=True)
+    assert (tiles, tma) == (lse_gemm.GPU_CONFIG, lse_gemm.GPU_CONFIG_TMA) and tiles[:2] == tma[:2]
+
+    def smem(cfg):
+        return cfg[5] * (cfg[0] + cfg[1]) * cfg[2] * 2 + lse_gemm.SMEM_SLACK
+
+    assert smem(tiles) <= 164 * 1024 and smem(tma) <= 227 * 1024
+    assert lse_gemm.programs_per_sm(tma, 2) == 1
 
 
 @pytest.mark.gpu

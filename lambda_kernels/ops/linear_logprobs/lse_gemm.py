@@ -35,9 +35,13 @@ from .plan import forward_budget_bytes, piece_cap
 GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
 CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
 GEMM_CHOICES = ("cublas", "triton", "triton_tma")
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): a [128, 128] fp32 accumulator over 8 warps leaves
-# registers for the epilogue; 4 stages of 64-deep bf16 tiles take 128 KB of shared memory.
-GPU_CONFIG = (128, 128, 64, 8, 8, 4)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the fastest of bench_lse_gemm.py's sweep on an H100
+# (2026-11-27, two shapes, masked and not) for each main loop: [128, 256] tiles over 8 warps (the epilogue by column
+# quarters), 3 stages of 64-deep bf16 tiles (144 KB of shared memory, within an A100's too) for the per-tile kernel
+# and 4 (192 KB; Hopper only, as TMA) for the persistent one. The same tile shape for both, so that a pass whose
+# rows TMA cannot load falls back to the per-tile kernel with the same partial statistics.
+GPU_CONFIG = (128, 256, 64, 8, 8, 3)
+GPU_CONFIG_TMA = (128, 256, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
 MERGE_BLOCK = 256
 # Rows per piece at most, whatever the budget allows: a masked pass of twice this many rows or more can then queue its
@@ -60,10 +64,12 @@ def logprobs_gemm() -> str:
     return env_choice(GEMM_ENV, GEMM_CHOICES, "cublas")
 
 
-def tile_config() -> tuple[int, int, int, int, int, int]:
+def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:
+    """The tile configuration of the per-tile main loop, or with `tma` of the persistent one: CONFIG_ENV for both
+    where set."""
     raw = os.environ.get(CONFIG_ENV, "").strip()
     if not raw:
-        return INTERPRETER_CONFIG if interpreter_enabled() else GPU_CONFIG
+        return INTERPRETER_CONFIG if interpreter_enabled() else GPU_CONFIG_TMA if tma else GPU_CONFIG
     try:
         values = tuple(int(v) for v in raw.split(","))
     except ValueError:
@@ -147,8 +153,9 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     """
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
-    config = tile_config()
-    block_m, block_n, block_k, group_m, warps, stages = config
+    config, config_tma = tile_config(), tile_config(tma=True)
+    block_m, block_n, block_k = config[:3]
+    assert config_tma[:2] == (block_m, block_n), (config, config_tma)  # (the same pieces and partials either way)
     n_v = triton.cdiv(V, block_n)
     row_bytes = 12 * n_v + K * x.element_size()  # a gathered row counted whether gathered or not: the same pieces
     cap = piece_cap(min(MAX_PIECE_ROWS, max(block_m, forward_budget_bytes() // row_bytes)))
@@ -158,9 +165,12 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     x_buf = torch.empty((min(cap, N), K), dtype=x.dtype, device=x.device) if gathered else None
     use_tma = logprobs_gemm() == "triton_tma"
     b = weight if bias is None else bias
-    common = dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, UPCAST=interpreter_enabled(),
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                  QUARTERS=quarter_epilogue(block_m, block_n, warps), num_warps=warps, num_stages=stages)
+
+    def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
+        _, _, cfg_k, cfg_group, cfg_warps, cfg_stages = cfg
+        return dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, UPCAST=interpreter_enabled(),
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg_k, GROUP_M=cfg_group,
+                    QUARTERS=quarter_epilogue(block_m, block_n, cfg_warps), num_warps=cfg_warps, num_stages=cfg_stages)
 
     def run(sl: slice, positions) -> None:
         m = sl.stop - sl.start
@@ -168,15 +178,16 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
         xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K
         if use_tma and tma_serves(xs, weight):
             descriptor = _tma_descriptor_class()
-            programs = persistent_programs(x.device, config, x.element_size())
+            programs = persistent_programs(x.device, config_tma, x.element_size())
+            tma_k = config_tma[2]
             lse_gemm_persistent_kernel[(programs,)](
-                descriptor.from_tensor(xs, [block_m, block_k]), descriptor.from_tensor(weight, [block_n, block_k]),
+                descriptor.from_tensor(xs, [block_m, tma_k]), descriptor.from_tensor(weight, [block_n, tma_k]),
                 b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), *tf.kernel_args(), NUM_PROGRAMS=programs,
-                **common)
+                **meta(config_tma))
         else:
             lse_gemm_tiles_kernel[(triton.cdiv(m, block_m) * n_v,)](
                 xs, weight, b, tgt[sl], part, zt, m, V, K, xs.stride(0), weight.stride(0), part.stride(0),
-                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **common)
+                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **meta(config))
         lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
             part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
             math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)
