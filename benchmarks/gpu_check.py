@@ -65,7 +65,9 @@ def run_gpu_tests() -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     failure_log = out_dir / "test_failures.log"
     failure_log.unlink(missing_ok=True)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": str(ROOT),
+    # (the repository first, then what the caller put on the path: wheels carried to a bare machine, such as TRL's)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "LK_TEST_GPU": "1", "PYTHONPATH": path,
            "LK_TEST_DEADLINE": str(time.time() + max(TEST_TIMEOUT - 20, 10)), "LK_TEST_FAILURE_LOG": str(failure_log)}
     log_path = out_dir / "tests.log"
     with open(log_path, "w") as log_file:

@@ -14,9 +14,11 @@ exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad an
 bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves), so there
 the softmax uses cuBLAS logits with this kernel's lse (Σp = 1 to GEMM summation-order noise), and the one-pass fused
 losses compute ℓ with cuBLAS: old log-probs taken with this GEMM differ from them by that noise (bf16 dot order).
-Not the default: on an H100 the "triton" kernel saves memory but not time (benchmarks/RESULTS.md: 1.2–1.3× the
-cuBLAS pass at GPU_CONFIG, 1.07× at the best measured config 128,256,64,8,8,3). "triton_tma" is not yet measured on
-a GPU (benchmarks/bench_lse_gemm.py sweeps both).
+Not the default, though faster on an H100 (benchmarks/RESULTS.md, 2026-11-27: "triton_tma" with `mask=` took
+0.86–0.99× the cuBLAS pass's time at the issue's four shapes, 0.87–1.00× the 2·N·H·V floor, with 0.03 GiB of
+workspace instead of ~0.9): the exact on-policy ratio of old log-probs against the fused loss's cuBLAS ℓ is a
+promise users rely on. "triton" (one program per tile) stays slower than cuBLAS (1.21–1.26× the floor masked, at
+these tiles).
 """
 from __future__ import annotations
 
