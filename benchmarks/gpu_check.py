@@ -87,14 +87,20 @@ def run_gpu_tests() -> dict:
                     or " error" in line or "no tests ran" in line), out.strip().splitlines()[-1] if out else "")
     if rc == 124:
         summary = f"timed out after {TEST_TIMEOUT:.0f} s (stopped with Ctrl-C): {summary.strip()}"
-    logged = re.findall(r"^=== (\S+) \((\w+)\)$", failure_log.read_text(), re.M) if failure_log.exists() else []
-    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    if not failures:  # (killed before its summary: the failure log's names)
-        failures = [f"FAILED {nodeid} ({when})" for nodeid, when in logged]
+    failures = failed_tests(out, failure_log.read_text() if failure_log.exists() else "")
     # "SKIPPED [n] file:line: reason" lines of -rs, for the deadline's reason
     left = sum(int(m.group(1)) for m in re.finditer(r"SKIPPED \[(\d+)\][^\n]*time budget was spent", out))
     summary = summary.strip() + (f" ({left} not run: the test stage's time budget was spent)" if left else "")
     return dict(rc=rc, summary=summary, failures=failures, tail=out[-12000:])
+
+
+def failed_tests(out: str, failure_log: str) -> list[str]:
+    """The FAILED/ERROR lines of pytest's summary in `out`; when pytest was killed before its summary, the names in
+    the failure log tests/conftest.py writes as failures happen ("=== nodeid (phase)" headers)."""
+    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if failures:
+        return failures
+    return [f"FAILED {nodeid} ({when})" for nodeid, when in re.findall(r"^=== (\S+) \((\w+)\)$", failure_log, re.M)]
 
 
 def run_stage(results: dict, name: str, fn, min_left: float) -> list:

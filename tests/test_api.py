@@ -45,3 +45,32 @@ def test_tests_past_the_gpu_checks_deadline_are_skipped_with_a_reason():
                          timeout=300).stdout
     assert " passed" not in out and " skipped" in out
     assert "not run: the GPU check's time budget was spent" in out
+
+
+def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
+    """With LK_TEST_FAILURE_LOG (benchmarks/gpu_check.py) each failure's traceback is appended as it happens, by the
+    xdist controller alone, so that a test stage stopped at its timeout still says what failed and why; the check
+    reads the names back when pytest's own summary is missing."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_check import failed_tests
+
+    from . import conftest
+
+    log = tmp_path / "failures.log"
+    monkeypatch.setattr(conftest, "FAILURE_LOG", str(log))
+    monkeypatch.setattr(conftest, "_IS_XDIST_WORKER", conftest._IS_XDIST_WORKER)  # (restored after the test)
+    report = SimpleNamespace(failed=True, nodeid="tests/test_x.py::test_y[a-b]", when="call",
+                             longreprtext="E   assert 1 == 2")
+    conftest.pytest_configure(SimpleNamespace(workerinput={}))  # a worker: its controller writes instead
+    conftest.pytest_runtest_logreport(report)
+    assert not log.exists()
+    conftest.pytest_configure(SimpleNamespace())
+    conftest.pytest_runtest_logreport(report)
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="tests/test_x.py::test_z", when="call",
+                                                      longreprtext=""))
+    text = log.read_text()
+    assert text.startswith("=== tests/test_x.py::test_y[a-b] (call)\nE   assert 1 == 2") and "test_z" not in text
+    assert failed_tests("1 passed", text) == ["FAILED tests/test_x.py::test_y[a-b] (call)"]
+    summary = "FAILED tests/test_x.py::test_y[a-b] - AssertionError\n1 failed"
+    assert failed_tests(summary, text) == ["FAILED tests/test_x.py::test_y[a-b] - AssertionError"]
