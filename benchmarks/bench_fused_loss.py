@@ -14,6 +14,9 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_softcap  ours_on with Gemma 2's final-logit soft-capping (softcap=30): what the tanh in the row kernels
                  costs (compare with ours_on)
   ours_on_entropy  ours_on with an entropy bonus (entropy_coef=0.01): what its gradient in the row kernels costs
+  ours_on_exposed  ours_on planned as if each chunk's fp32 dW read and write were not hidden at all
+                 (plan.DW_TRAFFIC_EXPOSED = 1 instead of 0.5; 2026-11-27's 1.5B profile showed it so): bigger
+                 chunks and a smaller V_t under the same budget; if faster, the constant should change
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -37,6 +40,7 @@ Run `pytest benchmarks/bench_fused_loss.py` (GPU cases skip on CPU; the smoke ca
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -47,6 +51,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
+from lambda_kernels.ops.linear_logprobs import plan as plan_module
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
 
 from .harness import LOSS_OPTIONS, ceilings, do_bench, scoped_env
@@ -59,8 +64,9 @@ SHAPES = [
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
 OURS = ["ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy",
-        "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy")
+        "ours_on_exposed", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy",
+              "ours_on_exposed")
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset,
@@ -69,6 +75,8 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_vocab": {PLAN_ENV: "vocab"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
+# planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
+PROVIDER_PLAN_CONSTANTS = {"ours_on_exposed": {"DW_TRAFFIC_EXPOSED": 1.0}}
 # options per provider beyond LOSS_OPTIONS (the entropy bonus: what its gradient adds to the row kernels)
 PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}, "ours_on_entropy": {"entropy_coef": 0.01}}
 BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
@@ -167,10 +175,21 @@ def _baseline_fn(provider):
     raise KeyError(provider)
 
 
+@contextlib.contextmanager
 def provider_env(provider: str | None):
-    """The provider's PROVIDER_ENV set (and the other keys unset) inside the block, the environment restored after."""
+    """The provider's PROVIDER_ENV set (and the other keys unset) and its PROVIDER_PLAN_CONSTANTS patched inside the
+    block, both restored after."""
     env = PROVIDER_ENV.get(provider, {})
-    return scoped_env({k: env.get(k) for k in ENV_KEYS})
+    constants = PROVIDER_PLAN_CONSTANTS.get(provider, {})
+    before = {name: getattr(plan_module, name) for name in constants}
+    try:
+        for name, value in constants.items():
+            setattr(plan_module, name, value)
+        with scoped_env({k: env.get(k) for k in ENV_KEYS}):
+            yield
+    finally:
+        for name, value in before.items():
+            setattr(plan_module, name, value)
 
 
 def make_step(provider: str, inp: dict):
@@ -220,7 +239,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     out = {}
     for name, old, provider in (("on", None, None), ("off", sub["old"], None),
                                  ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
-                                 ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy")):
+                                 ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy"),
+                                 ("on_exposed", None, "ours_on_exposed")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
@@ -288,6 +308,9 @@ def test_plan_note_and_table(monkeypatch):
     assert note("ours_on", 8192, 152064, 3584).startswith("split plan, 1024 rows, dW of ")
     assert note("ours_on_unbounded", 8192, 152064, 3584) == "tokens plan, 1664 rows"
     assert note("ours_on_vocab", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
+    # fully exposed dW traffic: fewer, bigger chunks under the same budget (and the constant restored after)
+    assert note("ours_on_exposed", 8192, 151936, 1536).startswith("split plan, 1024 rows, dW of 137472 ")
+    assert plan_module.DW_TRAFFIC_EXPOSED == 0.5
     row = dict(shape="s", provider="ours_on", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
@@ -311,8 +334,8 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
                           dx_accumulator=True)
             if p.kind == "vocab":
                 p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
-        # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
-        row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
+            # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
+            row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
     flops = (2 if provider in LOGPROBS_ONLY + BASELINE_LOGPROBS else 6) * H * V
     try:
