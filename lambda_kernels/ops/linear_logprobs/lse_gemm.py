@@ -39,8 +39,8 @@ CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
 GEMM_CHOICES = ("cublas", "triton", "triton_tma")
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the fastest of bench_lse_gemm.py's sweep on an H100
 # (2026-11-27, two shapes, masked and not) for each main loop: [128, 256] tiles over 8 warps (the epilogue by column
-# quarters), 3 stages of 64-deep bf16 tiles (144 KB of shared memory, within an A100's too) for the per-tile kernel
-# and 4 (192 KB; Hopper only, as TMA) for the persistent one. The same tile shape for both, so that a pass whose
+# quarters), 3 stages of 64-deep bf16 tiles (144 KB of shared memory, which an A100's 164 KB would hold; compiled
+# and measured for sm_90 only) for the per-tile kernel and 4 (192 KB; Hopper only, as TMA) for the persistent one. The same tile shape for both, so that a pass whose
 # rows TMA cannot load falls back to the per-tile kernel with the same partial statistics.
 GPU_CONFIG = (128, 256, 64, 8, 8, 3)
 GPU_CONFIG_TMA = (128, 256, 64, 8, 8, 4)
