@@ -67,12 +67,13 @@ def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
     tiles = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
     persistent = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
     assert len(tiles) == len(persistent) == 2  # without and with a softcap
-    for k in tiles:
+    for k in tiles:  # the default configs (lse_gemm.GPU_CONFIG, GPU_CONFIG_TMA): 128×256 tiles, quarters epilogue
         assert k["wgmma"] and k["cp_async"] and not k["tma"]
-        assert k["constants"]["BLOCK_M"] == 128 and k["num_stages"] == 4  # the default config
-    for k in persistent:
+        assert (k["constants"]["BLOCK_M"], k["constants"]["BLOCK_N"], k["num_stages"]) == (128, 256, 3)
+        assert k["constants"]["QUARTERS"]
+    for k in persistent:  # (192 KB of pipeline buffers: one program per SM)
         assert k["wgmma"] and k["tma"]
-        assert k["constants"]["NUM_PROGRAMS"] == 132 and k["num_stages"] == 4
+        assert k["constants"]["NUM_PROGRAMS"] == 132 and k["num_stages"] == 4 and k["constants"]["BLOCK_N"] == 256
 
 
 def test_split_plan_row_kernel_variant_compiles(report):
