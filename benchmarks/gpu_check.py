@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, before anything imports triton
-os.environ.setdefault("LK_TEST_GPU", "1")
+if __name__ == "__main__":  # (run, not imported: a test importing `failed_tests` keeps its interpreter)
+    os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, before anything imports triton
+    os.environ.setdefault("LK_TEST_GPU", "1")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402

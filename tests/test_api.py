@@ -51,11 +51,16 @@ def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
     """With LK_TEST_FAILURE_LOG (benchmarks/gpu_check.py) each failure's traceback is appended as it happens, by the
     xdist controller alone, so that a test stage stopped at its timeout still says what failed and why; the check
     reads the names back when pytest's own summary is missing."""
+    import os
     from types import SimpleNamespace
+
+    interpreter = os.environ["TRITON_INTERPRET"]
 
     from benchmarks.gpu_check import failed_tests
 
     from . import conftest
+
+    assert os.environ["TRITON_INTERPRET"] == interpreter  # importing the check changed no setting of this session
 
     log = tmp_path / "failures.log"
     monkeypatch.setattr(conftest, "FAILURE_LOG", str(log))
