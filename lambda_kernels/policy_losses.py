@@ -32,8 +32,7 @@ class CISPO:
     code = 1
 
     def __post_init__(self):
-        _check_positive("CISPO", "max_ratio", self.max_ratio, "the cap of the importance weight, e.g. 5.0")
-        object.__setattr__(self, "max_ratio", float(self.max_ratio))  # (an int would compile a kernel variant)
+        _set_checked_floats(self, {"max_ratio": "the cap of the importance weight, e.g. 5.0"}, positive=True)
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,8 @@ class SAPO:
     code = 2
 
     def __post_init__(self):
-        for field in ("temperature_pos", "temperature_neg"):
-            _check_positive("SAPO", field, getattr(self, field), "the gate's temperature, e.g. 1.0")
-            object.__setattr__(self, field, float(getattr(self, field)))
+        hint = "the gate's temperature, e.g. 1.0"
+        _set_checked_floats(self, {"temperature_pos": hint, "temperature_neg": hint}, positive=True)
 
 
 @dataclass(frozen=True)
@@ -72,12 +70,9 @@ class VESPO:
     code = 3
 
     def __post_init__(self):
-        for field in ("k_pos", "k_neg"):
-            _check_finite("VESPO", field, getattr(self, field), "the power of w in φ, e.g. 2.0")
-        for field in ("lambda_pos", "lambda_neg"):
-            _check_finite("VESPO", field, getattr(self, field), "the rate of φ's decay in w, e.g. 3.0")
-        for field in ("k_pos", "lambda_pos", "k_neg", "lambda_neg"):
-            object.__setattr__(self, field, float(getattr(self, field)))
+        power, rate = "the power of w in φ, e.g. 2.0", "the rate of φ's decay in w, e.g. 3.0"
+        _set_checked_floats(self, {"k_pos": power, "lambda_pos": rate, "k_neg": power, "lambda_neg": rate},
+                            positive=False)
 
 
 POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO, "vespo": VESPO}
@@ -85,19 +80,21 @@ POLICY_LOSSES = {"clip": Clip, "cispo": CISPO, "sapo": SAPO, "vespo": VESPO}
 UNSCANNED = (CISPO, VESPO)
 
 
-def _check_finite(cls: str, field: str, value, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{cls}: `{field}` must be a finite number; got {value!r} ({hint}).")
-
-
-def _check_positive(cls: str, field: str, value, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{cls}: `{field}` must be a finite number > 0; got {value!r} ({hint}).")
+def _set_checked_floats(term, hints: dict[str, str], positive: bool) -> None:
+    """Each field of `hints` of the frozen dataclass `term` checked (a finite number, > 0 where `positive`; the hint
+    in the error) and stored as a float (an int would compile a kernel variant of its own)."""
+    for field, hint in hints.items():
+        value = getattr(term, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise ValueError(f"{type(term).__name__}: `{field}` must be a finite number{' > 0' if positive else ''}; "
+                             f"got {value!r} ({hint}).")
+        object.__setattr__(term, field, float(value))
 
 
 def resolve_policy_loss(op: str, policy_loss) -> Clip | CISPO | SAPO | VESPO:
     """The policy term's object from a name or an instance; a clear error otherwise."""
-    if isinstance(policy_loss, (Clip, CISPO, SAPO, VESPO)):
+    if isinstance(policy_loss, tuple(POLICY_LOSSES.values())):
         return policy_loss
     if isinstance(policy_loss, str) and policy_loss in POLICY_LOSSES:
         return POLICY_LOSSES[policy_loss]()

@@ -40,8 +40,9 @@ GEMM_CHOICES = ("cublas", "triton", "triton_tma")
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the fastest of bench_lse_gemm.py's sweep on an H100
 # (2026-11-27, two shapes, masked and not) for each main loop: [128, 256] tiles over 8 warps (the epilogue by column
 # quarters), 3 stages of 64-deep bf16 tiles (144 KB of shared memory, which an A100's 164 KB would hold; compiled
-# and measured for sm_90 only) for the per-tile kernel and 4 (192 KB; Hopper only, as TMA) for the persistent one. The same tile shape for both, so that a pass whose
-# rows TMA cannot load falls back to the per-tile kernel with the same partial statistics.
+# and measured for sm_90 only) for the per-tile kernel and 4 (192 KB; Hopper only, as TMA) for the persistent one.
+# The same tile shape for both, so that a pass whose rows TMA cannot load falls back to the per-tile kernel with the
+# same partial statistics.
 GPU_CONFIG = (128, 256, 64, 8, 8, 3)
 GPU_CONFIG_TMA = (128, 256, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
@@ -174,6 +175,8 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg_k, GROUP_M=cfg_group,
                     QUARTERS=quarter_epilogue(block_m, block_n, cfg_warps), num_warps=cfg_warps, num_stages=cfg_stages)
 
+    meta_tiles, meta_tma = meta(config), meta(config_tma)
+
     def run(sl: slice, positions) -> None:
         m = sl.stop - sl.start
         xs = gather_rows(x, positions, sl, x_buf)
@@ -185,11 +188,11 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
             lse_gemm_persistent_kernel[(programs,)](
                 descriptor.from_tensor(xs, [block_m, tma_k]), descriptor.from_tensor(weight, [block_n, tma_k]),
                 b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), *tf.kernel_args(), NUM_PROGRAMS=programs,
-                **meta(config_tma))
+                **meta_tma)
         else:
             lse_gemm_tiles_kernel[(triton.cdiv(m, block_m) * n_v,)](
                 xs, weight, b, tgt[sl], part, zt, m, V, K, xs.stride(0), weight.stride(0), part.stride(0),
-                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **meta(config))
+                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **meta_tiles)
         lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
             part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
             math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)
