@@ -17,6 +17,11 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_exposed  ours_on planned as if each chunk's fp32 dW read and write were not hidden at all
                  (plan.DW_TRAFFIC_EXPOSED = 1 instead of 0.5; 2026-11-27's 1.5B profile showed it so): bigger
                  chunks and a smaller V_t under the same budget; if faster, the constant should change
+  ours_on_tma / ours_off_tma  ours_on / ours_off with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma: the token chunks
+                 through the persistent TMA GEMM whose epilogue stores fp16 probabilities (2 bytes a logit where
+                 cuBLAS chunks hold 4 of fp32 logits; a kernel turns them into dlogits once the row's lse is known),
+                 so the budget holds twice the rows (the 1.5B shapes: the token plan within 960 MiB), and ℓ is
+                 bit-identical to ours_logprobs_masked_tma's
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -50,6 +55,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
+from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
 from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
@@ -63,17 +69,20 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy",
-        "ours_on_exposed", "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy",
-              "ours_on_exposed")
+OURS = ["ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_unbounded", "ours_on_vocab",
+        "ours_on_softcap", "ours_on_entropy", "ours_on_exposed", "ours_logprobs", "ours_logprobs_masked",
+        "ours_logprobs_masked_tma"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_unbounded", "ours_on_vocab",
+              "ours_on_softcap", "ours_on_entropy", "ours_on_exposed")
+PROBS_CHUNKS = ("ours_on_tma", "ours_off_tma")  # fused providers whose token chunks hold 2-byte probabilities
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset,
 # which is the library's defaults
 PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_vocab": {PLAN_ENV: "vocab"},
-                "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"}}
+                "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"},
+                "ours_on_tma": {GEMM_ENV: "triton_tma"}, "ours_off_tma": {GEMM_ENV: "triton_tma"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 # planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
 PROVIDER_PLAN_CONSTANTS = {"ours_on_exposed": {"DW_TRAFFIC_EXPOSED": 1.0}}
@@ -204,7 +213,7 @@ def make_step(provider: str, inp: dict):
                 return lk.linear_logprobs(h, w, inp["ids"], mask=mask)
         return step
     if provider in FUSED_OURS:
-        old = inp["old"] if provider == "ours_off" else None
+        old = inp["old"] if provider in ("ours_off", "ours_off_tma") else None
 
         def step():
             h.grad = w.grad = None
@@ -240,7 +249,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     for name, old, provider in (("on", None, None), ("off", sub["old"], None),
                                  ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
                                  ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy"),
-                                 ("on_exposed", None, "ours_on_exposed")):
+                                 ("on_exposed", None, "ours_on_exposed"), ("on_tma", None, "ours_on_tma"),
+                                 ("off_tma", sub["old"], "ours_off_tma")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
@@ -330,10 +340,11 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         # on-policy token chunks plan for all B·T rows, as they queue their first chunk before the real ones are
         # counted (`fused_loss.launch._PiecesAhead`); the other paths plan for the real rows
         with provider_env(provider):
-            p = grad_plan(N if provider.startswith("ours_on") else n_valid, V, H, dw_accumulator=True,
-                          dx_accumulator=True)
+            chunk = dict(dw_accumulator=True, dx_accumulator=True,
+                         row_bytes=probs_row_bytes(V) if provider in PROBS_CHUNKS else None)
+            p = grad_plan(N if provider.startswith("ours_on") else n_valid, V, H, **chunk)
             if p.kind == "vocab":
-                p = grad_plan(n_valid, V, H, dw_accumulator=True, dx_accumulator=True)
+                p = grad_plan(n_valid, V, H, **chunk)
             # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
             row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12

@@ -153,6 +153,16 @@ def scenarios():
             yield f"lse gemm {gemm} softcap={softcap}", lambda softcap=softcap: lk.linear_logprobs(
                 hidden.detach(), weight.detach(), ids, bias=bias.detach(), return_entropy=True,
                 softcap=softcap)[1].sum()
+        # the fused loss's chunks through the same GEMM with the probability-emitting epilogue, and the kernel that
+        # turns its output into dlogits: on-policy with the KL (token plan, then split plan's stats), off-policy
+        yield f"fused on-policy probs {gemm}", lambda: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, return_entropy=True)[0]
+        yield f"fused off-policy probs {gemm}", lambda: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, old_logprobs=lp, trace="both")[0]
+        os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"
+        yield f"fused on-policy probs split plan {gemm}", lambda: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, kl_bias_correction=True)[0]
+        os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")
     os.environ.pop("LAMBDA_KERNELS_LOGPROBS_GEMM")
     x_long = torch.randn(2, 8192, generator=g).requires_grad_()
     mask_long = torch.ones(2, 8192)

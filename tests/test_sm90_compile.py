@@ -66,7 +66,8 @@ def test_row_kernels_compile_at_the_gpu_tile_and_move_16_byte_vectors(report):
 def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
     tiles = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
     persistent = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
-    assert len(tiles) == len(persistent) == 2  # without and with a softcap
+    assert len(tiles) == len(persistent) == 4  # without and with a softcap; emitting probabilities (with and without
+    # bias and entropy)
     for k in tiles:  # the default configs (lse_gemm.GPU_CONFIG, GPU_CONFIG_TMA): 128×256 tiles, quarters epilogue
         assert k["wgmma"] and k["cp_async"] and not k["tma"]
         assert (k["constants"]["BLOCK_M"], k["constants"]["BLOCK_N"], k["num_stages"]) == (128, 256, 3)
@@ -74,6 +75,20 @@ def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
     for k in persistent:  # (192 KB of pipeline buffers: one program per SM)
         assert k["wgmma"] and k["tma"]
         assert k["constants"]["NUM_PROGRAMS"] == 132 and k["num_stages"] == 4 and k["constants"]["BLOCK_N"] == 256
+
+
+def test_probability_emitting_epilogue_stores_16_byte_vectors(report):
+    """The fused loss's chunks through the Triton GEMMs (LAMBDA_KERNELS_LOGPROBS_GEMM): both main loops with EMIT
+    store the fp16 probabilities in 16-byte vectors within the SM's shared memory (spill-free, as every kernel above);
+    the kernel that turns them into dlogits loads and stores 16-byte vectors, in its on-policy KL, split-plan and
+    off-policy variants."""
+    emitting = [k for k in report["kernels"] if k["constants"].get("EMIT")]
+    assert {k["name"] for k in emitting} == {"lse_gemm_tiles_kernel", "lse_gemm_persistent_kernel"}
+    assert all(k["vector_stores"] and k["wgmma"] and k["shared"] <= 227 * 1024 for k in emitting)
+    finishing = [k for k in report["kernels"] if k["name"] == "probs_dlogits_kernel"]
+    assert all(k["vector_loads"] and k["vector_stores"] for k in finishing)
+    variants = {(k["constants"].get("HAS_KL"), k["constants"].get("WITH_STATS")) for k in finishing}
+    assert {(True, False), (False, False), (True, True)} <= variants
 
 
 def test_split_plan_row_kernel_variant_compiles(report):
@@ -86,7 +101,8 @@ def test_ratio_weighted_kl_variants_compile(report):
     """kl_bias_correction: the on-policy row kernel's KL term, and the objective kernels on- and off-policy."""
     corrected = {(k["name"], k["constants"].get("ON_POLICY")) for k in report["kernels"]
                  if k["constants"].get("KL_CORRECTED")}
-    assert {name for name, _ in corrected} == {"onpolicy_rows_kernel", "objective_fwd_kernel", "objective_bwd_kernel"}
+    assert {name for name, _ in corrected} == {"onpolicy_rows_kernel", "probs_dlogits_kernel", "objective_fwd_kernel",
+                                               "objective_bwd_kernel"}
     assert {("objective_bwd_kernel", True), ("objective_bwd_kernel", False)} <= corrected
 
 

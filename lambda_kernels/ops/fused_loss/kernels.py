@@ -56,3 +56,49 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
         g_ent = tl.load(gent_ptr + i_r)
     row_dlogits_store(row_ptr, bias_ptr, dl_ptr + i_r * stride_dl, tgt, lse, ent, g, g_ent, V, inv_t, cap,
                       HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["stride_qm"])
+def probs_dlogits_kernel(u_ptr, qm_ptr, tgt_ptr, lse_ptr, lp_ptr, g0_ptr, n_ptr, ref_ptr, g_ptr, dl_ptr,
+                         stride_u, stride_qm, stride_dl, V, inv_t, beta,
+                         HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr, WITH_STATS: tl.constexpr,
+                         RANGE: tl.constexpr, RANGES: tl.constexpr):
+    """dlogits of a token chunk from what the probability-emitting LSE GEMM left (`lse_gemm_kernels`, EMIT): per row,
+    p_v = u_v·2⁻¹⁴·e^(qm[range of v] − lse), and dlogits = g·(1[v = target] − p)/temperature with the token gradient
+    g = g0 (+ β·n·(1 − exp(ref − ℓ)), or β·n·(ℓ − ref) with KL_CORRECTED, under HAS_KL: `onpolicy_rows_kernel`'s).
+
+    u [M, V] fp16 (row stride stride_u); qm [M, ranges] fp32 (stride_qm), the max of each range of RANGE columns;
+    lse, lp, g0, n, ref [M] fp32 (lp, n, ref with HAS_KL); targets [M] int; dl [M, V] (stride stride_dl, 2-byte)
+    may alias u: each element is read before it is written, in the same tile. WITH_STATS: g [M] ← the token gradient
+    (for a later pass over vocabulary slabs). One e^ per range, not per logit. Grid (M,).
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + i_r).to(tl.int32)
+    lse = tl.load(lse_ptr + i_r)
+    g = tl.load(g0_ptr + i_r)
+    if HAS_KL:  # as onpolicy_rows_kernel: a token of weight 0 gets no KL term (filler rows of a pass run ahead)
+        n = tl.load(n_ptr + i_r)
+        lp = tl.load(lp_ptr + i_r)
+        ref = tl.load(ref_ptr + i_r)
+        if KL_CORRECTED:
+            kl_grad = lp - ref
+        else:
+            kl_grad = 1.0 - tl.exp(ref - lp)
+        g += tl.where(n != 0.0, beta * n * kl_grad, 0.0)
+    if WITH_STATS:
+        tl.store(g_ptr + i_r, g)
+    g_t = g * inv_t
+    u_row = u_ptr + i_r * stride_u
+    dl_row = dl_ptr + i_r * stride_dl
+    o_r = tl.arange(0, RANGES)
+    o_c = tl.arange(0, RANGE)
+    for v0 in range(0, V, RANGES * RANGE):
+        r0 = v0 // RANGE
+        o_v = v0 + o_r[:, None] * RANGE + o_c[None, :]
+        m_v = o_v < V
+        b_u = tl.load(u_row + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_m = tl.load(qm_ptr + i_r * stride_qm + r0 + o_r, mask=(r0 + o_r) * RANGE < V, other=0.0)
+        b_scale = g_t * 6.103515625e-05 * tl.exp(b_m - lse)  # 2⁻¹⁴·e^(m − lse): p = u·that
+        b_d = tl.where(o_v == tgt, g_t, 0.0) - b_u * b_scale[:, None]
+        tl.debug_barrier()  # (every load of the tile before any store over it)
+        tl.store(dl_row + o_v, b_d.to(dl_ptr.dtype.element_ty), mask=m_v)

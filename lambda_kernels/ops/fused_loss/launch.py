@@ -26,15 +26,19 @@ else here syncs.
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
     logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
 from ..linear_logprobs.logit_transform import LogitTransform
+from ..linear_logprobs.lse_gemm import LseGemm, use_lse_gemm
 from ..linear_logprobs.plan import memory_budget_bytes, piece_cap, pieces, split_size
 from ..real_tokens import PendingRows, PendingTokens
-from .kernels import onpolicy_rows_kernel
+from .kernels import onpolicy_rows_kernel, probs_dlogits_kernel
 from .objectives import metric_names
+
+PROBS_ROW_TILE = 4096  # columns per step of `probs_dlogits_kernel` (the row kernels' GPU tile)
 
 def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, tf: LogitTransform, lp, ent, dl,
                   lse=None, g=None, kl_corrected: bool = False, g_ent=None) -> None:
@@ -57,6 +61,32 @@ def onpolicy_rows(rows_impl: str, logits, bias, tgt, g0, n, ref, beta: float, tf
         HAS_BIAS=bias is not None, SOFTCAP=tf.capped, HAS_KL=has_kl, KL_CORRECTED=has_kl and kl_corrected,
         WITH_ENT=ent is not None, WITH_ENT_GRAD=with_ent_grad, WITH_STATS=with_stats, BLOCK_V=block,
         num_warps=warps)
+
+
+def uses_probs_chunks(rows_impl: str, x, weight, tf: LogitTransform, g_ent) -> bool:
+    """Whether the one-pass chunks take the probability-emitting Triton GEMM (`lse_gemm.LseGemm` with emit):
+    wherever the log-prob passes take the Triton GEMM (LAMBDA_KERNELS_LOGPROBS_GEMM), so that the chunks' ℓ is
+    bit-identical to theirs, except under a softcap or an entropy bonus, whose dlogits need each logit itself (those
+    chunks keep cuBLAS logits and the row kernels)."""
+    return use_lse_gemm(x, weight, rows_impl) and x.dtype == weight.dtype and not tf.capped and g_ent is None
+
+
+def probs_dlogits(gemm: LseGemm, u, dl, tgt, lse, lp, g0, n, ref, beta: float, tf: LogitTransform,
+                  kl_corrected: bool = False, g_out=None) -> None:
+    """dl [m, V] ← the dlogits of a chunk whose probabilities `gemm.run` left in u [m, V] fp16 (dl may alias it),
+    for the token gradient g0 [m] plus, with ref (and n), the on-policy KL term of `onpolicy_rows`; g_out [m]: that
+    token gradient, stored (for a split plan's tail pass)."""
+    M, V = dl.shape
+    if M == 0:
+        return
+    width = gemm.range_width
+    ranges = max(1, min(PROBS_ROW_TILE // width, triton.next_power_of_2(triton.cdiv(V, width))))
+    has_kl = ref is not None
+    probs_dlogits_kernel[(M,)](
+        u, gemm.qm, tgt, lse, lp, g0, n if has_kl else g0, ref if has_kl else g0, g0 if g_out is None else g_out,
+        dl, u.stride(0), gemm.qm.stride(0), dl.stride(0), V, tf.inv_t, beta, HAS_KL=has_kl,
+        KL_CORRECTED=has_kl and kl_corrected, WITH_STATS=g_out is not None, RANGE=width, RANGES=ranges,
+        num_warps=8 if ranges * width >= 2048 else 4)
 
 
 def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, scales, objective, *, beta: float,
@@ -89,13 +119,15 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     # the passes compute H where the metric or the bonus needs it, and fold the bonus's gradient g_ent into dlogits
     with_ent = with_entropy or bonus is not None
     g_ent = None if bonus is None or not need_grad else bonus.token_grad
-    gemm_args = (weight, bias, objective, beta, tf, with_ent, rows_impl, need_dx, need_dw, need_db, cast_dw)
+    probs = uses_probs_chunks(rows_impl, hidden, weight, tf, g_ent)
+    gemm_args = (weight, bias, objective, beta, tf, with_ent, rows_impl, need_dx, need_dw, need_db, cast_dw, probs)
 
     # on-policy, the token gradient is known before the log-probs unless its KL needs whole rows of them
     one_pass_on_policy = old is None and not objective.params.kl_needs_whole_rows
     ahead = None
     if need_grad and shard is None and one_pass_on_policy and _runs_ahead(rows_impl, hidden):
-        ahead = plan_for(x, weight, need_dx, need_dw)  # for all B·T rows: the real ones are at most that many
+        # for all B·T rows: the real ones are at most that many
+        ahead = plan_for(x, weight, need_dx, need_dw, probs=probs)
         if ahead.kind not in ("tokens", "split") or B * T <= ahead.max_rows:
             ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
     if ahead is not None:
@@ -106,7 +138,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
         lp_v, ent_v = lp_v[:n], (None if ent_v is None else ent_v[:n])
     else:
         batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt, g_ent)  # (waits: read)
-        plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n) if need_grad and shard is None else None
+        plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n, probs=probs) if need_grad and shard is None \
+            else None
         chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
         sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and not one_pass_on_policy \
             else None
@@ -189,10 +222,12 @@ class _PiecesAhead:
 
 
 def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
-                       need_dx, need_dw, need_db, cast_dw, plan, ahead: PendingTokens | None = None):
+                       need_dx, need_dw, need_db, cast_dw, probs, plan, ahead: PendingTokens | None = None):
     """ahead: the pass runs ahead of the count of real tokens (`_PiecesAhead`): batch has a row per entry of the
     positions, and the filler rows past the real ones get zero inputs (hidden state, token gradient, KL weight and
-    ℓ_ref), so their dlogits are exactly 0 and they add nothing, whatever the padding holds."""
+    ℓ_ref), so their dlogits are exactly 0 and they add nothing, whatever the padding holds.
+    probs: the chunks go through the probability-emitting Triton GEMM (`uses_probs_chunks`), else cuBLAS logits
+    and `onpolicy_rows`."""
     lp_v, ent_v = batch.empty(), batch.empty(with_entropy)
     live = None if ahead is None else ahead.live()
     row_pieces = plan.rows if ahead is None else _PiecesAhead(ahead, piece_cap(plan.max_rows))
@@ -202,7 +237,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
     tgt = batch.tgt
     token = {}  # the per-token inputs of the row kernel, prepared at its first call
 
-    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
+    def prepare_tokens():
         if not token:
             # after the first logits GEMM is queued, so that this host work (a dozen small launches, the trace
             # kernel among them) overlaps it instead of leaving the GPU idle before it
@@ -217,6 +252,9 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
             if beta > 0:
                 token["n"] = rows_of(batch.mask_f * batch.scales.unsqueeze(1))
                 token["ref"] = rows_of(batch.ref)
+
+    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
+        prepare_tokens()
         n_v, ref_v = token["n"], token["ref"]
         onpolicy_rows(rows_impl, logits, bias, tgt[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                       None if ref_v is None else ref_v[sl], beta, tf, lp_v[sl],
@@ -224,13 +262,35 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
                       kl_corrected=objective.params.kl_bias_correction,
                       g_ent=None if gent_v is None else gent_v[sl])
 
+    chunk_fn = None
+    if probs:
+        gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
+        lse_c = None if split else batch.empty()  # (each chunk's lse, where no tail keeps them)
+
+        def chunk_fn(sl, x_c, dl):
+            prepare_tokens()
+            n_v, ref_v = token["n"], token["ref"]
+            lse_s = (lse_v if split else lse_c)[sl]
+            u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
+            gemm.run(x_c, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl], u)
+            probs_dlogits(gemm, u, dl, tgt[sl], lse_s, lp_v[sl], token["g0"][sl], None if n_v is None else n_v[sl],
+                          None if ref_v is None else ref_v[sl], beta, tf, objective.params.kl_bias_correction,
+                          g_v[sl] if split else None)
+
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None if gent_v is None else ent_v, g_v, gent_v, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, row_pieces,
                                            rows_impl, plan, batch.valid, live,
-                                           None if ahead is None else ahead.rows)  # (the tail: real rows only)
+                                           None if ahead is None else ahead.rows,  # (the tail: real rows only)
+                                           chunk_dlogits=chunk_fn)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, row_pieces,
-                                      rows_impl, cast_dw=cast_dw, rows=batch.valid, live=live)
+                                      rows_impl, cast_dw=cast_dw, rows=batch.valid, live=live,
+                                      chunk_dlogits=chunk_fn)
+
+
+def _chunk_capacity(plan, batch: _Batch) -> int:
+    """The most rows a token chunk of `plan` over the batch's rows can hold (the buffers of its Triton GEMM)."""
+    return max(1, min(max(plan.rows, plan.max_rows), batch.tgt.shape[0]))
 
 
 def whole_sequence_pieces(counts, max_tokens: int):
@@ -249,7 +309,7 @@ def whole_sequence_pieces(counts, max_tokens: int):
 
 
 def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
-                        need_dx, need_dw, need_db, cast_dw, sequences, plan):
+                        need_dx, need_dw, need_db, cast_dw, probs, sequences, plan):
     B, T = batch.shape
     lp_v, lse_v, ent_v = batch.empty(), batch.empty(), batch.empty(with_entropy)
     split = plan.kind == "split"
@@ -260,8 +320,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
     tgt, old, ref = batch.tgt, batch.old, batch.ref
     positions = torch.arange(B * T, device=batch.x.device) if batch.valid is None else batch.valid
 
-    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
-        logprob_rows(rows_impl, logits, bias, tgt[sl], tf, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
+    def token_grad(sl):  # ∂loss/∂ℓ of a chunk's tokens, from their ℓ (lp_v[sl]) and the rest of their sequences
         rows = rows_of[sl.start]
         local = positions[sl] - rows.start * T  # the chunk's tokens within its block of rows
         lp_block = (ref[rows].to(batch.sdt).clone() if ref is not None else
@@ -273,20 +332,34 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
         g_v = g.reshape(-1).index_select(0, local).to(batch.sdt).contiguous()
         if split:
             g_full[sl] = g_v
+        return g_v
+
+    def row_fn(sl, _cols, logits, dl):  # one slab: the whole vocabulary
+        logprob_rows(rows_impl, logits, bias, tgt[sl], tf, lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
+        g_v = token_grad(sl)
         dlogits_rows(rows_impl, logits, bias, tgt[sl], lse_v[sl], None if ent_g is None else ent_g[sl], g_v,
                      None if gent_v is None else gent_v[sl], tf, dl)
+
+    chunk_fn = None
+    if probs:
+        gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
+
+        def chunk_fn(sl, x_c, dl):
+            u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
+            gemm.run(x_c, tgt[sl], lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl], u)
+            probs_dlogits(gemm, u, dl, tgt[sl], lse_v[sl], lp_v[sl], token_grad(sl), None, None, 0.0, tf)
 
     pieces = [tokens for _, tokens in sequences]
     if split:
         tail = slab_dlogits(rows_impl, bias, tgt, lse_v, ent_g, g_full, gent_v, tf)
         return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
-                                           plan, batch.valid)
+                                           plan, batch.valid, chunk_dlogits=chunk_fn)
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
-                                      cast_dw=cast_dw, rows=batch.valid)
+                                      cast_dw=cast_dw, rows=batch.valid, chunk_dlogits=chunk_fn)
 
 
 def _two_passes(batch: _Batch, weight, bias, objective, beta, tf, with_entropy, rows_impl,
-                need_dx, need_dw, need_db, cast_dw, shard=None):
+                need_dx, need_dw, need_db, cast_dw, _probs=False, shard=None):
     rows = None if batch.valid is None else PendingRows(batch.x.shape[0], batch.valid, lambda: batch.n)
     lp_v, lse_v, ent_v = logprobs_forward(batch.x, weight, bias, batch.tgt, tf, with_entropy, rows_impl, shard,
                                           rows)

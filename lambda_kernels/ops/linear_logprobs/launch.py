@@ -28,7 +28,7 @@ from .dw_sum import HalfHeadGradSum
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .logit_transform import LogitTransform
-from .lse_gemm import lse_gemm_pass, use_lse_gemm
+from .lse_gemm import emit_row_bytes, lse_gemm_pass, use_lse_gemm
 from .plan import GradPlan, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, pieces as _pieces
 
 
@@ -145,21 +145,37 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, tf: LogitTransform, lp, l
 
 
 def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False,
-             n: int | None = None) -> GradPlan:
-    """The gradient plan (`plan.grad_plan`) of a pass over n rows (default: all N) of x [N, H] and weight [V, H]."""
+             n: int | None = None, probs: bool = False) -> GradPlan:
+    """The gradient plan (`plan.grad_plan`) of a pass over n rows (default: all N) of x [N, H] and weight [V, H];
+    probs: its token chunks hold the probability-emitting Triton GEMM's 2-byte rows (`probs_row_bytes`)."""
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
-                     lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1), dw_forced=need_dw)
+                     lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1), dw_forced=need_dw,
+                     row_bytes=probs_row_bytes(weight.shape[0]) if probs else None)
+
+
+def probs_row_stride(V: int) -> int:
+    """Row stride (elements) of a chunk of 2-byte probabilities or dlogits: V up to a multiple of 8, so that every
+    row starts 16-byte aligned (vector stores; cuBLAS reads the dlogits as a GEMM operand)."""
+    return -(-V // 8) * 8
+
+
+def probs_row_bytes(V: int) -> int:
+    """What a token chunk through the probability-emitting Triton GEMM holds per row: its 2-byte row and the GEMM's
+    per-row statistics (`lse_gemm.emit_row_bytes`)."""
+    return 2 * probs_row_stride(V) + emit_row_bytes(V)
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
+ChunkDlogitsFn = Callable[[slice, torch.Tensor, torch.Tensor], None]  # (rows, their hidden states x_c, dl)
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
                   pieces: int | list[slice], rows_impl: str, slab_cols: int | None = None, fp32_dx: bool = False,
                   cast_dw: bool = True, dw_rows: int | None = None, dw_out: torch.Tensor | None = None,
-                  rows: torch.Tensor | None = None, live: torch.Tensor | None = None):
+                  rows: torch.Tensor | None = None, live: torch.Tensor | None = None,
+                  chunk_dlogits: ChunkDlogitsFn | None = None):
     """The token and vocab plans (and each pass of the split plan): per slab of `slab_cols` vocabulary rows (None:
     the whole vocabulary, the token plan) and per piece of rows (`pieces`: row slices in order, or a piece size),
     the fp32 logits, then `row_fn(rows, cols, logits, dl)` writes their dlogits into dl, then the GEMMs. rows_impl:
@@ -184,6 +200,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     learns while the GPU runs the first (`fused_loss.launch._PiecesAhead`). live (with rows, bool per entry of rows):
     the entries that are real rows; the others (filler of a pass that runs ahead of the count of real rows) go to
     the GEMMs as zeros, so that with dlogits 0 from row_fn they add exactly 0 whatever their hidden states hold.
+    chunk_dlogits (one slab, a half head): instead of the cuBLAS logits and row_fn, `chunk_dlogits(rows, x_c, dl)`
+    writes a piece's dlogits [m, V] (x's dtype) from its hidden states x_c: the fused loss's chunks through the
+    probability-emitting Triton GEMM, whose buffer holds 2 bytes a logit (`probs_row_stride`), not 4.
     """
     assert live is None or rows is not None, "live rows need gathered rows: x itself is never written"
     H = x.shape[1]
@@ -217,8 +236,11 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     # once, not once per slab
     gather_once = rows is not None and isinstance(pieces, list) and len(pieces) == 1
     x_c = None
+    assert chunk_dlogits is None or (len(slabs) == 1 and x.element_size() == 2), "2-byte chunks of one slab"
     if N > 0:
-        buf = torch.empty((most * slabs[0].stop,), dtype=sdt, device=x.device)
+        stride = probs_row_stride(V) if chunk_dlogits is not None else slabs[0].stop
+        buf = torch.empty((most * stride,), dtype=sdt if chunk_dlogits is None else x.dtype, device=x.device)
+        logits = None
         for sv in slabs:
             gemm = Gemm(weight[sv])
             cols = sv.stop - sv.start
@@ -234,10 +256,14 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                     x_c = gather_rows(x, rows, sl, x_buf)
                 if live is not None:
                     x_c.masked_fill_(~live[sl, None], 0)  # (x_c is x_buf's: x itself is never written)
-                logits = buf[: m * cols].view(m, cols)
-                gemm.logits(x_c, logits)
-                dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
-                row_fn(sl, sv, logits, dl)
+                if chunk_dlogits is not None:
+                    dl = buf[: m * stride].view(m, stride)[:, :cols]
+                    chunk_dlogits(sl, x_c, dl)
+                else:
+                    logits = buf[: m * cols].view(m, cols)
+                    gemm.logits(x_c, logits)
+                    dl = dlogits_view(logits, x.dtype if gemm.half else sdt)
+                    row_fn(sl, sv, logits, dl)
                 if need_dx:
                     if sum_dx:
                         gemm.dx_accumulate(dx[sl], dl)
@@ -268,16 +294,19 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
 
 def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, need_dx: bool, need_db: bool,
                    pieces: int | list[slice], rows_impl: str, plan: GradPlan, rows: torch.Tensor | None = None,
-                   live: torch.Tensor | None = None, tail_rows: Callable[[], torch.Tensor | None] | None = None):
+                   live: torch.Tensor | None = None, tail_rows: Callable[[], torch.Tensor | None] | None = None,
+                   chunk_dlogits: ChunkDlogitsFn | None = None):
     """The split plan (plan.py) for a half head's dX, dW (and db): `grad_pipeline` over the token pieces gives dX,
     db and the dW rows [0, plan.dw_rows), cast in place; then the tail pass casts the other dW rows into the same
     gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
     slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
     rows, live: as in grad_pipeline (both passes gather their pieces); tail_rows, asked for after the chunks: the
-    tail's rows instead of `rows` (those of a chunk pass that ran ahead of the count, known by then). Returns (dX,
-    dW, db) as grad_pipeline does, dW always cast."""
+    tail's rows instead of `rows` (those of a chunk pass that ran ahead of the count, known by then); chunk_dlogits:
+    the token pieces' dlogits instead of row_fn's (grad_pipeline). Returns (dX, dW, db) as grad_pipeline does, dW
+    always cast."""
     dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl, cast_dw=True,
-                               dw_rows=plan.dw_rows, rows=rows, live=live)  # (cast before the tail's rows)
+                               dw_rows=plan.dw_rows, rows=rows, live=live,
+                               chunk_dlogits=chunk_dlogits)  # (cast before the tail's rows)
     v0 = plan.dw_rows
     if v0 < weight.shape[0]:
         def tail_slab(sl, sv, logits, dl):  # sv counts from v0

@@ -11,14 +11,20 @@ Opt-in, environment variables read on every call:
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
 exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad and no-grad log-probs stay
-bit-identical whichever GEMM is chosen. The gradient passes keep cuBLAS (they need the logits themselves), so there
-the softmax uses cuBLAS logits with this kernel's lse (Σp = 1 to GEMM summation-order noise), and the one-pass fused
-losses compute ℓ with cuBLAS: old log-probs taken with this GEMM differ from them by that noise (bf16 dot order).
-Not the default, though faster on an H100 (benchmarks/RESULTS.md, 2026-11-27: "triton_tma" with `mask=` took
-0.86–0.99× the cuBLAS pass's time at the issue's four shapes, 0.87–1.00× the 2·N·H·V floor, with 0.03 GiB of
-workspace instead of ~0.9): the exact on-policy ratio of old log-probs against the fused loss's cuBLAS ℓ is a
-promise users rely on. "triton" (one program per tile) stays slower than cuBLAS (1.21–1.26× the floor masked, at
-these tiles).
+bit-identical whichever GEMM is chosen. The fused loss's one-pass token chunks take the same GEMM with the
+probability-emitting epilogue (`LseGemm` with emit; `fused_loss.launch.uses_probs_chunks`): their ℓ comes from the
+same tiles and merge, so old log-probs taken with `linear_logprobs` give on-policy ratios of exactly 1 there too,
+and a chunk holds 2 bytes per logit instead of 4 (twice the rows under the same budget). The passes that need the
+logits themselves keep cuBLAS: a backward with lse known, a split plan's tail, and chunks under a softcap or an
+entropy bonus (their softmax uses cuBLAS logits with this kernel's lse: Σp = 1 to GEMM summation-order noise).
+
+Not the default yet. Measured on an H100 (benchmarks/RESULTS.md, 2026-11-27), the log-prob pass with "triton_tma"
+and `mask=` took 0.86–0.99× the cuBLAS pass's time at the issue's four shapes (0.87–1.00× the 2·N·H·V floor, 0.03
+GiB of workspace instead of ~0.9); it stayed opt-in because the fused loss then computed ℓ from cuBLAS logits, and
+the exact on-policy ratio is a promise users rely on. The probability-emitting chunks (2026-11-27, after those runs)
+keep that promise, but are compiled (tests/sm90_compile.py: no spills, 16-byte stores) and interpreter-tested only,
+not timed on a GPU. "triton" (one program per tile) stays slower than cuBLAS (1.21–1.26× the floor masked, at these
+tiles).
 """
 from __future__ import annotations
 
@@ -146,6 +152,83 @@ def persistent_programs(device: torch.device, config: tuple, element_size: int) 
     return props.multi_processor_count * per_sm
 
 
+class LseGemm:
+    """The Triton GEMM with the log-sum-exp epilogue over pieces of at most `rows` rows of a [V, H] half head, and
+    the merge: `run` writes lp, lse (and ent) of a piece's rows. Its buffers (the tiles' partial statistics, 12 bytes
+    per row and tile column; with `emit` each range's max, 4 bytes per row and range) are allocated once.
+
+    emit: the epilogue also stores u = e^(z − m)·2¹⁴ (fp16) into the `u` buffer `run` is given, and the ranges'
+    maxima into `qm` [rows, ranges] (`lse_gemm_kernels`): what the fused loss's chunks turn into dlogits.
+    """
+
+    def __init__(self, weight, bias, tf, with_ent: bool, rows: int, emit: bool = False):
+        config, config_tma = tile_config(), tile_config(tma=True)
+        self.block_m, self.block_n, block_k = config[:3]
+        assert config_tma[:2] == (self.block_m, self.block_n), (config, config_tma)  # (same pieces and partials)
+        V, device = weight.shape[0], weight.device
+        self.weight, self.bias, self.tf, self.with_ent, self.emit = weight, bias, tf, with_ent, emit
+        self.n_v = triton.cdiv(V, self.block_n)
+        self.range_width = range_width(config)
+        self.part = torch.empty((3, self.n_v, rows), dtype=torch.float32, device=device)
+        self.zt = torch.empty((rows,), dtype=torch.float32, device=device)
+        self.qm = torch.empty((rows, self.n_v * self.block_n // self.range_width) if emit else (1, 1),
+                              dtype=torch.float32, device=device)
+        self.use_tma = logprobs_gemm() == "triton_tma"
+        self.config_tma = config_tma
+
+        def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
+            _, _, cfg_k, cfg_group, cfg_warps, cfg_stages = cfg
+            return dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, EMIT=emit,
+                        UPCAST=interpreter_enabled(), BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=cfg_k,
+                        GROUP_M=cfg_group, QUARTERS=quarter_epilogue(self.block_m, self.block_n, cfg_warps),
+                        num_warps=cfg_warps, num_stages=cfg_stages)
+
+        self.meta_tiles, self.meta_tma = meta(config), meta(config_tma)
+        self.even_k = weight.shape[1] % block_k == 0
+
+    def run(self, xs: torch.Tensor, tgt, lp, lse, ent, u: torch.Tensor | None = None) -> None:
+        """lp, lse (ent) [m] of the rows xs [m, H] with targets tgt [m]; with emit, u [m, V] fp16 (unit stride along
+        V, row stride a multiple of 8) and qm[:m]."""
+        m, K = xs.shape
+        V = self.weight.shape[0]
+        xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K
+        b = self.weight if self.bias is None else self.bias
+        part, zt, qm = self.part, self.zt, self.qm
+        assert (u is not None) == self.emit and m <= part.shape[2], (m, part.shape)
+        u_args = (u, qm, part.stride(0), part.stride(1), u.stride(0), qm.stride(0)) if self.emit else (
+            part, part, part.stride(0), part.stride(1), 0, 0)
+        if self.use_tma and tma_serves(xs, self.weight):
+            descriptor = _tma_descriptor_class()
+            programs = persistent_programs(xs.device, self.config_tma, xs.element_size())
+            tma_k = self.config_tma[2]
+            lse_gemm_persistent_kernel[(programs,)](
+                descriptor.from_tensor(xs, [self.block_m, tma_k]),
+                descriptor.from_tensor(self.weight, [self.block_n, tma_k]), b, tgt, part, zt, u_args[0], u_args[1],
+                m, V, K, *u_args[2:], *self.tf.kernel_args(), NUM_PROGRAMS=programs, **self.meta_tma)
+        else:
+            lse_gemm_tiles_kernel[(triton.cdiv(m, self.block_m) * self.n_v,)](
+                xs, self.weight, b, tgt, part, zt, u_args[0], u_args[1], m, V, K, xs.stride(0), self.weight.stride(0),
+                *u_args[2:], *self.tf.kernel_args(), EVEN_K=self.even_k, **self.meta_tiles)
+        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
+            part, zt, lp, lse, ent if self.with_ent else lse, m, self.n_v, part.stride(0), part.stride(1),
+            math.log(V), WITH_ENT=self.with_ent, BLOCK=MERGE_BLOCK)
+
+
+def range_width(config: tuple) -> int:
+    """Columns of the ranges whose statistics the epilogue computes one after the other: a quarter of the tile
+    where it reduces by quarters (`quarter_epilogue`), else the whole tile."""
+    block_m, block_n, _, _, warps, _ = config
+    return block_n // 4 if quarter_epilogue(block_m, block_n, warps) else block_n
+
+
+def emit_row_bytes(V: int) -> int:
+    """Bytes a token chunk with the probability-emitting epilogue holds per row besides u's 2·V: the tiles' partial
+    statistics, the ranges' maxima and the target's logit."""
+    config = tile_config()
+    n_v = triton.cdiv(V, config[1])
+    return 12 * n_v + 4 * n_v * config[1] // range_width(config) + 4
+
+
 def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     """(rows per piece, run(rows slice, positions or None)) of the log-prob pass without logits in memory: run
     writes lp, lse (and ent when not None) [slice] fp32 of x's rows against weight [V, H].
@@ -156,45 +239,13 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     """
     N, K = tgt.shape[0], x.shape[1]
     V = weight.shape[0]
-    config, config_tma = tile_config(), tile_config(tma=True)
-    block_m, block_n, block_k = config[:3]
-    assert config_tma[:2] == (block_m, block_n), (config, config_tma)  # (the same pieces and partials either way)
-    n_v = triton.cdiv(V, block_n)
+    n_v = triton.cdiv(V, tile_config()[1])
     row_bytes = 12 * n_v + K * x.element_size()  # a gathered row counted whether gathered or not: the same pieces
-    cap = piece_cap(min(MAX_PIECE_ROWS, max(block_m, forward_budget_bytes() // row_bytes)))
-    part = torch.empty((3, n_v, min(cap, N)), dtype=torch.float32, device=x.device)
-    zt = torch.empty((min(cap, N),), dtype=torch.float32, device=x.device)
-    with_ent = ent is not None
+    cap = piece_cap(min(MAX_PIECE_ROWS, max(tile_config()[0], forward_budget_bytes() // row_bytes)))
+    gemm = LseGemm(weight, bias, tf, ent is not None, min(cap, N))
     x_buf = torch.empty((min(cap, N), K), dtype=x.dtype, device=x.device) if gathered else None
-    use_tma = logprobs_gemm() == "triton_tma"
-    b = weight if bias is None else bias
-
-    def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
-        _, _, cfg_k, cfg_group, cfg_warps, cfg_stages = cfg
-        return dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, UPCAST=interpreter_enabled(),
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg_k, GROUP_M=cfg_group,
-                    QUARTERS=quarter_epilogue(block_m, block_n, cfg_warps), num_warps=cfg_warps, num_stages=cfg_stages)
-
-    meta_tiles, meta_tma = meta(config), meta(config_tma)
 
     def run(sl: slice, positions) -> None:
-        m = sl.stop - sl.start
-        xs = gather_rows(x, positions, sl, x_buf)
-        xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K
-        if use_tma and tma_serves(xs, weight):
-            descriptor = _tma_descriptor_class()
-            programs = persistent_programs(x.device, config_tma, x.element_size())
-            tma_k = config_tma[2]
-            lse_gemm_persistent_kernel[(programs,)](
-                descriptor.from_tensor(xs, [block_m, tma_k]), descriptor.from_tensor(weight, [block_n, tma_k]),
-                b, tgt[sl], part, zt, m, V, K, part.stride(0), part.stride(1), *tf.kernel_args(), NUM_PROGRAMS=programs,
-                **meta_tma)
-        else:
-            lse_gemm_tiles_kernel[(triton.cdiv(m, block_m) * n_v,)](
-                xs, weight, b, tgt[sl], part, zt, m, V, K, xs.stride(0), weight.stride(0), part.stride(0),
-                part.stride(1), *tf.kernel_args(), EVEN_K=K % block_k == 0, **meta_tiles)
-        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
-            part, zt, lp[sl], lse[sl], ent[sl] if with_ent else lse[sl], m, n_v, part.stride(0), part.stride(1),
-            math.log(V), WITH_ENT=with_ent, BLOCK=MERGE_BLOCK)
+        gemm.run(gather_rows(x, positions, sl, x_buf), tgt[sl], lp[sl], lse[sl], None if ent is None else ent[sl])
 
     return cap, run

@@ -17,6 +17,13 @@ Two main loops share that epilogue (`_store_tile_stats`):
 Tiles are visited in groups of GROUP_M row blocks (the Triton matmul tutorial's order), so that a column of W tiles
 is reused from L2 by the row blocks that run together.
 
+EMIT (the fused loss's token chunks, `lse_gemm.ProbsGemm`): the epilogue also stores each tile's probabilities up to a
+per-row factor, u = e^(z − m)·2¹⁴ in fp16 over a [rows, V] buffer (2 bytes a logit where the cuBLAS path holds 4 of
+fp32 logits), with the max m of each column range (the quarter, or the whole tile) in qm [rows, ranges]. Once the
+merge has the row's lse, p = u·2⁻¹⁴·e^(m − lse) for any column (`fused_loss.kernels.probs_dlogits_kernel`). u lies in
+(0, 2¹⁴]: fp16 keeps 11 significant bits down to u = 2⁻¹⁴ (p 2⁻²⁸ of its range's largest), finer than the bf16
+dlogits the GEMMs then read (8 bits).
+
 The interpreter computes bf16 dots on raw bits: UPCAST (set only under the interpreter) casts operands to fp32.
 """
 import triton
@@ -38,7 +45,7 @@ def _grouped_tile(tile, n_m, n_v, GROUP_M: tl.constexpr):
 def _range_stats(b_z, o_v, tgt, pick, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
     """(max m, Σ e^(z−m), Σ e^(z−m)·(z−m) or 0, z at the target or 0) per row of tempered logits b_z [rows, WIDTH]
     over vocabulary columns o_v = col0 … col0 + WIDTH − 1 (int32), targets tgt [rows] (int32); pick: whether the
-    tile holds some row's target (else z at the target is not looked for).
+    tile holds some row's target (else z at the target is not looked for); and e^(z−m) [rows, WIDTH] itself.
 
     Element-wise work is what the epilogue costs, so the masks are only paid where needed: the columns past V only
     in the range that holds V, the target only in tiles holding some row's target (both uniform branches)."""
@@ -54,7 +61,7 @@ def _range_stats(b_z, o_v, tgt, pick, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl
     b_zt = tl.zeros_like(b_max)
     if pick:
         b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
-    return b_max, tl.sum(b_e, 1), b_t, b_zt
+    return b_max, tl.sum(b_e, 1), b_t, b_zt, b_e
 
 
 @triton.jit
@@ -68,38 +75,53 @@ def _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1):
 
 
 @triton.jit
-def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
+def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr, stride_u, stride_qm,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr,
+                WIDTH: tl.constexpr):
     """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32);
-    SOFTCAP: of the soft-capped logits cap·tanh(x / cap), computed as the row kernels' `load_logits` does."""
+    SOFTCAP: of the soft-capped logits cap·tanh(x / cap), computed as the row kernels' `load_logits` does.
+    EMIT: also store e^(z − m)·2¹⁴ in fp16 at u[o_m, columns] and m at qm[o_m, col0 / WIDTH] (rows o_m, masked by
+    m_m; row strides stride_u, stride_qm)."""
     o_v = col0 + tl.arange(0, WIDTH)
     b_z = acc
     if HAS_BIAS:
         b_z += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         b_z = cap * softcap_tanh(b_z, cap)
-    return _range_stats(b_z * inv_t, o_v, tgt, pick, col0, V, WITH_ENT, WIDTH)
+    b_max, b_s, b_t, b_zt, b_e = _range_stats(b_z * inv_t, o_v, tgt, pick, col0, V, WITH_ENT, WIDTH)
+    if EMIT:
+        p_u = u_ptr + o_m[:, None] * stride_u + o_v[None, :]
+        b_u = (b_e * 16384.0).to(tl.float16)  # 2¹⁴: a power of two, so the scaling itself is exact
+        if col0 + WIDTH > V:
+            tl.store(p_u, b_u, mask=m_m[:, None] & (o_v < V)[None, :])
+        else:
+            tl.store(p_u, b_u, mask=m_m[:, None])
+        tl.store(qm_ptr + o_m * stride_qm + col0 // WIDTH, b_max, mask=m_m)
+    return b_max, b_s, b_t, b_zt
 
 
 @triton.jit
-def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                  WITH_ENT: tl.constexpr, WIDTH: tl.constexpr):
+def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr, stride_u, stride_qm,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr,
+                  WIDTH: tl.constexpr):
     """`_cols_stats` of the two column halves of acc [rows, WIDTH] one after the other, merged."""
     HALF: tl.constexpr = WIDTH // 2
     z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
-    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT,
-                                      HALF)
-    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
-                                      WITH_ENT, HALF)
+    m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
+                                      stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
+    m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
+                                      stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
     return _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
 
 
 @triton.jit
-def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                      cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUARTERS: tl.constexpr):
+def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
+                      stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                      WITH_ENT: tl.constexpr, EMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      QUARTERS: tl.constexpr):
     """The epilogue of tile (i_m, i_v) with fp32 acc = X·Wᵀ: per-row (m, s, t) into part[0..2, i_v, row], and the
-    target's tempered logit into zt[row] when the target lies in this tile's columns.
+    target's tempered logit into zt[row] when the target lies in this tile's columns; EMIT: the tile's u and qm
+    (`_cols_stats`; a range per quarter with QUARTERS, else the tile).
 
     QUARTERS: reduce the tile's four column quarters one after the other and merge their statistics, so that the
     epilogue's temporaries are quarter-sized: a wide tile's whole-tile epilogue spills registers
@@ -113,14 +135,14 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
         z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
-                                            WITH_ENT, HALF)
-        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS,
-                                            SOFTCAP, WITH_ENT, HALF)
+        m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
+                                            stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
+        m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr,
+                                            qm_ptr, stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
         b_max, b_s, b_t, b_zt = _merge_stats(m_0, s_0, t_0, zt_0, m_1, s_1, t_1, zt_1)
     else:
-        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, HAS_BIAS, SOFTCAP,
-                                            WITH_ENT, BLOCK_N)
+        b_max, b_s, b_t, b_zt = _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
+                                            stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_N)
     stat = stride_stat.to(tl.int64)  # 2·stride_stat may pass 2³¹ with a large budget
     p_part = part_ptr + i_v.to(tl.int64) * stride_col + o_m
     tl.store(p_part, b_max, mask=m_m)
@@ -132,17 +154,19 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, 
 
 # K and the row strides stay specialised: their divisibility by 16 is what lets Triton prove 16-byte aligned rows,
 # hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
-@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
-def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_x, stride_w,
-                          stride_stat, stride_col, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                          WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col", "stride_qm"])
+def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, K, stride_x,
+                          stride_w, stride_stat, stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr,
+                          SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr, EVEN_K: tl.constexpr,
+                          UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                           QUARTERS: tl.constexpr):
     """One tile of z = (X·Wᵀ + b)·inv_t (soft-capped first with SOFTCAP) → per-row (m, s, t) of the tile into
     part[0..2, tile column, row], and z at the target into zt[row] for the one tile column that holds it.
 
     x [M, K] (row stride stride_x), w [V, K] (stride_w), bias [V], tgt [M] int in [0, V), part [3, n_tiles_v, ≥M]
-    fp32 (strides stride_stat, stride_col, 1), zt [M] fp32. Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
+    fp32 (strides stride_stat, stride_col, 1), zt [M] fp32; with EMIT u [M, V] fp16 (row stride stride_u, a multiple
+    of 8 for 16-byte rows) and qm [M, ranges] fp32 (row stride stride_qm). Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
     """
     i_m, i_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -167,14 +191,15 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, 
         acc = tl.dot(b_x, b_w, acc)
         p_x += BLOCK_K
         p_w += BLOCK_K
-    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t, cap,
-                      HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
+    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
+                      stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_M,
+                      BLOCK_N, QUARTERS)
 
 
-@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col"])
-def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, K, stride_stat, stride_col,
-                               inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
-                               UPCAST: tl.constexpr,
+@triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col", "stride_qm"])
+def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, K,
+                               stride_stat, stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr,
+                               SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, QUARTERS: tl.constexpr):
     """`lse_gemm_tiles_kernel`'s outputs from NUM_PROGRAMS programs, each taking every NUM_PROGRAMS-th tile.
@@ -196,8 +221,9 @@ def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_p
                 b_x = b_x.to(tl.float32)
                 b_w = b_w.to(tl.float32)
             acc = tl.dot(b_x, b_w.T, acc)
-        _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, M, V, stride_stat, stride_col, inv_t,
-                          cap, HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
+        _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
+                          stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_M,
+                          BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])

@@ -169,11 +169,12 @@ def log_prob_pieces(total: int, cap: int) -> list[slice]:
     return [slice(0, first)] + [slice(first + sl.start, first + sl.stop) for sl in pieces(rest, split_size(rest, cap))]
 
 
-def chunk_rows(N: int, V: int, budget: int | None = None) -> int:
-    """Rows per fp32 logits chunk [rows, V] of a gradient pass within `budget` bytes (default
-    `forward_budget_bytes()`), balanced over N. (A log-prob pass cuts its chunks with `log_prob_pieces`.)"""
+def chunk_rows(N: int, V: int, budget: int | None = None, row_bytes: int | None = None) -> int:
+    """Rows per logits chunk [rows, V] of a gradient pass within `budget` bytes (default `forward_budget_bytes()`),
+    balanced over N; row_bytes: what a chunk holds per row (default 4·V, fp32 logits). (A log-prob pass cuts its
+    chunks with `log_prob_pieces`.)"""
     budget = forward_budget_bytes() if budget is None else budget
-    return split_size(N, budget // (4 * max(V, 1)))
+    return split_size(N, budget // (row_bytes or 4 * max(V, 1)))
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ class GradPlan:
     the rows [dw_rows, V), without dX).
 
     max_rows: the most rows a chunk may hold (`rows` is that, balanced over N); chunks cut along sequences use it.
+    row_bytes: what a token chunk holds per row (0: 4·cols of fp32 logits; the fused loss's chunks through the
+    probability-emitting Triton GEMM hold 2-byte probabilities and per-range statistics instead, `lse_gemm`).
     """
 
     kind: str
@@ -192,11 +195,16 @@ class GradPlan:
     max_rows: int = 0
     dw_rows: int = 0
     tail: "GradPlan | None" = None
+    row_bytes: int = 0
+
+    def chunk_bytes(self) -> int:
+        """Bytes of a token chunk's logits (or probabilities) buffer at its largest."""
+        return max(self.rows, self.max_rows) * (self.row_bytes or 4 * self.cols)
 
     def split_phase_bytes(self, N: int, V: int, H: int) -> tuple[int, int]:
         """A split plan's workspace while its chunks run (logits, fp32 dW rows beyond the gradient's bytes) and
         then while its tail runs (the chunks' sums are cast before it)."""
-        chunks = 4 * max(self.rows, self.max_rows) * self.cols + 4 * (self.dw_rows - split_rows(V)) * H
+        chunks = self.chunk_bytes() + 4 * (self.dw_rows - split_rows(V)) * H
         return chunks, self.tail.workspace_bytes(N, V - self.dw_rows, H, True, False)
 
     def workspace_bytes(self, N: int, V: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:
@@ -204,7 +212,7 @@ class GradPlan:
         fp32 sums, and the rows a vocabulary pass gathers out of the padding (a token chunk's gather buffers are
         `_token_reserve`'s)."""
         # (chunks cut along whole sequences may hold up to max_rows rows)
-        logits = 4 * max(self.rows, self.max_rows) * self.cols
+        logits = self.chunk_bytes()
         if self.kind == "tokens":
             return logits + (rest_bytes(V, H) if dw_accumulator else 0)
         if self.kind == "split":
@@ -221,7 +229,7 @@ def plan_choice() -> str:
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
               dx_sum_in_tokens: bool = False, lse_known: bool = False, gathered: int | None = None,
-              dw_forced: bool = False) -> GradPlan:
+              dw_forced: bool = False, row_bytes: int | None = None) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
@@ -230,7 +238,8 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     gathered copy of the rows; no split plan then); lse_known: the caller has every row's log-sum-exp already (a
     backward after a log-prob pass), so the vocab plan needs no log-prob pass of its own and the split plan, which
     recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows); gathered: the
-    bytes per row and hidden unit of a token chunk's gather buffers (`_token_reserve`; default: a half hidden's).
+    bytes per row and hidden unit of a token chunk's gather buffers (`_token_reserve`; default: a half hidden's);
+    row_bytes: what a token chunk holds per row (default 4·V: fp32 logits; the vocab plan's slabs always hold those).
     Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
     plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
@@ -240,30 +249,30 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     acc = (rest_bytes(V, H) if dw_accumulator else 0) + (6 * N * H if dx_sum_in_tokens else 0)
     if gathered is None:
         gathered = 4 if dx_accumulator else 2
-    row = 4 * max(V, 1)
+    row = row_bytes or 4 * max(V, 1)
     choice = plan_choice()
     # a forced split plan splits an fp32 head's dW too (tests run its row functions on fp32 heads); auto: a half's
     split_dw = dw_accumulator or (choice == "split" and dw_forced)
     if choice == "split" and (not split_dw or dx_sum_in_tokens):
         choice = "tokens"  # no dW to split (or dX summed across ranks, which the split plan does not do)
     if choice == "tokens" or choice == "auto" and memory is None:
-        return _token_plan(N, V, max(forward_budget_bytes() if choice == "tokens" else logits, row))
+        return _token_plan(N, V, max(forward_budget_bytes() if choice == "tokens" else logits, row), row)
     if choice == "auto":  # a budget that does not bind changes nothing: the plan without one, where it fits
-        free = _token_plan(N, V, max(logits, row))
-        if 4 * free.max_rows * V + acc + _token_reserve(free.max_rows, H, gathered) <= memory:
+        free = _token_plan(N, V, max(logits, row), row)
+        if free.chunk_bytes() + acc + _token_reserve(free.max_rows, H, gathered) <= memory:
             return free
         if acc == 0 and memory >= row:  # no fp32 sum (an fp32 or frozen head): shorter chunks within the budget
             return _token_plan(N, V, max(min(logits, memory // (row + _token_reserve(1, H, gathered)) * row),
-                                         row))
+                                         row), row)
     if choice == "auto" and dx_sum_in_tokens and memory - acc >= row * min(N, TOKEN_PLAN_MIN_ROWS):
-        return _token_plan(N, V, min(logits, memory - acc))  # (no split plan for an fp32 dX sum)
+        return _token_plan(N, V, min(logits, memory - acc), row)  # (no split plan for an fp32 dX sum)
     if choice == "vocab" or dx_sum_in_tokens or not split_dw:
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
     if choice == "split":  # forced (tests, comparisons): the forward pass's chunks, V_t as the budget allows, a tail
-        chunk = _token_plan(N, V, max(forward_budget_bytes(), row))
-        room = 0 if memory is None else memory - 4 * chunk.max_rows * V
+        chunk = _token_plan(N, V, max(forward_budget_bytes(), row), row)
+        room = 0 if memory is None else memory - chunk.chunk_bytes()
         return _split_plan(N, V, H, chunk, min(V - 1, split_rows(V) + max(room, 0) // (4 * H)), memory, logits)
-    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, gathered)
+    fitting = [p for p in _budget_candidates(N, V, H, memory, logits, dx_accumulator, gathered, row)
                if _held_bytes(p, N, V, H, dx_accumulator, gathered) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
@@ -291,12 +300,11 @@ def _token_reserve(rows: int, H: int, gathered: int) -> int:
 
 
 def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accumulator: bool,
-                       gathered: int) -> list[GradPlan]:
+                       gathered: int, row: int) -> list[GradPlan]:
     """Plans a half head with a dW sum may take under a memory budget: the vocab plan; token chunks of every size
     from TOKEN_PLAN_MIN_ROWS up (128-row steps, or ~24 sizes when that is too many), each with the dW rows
     [0, V_t) the rest of the budget holds, which is the token plan where V_t reaches V and a split plan below."""
     candidates = [_vocab_plan(N, V, H, memory, logits, True, dx_accumulator, warn=False)]
-    row = 4 * max(V, 1)
     held = row + _token_reserve(1, H, gathered)  # bytes per row of a chunk
     cap = min(piece_cap(logits // row), piece_cap(memory // held))
     low = min(N, TOKEN_PLAN_MIN_ROWS, piece_cap(logits // row))  # (a logits budget for thinner chunks: as asked)
@@ -305,8 +313,8 @@ def _budget_candidates(N: int, V: int, H: int, memory: int, logits: int, dx_accu
     step = 128 if (cap - low) // 128 <= 24 else -(-(cap - low) // 24)
     sizes = set(range(piece_cap(max(low, 128)), cap + 1, step)) | {cap, piece_cap((memory - rest_bytes(V, H)) // held)}
     for rows in sorted(r for r in sizes if max(low, 1) <= r <= cap):
-        chunk = _token_plan(N, V, rows * row)
-        room = memory - _token_reserve(chunk.max_rows, H, gathered) - 4 * chunk.max_rows * V
+        chunk = _token_plan(N, V, rows * row, row)
+        room = memory - _token_reserve(chunk.max_rows, H, gathered) - chunk.chunk_bytes()
         dw_rows = aligned_dw_rows(V, split_rows(V) + room // (4 * H)) if room >= 0 else -1
         if dw_rows == V:
             candidates.append(chunk)
@@ -324,22 +332,26 @@ def aligned_dw_rows(V: int, dw_rows: int) -> int:
     return max(split_rows(V), dw_rows // DW_ROWS_ALIGN * DW_ROWS_ALIGN)
 
 
-def _token_plan(N: int, V: int, chunk: int) -> GradPlan:
-    row = 4 * max(V, 1)
+def _token_plan(N: int, V: int, chunk: int, row: int | None = None) -> GradPlan:
+    """Token chunks of `row` bytes a row (default 4·V, fp32 logits) within `chunk` bytes."""
+    row = row or 4 * max(V, 1)
     # (max_rows: chunks along whole sequences never need more than N rows)
-    return GradPlan("tokens", chunk_rows(N, V, chunk), V, max_rows=min(chunk // row, max(N, 1)))
+    return GradPlan("tokens", chunk_rows(N, V, chunk, row), V, max_rows=min(chunk // row, max(N, 1)),
+                    row_bytes=0 if row == 4 * max(V, 1) else row)
 
 
 def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, logits: int) -> GradPlan:
     # (a tail that does not fit, the vocab plan's fallback, makes the plan fail the caller's fit check)
     tail = _vocab_plan(N, V - dw_rows, H, memory, logits, True, False, warn=False)
-    return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail)
+    return GradPlan("split", chunk.rows, V, max_rows=chunk.max_rows, dw_rows=dw_rows, tail=tail,
+                    row_bytes=chunk.row_bytes)
 
 
 def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = False) -> float:
     """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
     COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
-    the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known;
+    the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known,
+    6 for a chunk of 2-byte probabilities, `GradPlan.row_bytes`, whose GEMM is taken to run at cuBLAS's rate;
     a log-prob pass before the slabs costs 8, unless lse_known), each extra piece's fp32 dW read+write, fp32 dX sums
     per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
@@ -355,8 +367,10 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
         return (log_prob_pass + 6 * N * H * V / F + 10 * N * V / B + slabs * 8 * N * H * exposed / B
                 + extra_pieces(p.rows) * 8 * V * H * exposed / B + 6 * V * H / B)
     vt = p.dw_rows if p.kind == "split" else V
-    row_bytes = 10 if lse_known else 14  # (a backward's chunks read the logits once, for dlogits)
-    t = (4 * N * H * V + 2 * N * H * vt) / F + row_bytes * N * V / B \
+    # (a backward's chunks read the logits once, for dlogits; chunks of 2-byte probabilities from the Triton GEMM
+    # write them, read them and write dlogits over them: 6)
+    per_logit = 6 if p.row_bytes else 10 if lse_known else 14
+    t = (4 * N * H * V + 2 * N * H * vt) / F + per_logit * N * V / B \
         + extra_pieces(p.rows) * 8 * vt * H * exposed / B + 6 * vt * H / B
     if p.kind == "split":
         rest = V - vt
