@@ -82,6 +82,26 @@ def assert_loss_no_worse_than_naive(ours, oracle, naive):
         assert err <= 1.05 * err_n + 1e-3, (err, err_n)
 
 
+def bf16_oracle_case(on_policy: bool):
+    """The GPU's bf16 relative-oracle case of the fused loss (B 4 × T 256, H 512, V 32000, k3 KL, trace both):
+    (hidden, weight, ids, mask, adv, loss kwargs, (loss, grads) of the fp32 oracle, (loss, grads) of plain PyTorch
+    in bf16), for `assert_loss_no_worse_than_naive`."""
+    dev = torch.device("cuda")
+    hidden, weight, _, ids, mask, adv = make_batch(B=4, T=256, H=512, V=32000, dtype=torch.bfloat16, device=dev,
+                                                   bias=False, seed=2)
+    old = None if on_policy else perturbed_old(hidden, weight, None, ids, 1.0, scale=0.05)
+    ref = perturbed_old(hidden, weight, None, ids, 1.0, seed=9, scale=0.05)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.01, trace="both", lam=0.99, adv_clamp_min=-0.1)
+    objective = {k: v for k, v in kw.items() if k != "old_logprobs"}
+    leaves32 = [t.detach().float().requires_grad_() for t in (hidden, weight)]
+    loss_r, _ = R.grpo_lambda_loss(R.linear_logprobs(leaves32[0], leaves32[1], ids), old, adv, mask, **objective)
+    oracle = (loss_r, torch.autograd.grad(loss_r, leaves32))
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    lp_n = torch.log_softmax((leaves[0] @ leaves[1].t()).float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    loss_n, _ = R.grpo_lambda_loss(lp_n, old, adv, mask, **objective)
+    return hidden, weight, ids, mask, adv, kw, oracle, (loss_n, torch.autograd.grad(loss_n, leaves))
+
+
 def make_batch(B=3, T=17, H=40, V=123, dtype=torch.float32, device="cpu", seed=0, bias=True, per_token_adv=False):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)

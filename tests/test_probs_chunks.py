@@ -15,7 +15,8 @@ from lambda_kernels.ops.fused_loss import launch as fused_launch
 from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
 from ._helpers import poisoned_outputs, record_calls
-from ._lm_head import make_batch, perturbed_old, reference_run
+from ._lm_head import assert_loss_no_worse_than_naive, bf16_oracle_case, make_batch, perturbed_old, \
+    reference_run
 
 # The interpreter evaluates both sides of tl.where on numpy arrays: 0·(−inf) on the discarded side warns there.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
@@ -72,7 +73,9 @@ def test_matches_oracle_as_closely_as_cublas_chunks(on_policy, grad_plan, rows, 
     monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
     # split: a budget of one chunk leaves the chunks the dW rows the gradient's own bytes hold, the tail the rest
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(rows * launch.probs_row_bytes(V)) if budget == "split" else budget)
+    splits = record_calls(monkeypatch, fused_launch, "split_pipeline", lambda *a, **k: 1)
     loss, metrics, grads = _run(hidden, weight, b, ids, mask, adv, **kw)
+    assert bool(splits) == (grad_plan == "split")
     n_real = int(mask.sum())
     assert probs_chunks and sum(probs_chunks) >= n_real and max(probs_chunks) <= rows
     assert len(probs_chunks) > 1  # several chunks
@@ -187,26 +190,10 @@ def test_probs_row_bytes_counts_the_statistics():
 @pytest.mark.parametrize("on_policy", [True, False])
 def test_gpu_bf16_relative_oracle(on_policy, monkeypatch):
     """bf16 on an H100 with both Triton GEMMs: no worse than PyTorch in bf16 against the fp32 oracle."""
-    from ._lm_head import assert_loss_no_worse_than_naive
-
-    dev = torch.device("cuda")
-    hidden, weight, _, ids, mask, adv = make_batch(B=4, T=256, H=512, V=32000, dtype=torch.bfloat16, device=dev,
-                                                   bias=False, seed=2)
-    old = None if on_policy else perturbed_old(hidden, weight, None, ids, 1.0, scale=0.05)
-    ref = perturbed_old(hidden, weight, None, ids, 1.0, seed=9, scale=0.05)
-    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.01, trace="both", lam=0.99, adv_clamp_min=-0.1)
-    leaves32 = [t.detach().float().requires_grad_() for t in (hidden, weight)]
-    loss_r, _ = R.grpo_lambda_loss(R.linear_logprobs(leaves32[0], leaves32[1], ids), old, adv, mask, **{
-        k: v for k, v in kw.items() if k != "old_logprobs"})
-    grads_r = torch.autograd.grad(loss_r, leaves32)
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
-    lp_n = torch.log_softmax((leaves[0] @ leaves[1].t()).float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    loss_n, _ = R.grpo_lambda_loss(lp_n, old, adv, mask, **{k: v for k, v in kw.items() if k != "old_logprobs"})
-    grads_n = torch.autograd.grad(loss_n, leaves)
+    hidden, weight, ids, mask, adv, kw, oracle, naive = bf16_oracle_case(on_policy)
     for gemm in ("triton", "triton_tma"):
         monkeypatch.setenv(lse_gemm.GEMM_ENV, gemm)
         seen = record_calls(monkeypatch, fused_launch, "probs_dlogits", lambda *a, **k: 1)
         loss, _ = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, **kw)
-        grads = torch.autograd.grad(loss, (hidden, weight))
         assert seen, gemm
-        assert_loss_no_worse_than_naive((loss, grads), (loss_r, grads_r), (loss_n, grads_n))
+        assert_loss_no_worse_than_naive((loss, torch.autograd.grad(loss, (hidden, weight))), oracle, naive)

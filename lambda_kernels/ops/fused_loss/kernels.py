@@ -11,6 +11,24 @@ import triton.language as tl
 from ..linear_logprobs.kernels import row_dlogits_store, row_stats
 
 
+@triton.jit
+def token_grad(g0_ptr, n_ptr, ref_ptr, i_r, lp, beta, HAS_KL: tl.constexpr, KL_CORRECTED: tl.constexpr):
+    """Row i_r's token gradient g0 + β·n·(1 − exp(ref − ℓ)) (β·n·(ℓ − ref) with KL_CORRECTED; g0 alone without
+    HAS_KL) for its log-prob lp."""
+    g = tl.load(g0_ptr + i_r)
+    if HAS_KL:
+        # a token of weight n = 0 gets no KL term, even where exp overflows (0·inf): the filler rows of a pass that
+        # runs ahead of the count of real tokens have n = 0 and whatever ℓ their padding targets give
+        n = tl.load(n_ptr + i_r)
+        ref = tl.load(ref_ptr + i_r)
+        if KL_CORRECTED:
+            kl_grad = lp - ref
+        else:
+            kl_grad = 1.0 - tl.exp(ref - lp)
+        g += tl.where(n != 0.0, beta * n * kl_grad, 0.0)
+    return g
+
+
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads and stores
 def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, gent_ptr, lp_ptr, ent_ptr, lse_ptr,
                          g_ptr, dl_ptr, stride_l, stride_dl, V, inv_t, cap, beta,
@@ -37,17 +55,7 @@ def onpolicy_rows_kernel(logits_ptr, bias_ptr, tgt_ptr, g0_ptr, n_ptr, ref_ptr, 
     tl.store(lp_ptr + i_r, lp)
     if WITH_ENT:
         tl.store(ent_ptr + i_r, ent)
-    g = tl.load(g0_ptr + i_r)
-    if HAS_KL:
-        # a token of weight n = 0 gets no KL term, even where exp overflows (0·inf): the filler rows of a pass that
-        # runs ahead of the count of real tokens have n = 0 and whatever ℓ their padding targets give
-        n = tl.load(n_ptr + i_r)
-        ref = tl.load(ref_ptr + i_r)
-        if KL_CORRECTED:
-            kl_grad = lp - ref
-        else:
-            kl_grad = 1.0 - tl.exp(ref - lp)
-        g += tl.where(n != 0.0, beta * n * kl_grad, 0.0)
+    g = token_grad(g0_ptr, n_ptr, ref_ptr, i_r, lp, beta, HAS_KL, KL_CORRECTED)
     if WITH_STATS:
         tl.store(lse_ptr + i_r, lse)
         tl.store(g_ptr + i_r, g)
@@ -75,16 +83,8 @@ def probs_dlogits_kernel(u_ptr, qm_ptr, tgt_ptr, lse_ptr, lp_ptr, g0_ptr, n_ptr,
     i_r = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + i_r).to(tl.int32)
     lse = tl.load(lse_ptr + i_r)
-    g = tl.load(g0_ptr + i_r)
-    if HAS_KL:  # as onpolicy_rows_kernel: a token of weight 0 gets no KL term (filler rows of a pass run ahead)
-        n = tl.load(n_ptr + i_r)
-        lp = tl.load(lp_ptr + i_r)
-        ref = tl.load(ref_ptr + i_r)
-        if KL_CORRECTED:
-            kl_grad = lp - ref
-        else:
-            kl_grad = 1.0 - tl.exp(ref - lp)
-        g += tl.where(n != 0.0, beta * n * kl_grad, 0.0)
+    lp = tl.load(lp_ptr + i_r) if HAS_KL else 0.0
+    g = token_grad(g0_ptr, n_ptr, ref_ptr, i_r, lp, beta, HAS_KL, KL_CORRECTED)
     if WITH_STATS:
         tl.store(g_ptr + i_r, g)
     g_t = g * inv_t
