@@ -268,11 +268,11 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         lse_c = None if split else batch.empty()  # (each chunk's lse, where no tail keeps them)
 
         def chunk_fn(sl, x_c, dl):
-            prepare_tokens()
-            n_v, ref_v = token["n"], token["ref"]
             lse_s = (lse_v if split else lse_c)[sl]
             u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
             gemm.run(x_c, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl], u)
+            prepare_tokens()  # (after the first GEMM is queued, as in row_fn)
+            n_v, ref_v = token["n"], token["ref"]
             probs_dlogits(gemm, u, dl, tgt[sl], lse_s, lp_v[sl], token["g0"][sl], None if n_v is None else n_v[sl],
                           None if ref_v is None else ref_v[sl], beta, tf, objective.params.kl_bias_correction,
                           g_v[sl] if split else None)

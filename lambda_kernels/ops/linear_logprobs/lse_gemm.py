@@ -164,7 +164,9 @@ class LseGemm:
     def __init__(self, weight, bias, tf, with_ent: bool, rows: int, emit: bool = False):
         config, config_tma = tile_config(), tile_config(tma=True)
         self.block_m, self.block_n, block_k = config[:3]
-        assert config_tma[:2] == (self.block_m, self.block_n), (config, config_tma)  # (same pieces and partials)
+        # (the same pieces, partials and, with emit, column ranges whichever main loop runs)
+        assert config_tma[:2] == (self.block_m, self.block_n), (config, config_tma)
+        assert range_width(config) == range_width(config_tma), (config, config_tma)
         V, device = weight.shape[0], weight.device
         self.weight, self.bias, self.tf, self.with_ent, self.emit = weight, bias, tf, with_ent, emit
         self.n_v = triton.cdiv(V, self.block_n)
