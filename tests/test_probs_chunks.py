@@ -110,6 +110,34 @@ def test_old_logprobs_from_linear_logprobs_give_ratios_of_exactly_one(device, pr
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("kl_corrected", [False, True])
+def test_filler_rows_of_a_pass_run_ahead_with_a_strong_kl(kl_corrected, device, probs_chunks, monkeypatch):
+    """On-policy, the first chunk is queued before the count of real tokens: 30 real tokens, a 40-row chunk of a
+    85-row batch, so 10 filler rows (padding: NaN hidden states, id −100) reach the GEMM and the finishing kernel
+    with zero inputs. With β = 0.5 and ℓ_ref 0.5 below ℓ the KL term is a large part of every gradient: the values
+    match the oracle and the filler rows add nothing."""
+    hidden, weight, b, ids, mask, adv = make_batch(B=5, dtype=torch.float16, device=device, seed=27)
+    mask = torch.zeros_like(mask)
+    mask[:, :6] = 1
+    dirty = hidden.detach().clone()
+    dirty[mask == 0] = float("nan")
+    dirty.requires_grad_()
+    ids = torch.where(mask != 0, ids, torch.full_like(ids, -100))
+    with torch.no_grad():
+        ref = R.linear_logprobs(hidden.double(), weight.double(), ids.clamp(min=0), bias=b.double()).float() - 0.5
+    kw = dict(ref_logprobs=ref, beta=0.5, trace="both", lam=0.9, kl_bias_correction=kl_corrected)
+    set_probs_chunk_rows(monkeypatch, 40)
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
+    loss, _, grads = _run(dirty, weight, b, ids, mask, adv, **kw)
+    assert probs_chunks == [40]  # one chunk, run ahead of the count: 30 real rows and 10 filler
+    want = reference_run(hidden, weight, b, ids.clamp(min=0), mask, adv, **kw)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads) and (grads[0][mask == 0] == 0).all()
+    for name, a, e in zip(["loss", "hidden", "weight", "bias"], (loss,) + grads, (want[0],) + tuple(want[2])):
+        assert (a.double() - e).abs().max().item() <= 3e-3 * e.abs().max().item() + 1e-6, name
+    weak = reference_run(hidden, weight, b, ids.clamp(min=0), mask, adv, **{**kw, "beta": 0.0})
+    assert (weak[2][1] - want[2][1]).abs().max() > 0.05 * want[2][1].abs().max()  # the KL term is no rounding error
+
+
 @pytest.mark.parametrize("config", ["32,64,32,2,4,1", "64,64,32,2,1,1"])  # a range per tile; four per tile
 @pytest.mark.parametrize("vocab", [280, 319])  # the last tile [256, 320): two ranges past V, or one column short
 def test_ranges_and_a_banned_range(config, vocab, device, probs_chunks, monkeypatch):
@@ -184,6 +212,51 @@ def test_probs_row_bytes_counts_the_statistics():
     n_v = -(-V // config[1])
     ranges = n_v * config[1] // lse_gemm.range_width(config)
     assert launch.probs_row_stride(V) == 128 and launch.probs_row_bytes(V) == 2 * 128 + 12 * n_v + 4 * ranges + 4
+    # a multiple of 16 elements: Triton marks only such integer arguments divisible (16-byte vector stores)
+    assert launch.probs_row_stride(50257) == 50272 and launch.probs_row_stride(151936) == 151936
+
+
+@pytest.mark.parametrize("kl", [None, "k3", "corrected"])
+@pytest.mark.parametrize("with_stats", [False, True])
+@pytest.mark.parametrize("width", [16, 64])
+def test_probs_dlogits_kernel_against_its_formula(kl, with_stats, width, device):
+    """The finishing kernel alone, on synthetic probabilities (fp32 output, so every term shows): p = u·2⁻¹⁴·e^(m −
+    lse) per range of `width` columns, g = g0 + β·n·(1 − e^(ref − ℓ)) (k3) or β·n·(ℓ − ref) (corrected, the KL
+    weighted by the ratio), dlogits = g·(onehot − p)/T; with_stats stores g. Rows of weight n = 0 get no KL term
+    even where e^(ref − ℓ) overflows (the filler rows of a pass run ahead of the count)."""
+    from types import SimpleNamespace
+
+    from lambda_kernels.ops.linear_logprobs.logit_transform import LogitTransform
+
+    g = torch.Generator().manual_seed(5)
+    M, Vk, beta, temperature = 9, 150, 0.7, 0.8
+    ranges = -(-Vk // width)
+    u = (torch.rand(M, Vk, generator=g) * 16384).half()
+    qm = torch.randn(M, ranges, generator=g) * 3
+    lse = qm.max(1).values + 2.0 + torch.rand(M, generator=g)
+    lp, g0 = -torch.rand(M, generator=g) * 3, torch.randn(M, generator=g)
+    ref, n = lp + torch.randn(M, generator=g), torch.rand(M, generator=g) + 0.5
+    n[-1], ref[-1] = 0.0, 200.0  # weight 0: e^(ref − ℓ) overflows fp32, the KL term must still be 0
+    tgt = torch.randint(0, Vk, (M,), generator=g)
+    tgt[0] = -100  # a filler row's padding id: no one-hot anywhere
+    to = dict(device=device)
+    u, qm, lse, lp, g0, ref, n, tgt = (t.to(**to) for t in (u, qm, lse, lp, g0, ref, n, tgt))
+    dl = torch.full((M, Vk), float("nan"), **to)
+    g_out = torch.full((M,), float("nan"), **to) if with_stats else None
+    fused_launch.probs_dlogits(SimpleNamespace(qm=qm, range_width=width), u, dl, tgt, lse, lp, g0,
+                               None if kl is None else n, None if kl is None else ref, beta,
+                               LogitTransform(1 / temperature), kl == "corrected", g_out)
+    d64 = {k: v.double() for k, v in dict(u=u, qm=qm, lse=lse, lp=lp, g0=g0, ref=ref, n=n).items()}
+    kl_grad = d64["lp"] - d64["ref"] if kl == "corrected" else 1 - torch.exp(d64["ref"] - d64["lp"])
+    g_want = d64["g0"] + (torch.where(d64["n"] != 0, beta * d64["n"] * kl_grad, 0.0) if kl else 0.0)
+    scale = torch.exp(d64["qm"] - d64["lse"][:, None]).repeat_interleave(width, 1)[:, :Vk]
+    p = d64["u"] * 2.0 ** -14 * scale
+    onehot = torch.zeros(M, Vk, dtype=torch.float64, device=device)
+    onehot[1:].scatter_(1, tgt[1:, None], 1.0)
+    want = g_want[:, None] * (onehot - p) / temperature
+    torch.testing.assert_close(dl.double(), want, rtol=1e-5, atol=1e-12)  # (fp32 e^ of arguments up to ~10)
+    if with_stats:
+        torch.testing.assert_close(g_out.double(), g_want, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.gpu

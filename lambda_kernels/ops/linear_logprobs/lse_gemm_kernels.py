@@ -17,7 +17,7 @@ Two main loops share that epilogue (`_store_tile_stats`):
 Tiles are visited in groups of GROUP_M row blocks (the Triton matmul tutorial's order), so that a column of W tiles
 is reused from L2 by the row blocks that run together.
 
-EMIT (the fused loss's token chunks, `lse_gemm.ProbsGemm`): the epilogue also stores each tile's probabilities up to a
+EMIT (the fused loss's token chunks, `lse_gemm.LseGemm`): the epilogue also stores each tile's probabilities up to a
 per-row factor, u = e^(z − m)·2¹⁴ in fp16 over a [rows, V] buffer (2 bytes a logit where the cuBLAS path holds 4 of
 fp32 logits), with the max m of each column range (the quarter, or the whole tile) in qm [rows, ranges]. Once the
 merge has the row's lse, p = u·2⁻¹⁴·e^(m − lse) for any column (`fused_loss.kernels.probs_dlogits_kernel`). u lies in
