@@ -304,3 +304,27 @@ def test_gpu_bf16_matches_cublas_path(V, gemm, launches, monkeypatch):
         err, err_c = (got - ref).abs().max().item(), (cub - ref).abs().max().item()
         assert err <= 1.5 * err_c + 1e-4, (err, err_c)
     assert launches[MAIN_LOOPS[gemm]], f"{gemm} did not run its own main loop on this GPU"
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_auto_takes_the_tma_gemm_only_where_tma_serves(tma, device, launches, monkeypatch):
+    """LAMBDA_KERNELS_LOGPROBS_GEMM=auto: the persistent TMA GEMM where TMA can load the head (the interpreter, or a
+    Hopper GPU with aligned rows), else cuBLAS, never the slower per-tile kernel; the fused loss's chunks choose
+    alike (their emitted probabilities with TMA), so ℓ stays bit-identical between the two."""
+    from lambda_kernels.ops.fused_loss import launch as fused_launch
+
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "auto")
+    if not tma:
+        monkeypatch.setattr(lse_gemm, "tma_serves", lambda *operands: False)
+    probs = record_calls(monkeypatch, fused_launch, "probs_dlogits", lambda *a, **k: 1)
+    hidden, weight, b, ids, mask, adv = make_batch(B=3, dtype=torch.float16, device=device, seed=31)
+    with torch.no_grad():
+        lp = lk.linear_logprobs(hidden, weight, ids, bias=b, mask=mask)
+    loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, old_logprobs=lp)
+    assert bool(launches["lse_gemm_persistent_kernel"]) == tma and bool(probs) == tma
+    assert launches["lse_gemm_tiles_kernel"] == []
+    assert metrics["ratio_mean"].item() == 1.0  # old log-probs from the same GEMM as the chunks' ℓ
+    assert torch.isfinite(loss)
+    lp_ref, _, _ = oracle(hidden.detach().reshape(-1, hidden.shape[-1]), weight, b, ids.reshape(-1), 1.0)
+    real = mask.reshape(-1) != 0
+    torch.testing.assert_close(lp.reshape(-1)[real].double(), lp_ref[real], rtol=0, atol=2e-5)

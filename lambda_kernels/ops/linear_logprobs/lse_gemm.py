@@ -7,6 +7,7 @@ Opt-in, environment variables read on every call:
                                      "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one or two programs per
                                      SM) + the merge; where TMA cannot serve (rows not 16-byte aligned, not an NVIDIA
                                      Hopper-or-newer GPU, triton < 3.6) the "triton" kernel instead
+                                     "auto": "triton_tma" where TMA can serve the head, else "cublas" (`gemm_for`)
     LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for either main loop
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
@@ -42,7 +43,7 @@ from .plan import forward_budget_bytes, piece_cap
 
 GEMM_ENV = "LAMBDA_KERNELS_LOGPROBS_GEMM"
 CONFIG_ENV = "LAMBDA_KERNELS_LSE_GEMM_CONFIG"
-GEMM_CHOICES = ("cublas", "triton", "triton_tma")
+GEMM_CHOICES = ("cublas", "triton", "triton_tma", "auto")
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the fastest of bench_lse_gemm.py's sweep on an H100
 # (2026-11-27, two shapes, masked and not) for each main loop: [128, 256] tiles over 8 warps (the epilogue by column
 # quarters), 3 stages of 64-deep bf16 tiles (144 KB of shared memory, which an A100's 164 KB would hold; compiled
@@ -71,6 +72,17 @@ TMA_MIN_TRITON = (3, 6)  # the persistent kernel is compiled and checked (tests/
 
 def logprobs_gemm() -> str:
     return env_choice(GEMM_ENV, GEMM_CHOICES, "cublas")
+
+
+def gemm_for(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The GEMM a pass over hidden states x [.., H] and a head weight [V, H] takes: LAMBDA_KERNELS_LOGPROBS_GEMM, with
+    "auto" resolved to "triton_tma" where TMA can load the head and H-long rows (`tma_serves`: Hopper or newer,
+    triton ≥ 3.6, 16-byte aligned rows), else "cublas" (the per-tile kernel is slower than cuBLAS). It depends on the
+    device, the head and H only, so a log-prob pass and the fused loss's chunks over the same head choose alike."""
+    choice = logprobs_gemm()
+    if choice != "auto":
+        return choice
+    return "triton_tma" if tma_serves(weight) and x.shape[-1] * x.element_size() % 16 == 0 else "cublas"
 
 
 def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:
@@ -102,8 +114,8 @@ def quarter_epilogue(block_m: int, block_n: int, num_warps: int) -> bool:
 def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
     """Whether this log-prob pass takes the Triton GEMM: opted in, Triton rows, a half-precision head, unit
     stride along H (a strided head stays on cuBLAS rather than being copied)."""
-    return (logprobs_gemm() != "cublas" and rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16)
-            and weight.stride(1) == 1)
+    return (rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16) and weight.stride(1) == 1
+            and gemm_for(x, weight) != "cublas")
 
 
 def _tma_descriptor_class():
@@ -175,7 +187,7 @@ class LseGemm:
         self.zt = torch.empty((rows,), dtype=torch.float32, device=device)
         self.qm = torch.empty((rows, self.n_v * self.block_n // self.range_width) if emit else (1, 1),
                               dtype=torch.float32, device=device)
-        self.use_tma = logprobs_gemm() == "triton_tma"
+        self.use_tma = gemm_for(weight, weight) == "triton_tma"  # (H-long rows: the head's own)
         self.config_tma = config_tma
 
         def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
