@@ -202,7 +202,7 @@ class LseGemm:
 
     def run(self, xs: torch.Tensor, tgt, lp, lse, ent, u: torch.Tensor | None = None) -> None:
         """lp, lse (ent) [m] of the rows xs [m, H] with targets tgt [m]; with emit, u [m, V] fp16 (unit stride along
-        V, row stride a multiple of 8) and qm[:m]."""
+        V, row stride a multiple of 16) and qm[:m]."""
         m, K = xs.shape
         V = self.weight.shape[0]
         xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K

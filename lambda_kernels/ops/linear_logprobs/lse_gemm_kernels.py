@@ -166,7 +166,7 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_p
 
     x [M, K] (row stride stride_x), w [V, K] (stride_w), bias [V], tgt [M] int in [0, V), part [3, n_tiles_v, ≥M]
     fp32 (strides stride_stat, stride_col, 1), zt [M] fp32; with EMIT u [M, V] fp16 (row stride stride_u, a multiple
-    of 8 for 16-byte rows) and qm [M, ranges] fp32 (row stride stride_qm). Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
+    of 16 for 16-byte rows) and qm [M, ranges] fp32 (row stride stride_qm). Grid (cdiv(M, BLOCK_M)·cdiv(V, BLOCK_N),).
     """
     i_m, i_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
