@@ -9,6 +9,10 @@ Two budgets, read from the environment on every call ("1G", "256M", "65536"):
                                    which lets a half head's token plan hold its 2·V·H-byte dW sum, the fastest)
     LAMBDA_KERNELS_GRAD_PLAN       "auto" (default), or "tokens" / "vocab" / "split" to force a plan
 
+A token chunk holds 4·V bytes per row of fp32 logits, or, for the fused loss's chunks through the Triton GEMM that
+emits 2-byte probabilities (`grad_plan(row_bytes=)`, `launch.probs_row_bytes`), about half that: both budgets
+count those bytes, so the same budget holds about twice the rows.
+
 Workspace counts the logits buffers, the fp32 dX/dW sums beyond the gradients returned (a half head's token-plan
 dW sum keeps half of itself in its gradient's bytes: `dw_sum`) and the buffers of rows gathered out of the padding
 with their dX (`_token_reserve`, at the hidden's element size; `_slab_rows_bytes`, at a half hidden's: an fp32/fp64
