@@ -153,6 +153,10 @@ def scenarios():
             yield f"lse gemm {gemm} softcap={softcap}", lambda softcap=softcap: lk.linear_logprobs(
                 hidden.detach(), weight.detach(), ids, bias=bias.detach(), return_entropy=True,
                 softcap=softcap)[1].sum()
+            # the backward's chunks: the DLOGITS epilogue (bias, the entropy's gradient, softcap)
+            yield f"linear_logprobs backward {gemm} softcap={softcap}", lambda softcap=softcap: lk.linear_logprobs(
+                hidden, weight, ids, bias=bias, return_entropy=True, softcap=softcap)[1].sum()
+        yield f"linear_logprobs backward {gemm} plain", lambda: lk.linear_logprobs(hidden, weight, ids).sum()
         # the fused loss's chunks through the same GEMM with the probability-emitting epilogue, and the kernel that
         # turns its output into dlogits: on-policy with the KL (token plan, then split plan's stats), off-policy
         yield f"fused on-policy probs {gemm}", lambda: lk.fused_grpo_lambda_loss(

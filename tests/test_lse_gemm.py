@@ -132,7 +132,7 @@ def test_grad_path_is_bit_identical_and_gradients_match(device, triton_gemm):
     want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
     for name, a, e in zip(["hidden", "weight", "bias"], got, want):  # fp16 grads: half-precision rounding
         torch.testing.assert_close(a.double(), e, rtol=2e-3, atol=2e-3 * e.abs().max().item(), msg=name)
-    assert len(triton_gemm) == 2  # grad-path forward and the no-grad call; the backward recomputes with cuBLAS
+    assert len(triton_gemm) == 2  # grad-path forward and the no-grad call (the backward: test_dlogits_gemm.py)
 
 
 def test_rows_in_pieces_under_a_small_budget(device, triton_gemm, monkeypatch):

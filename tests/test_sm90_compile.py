@@ -64,10 +64,13 @@ def test_row_kernels_compile_at_the_gpu_tile_and_move_16_byte_vectors(report):
 
 
 def test_lse_gemm_uses_tensor_cores_and_pipelined_loads(report):
-    tiles = [k for k in report["kernels"] if k["name"] == "lse_gemm_tiles_kernel"]
-    persistent = [k for k in report["kernels"] if k["name"] == "lse_gemm_persistent_kernel"]
-    assert len(tiles) == len(persistent) == 4  # without and with a softcap; emitting probabilities (with and without
-    # bias and entropy)
+    def loop(name):  # the log-prob pass's variants of a main loop (not EMIT, not DLOGITS: tested below)
+        return [k for k in report["kernels"] if k["name"] == name
+                and not (k["constants"].get("EMIT") or k["constants"].get("DLOGITS"))]
+
+    tiles, persistent = loop("lse_gemm_tiles_kernel"), loop("lse_gemm_persistent_kernel")
+    # without and with a softcap (bias and entropy), and plain (the backward scenarios' forward)
+    assert len(tiles) == len(persistent) == 3
     for k in tiles:  # the default configs (lse_gemm.GPU_CONFIG, GPU_CONFIG_TMA): 128×256 tiles, quarters epilogue
         assert k["wgmma"] and k["cp_async"] and not k["tma"]
         assert (k["constants"]["BLOCK_M"], k["constants"]["BLOCK_N"], k["num_stages"]) == (128, 256, 3)
@@ -89,6 +92,17 @@ def test_probability_emitting_epilogue_stores_16_byte_vectors(report):
     assert all(k["vector_loads"] and k["vector_stores"] for k in finishing)
     variants = {(k["constants"].get("HAS_KL"), k["constants"].get("WITH_STATS")) for k in finishing}
     assert {(True, False), (False, False), (True, True)} <= variants
+
+
+def test_dlogits_epilogue_compiles_in_both_main_loops(report):
+    """The backward's chunks (DLOGITS): both main loops, with and without the entropy's gradient and a softcap,
+    store dlogits in 16-byte vectors (spill-free, as every kernel above)."""
+    dlogits = [k for k in report["kernels"] if k["constants"].get("DLOGITS")]
+    variants = {(k["name"], bool(k["constants"].get("WITH_ENT")), bool(k["constants"].get("SOFTCAP")))
+                for k in dlogits}
+    for name in ("lse_gemm_tiles_kernel", "lse_gemm_persistent_kernel"):
+        assert {(name, True, False), (name, True, True), (name, False, False)} <= variants, variants
+    assert all(k["vector_stores"] and k["wgmma"] and k["shared"] <= 227 * 1024 for k in dlogits)
 
 
 def test_split_plan_row_kernel_variant_compiles(report):

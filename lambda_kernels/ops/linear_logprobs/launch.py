@@ -28,7 +28,7 @@ from .dw_sum import HalfHeadGradSum
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
 from .logit_transform import LogitTransform
-from .lse_gemm import emit_row_bytes, lse_gemm_pass, use_lse_gemm
+from .lse_gemm import LseGemm, emit_row_bytes, lse_gemm_pass, use_lse_gemm
 from .plan import GradPlan, forward_budget_bytes, grad_plan, log_prob_pieces, piece_cap, pieces as _pieces
 
 
@@ -147,12 +147,13 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, tf: LogitTransform, lp, l
 def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False,
              n: int | None = None, probs: bool = False) -> GradPlan:
     """The gradient plan (`plan.grad_plan`) of a pass over n rows (default: all N) of x [N, H] and weight [V, H];
-    probs: its token chunks hold the probability-emitting Triton GEMM's 2-byte rows (`probs_row_bytes`)."""
+    probs: its token chunks hold 2-byte rows from the Triton GEMM (`probs_row_bytes`): the probabilities it emits
+    with their statistics, or with lse_known the dlogits it writes."""
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
                      lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1), dw_forced=need_dw,
-                     row_bytes=probs_row_bytes(weight.shape[0]) if probs else None)
+                     row_bytes=probs_row_bytes(weight.shape[0], not lse_known) if probs else None)
 
 
 def probs_row_stride(V: int) -> int:
@@ -162,10 +163,10 @@ def probs_row_stride(V: int) -> int:
     return -(-V // 16) * 16
 
 
-def probs_row_bytes(V: int) -> int:
-    """What a token chunk through the probability-emitting Triton GEMM holds per row: its 2-byte row and the GEMM's
-    per-row statistics (`lse_gemm.emit_row_bytes`)."""
-    return 2 * probs_row_stride(V) + emit_row_bytes(V)
+def probs_row_bytes(V: int, with_stats: bool = True) -> int:
+    """What a token chunk through the Triton GEMM holds per row: its 2-byte row and, where it emits probabilities,
+    the GEMM's per-row statistics (`lse_gemm.emit_row_bytes`; a chunk of dlogits has none)."""
+    return 2 * probs_row_stride(V) + (emit_row_bytes(V) if with_stats else 0)
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
@@ -352,15 +353,27 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTran
     x_all, gather = x, rows
     if shard is not None and rows is not None:  # the group sums dX of the gathered rows only: one copy of them
         x, gather = x.index_select(0, rows), None
-    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0])
+    # where the log-prob pass took the Triton GEMM, token chunks take it too, its epilogue writing dlogits
+    triton_chunks = shard is None and x.dtype == weight.dtype and use_lse_gemm(x, weight, rows_impl)
+    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0], probs=triton_chunks)
 
     row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, tf)
+    chunk_fn = None
+    if triton_chunks and plan.kind in ("tokens", "split"):
+        with_ent = g_ent is not None
+        stats = torch.stack([lse, g_lp] + ([ent, g_ent] if with_ent else [])).to(torch.float32)  # [2 or 4, n]
+        gemm = LseGemm(weight, bias, tf, with_ent, 0, dlogits=True)
+
+        def chunk_fn(sl, x_c, dl):
+            gemm.run_dlogits(x_c, tgt[sl], stats[:, sl], dl)
+
     if plan.kind == "split":
         dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan,
-                                    gather)
+                                    gather, chunk_dlogits=chunk_fn)
     else:
         dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
-                                   plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw, rows=gather)
+                                   plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw, rows=gather,
+                                   chunk_dlogits=chunk_fn)
     if shard is not None and need_dx:
         dx = _cast(shard.sum_partial_dx(dx), x)
         if rows is not None:

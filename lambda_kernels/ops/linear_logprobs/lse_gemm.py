@@ -15,9 +15,12 @@ exact mode). Every log-prob pass goes through `logprobs_forward`, so the grad an
 bit-identical whichever GEMM is chosen. The fused loss's one-pass token chunks take the same GEMM with the
 probability-emitting epilogue (`LseGemm` with emit; `fused_loss.launch.uses_probs_chunks`): their ℓ comes from the
 same tiles and merge, so old log-probs taken with `linear_logprobs` give on-policy ratios of exactly 1 there too,
-and a chunk holds 2 bytes per logit instead of 4 (twice the rows under the same budget). The passes that need the
-logits themselves keep cuBLAS: a backward with lse known, a split plan's tail, and chunks under a softcap or an
-entropy bonus (their softmax uses cuBLAS logits with this kernel's lse: Σp = 1 to GEMM summation-order noise).
+and a chunk holds 2 bytes per logit instead of 4 (twice the rows under the same budget). A backward whose rows' lse
+is known (`launch.logprobs_backward`: `linear_logprobs`' own, the fused loss's second pass) takes it for its token
+chunks too, with the DLOGITS epilogue (`run_dlogits`): dlogits written from the fp32 accumulator, softcap and the
+entropy's gradient included, 2 bytes a logit. Vocabulary slabs (the vocab plan, a split plan's tail) and the one-pass
+chunks under a softcap or an entropy bonus keep cuBLAS logits (their softmax uses this kernel's lse: Σp = 1 to GEMM
+summation-order noise).
 
 Not the default yet. Measured on an H100 (benchmarks/RESULTS.md, 2026-11-27), the log-prob pass with "triton_tma"
 and `mask=` took 0.86–0.99× the cuBLAS pass's time at the issue's four shapes (0.87–1.00× the 2·N·H·V floor, 0.03
@@ -171,9 +174,11 @@ class LseGemm:
 
     emit: the epilogue also stores u = e^(z − m)·2¹⁴ (fp16) into the `u` buffer `run` is given, and the ranges'
     maxima into `qm` [rows, ranges] (`lse_gemm_kernels`): what the fused loss's chunks turn into dlogits.
+    dlogits: the GEMM of a backward whose rows' lse is known: `run_dlogits` writes the dlogits themselves (with_ent:
+    with the entropy's gradient); no partials are held.
     """
 
-    def __init__(self, weight, bias, tf, with_ent: bool, rows: int, emit: bool = False):
+    def __init__(self, weight, bias, tf, with_ent: bool, rows: int, emit: bool = False, dlogits: bool = False):
         config, config_tma = tile_config(), tile_config(tma=True)
         self.block_m, self.block_n, block_k = config[:3]
         # (the same pieces, partials and, with emit, column ranges whichever main loop runs)
@@ -183,8 +188,9 @@ class LseGemm:
         self.weight, self.bias, self.tf, self.with_ent, self.emit = weight, bias, tf, with_ent, emit
         self.n_v = triton.cdiv(V, self.block_n)
         self.range_width = range_width(config)
-        self.part = torch.empty((3, self.n_v, rows), dtype=torch.float32, device=device)
-        self.zt = torch.empty((rows,), dtype=torch.float32, device=device)
+        held = 0 if dlogits else rows  # (the dlogits epilogue reads the caller's row statistics instead)
+        self.part = torch.empty((3, self.n_v, held), dtype=torch.float32, device=device)
+        self.zt = torch.empty((held,), dtype=torch.float32, device=device)
         self.qm = torch.empty((rows, self.n_v * self.block_n // self.range_width) if emit else (1, 1),
                               dtype=torch.float32, device=device)
         self.use_tma = gemm_for(weight, weight) == "triton_tma"  # (H-long rows: the head's own)
@@ -192,7 +198,7 @@ class LseGemm:
 
         def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
             _, _, cfg_k, cfg_group, cfg_warps, cfg_stages = cfg
-            return dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, EMIT=emit,
+            return dict(HAS_BIAS=bias is not None, SOFTCAP=tf.capped, WITH_ENT=with_ent, EMIT=emit, DLOGITS=dlogits,
                         UPCAST=interpreter_enabled(), BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=cfg_k,
                         GROUP_M=cfg_group, QUARTERS=quarter_epilogue(self.block_m, self.block_n, cfg_warps),
                         num_warps=cfg_warps, num_stages=cfg_stages)
@@ -203,29 +209,44 @@ class LseGemm:
     def run(self, xs: torch.Tensor, tgt, lp, lse, ent, u: torch.Tensor | None = None) -> None:
         """lp, lse (ent) [m] of the rows xs [m, H] with targets tgt [m]; with emit, u [m, V] fp16 (unit stride along
         V, row stride a multiple of 16) and qm[:m]."""
+        m = xs.shape[0]
+        V = self.weight.shape[0]
+        part, zt, qm = self.part, self.zt, self.qm
+        assert not self.meta_tiles["DLOGITS"] and (u is not None) == self.emit and m <= part.shape[2], (m, part.shape)
+        if self.emit:
+            self._main_loop(xs, tgt, part, zt, u, qm, part.stride(0), part.stride(1), u.stride(0), qm.stride(0))
+        else:
+            self._main_loop(xs, tgt, part, zt, part, part, part.stride(0), part.stride(1), 0, 0)
+        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
+            part, zt, lp, lse, ent if self.with_ent else lse, m, self.n_v, part.stride(0), part.stride(1),
+            math.log(V), WITH_ENT=self.with_ent, BLOCK=MERGE_BLOCK)
+
+    def run_dlogits(self, xs: torch.Tensor, tgt, stats: torch.Tensor, dl: torch.Tensor) -> None:
+        """dl [m, V] (2-byte, unit stride along V) ← the dlogits of the rows xs [m, H] with targets tgt [m] and row
+        statistics stats [4, m] fp32 (lse, ∂/∂ℓ, H, ∂/∂H; unit stride along m; the last two read only with
+        with_ent)."""
+        assert self.meta_tiles["DLOGITS"] and stats.stride(1) == 1 and stats.dtype == torch.float32, stats.stride()
+        self._main_loop(xs, tgt, stats, stats, dl, stats, stats.stride(0), 0, dl.stride(0), 0)
+
+    def _main_loop(self, xs, tgt, part, zt, u, qm, stride_stat, stride_col, stride_u, stride_qm) -> None:
+        """The persistent TMA main loop where asked for and TMA serves, else the per-tile one."""
         m, K = xs.shape
         V = self.weight.shape[0]
         xs = xs if xs.stride(1) == 1 else xs.contiguous()  # the kernels read rows with unit stride along K
         b = self.weight if self.bias is None else self.bias
-        part, zt, qm = self.part, self.zt, self.qm
-        assert (u is not None) == self.emit and m <= part.shape[2], (m, part.shape)
-        u_args = (u, qm, part.stride(0), part.stride(1), u.stride(0), qm.stride(0)) if self.emit else (
-            part, part, part.stride(0), part.stride(1), 0, 0)
+        strides = (stride_stat, stride_col, stride_u, stride_qm)
         if self.use_tma and tma_serves(xs, self.weight):
             descriptor = _tma_descriptor_class()
             programs = persistent_programs(xs.device, self.config_tma, xs.element_size())
             tma_k = self.config_tma[2]
             lse_gemm_persistent_kernel[(programs,)](
                 descriptor.from_tensor(xs, [self.block_m, tma_k]),
-                descriptor.from_tensor(self.weight, [self.block_n, tma_k]), b, tgt, part, zt, u_args[0], u_args[1],
-                m, V, K, *u_args[2:], *self.tf.kernel_args(), NUM_PROGRAMS=programs, **self.meta_tma)
+                descriptor.from_tensor(self.weight, [self.block_n, tma_k]), b, tgt, part, zt, u, qm, m, V, K,
+                *strides, *self.tf.kernel_args(), NUM_PROGRAMS=programs, **self.meta_tma)
         else:
             lse_gemm_tiles_kernel[(triton.cdiv(m, self.block_m) * self.n_v,)](
-                xs, self.weight, b, tgt, part, zt, u_args[0], u_args[1], m, V, K, xs.stride(0), self.weight.stride(0),
-                *u_args[2:], *self.tf.kernel_args(), EVEN_K=self.even_k, **self.meta_tiles)
-        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
-            part, zt, lp, lse, ent if self.with_ent else lse, m, self.n_v, part.stride(0), part.stride(1),
-            math.log(V), WITH_ENT=self.with_ent, BLOCK=MERGE_BLOCK)
+                xs, self.weight, b, tgt, part, zt, u, qm, m, V, K, xs.stride(0), self.weight.stride(0), *strides,
+                *self.tf.kernel_args(), EVEN_K=self.even_k, **self.meta_tiles)
 
 
 def range_width(config: tuple) -> int:

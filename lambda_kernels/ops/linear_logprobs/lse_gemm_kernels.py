@@ -24,6 +24,12 @@ merge has the row's lse, p = u·2⁻¹⁴·e^(m − lse) for any column (`fused_
 (0, 2¹⁴]: fp16 keeps 11 significant bits down to u = 2⁻¹⁴ (p 2⁻²⁸ of its range's largest), finer than the bf16
 dlogits the GEMMs then read (8 bits).
 
+DLOGITS (a backward whose rows' lse is known, `lse_gemm.LseGemm` with dlogits): the epilogue writes each tile's
+dlogits = (g_lp·(1[v = target] − p) − g_ent·p·(log p + H))·∂z/∂x in the head's 2-byte dtype straight from the fp32
+accumulator (`row_dlogits_store`'s formula, softcap included): no logits in memory, 2 bytes a logit written.
+The main loops then take [4, M] row statistics (lse, g_lp, H, g_ent) in place of the partials and the dlogits
+buffer in place of u.
+
 The interpreter computes bf16 dots on raw bits: UPCAST (set only under the interpreter) casts operands to fp32.
 """
 import triton
@@ -152,12 +158,99 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr,
     tl.store(zt_ptr + o_m, b_zt, mask=in_tile)
 
 
+@triton.jit
+def _cols_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, WIDTH: tl.constexpr):
+    """dlogits of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1, stored at
+    dl[o_m, columns] (rows masked by m_m; columns up to the row stride stride_dl ≥ V, those past V being padding):
+    `kernels.row_dlogits_store`'s arithmetic on a tile."""
+    o_v = col0 + tl.arange(0, WIDTH)
+    b_x = acc
+    if HAS_BIAS:
+        b_x += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+    b_dy = inv_t  # ∂z/∂x: 1/temperature, times 1 − tanh² when soft-capped
+    if SOFTCAP:
+        b_th = softcap_tanh(b_x, cap)
+        b_x = cap * b_th
+        b_dy = inv_t * (1.0 - b_th * b_th)
+    b_lp = b_x * inv_t - lse[:, None]
+    b_p = tl.exp(b_lp)
+    b_dz = g_lp[:, None] * (tl.where(o_v[None, :] == tgt[:, None], 1.0, 0.0) - b_p)
+    if WITH_ENT_GRAD:
+        b_dz -= tl.where(b_p > 0, g_ent[:, None] * b_p * (b_lp + ent[:, None]), 0.0)  # p = 0 at −inf: 0, not NaN
+    # columns up to the row stride: those past V are the rows' padding (finite values from zero-filled W rows), and a
+    # stride divisible by 16 lets the mask keep 16-byte stores (a branch on the last tile, as EMIT's, would break
+    # the persistent loop's flattening in triton 3.6: a TritonGPUFuseNestedLoops failure)
+    p_dl = dl_ptr + o_m[:, None] * stride_dl + o_v[None, :]
+    tl.store(p_dl, (b_dz * b_dy).to(dl_ptr.dtype.element_ty), mask=m_m[:, None] & (o_v < stride_dl)[None, :])
+
+
+@triton.jit
+def _halves_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, WIDTH: tl.constexpr):
+    """`_cols_dlogits` of the two column halves of acc [rows, WIDTH] one after the other."""
+    HALF: tl.constexpr = WIDTH // 2
+    z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
+    _cols_dlogits(z_0, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                  HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
+    _cols_dlogits(z_1, col0 + HALF, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                  HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
+
+
+@triton.jit
+def _store_tile_dlogits(acc, i_m, i_v, bias_ptr, tgt_ptr, stat_ptr, dl_ptr, M, V, stride_stat, stride_dl, inv_t, cap,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUARTERS: tl.constexpr):
+    """The DLOGITS epilogue of tile (i_m, i_v): the rows' lse, g_lp (and H, g_ent with WITH_ENT_GRAD) from
+    stat[0..3, row] (stride stride_stat), their dlogits into dl[row, tile columns] (row stride stride_dl); by column
+    quarters with QUARTERS, as `_store_tile_stats`."""
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_m = o_m < M
+    tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=-1).to(tl.int32)
+    stat = stride_stat.to(tl.int64)
+    lse = tl.load(stat_ptr + o_m, mask=m_m, other=0.0)
+    g_lp = tl.load(stat_ptr + stat + o_m, mask=m_m, other=0.0)
+    ent = tl.zeros_like(lse)
+    g_ent = tl.zeros_like(lse)
+    if WITH_ENT_GRAD:
+        ent = tl.load(stat_ptr + 2 * stat + o_m, mask=m_m, other=0.0)
+        g_ent = tl.load(stat_ptr + 3 * stat + o_m, mask=m_m, other=0.0)
+    col0 = i_v * BLOCK_N
+    if QUARTERS:
+        HALF: tl.constexpr = BLOCK_N // 2
+        z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        _halves_dlogits(z_0, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                        HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
+        _halves_dlogits(z_1, col0 + HALF, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t,
+                        cap, HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
+    else:
+        _cols_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
+                      HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, BLOCK_N)
+
+
+@triton.jit
+def _epilogue(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat, stride_col,
+              stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
+              EMIT: tl.constexpr, DLOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              QUARTERS: tl.constexpr):
+    """Either main loop's epilogue: DLOGITS (part: the row statistics, u: the dlogits, WITH_ENT: the entropy's
+    gradient), or the statistics (with EMIT the probabilities too)."""
+    if DLOGITS:
+        _store_tile_dlogits(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, u_ptr, M, V, stride_stat, stride_u, inv_t,
+                            cap, HAS_BIAS, SOFTCAP, WITH_ENT, BLOCK_M, BLOCK_N, QUARTERS)
+    else:
+        _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
+                          stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_M,
+                          BLOCK_N, QUARTERS)
+
+
 # K and the row strides stay specialised: their divisibility by 16 is what lets Triton prove 16-byte aligned rows,
 # hence vectorised, cp.async-pipelined operand loads (without it: 2-byte loads, no pipelining, register spills).
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col", "stride_qm"])
 def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, K, stride_x,
                           stride_w, stride_stat, stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr,
-                          SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr, EVEN_K: tl.constexpr,
+                          SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr, DLOGITS: tl.constexpr,
+                          EVEN_K: tl.constexpr,
                           UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                           QUARTERS: tl.constexpr):
@@ -191,15 +284,15 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_p
         acc = tl.dot(b_x, b_w, acc)
         p_x += BLOCK_K
         p_w += BLOCK_K
-    _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
-                      stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_M,
-                      BLOCK_N, QUARTERS)
+    _epilogue(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat, stride_col,
+              stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, DLOGITS, BLOCK_M, BLOCK_N, QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "V", "stride_stat", "stride_col", "stride_qm"])
 def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, K,
                                stride_stat, stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS: tl.constexpr,
-                               SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr, UPCAST: tl.constexpr,
+                               SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, EMIT: tl.constexpr,
+                               DLOGITS: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, QUARTERS: tl.constexpr):
     """`lse_gemm_tiles_kernel`'s outputs from NUM_PROGRAMS programs, each taking every NUM_PROGRAMS-th tile.
@@ -221,9 +314,9 @@ def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_p
                 b_x = b_x.to(tl.float32)
                 b_w = b_w.to(tl.float32)
             acc = tl.dot(b_x, b_w.T, acc)
-        _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat,
-                          stride_col, stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, BLOCK_M,
-                          BLOCK_N, QUARTERS)
+        _epilogue(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat, stride_col,
+                  stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, DLOGITS, BLOCK_M, BLOCK_N,
+                  QUARTERS)
 
 
 @triton.jit(do_not_specialize=["M", "n_v", "stride_stat", "stride_col"])

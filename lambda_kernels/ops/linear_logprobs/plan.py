@@ -355,7 +355,8 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
     COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
     the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known,
-    6 for a chunk of 2-byte probabilities, `GradPlan.row_bytes`, whose GEMM is taken to run at cuBLAS's rate;
+    6 for a chunk of 2-byte probabilities, `GradPlan.row_bytes`, 2 for one of dlogits, with lse_known, whose GEMM
+    is taken to run at cuBLAS's rate;
     a log-prob pass before the slabs costs 8, unless lse_known), each extra piece's fp32 dW read+write, fp32 dX sums
     per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
@@ -372,8 +373,8 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
                 + extra_pieces(p.rows) * 8 * V * H * exposed / B + 6 * V * H / B)
     vt = p.dw_rows if p.kind == "split" else V
     # (a backward's chunks read the logits once, for dlogits; chunks of 2-byte probabilities from the Triton GEMM
-    # write them, read them and write dlogits over them: 6)
-    per_logit = 6 if p.row_bytes else 10 if lse_known else 14
+    # write them, read them and write dlogits over them: 6; with lse known it writes the dlogits alone: 2)
+    per_logit = (2 if lse_known else 6) if p.row_bytes else 10 if lse_known else 14
     t = (4 * N * H * V + 2 * N * H * vt) / F + per_logit * N * V / B \
         + extra_pieces(p.rows) * 8 * vt * H * exposed / B + 6 * vt * H / B
     if p.kind == "split":
