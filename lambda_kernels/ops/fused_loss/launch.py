@@ -68,7 +68,7 @@ def uses_probs_chunks(rows_impl: str, x, weight, tf: LogitTransform, g_ent) -> b
     wherever the log-prob passes take the Triton GEMM (LAMBDA_KERNELS_LOGPROBS_GEMM), so that the chunks' ℓ is
     bit-identical to theirs, except under a softcap or an entropy bonus, whose dlogits need each logit itself (those
     chunks keep cuBLAS logits and the row kernels)."""
-    return use_lse_gemm(x, weight, rows_impl) and x.dtype == weight.dtype and not tf.capped and g_ent is None
+    return use_lse_gemm(x, weight, rows_impl) and not tf.capped and g_ent is None
 
 
 def probs_dlogits(gemm: LseGemm, u, dl, tgt, lse, lp, g0, n, ref, beta: float, tf: LogitTransform,

@@ -354,7 +354,7 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTran
     if shard is not None and rows is not None:  # the group sums dX of the gathered rows only: one copy of them
         x, gather = x.index_select(0, rows), None
     # where the log-prob pass took the Triton GEMM, token chunks take it too, its epilogue writing dlogits
-    triton_chunks = shard is None and x.dtype == weight.dtype and use_lse_gemm(x, weight, rows_impl)
+    triton_chunks = shard is None and use_lse_gemm(x, weight, rows_impl)
     plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0], probs=triton_chunks)
 
     row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, tf)

@@ -77,15 +77,15 @@ def logprobs_gemm() -> str:
     return env_choice(GEMM_ENV, GEMM_CHOICES, "cublas")
 
 
-def gemm_for(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The GEMM a pass over hidden states x [.., H] and a head weight [V, H] takes: LAMBDA_KERNELS_LOGPROBS_GEMM, with
-    "auto" resolved to "triton_tma" where TMA can load the head and H-long rows (`tma_serves`: Hopper or newer,
-    triton ≥ 3.6, 16-byte aligned rows), else "cublas" (the per-tile kernel is slower than cuBLAS). It depends on the
-    device, the head and H only, so a log-prob pass and the fused loss's chunks over the same head choose alike."""
+def gemm_for(weight: torch.Tensor) -> str:
+    """The GEMM a pass over a head weight [V, H] takes: LAMBDA_KERNELS_LOGPROBS_GEMM, with "auto" resolved to
+    "triton_tma" where TMA can load the head (`tma_serves`: Hopper or newer, triton ≥ 3.6, 16-byte aligned rows,
+    hence H-long rows of the hidden states too), else "cublas" (the per-tile kernel is slower than cuBLAS). It depends
+    on the device and the head only, so a log-prob pass and the fused loss's chunks over the same head choose alike."""
     choice = logprobs_gemm()
     if choice != "auto":
         return choice
-    return "triton_tma" if tma_serves(weight) and x.shape[-1] * x.element_size() % 16 == 0 else "cublas"
+    return "triton_tma" if tma_serves(weight) else "cublas"
 
 
 def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:
@@ -118,7 +118,7 @@ def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
     """Whether this log-prob pass takes the Triton GEMM: opted in, Triton rows, a half-precision head, unit
     stride along H (a strided head stays on cuBLAS rather than being copied)."""
     return (rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16) and weight.stride(1) == 1
-            and gemm_for(x, weight) != "cublas")
+            and gemm_for(weight) != "cublas")
 
 
 def _tma_descriptor_class():
@@ -191,9 +191,9 @@ class LseGemm:
         held = 0 if dlogits else rows  # (the dlogits epilogue reads the caller's row statistics instead)
         self.part = torch.empty((3, self.n_v, held), dtype=torch.float32, device=device)
         self.zt = torch.empty((held,), dtype=torch.float32, device=device)
-        self.qm = torch.empty((rows, self.n_v * self.block_n // self.range_width) if emit else (1, 1),
+        self.qm = torch.empty((rows, range_count(V, config)) if emit else (1, 1),
                               dtype=torch.float32, device=device)
-        self.use_tma = gemm_for(weight, weight) == "triton_tma"  # (H-long rows: the head's own)
+        self.use_tma = gemm_for(weight) == "triton_tma"
         self.config_tma = config_tma
 
         def meta(cfg):  # the kernels' compile-time arguments under tile configuration cfg
@@ -256,12 +256,16 @@ def range_width(config: tuple) -> int:
     return block_n // 4 if quarter_epilogue(block_m, block_n, warps) else block_n
 
 
+def range_count(V: int, config: tuple) -> int:
+    """Column ranges of a [.., V] row (its tiles' ranges, those past V included): the columns of `qm`."""
+    return triton.cdiv(V, config[1]) * config[1] // range_width(config)
+
+
 def emit_row_bytes(V: int) -> int:
     """Bytes a token chunk with the probability-emitting epilogue holds per row besides u's 2·V: the tiles' partial
     statistics, the ranges' maxima and the target's logit."""
     config = tile_config()
-    n_v = triton.cdiv(V, config[1])
-    return 12 * n_v + 4 * n_v * config[1] // range_width(config) + 4
+    return 12 * triton.cdiv(V, config[1]) + 4 * range_count(V, config) + 4
 
 
 def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
@@ -273,10 +277,10 @@ def lse_gemm_pass(x, weight, bias, tgt, tf, lp, lse, ent, gathered: bool):
     budget, and a piece by MAX_PIECE_ROWS rows: the pass runs in pieces when there are many rows.
     """
     N, K = tgt.shape[0], x.shape[1]
-    V = weight.shape[0]
-    n_v = triton.cdiv(V, tile_config()[1])
-    row_bytes = 12 * n_v + K * x.element_size()  # a gathered row counted whether gathered or not: the same pieces
-    cap = piece_cap(min(MAX_PIECE_ROWS, max(tile_config()[0], forward_budget_bytes() // row_bytes)))
+    block_m, block_n = tile_config()[:2]
+    row_bytes = 12 * triton.cdiv(weight.shape[0], block_n) + K * x.element_size()  # (a gathered row counted whether
+    # gathered or not: the same pieces)
+    cap = piece_cap(min(MAX_PIECE_ROWS, max(block_m, forward_budget_bytes() // row_bytes)))
     gemm = LseGemm(weight, bias, tf, ent is not None, min(cap, N))
     x_buf = torch.empty((min(cap, N), K), dtype=x.dtype, device=x.device) if gathered else None
 

@@ -87,7 +87,7 @@ def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, 
     """Statistics of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1 (int32);
     SOFTCAP: of the soft-capped logits cap·tanh(x / cap), computed as the row kernels' `load_logits` does.
     EMIT: also store e^(z − m)·2¹⁴ in fp16 at u[o_m, columns] and m at qm[o_m, col0 / WIDTH] (rows o_m, masked by
-    m_m; row strides stride_u, stride_qm)."""
+    m_m; row strides stride_u ≥ V, columns past V being the rows' padding, and stride_qm)."""
     o_v = col0 + tl.arange(0, WIDTH)
     b_z = acc
     if HAS_BIAS:
@@ -96,12 +96,10 @@ def _cols_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, 
         b_z = cap * softcap_tanh(b_z, cap)
     b_max, b_s, b_t, b_zt, b_e = _range_stats(b_z * inv_t, o_v, tgt, pick, col0, V, WITH_ENT, WIDTH)
     if EMIT:
+        # (columns up to the row stride, as `_cols_dlogits`: those past V hold u = 0, e^(−inf))
         p_u = u_ptr + o_m[:, None] * stride_u + o_v[None, :]
         b_u = (b_e * 16384.0).to(tl.float16)  # 2¹⁴: a power of two, so the scaling itself is exact
-        if col0 + WIDTH > V:
-            tl.store(p_u, b_u, mask=m_m[:, None] & (o_v < V)[None, :])
-        else:
-            tl.store(p_u, b_u, mask=m_m[:, None])
+        tl.store(p_u, b_u, mask=m_m[:, None] & (o_v < stride_u)[None, :])
         tl.store(qm_ptr + o_m * stride_qm + col0 // WIDTH, b_max, mask=m_m)
     return b_max, b_s, b_t, b_zt
 
@@ -179,8 +177,8 @@ def _cols_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_
     if WITH_ENT_GRAD:
         b_dz -= tl.where(b_p > 0, g_ent[:, None] * b_p * (b_lp + ent[:, None]), 0.0)  # p = 0 at −inf: 0, not NaN
     # columns up to the row stride: those past V are the rows' padding (finite values from zero-filled W rows), and a
-    # stride divisible by 16 lets the mask keep 16-byte stores (a branch on the last tile, as EMIT's, would break
-    # the persistent loop's flattening in triton 3.6: a TritonGPUFuseNestedLoops failure)
+    # stride divisible by 16 lets the mask keep 16-byte stores (a branch on the last tile instead broke the persistent
+    # loop's flattening in triton 3.6 here: a TritonGPUFuseNestedLoops failure)
     p_dl = dl_ptr + o_m[:, None] * stride_dl + o_v[None, :]
     tl.store(p_dl, (b_dz * b_dy).to(dl_ptr.dtype.element_ty), mask=m_m[:, None] & (o_v < stride_dl)[None, :])
 
