@@ -7,7 +7,9 @@ Writes benchmarks/RESULTS.md and, when $OUT is set, $OUT/RESULTS.md and $OUT/res
 a failure is recorded and the next stage runs. Budget knobs: GPU_CHECK_BUDGET_S (total seconds, default 330),
 GPU_CHECK_TEST_TIMEOUT_S (the pytest stage, default 150), SHAPES and PROVIDERS (comma-separated shape and provider
 names of the fused-loss benchmark; BREAKDOWN_SHAPES and BREAKDOWN_PROVIDERS those of the kernel breakdown),
-GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all). The tests run in
+GPU_CHECK_STAGES (comma-separated subset of tests,fused_loss,lse_gemm,breakdown,scans; default all), GPU_CHECK_TESTS
+(space-separated test files or directories for the test stage, default `tests`: a rerun after a kernel change can
+take the files that test it). The tests run in
 6 pytest-xdist workers when xdist is installed (kernel compilation is CPU-bound), the GPU-only ones first, and stop
 starting new ones 20 s before the stage's timeout (LK_TEST_DEADLINE): the summary says how many that left out.
 """
@@ -54,7 +56,8 @@ def run_gpu_tests() -> dict:
     # every library test on the GPU (the `device` fixture gives CUDA, compiled Triton) plus the gpu-marked ones;
     # the trainer tests stay on the CPU, and of the objective's 96-case grid one loss type runs (the others differ
     # only in the finalize kernel's constexpr, covered by the normaliser tests)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--ignore-glob=tests/test_trainer*",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           *os.environ.get("GPU_CHECK_TESTS", "tests").split(), "--ignore-glob=tests/test_trainer*",
            "-k", "not (test_objective and test_matches_reference) or dapo"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "6"]
@@ -157,11 +160,11 @@ def main() -> int:
     def breakdown():
         from benchmarks.bench_fused_loss import kernel_breakdown
 
-        out = os.environ.get("OUT")  # timelines of the smallest shape, where host gaps weigh most
+        out = os.environ.get("OUT")  # the timelines too (~30 KB each), for host gaps and per-chunk kernel times
         shapes = os.environ.get("BREAKDOWN_SHAPES", "qwen2.5-1.5b,qwen2.5-7b").split(",")
         providers = os.environ.get("BREAKDOWN_PROVIDERS", "ours_on,ours_off,ours_logprobs,ours_logprobs_masked,"
                                    "ours_logprobs_masked_tma").split(",")
-        rows = [kernel_breakdown(shape, provider, trace_dir=out if shape == "qwen2.5-1.5b" else None)
+        rows = [kernel_breakdown(shape, provider, trace_dir=out)
                 for shape in shapes for provider in providers]
         for r in rows:
             log(r)

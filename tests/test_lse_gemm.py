@@ -72,6 +72,52 @@ def test_values_match_fp64_oracle(N, H, V, bias, temperature, device, triton_gem
     assert (lp <= 0).all() and (ent >= 0).all() and (ent <= math.log(V)).all()
 
 
+@pytest.mark.parametrize("with_ent", [True, False])
+def test_merge_of_many_tile_columns(with_ent, device):
+    """The merge over more tile columns than one block of them (a 152k vocabulary has ~600), against fp64; each row
+    merged bit-identically whichever rows share its program (the log-prob pass and the loss's chunks cut rows
+    differently)."""
+    from lambda_kernels.ops.linear_logprobs.lse_gemm_kernels import lse_gemm_merge_kernel
+
+    n_v, M = 2 * lse_gemm.MERGE_BLOCK_V + 22, lse_gemm.MERGE_BLOCK_M + 13
+    g = torch.Generator().manual_seed(5)
+    m_i = torch.randn((n_v, M), generator=g, dtype=torch.float64) * 8
+    m_i[n_v // 3, :5] = -3.0e38  # ranges of −inf logits: the tiles store a finite −3e38 and s = t = 0
+    s_i = torch.rand((n_v, M), generator=g, dtype=torch.float64) * 50 + 1
+    s_i[n_v // 3, :5] = 0
+    t_i = s_i * torch.rand((n_v, M), generator=g, dtype=torch.float64) * 3  # Σ e^(z−m)(z−m) of the tile's columns
+    t_i[n_v // 3, :5] = 0
+    zt = torch.randn((M,), generator=g, dtype=torch.float64) * 8
+    part = torch.stack([m_i, s_i, t_i]).to(torch.float32)
+
+    def merge(rows: slice):
+        n = rows.stop - rows.start
+        sub = part[:, :, rows].contiguous().to(device)
+        lp, lse, ent = (torch.full((n,), float("nan"), device=device) for _ in range(3))
+        lse_gemm_merge_kernel[(-(-n // lse_gemm.MERGE_BLOCK_M),)](
+            sub, zt[rows].to(torch.float32).to(device), lp, lse, ent, n, n_v, sub.stride(0), sub.stride(1),
+            math.log(1e5), WITH_ENT=with_ent, BLOCK_M=lse_gemm.MERGE_BLOCK_M, BLOCK_V=lse_gemm.MERGE_BLOCK_V)
+        return lp.cpu(), lse.cpu(), ent.cpu()
+
+    lp, lse, ent = merge(slice(0, M))
+    part64 = part.double()
+    top = part64[0].max(0).values
+    w = torch.exp(part64[0] - top)
+    big_s = (w * part64[1]).sum(0)
+    lse_ref = top + big_s.log()
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lp.double(), (zt - lse_ref).clamp(max=0), rtol=1e-6, atol=1e-5)
+    if with_ent:
+        big_t = (w * (part64[2] + (part64[0] - top) * part64[1])).sum(0)
+        torch.testing.assert_close(ent.double(), (big_s.log() - big_t / big_s).clamp(0, math.log(1e5)),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert ent.isnan().all()  # not written
+    for rows in (slice(7, M), slice(M - 3, M)):  # the same rows in other programs, at other lanes
+        for got, whole in zip(merge(rows), (lp, lse, ent)):
+            assert torch.equal(got.nan_to_num(0.5), whole[rows].nan_to_num(0.5))
+
+
 @pytest.mark.parametrize("config, parts", [("32,64,32,2,1,1", 1), ("64,64,32,2,1,1", 4)])
 @pytest.mark.parametrize("V", [280, 319])  # the last tile [256, 320): 24 columns (two quarters past V), or one short
 @pytest.mark.parametrize("bias_and_entropy", [True, False])

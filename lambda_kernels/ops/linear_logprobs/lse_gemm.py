@@ -56,7 +56,9 @@ GEMM_CHOICES = ("cublas", "triton", "triton_tma", "auto")
 GPU_CONFIG = (128, 256, 64, 8, 8, 3)
 GPU_CONFIG_TMA = (128, 256, 64, 8, 8, 4)
 INTERPRETER_CONFIG = (32, 64, 32, 2, 4, 1)
-MERGE_BLOCK = 256
+# rows and tile columns of a merge program's block (`lse_gemm_merge_kernel`): 32 fp32 rows fill a 128-byte line
+MERGE_BLOCK_M = 32
+MERGE_BLOCK_V = 64
 # Rows per piece at most, whatever the budget allows: a masked pass of twice this many rows or more can then queue its
 # first piece before the host knows the count of real tokens (`launch.logprobs_forward`); 2048 rows are still
 # 2048 / BLOCK_M · V / BLOCK_N tiles a launch (36–72 waves of 264 programs at V 152k with 128-row tiles), so the
@@ -217,9 +219,9 @@ class LseGemm:
             self._main_loop(xs, tgt, part, zt, u, qm, part.stride(0), part.stride(1), u.stride(0), qm.stride(0))
         else:
             self._main_loop(xs, tgt, part, zt, part, part, part.stride(0), part.stride(1), 0, 0)
-        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK),)](
+        lse_gemm_merge_kernel[(triton.cdiv(m, MERGE_BLOCK_M),)](
             part, zt, lp, lse, ent if self.with_ent else lse, m, self.n_v, part.stride(0), part.stride(1),
-            math.log(V), WITH_ENT=self.with_ent, BLOCK=MERGE_BLOCK)
+            math.log(V), WITH_ENT=self.with_ent, BLOCK_M=MERGE_BLOCK_M, BLOCK_V=MERGE_BLOCK_V, num_warps=4)
 
     def run_dlogits(self, xs: torch.Tensor, tgt, stats: torch.Tensor, dl: torch.Tensor) -> None:
         """dl [m, V] (2-byte, unit stride along V) ← the dlogits of the rows xs [m, H] with targets tgt [m] and row
