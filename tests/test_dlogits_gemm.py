@@ -1,8 +1,9 @@
 """The backward through the Triton GEMM (LAMBDA_KERNELS_LOGPROBS_GEMM=triton or triton_tma): where a backward knows
-every row's lse (after a log-prob pass: `linear_logprobs`' own backward, the fused loss's second pass), its token
-chunks take the GEMM with the DLOGITS epilogue, which writes dlogits in the head's dtype straight from the fp32
-accumulator: no fp32 logits in memory. Checked against its formula on the epilogue alone (fp32 output), and end to
-end against the fp64 oracle on the token and split plans, masked rows, softcap and the entropy's gradient.
+every row's lse (after a log-prob pass: `linear_logprobs`' own backward, the fused loss's second pass, a split plan's
+tail), its token chunks and vocabulary slabs take the GEMM with the DLOGITS epilogue, which writes dlogits in the
+head's dtype straight from the fp32 accumulator: no fp32 logits in memory. Checked against its formula on the
+epilogue alone (fp32 output), and end to end against the fp64 oracle on the token, split and vocab plans, masked
+rows, softcap and the entropy's gradient.
 
 The interpreter runs it on fp16 (bf16 dots are wrong there)."""
 import pytest
@@ -21,9 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in mul
 
 @pytest.fixture(params=["triton", "triton_tma"])
 def dlogits_chunks(request, monkeypatch):
-    """Opt in to a Triton GEMM; the rows of every chunk whose dlogits its epilogue wrote."""
+    """Opt in to a Triton GEMM; (rows, vocabulary columns, address of the first head row) of every piece whose
+    dlogits its epilogue wrote."""
     monkeypatch.setenv(lse_gemm.GEMM_ENV, request.param)
-    return record_calls(monkeypatch, lse_gemm.LseGemm, "run_dlogits", lambda self, xs, *a: xs.shape[0])
+    return record_calls(monkeypatch, lse_gemm.LseGemm, "run_dlogits",
+                        lambda self, xs, *a: (xs.shape[0], self.weight.shape[0], self.weight.data_ptr()))
 
 
 @pytest.mark.parametrize("config", ["32,64,32,2,4,1", "64,64,32,2,1,1"])  # the tile at once; by quarters
@@ -64,23 +67,23 @@ def test_epilogue_matches_the_formula(config, V, softcap, with_ent, device, dlog
     gemm = lse_gemm.LseGemm(w.detach(), b, LogitTransform(1 / T, softcap), with_ent, 0, dlogits=True)
     dl = torch.full((M, V), float("nan"), device=device)
     gemm.run_dlogits(x.detach(), t, stats, dl)
-    assert dlogits_chunks == [M]
+    assert dlogits_chunks == [(M, V, w.data_ptr())]
     torch.testing.assert_close(dl.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
     assert (dl[:, 16:32] == 0).all()
 
 
-@pytest.mark.parametrize("grad_plan, rows", [("tokens", 16), ("split", 16)])
+@pytest.mark.parametrize("grad_plan, rows", [("tokens", 16), ("split", 16), ("vocab", 16)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_linear_logprobs_backward_matches_oracle(grad_plan, rows, masked, device, dlogits_chunks, monkeypatch):
-    """`linear_logprobs`' backward in several token chunks (or a split plan's chunks, the tail over vocabulary slabs
-    taking cuBLAS logits), with bias, temperature, the entropy's gradient and (masked) NaN padding rows: the
-    gradients of the fp64 oracle within half-precision rounding, and the chunks were the Triton GEMM's."""
+    """`linear_logprobs`' backward in several token chunks, a split plan's chunks and its tail over vocabulary slabs,
+    or the vocab plan's slabs, with bias, temperature, the entropy's gradient and (masked) NaN padding rows: the
+    gradients of the fp64 oracle within half-precision rounding, and every piece was the Triton GEMM's."""
     N, H, V = 70, 40, 300
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
     mask = torch.arange(N, device=device) % 4 != 1 if masked else None
     monkeypatch.setenv(plan.BUDGET_ENV, str(rows * 2 * 304))  # chunks of `rows` 2-byte rows
     monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
-    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none" if grad_plan == "tokens" else str(rows * 2 * 304))
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none" if grad_plan != "split" else str(rows * 2 * 304))
     xs = x.detach().clone()
     if masked:
         xs[~mask] = float("nan")
@@ -93,7 +96,18 @@ def test_linear_logprobs_backward_matches_oracle(grad_plan, rows, masked, device
     lp_ref, ent_ref, leaves = oracle(x, w, b, torch.where(t < 0, 0, t), 0.8, mask=mask)
     want = grads_of(lp_ref, ent_ref, g_lp.double(), g_ent.double(), leaves)
     n_real = N if mask is None else int(mask.sum())
-    assert sum(dlogits_chunks) == n_real and len(dlogits_chunks) == -(-n_real // rows)
+    chunks = [m for m, cols, _ in dlogits_chunks if cols == V]  # (token chunks: the whole vocabulary)
+    slab_rows = {}  # rows through each vocabulary slab (first head row, columns)
+    for m, cols, ptr in dlogits_chunks:
+        if cols < V:
+            first = (ptr - w.data_ptr()) // (H * w.element_size())
+            slab_rows[first, cols] = slab_rows.get((first, cols), 0) + m
+    assert sum(chunks) == (0 if grad_plan == "vocab" else n_real)
+    assert grad_plan == "vocab" or len(chunks) == -(-n_real // rows)
+    if grad_plan != "tokens":  # slabs one after the other up to V (from 0: the vocab plan; the tail: from V_t > 0),
+        spans = sorted(slab_rows)  # each over every real row
+        assert len(spans) > 1 and (spans[0][0] == 0) == (grad_plan == "vocab") and sum(spans[-1]) == V
+        assert all(sum(a) == b[0] for a, b in zip(spans, spans[1:])) and set(slab_rows.values()) == {n_real}
     for name, a, e in zip(["hidden", "weight", "bias"], got, want):
         a, e = (a[real], e[real]) if name == "hidden" else (a, e)
         torch.testing.assert_close(a.double(), e, rtol=2e-3, atol=2e-3 * e.abs().max().item(), msg=name)
@@ -111,7 +125,7 @@ def test_fused_two_pass_path_takes_it(device, dlogits_chunks, monkeypatch):
     kw = dict(old_logprobs=old, trace="both", lam=0.95, adv_clamp_min=-0.1, entropy_coef=0.01, return_entropy=True)
     loss, metrics = lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv, bias=b, **kw)
     grads = torch.autograd.grad(loss, (hidden, weight, b))
-    assert sum(dlogits_chunks) == int(mask.sum()) and len(dlogits_chunks) > 1
+    assert sum(m for m, _, _ in dlogits_chunks) == int(mask.sum()) and len(dlogits_chunks) > 1
     loss_r, _, grads_r = reference_run(hidden, weight, b, ids, mask, adv, **kw)
     torch.testing.assert_close(loss.double(), loss_r, rtol=1e-4, atol=1e-5)
     for name, a, e in zip(["hidden", "weight", "bias"], grads, grads_r):

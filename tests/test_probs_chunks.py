@@ -57,7 +57,7 @@ def _run(hidden, weight, b, ids, mask, adv, **kw):
 
 # (plan, rows per chunk, memory budget): token chunks of several sequences (off-policy: one pass); chunks shorter
 # than B·T, which the on-policy pass queues ahead of the count of real tokens; the split plan (its tail pass over
-# vocabulary slabs takes cuBLAS logits with the lse the chunks left)
+# vocabulary slabs takes the Triton GEMM's dlogits epilogue with the lse the chunks left)
 CHUNK_PATHS = [("tokens", 40, "none"), ("tokens", 20, "none"), ("split", 20, "split")]
 
 
@@ -74,15 +74,17 @@ def test_matches_oracle_as_closely_as_cublas_chunks(on_policy, grad_plan, rows, 
     # split: a budget of one chunk leaves the chunks the dW rows the gradient's own bytes hold, the tail the rest
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(rows * launch.probs_row_bytes(V)) if budget == "split" else budget)
     splits = record_calls(monkeypatch, fused_launch, "split_pipeline", lambda *a, **k: 1)
+    tails = record_calls(monkeypatch, lse_gemm.LseGemm, "run_dlogits", lambda self, xs, *a: self.weight.shape[0])
     loss, metrics, grads = _run(hidden, weight, b, ids, mask, adv, **kw)
     assert bool(splits) == (grad_plan == "split")
+    assert bool(tails) == (grad_plan == "split") and all(cols < V for cols in tails)  # (slabs of the tail only)
     n_real = int(mask.sum())
     assert probs_chunks and sum(probs_chunks) >= n_real and max(probs_chunks) <= rows
     assert len(probs_chunks) > 1  # several chunks
-    taken = len(probs_chunks)
+    taken, tails_taken = len(probs_chunks), len(tails)
     monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")
     loss_c, metrics_c, grads_c = _run(hidden, weight, b, ids, mask, adv, **kw)
-    assert len(probs_chunks) == taken  # the cuBLAS chunks emit nothing
+    assert (len(probs_chunks), len(tails)) == (taken, tails_taken)  # cuBLAS chunks emit nothing, their tail neither
     errors, errors_c = _errors((loss, grads), want), _errors((loss_c, grads_c), want)
     scales = [abs(want[0].item())] + [e.abs().max().item() for e in want[2]]
     for name, err, err_c, scale in zip(["loss", "hidden", "weight", "bias"], errors, errors_c, scales):

@@ -30,7 +30,7 @@ import triton
 
 from ..linear_logprobs import chunked_torch
 from ..linear_logprobs.launch import dlogits_rows, grad_pipeline, logprob_rows, logprobs_backward, \
-    logprobs_forward, plan_for, row_config, slab_dlogits, split_pipeline, stats_dtype, torch_rows
+    logprobs_forward, plan_for, row_config, slab_dlogits, slab_dlogits_gemm, split_pipeline, stats_dtype, torch_rows
 from ..linear_logprobs.logit_transform import LogitTransform
 from ..linear_logprobs.lse_gemm import LseGemm, use_lse_gemm
 from ..linear_logprobs.plan import memory_budget_bytes, piece_cap, pieces, split_size
@@ -267,7 +267,7 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
         lse_c = None if split else batch.empty()  # (each chunk's lse, where no tail keeps them)
 
-        def chunk_fn(sl, x_c, dl):
+        def chunk_fn(sl, _cols, x_c, dl):
             lse_s = (lse_v if split else lse_c)[sl]
             u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
             gemm.run(x_c, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl], u)
@@ -278,14 +278,22 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
                           g_v[sl] if split else None)
 
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, None if gent_v is None else ent_v, g_v, gent_v, tf)
-        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, row_pieces,
-                                           rows_impl, plan, batch.valid, live,
+        tail_args = (bias, tgt, lse_v, None if gent_v is None else ent_v, g_v, gent_v, tf)
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, slab_dlogits(rows_impl, *tail_args),
+                                           need_dx, need_db, row_pieces, rows_impl, plan, batch.valid, live,
                                            None if ahead is None else ahead.rows,  # (the tail: real rows only)
-                                           chunk_dlogits=chunk_fn)
+                                           chunk_dlogits=chunk_fn, tail_dlogits=_tail_gemm(rows_impl, batch.x,
+                                                                                           weight, tail_args))
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, row_pieces,
                                       rows_impl, cast_dw=cast_dw, rows=batch.valid, live=live,
                                       chunk_dlogits=chunk_fn)
+
+
+def _tail_gemm(rows_impl: str, x, weight, tail_args):
+    """The split plan's tail through the Triton GEMM's dlogits epilogue wherever the log-prob passes take that GEMM
+    (softcap and entropy bonus included: the tail knows each row's lse), else None (cuBLAS logits and the row
+    kernel). tail_args: `slab_dlogits`'s after rows_impl."""
+    return slab_dlogits_gemm(weight, *tail_args) if use_lse_gemm(x, weight, rows_impl) else None
 
 
 def _chunk_capacity(plan, batch: _Batch) -> int:
@@ -344,16 +352,18 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
     if probs:
         gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
 
-        def chunk_fn(sl, x_c, dl):
+        def chunk_fn(sl, _cols, x_c, dl):
             u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
             gemm.run(x_c, tgt[sl], lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl], u)
             probs_dlogits(gemm, u, dl, tgt[sl], lse_v[sl], lp_v[sl], token_grad(sl), None, None, 0.0, tf)
 
     pieces = [tokens for _, tokens in sequences]
     if split:
-        tail = slab_dlogits(rows_impl, bias, tgt, lse_v, ent_g, g_full, gent_v, tf)
-        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, tail, need_dx, need_db, pieces, rows_impl,
-                                           plan, batch.valid, chunk_dlogits=chunk_fn)
+        tail_args = (bias, tgt, lse_v, ent_g, g_full, gent_v, tf)
+        return lp_v, ent_v, split_pipeline(batch.x, weight, bias, row_fn, slab_dlogits(rows_impl, *tail_args),
+                                           need_dx, need_db, pieces, rows_impl, plan, batch.valid,
+                                           chunk_dlogits=chunk_fn,
+                                           tail_dlogits=_tail_gemm(rows_impl, batch.x, weight, tail_args))
     return lp_v, ent_v, grad_pipeline(batch.x, weight, bias, row_fn, need_dx, need_dw, need_db, pieces, rows_impl,
                                       cast_dw=cast_dw, rows=batch.valid, chunk_dlogits=chunk_fn)
 

@@ -170,7 +170,8 @@ def probs_row_bytes(V: int, with_stats: bool = True) -> int:
 
 
 RowGradFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]  # (rows, vocabulary columns, logits, dl)
-ChunkDlogitsFn = Callable[[slice, torch.Tensor, torch.Tensor], None]  # (rows, their hidden states x_c, dl)
+# (rows, vocabulary columns, the rows' hidden states x_c, dl): a piece's dlogits straight from its hidden states
+ChunkDlogitsFn = Callable[[slice, slice, torch.Tensor, torch.Tensor], None]
 
 
 def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bool, need_db: bool,
@@ -202,9 +203,10 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     learns while the GPU runs the first (`fused_loss.launch._PiecesAhead`). live (with rows, bool per entry of rows):
     the entries that are real rows; the others (filler of a pass that runs ahead of the count of real rows) go to
     the GEMMs as zeros, so that with dlogits 0 from row_fn they add exactly 0 whatever their hidden states hold.
-    chunk_dlogits (one slab, a half head): instead of the cuBLAS logits and row_fn, `chunk_dlogits(rows, x_c, dl)`
-    writes a piece's dlogits [m, V] (x's dtype) from its hidden states x_c: the fused loss's chunks through the
-    probability-emitting Triton GEMM, whose buffer holds 2 bytes a logit (`probs_row_stride`), not 4.
+    chunk_dlogits (a half head): instead of the cuBLAS logits and row_fn, `chunk_dlogits(rows, cols, x_c, dl)`
+    writes a piece's dlogits [m, cols] (x's dtype) from its hidden states x_c: the fused loss's chunks through the
+    probability-emitting Triton GEMM, or the Triton GEMM's dlogits epilogue where the rows' lse is known
+    (`slab_dlogits_gemm`); their buffer holds 2 bytes a logit (`probs_row_stride`), not 4.
     """
     assert live is None or rows is not None, "live rows need gathered rows: x itself is never written"
     H = x.shape[1]
@@ -238,9 +240,9 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
     # once, not once per slab
     gather_once = rows is not None and isinstance(pieces, list) and len(pieces) == 1
     x_c = None
-    assert chunk_dlogits is None or (len(slabs) == 1 and x.element_size() == 2), "2-byte chunks of one slab"
+    assert chunk_dlogits is None or x.element_size() == 2, "2-byte dlogits need a half hidden"
     if N > 0:
-        stride = probs_row_stride(V) if chunk_dlogits is not None else slabs[0].stop
+        stride = probs_row_stride(slabs[0].stop) if chunk_dlogits is not None else slabs[0].stop
         buf = torch.empty((most * stride,), dtype=sdt if chunk_dlogits is None else x.dtype, device=x.device)
         logits = None
         for sv in slabs:
@@ -260,7 +262,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
                     x_c.masked_fill_(~live[sl, None], 0)  # (x_c is x_buf's: x itself is never written)
                 if chunk_dlogits is not None:
                     dl = buf[: m * stride].view(m, stride)[:, :cols]
-                    chunk_dlogits(sl, x_c, dl)
+                    chunk_dlogits(sl, sv, x_c, dl)
                 else:
                     logits = buf[: m * cols].view(m, cols)
                     gemm.logits(x_c, logits)
@@ -297,15 +299,16 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
 def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, need_dx: bool, need_db: bool,
                    pieces: int | list[slice], rows_impl: str, plan: GradPlan, rows: torch.Tensor | None = None,
                    live: torch.Tensor | None = None, tail_rows: Callable[[], torch.Tensor | None] | None = None,
-                   chunk_dlogits: ChunkDlogitsFn | None = None):
+                   chunk_dlogits: ChunkDlogitsFn | None = None, tail_dlogits: ChunkDlogitsFn | None = None):
     """The split plan (plan.py) for a half head's dX, dW (and db): `grad_pipeline` over the token pieces gives dX,
     db and the dW rows [0, plan.dw_rows), cast in place; then the tail pass casts the other dW rows into the same
     gradient, from vocabulary slabs of all rows whose dlogits `tail_row_fn(rows, cols, logits, dl)` forms (cols: a
     slice of the whole vocabulary) from what the pieces' row_fn left behind (each row's lse and token gradient).
     rows, live: as in grad_pipeline (both passes gather their pieces); tail_rows, asked for after the chunks: the
     tail's rows instead of `rows` (those of a chunk pass that ran ahead of the count, known by then); chunk_dlogits:
-    the token pieces' dlogits instead of row_fn's (grad_pipeline). Returns (dX, dW, db) as grad_pipeline does, dW
-    always cast."""
+    the token pieces' dlogits instead of row_fn's (grad_pipeline); tail_dlogits: the tail's instead of
+    tail_row_fn's (cols, as tail_row_fn's, of the whole vocabulary: `slab_dlogits_gemm`). Returns (dX, dW, db) as
+    grad_pipeline does, dW always cast."""
     dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, True, need_db, pieces, rows_impl, cast_dw=True,
                                dw_rows=plan.dw_rows, rows=rows, live=live,
                                chunk_dlogits=chunk_dlogits)  # (cast before the tail's rows)
@@ -314,8 +317,12 @@ def split_pipeline(x, weight, bias, row_fn: RowGradFn, tail_row_fn: RowGradFn, n
         def tail_slab(sl, sv, logits, dl):  # sv counts from v0
             tail_row_fn(sl, slice(v0 + sv.start, v0 + sv.stop), logits, dl)
 
+        def tail_chunk(sl, sv, x_c, dl):
+            tail_dlogits(sl, slice(v0 + sv.start, v0 + sv.stop), x_c, dl)
+
         grad_pipeline(x, weight[v0:], None, tail_slab, False, True, False, plan.tail.rows, rows_impl,
-                      slab_cols=plan.tail.cols, dw_out=dw[v0:], rows=rows if tail_rows is None else tail_rows())
+                      slab_cols=plan.tail.cols, dw_out=dw[v0:], rows=rows if tail_rows is None else tail_rows(),
+                      chunk_dlogits=None if tail_dlogits is None else tail_chunk)
     return dx, dw, db
 
 
@@ -331,6 +338,23 @@ def slab_dlogits(rows_impl: str, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTran
                      tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, lse[sl], None if ent is None else ent[sl],
                      g_lp[sl], None if g_ent is None else g_ent[sl], tf, dl)
     return row_fn
+
+
+def slab_dlogits_gemm(weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform) -> ChunkDlogitsFn:
+    """`slab_dlogits` through the Triton GEMM (`LseGemm.run_dlogits`): the dlogits of any rows and vocabulary slab
+    straight from their hidden states, without fp32 logits (a GEMM per slab of the head, its rows a view of it).
+    lse, g_lp (ent, g_ent) are read at the first call: a split plan's chunks fill them before its tail runs."""
+    with_ent = g_ent is not None
+    stats, gemms = [], {}
+
+    def chunk_fn(sl, sv, x_c, dl):
+        if not stats:  # [2 or 4, n] fp32, unit stride along the rows, as the epilogue reads them
+            stats.append(torch.stack([lse, g_lp] + ([ent, g_ent] if with_ent else [])).to(torch.float32))
+        key = (sv.start, sv.stop)
+        if key not in gemms:
+            gemms[key] = LseGemm(weight[sv], None if bias is None else bias[sv], tf, with_ent, 0, dlogits=True)
+        gemms[key].run_dlogits(x_c, tgt[sl] if sv.start == 0 else tgt[sl] - sv.start, stats[0][:, sl], dl)
+    return chunk_fn
 
 
 def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTransform, rows_impl: str,
@@ -353,23 +377,15 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTran
     x_all, gather = x, rows
     if shard is not None and rows is not None:  # the group sums dX of the gathered rows only: one copy of them
         x, gather = x.index_select(0, rows), None
-    # where the log-prob pass took the Triton GEMM, token chunks take it too, its epilogue writing dlogits
+    # where the log-prob pass took the Triton GEMM, every piece and slab takes it too, its epilogue writing dlogits
     triton_chunks = shard is None and use_lse_gemm(x, weight, rows_impl)
     plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0], probs=triton_chunks)
 
     row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, tf)
-    chunk_fn = None
-    if triton_chunks and plan.kind in ("tokens", "split"):
-        with_ent = g_ent is not None
-        stats = torch.stack([lse, g_lp] + ([ent, g_ent] if with_ent else [])).to(torch.float32)  # [2 or 4, n]
-        gemm = LseGemm(weight, bias, tf, with_ent, 0, dlogits=True)
-
-        def chunk_fn(sl, x_c, dl):
-            gemm.run_dlogits(x_c, tgt[sl], stats[:, sl], dl)
-
+    chunk_fn = slab_dlogits_gemm(weight, bias, tgt, lse, ent, g_lp, g_ent, tf) if triton_chunks else None
     if plan.kind == "split":
         dx, dw, db = split_pipeline(x, weight, bias, row_fn, row_fn, need_dx, need_db, plan.rows, rows_impl, plan,
-                                    gather, chunk_dlogits=chunk_fn)
+                                    gather, chunk_dlogits=chunk_fn, tail_dlogits=chunk_fn)
     else:
         dx, dw, db = grad_pipeline(x, weight, bias, row_fn, need_dx, need_dw, need_db, plan.rows, rows_impl,
                                    plan.cols if plan.kind == "vocab" else None, fp32_dx, cast_dw, rows=gather,
