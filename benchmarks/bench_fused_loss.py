@@ -4,8 +4,9 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on        fused_grpo_lambda_loss on-policy (old_logprobs=None), defaults: workspace ≤ the default memory
                  budget (960 MiB, accumulators included), which at these shapes is the split plan (token chunks in
                  one pass summing dW for 63–99% of the vocabulary, a tail pass over vocabulary slabs for the rest:
-                 (8·V − 2·V_t)·N·H FLOPs); the note column names each fused row's plan and its time by the
-                 planner's cost model (kernels only), to check the model
+                 (8·V − 2·V_t)·N·H FLOPs), and on a Hopper GPU the Triton TMA GEMM (LAMBDA_KERNELS_LOGPROBS_GEMM=auto:
+                 see ours_on_tma); the note column names each fused row's plan and its time by the planner's cost
+                 model (kernels only), to check the model
   ours_off       the same off-policy (old_logprobs given): one pass when every sequence fits a chunk of logits
                  (the 1.5B/7B/8B shapes), else two (the 65,536-token row)
   ours_on_unbounded  ours_on with LAMBDA_KERNELS_MEMORY_BUDGET=none: the token plan, ≈ 6·N·H·V FLOPs with the
@@ -17,11 +18,13 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_exposed  ours_on planned as if each chunk's fp32 dW read and write were not hidden at all
                  (plan.DW_TRAFFIC_EXPOSED = 1 instead of 0.5; 2026-11-27's 1.5B profile showed it so): bigger
                  chunks and a smaller V_t under the same budget; if faster, the constant should change
-  ours_on_tma / ours_off_tma  ours_on / ours_off with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma: the token chunks
-                 through the persistent TMA GEMM whose epilogue stores fp16 probabilities (2 bytes a logit where
-                 cuBLAS chunks hold 4 of fp32 logits; a kernel turns them into dlogits once the row's lse is known),
-                 so the budget holds twice the rows (the 1.5B shapes: the token plan within 960 MiB), and ℓ is
-                 bit-identical to ours_logprobs_masked_tma's
+  ours_on_tma / ours_off_tma  ours_on / ours_off with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (what "auto", the
+                 default, takes on a Hopper GPU): the token chunks through the persistent TMA GEMM whose epilogue
+                 stores fp16 probabilities (2 bytes a logit where cuBLAS chunks hold 4 of fp32 logits; a kernel turns
+                 them into dlogits once the row's lse is known), so the budget holds twice the rows, ℓ bit-identical
+                 to ours_logprobs_masked_tma's, and a split plan's tail slabs write dlogits from the same GEMM
+  ours_on_cublas / ours_off_cublas / ours_logprobs_masked_cublas  with LAMBDA_KERNELS_LOGPROBS_GEMM=cublas (the
+                 default before 2026-11-27, and on GPUs without TMA): fp32 logits chunks from cuBLAS, row kernels
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -56,7 +59,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
-from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV
+from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV, gemm_for
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
 
@@ -69,20 +72,23 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_unbounded", "ours_on_vocab",
-        "ours_on_softcap", "ours_on_entropy", "ours_on_exposed", "ours_logprobs", "ours_logprobs_masked",
-        "ours_logprobs_masked_tma"]
-FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_unbounded", "ours_on_vocab",
-              "ours_on_softcap", "ours_on_entropy", "ours_on_exposed")
-PROBS_CHUNKS = ("ours_on_tma", "ours_off_tma")  # fused providers whose token chunks hold 2-byte probabilities
-LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma")  # forward only: 2·N·H·V
-MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma")  # log-prob providers that pass mask=
+OURS = ["ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
+        "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_exposed",
+        "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma", "ours_logprobs_masked_cublas"]
+FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
+              "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_exposed")
+OFF_POLICY = ("ours_off", "ours_off_tma", "ours_off_cublas")  # fused providers given old log-probs
+LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
+                 "ours_logprobs_masked_cublas")  # forward only: 2·N·H·V
+MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma", "ours_logprobs_masked_cublas")  # they pass mask=
 # environment per provider (the library reads these on every call); every other provider runs with them unset,
 # which is the library's defaults
 PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_vocab": {PLAN_ENV: "vocab"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"},
-                "ours_on_tma": {GEMM_ENV: "triton_tma"}, "ours_off_tma": {GEMM_ENV: "triton_tma"}}
+                "ours_on_tma": {GEMM_ENV: "triton_tma"}, "ours_off_tma": {GEMM_ENV: "triton_tma"},
+                "ours_logprobs_masked_cublas": {GEMM_ENV: "cublas"},
+                "ours_on_cublas": {GEMM_ENV: "cublas"}, "ours_off_cublas": {GEMM_ENV: "cublas"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 # planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
 PROVIDER_PLAN_CONSTANTS = {"ours_on_exposed": {"DW_TRAFFIC_EXPOSED": 1.0}}
@@ -213,7 +219,7 @@ def make_step(provider: str, inp: dict):
                 return lk.linear_logprobs(h, w, inp["ids"], mask=mask)
         return step
     if provider in FUSED_OURS:
-        old = inp["old"] if provider in ("ours_off", "ours_off_tma") else None
+        old = inp["old"] if provider in OFF_POLICY else None
 
         def step():
             h.grad = w.grad = None
@@ -250,7 +256,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
                                  ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
                                  ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy"),
                                  ("on_exposed", None, "ours_on_exposed"), ("on_tma", None, "ours_on_tma"),
-                                 ("off_tma", sub["old"], "ours_off_tma")):
+                                 ("off_tma", sub["old"], "ours_off_tma"), ("on_cublas", None, "ours_on_cublas"),
+                                 ("off_cublas", sub["old"], "ours_off_cublas")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
@@ -340,8 +347,9 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         # on-policy token chunks plan for all B·T rows, as they queue their first chunk before the real ones are
         # counted (`fused_loss.launch._PiecesAhead`); the other paths plan for the real rows
         with provider_env(provider):
-            chunk = dict(dw_accumulator=True, dx_accumulator=True,
-                         row_bytes=probs_row_bytes(V) if provider in PROBS_CHUNKS else None)
+            # (token chunks of 2-byte probabilities where the provider's chunks take the Triton GEMM)
+            probs = provider not in PROVIDER_OPTIONS and gemm_for(inp["weight"]) != "cublas"
+            chunk = dict(dw_accumulator=True, dx_accumulator=True, row_bytes=probs_row_bytes(V) if probs else None)
             p = grad_plan(N if provider.startswith("ours_on") else n_valid, V, H, **chunk)
             if p.kind == "vocab":
                 p = grad_plan(n_valid, V, H, **chunk)

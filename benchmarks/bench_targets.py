@@ -3,8 +3,8 @@ shape, so that a GPU run says at once which targets it met (`gpu_check.py` write
 
 Targets (bf16, median, time over the floor at the matmul rate measured in the same run, N = B·T), each with at most
 1 GiB of extra memory:
-  on-policy fused loss fwd+bwd ≤ 1.10 × 6·N·H·V (the library's defaults, `ours_on`, or its Triton-GEMM chunks,
-  `ours_on_tma`: the table names the row judged);
+  on-policy fused loss fwd+bwd ≤ 1.10 × 6·N·H·V (the library's defaults, `ours_on`, or the same with the
+  Triton-GEMM chunks forced, `ours_on_tma`: the table names the row judged);
   off-policy ≤ 1.45 × 6·N·H·V (`ours_off`, `ours_off_tma`);
   linear_logprobs under no_grad ≤ 1.10 × 2·N·H·V (the best of the log-prob providers, the one a trainer would pick).
 """

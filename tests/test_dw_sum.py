@@ -5,7 +5,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels.ops.linear_logprobs import dw_sum as dw_sum_mod
-from lambda_kernels.ops.linear_logprobs import plan
+from lambda_kernels.ops.linear_logprobs import lse_gemm, plan
 from lambda_kernels.ops.linear_logprobs.dw_sum import HalfHeadGradSum
 
 from ._helpers import IMPLS, record_calls
@@ -136,6 +136,7 @@ def test_half_head_holds_half_the_fp32_sum_beside_its_gradient(impl, op, grad_pl
     and of a chunk's dlogits (no half GEMM with an fp32 output there). The split plan, under a memory budget that
     leaves room for the sums of 300 rows beyond the gradient's bytes, holds that much less."""
     B, T, H, V, rows = 4, 50, 64, 3000, 16
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")  # (the bound counts fp32 logits chunks)
     monkeypatch.setenv(plan.BUDGET_ENV, str(4 * V * rows))
     monkeypatch.delenv(plan.MEMORY_BUDGET_ENV, raising=False)
     monkeypatch.setenv(plan.PLAN_ENV, grad_plan)

@@ -9,7 +9,7 @@ import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops import real_tokens
 from lambda_kernels.ops.fused_loss import launch as fused_launch
-from lambda_kernels.ops.linear_logprobs import launch, plan
+from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
 from ._helpers import record_calls, set_chunk_rows
 from ._lm_head import assert_matches, make_batch, reference_run
@@ -19,7 +19,10 @@ CHUNK = 8  # rows per chunk; the batches below have 3·17 = 51 rows
 
 @pytest.fixture
 def order(monkeypatch):
-    """("chunk", rows) for each piece of rows gathered for a GEMM, and "read" when the host waits for the check."""
+    """("chunk", rows) for each piece of rows gathered for a GEMM, and "read" when the host waits for the check.
+    Chunks of CHUNK fp32 logits rows: the cuBLAS chunks (the Triton GEMM's 2-byte chunks run ahead of the count in
+    test_probs_chunks.py)."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")
     set_chunk_rows(monkeypatch, CHUNK)
     events = []
     record_calls(monkeypatch, launch, "gather_rows",

@@ -7,7 +7,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels.ops.linear_logprobs import gemm as gemm_mod
-from lambda_kernels.ops.linear_logprobs import launch, plan
+from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
 from ._helpers import IMPLS, logits_gemm_shapes, poisoned_outputs, record_calls
 from ._lm_head import assert_fp32_matches_oracle, assert_matches, assert_no_worse_than_naive, grads_of, make_batch, \
@@ -208,10 +208,11 @@ def test_vocab_plan_linear_logprobs_matches_fp64_oracle(impl, rows, cols, bias, 
 def test_vocab_plan_half_relative_oracle_and_no_full_accumulator(impl, row_pieces, device, monkeypatch):
     """fp16 head and hidden: slab-sized fp32 accumulators only, errors no worse than PyTorch in fp16. Budgets
     (fp32 dX sum and gathered rows + slab accumulator + logits): slabs of 128 over all rows, or over pieces of ≤ 16
-    rows."""
+    rows. cuBLAS's fp32 logits: under the same budget the Triton GEMM's 2-byte token chunks fit a split plan."""
     N, H, V = 40, 40, 300
     budget = 6 * N * H + 4 * 128 * H + 4 * 128 * (16 if row_pieces else N)
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(budget))
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
     # the first piece of each slab writes its dW, the others add to it
     written, added = (record_calls(monkeypatch, gemm_mod.Gemm, method, lambda self, acc, d, x_c: tuple(acc.shape))
@@ -280,8 +281,10 @@ def test_fused_loss_under_the_vocab_plan_matches_reference(impl, trace, on_polic
 @pytest.fixture
 def split_plan(monkeypatch):
     """Force the split plan: token chunks of ≤ `rows` rows summing dW for the vocabulary rows [0, ≥ dw_rows), then
-    the tail pass over the others."""
+    the tail pass over the others. The budgets count fp32 logits chunks: cuBLAS's (the Triton GEMM's split plans:
+    test_probs_chunks.py, test_dlogits_gemm.py)."""
     def set_plan(rows, V, H, dw_rows):
+        monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")
         monkeypatch.setenv(plan.PLAN_ENV, "split")
         monkeypatch.setenv(plan.BUDGET_ENV, str(4 * rows * V))
         monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(4 * rows * V + 4 * (dw_rows - plan.split_rows(V)) * H))
@@ -329,6 +332,7 @@ def test_fused_loss_under_the_split_plan(impl, policy, device, split_plan, monke
     an fp16 rounding of it, and every output written (NaN-poisoned); on-policy and one-pass off-policy keep one pass
     over the chunks (the tail reads the lse and token gradients they leave), a sequence longer than a chunk takes
     two passes (`logprobs_backward`)."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")  # (both runs: the same chunks, bit for bit)
     hidden, weight, b, ids, mask, adv = make_batch(V=300, dtype=torch.float16, device=device, seed=11)
     old = None if policy == "on" else perturbed_old(hidden, weight, b, ids, 0.9)
     with torch.no_grad():

@@ -102,7 +102,9 @@ def test_real_tokens_of_one_chunk_redo_the_first(gemm, n_real, order, device):
 
 def test_first_chunk_of_first_piece_rows(order, monkeypatch, device):
     """With room for more than twice FIRST_PIECE_ROWS in a chunk, the first of several chunks has FIRST_PIECE_ROWS
-    rows and the rest are balanced."""
+    rows and the rest are balanced (pieces of fp32 logits rows: cuBLAS's; the Triton GEMM's pieces are bounded by
+    its partial statistics, test_lse_gemm.py)."""
+    monkeypatch.setenv(lse_gemm.GEMM_ENV, "cublas")
     set_chunk_rows(monkeypatch, 7)
     monkeypatch.setattr(plan, "FIRST_PIECE_ROWS", 2)
     x, w, b, t = inputs(16, device, seed=5)

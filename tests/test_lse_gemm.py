@@ -352,16 +352,26 @@ def test_gpu_bf16_matches_cublas_path(V, gemm, launches, monkeypatch):
     assert launches[MAIN_LOOPS[gemm]], f"{gemm} did not run its own main loop on this GPU"
 
 
+def test_auto_is_tma_on_a_hopper_head_only(device):
+    """"auto" takes TMA for a CUDA head TMA can load (a Hopper GPU), never on the CPU (the interpreter's TMA is for
+    the tests that ask for it), and not for rows TMA cannot load."""
+    w = torch.zeros((64, 32), dtype=torch.float16, device=device)
+    hopper = device.type == "cuda" and lse_gemm.tma_serves(w)
+    assert lse_gemm.auto_takes_tma(w) == hopper
+    assert not lse_gemm.auto_takes_tma(torch.zeros((64, 36), dtype=torch.float16, device=device)[:, :33])
+    assert not lse_gemm.auto_takes_tma(w.cpu())
+
+
 @pytest.mark.parametrize("tma", [True, False])
 def test_auto_takes_the_tma_gemm_only_where_tma_serves(tma, device, launches, monkeypatch):
-    """LAMBDA_KERNELS_LOGPROBS_GEMM=auto: the persistent TMA GEMM where TMA can load the head (the interpreter, or a
-    Hopper GPU with aligned rows), else cuBLAS, never the slower per-tile kernel; the fused loss's chunks choose
-    alike (their emitted probabilities with TMA), so ℓ stays bit-identical between the two."""
+    """LAMBDA_KERNELS_LOGPROBS_GEMM=auto, the default: the persistent TMA GEMM where TMA can load the head (here
+    stood in for on the CPU, where auto takes cuBLAS), else cuBLAS, never the slower per-tile kernel; the fused
+    loss's chunks choose alike (their emitted probabilities with TMA), so ℓ stays bit-identical between the two."""
     from lambda_kernels.ops.fused_loss import launch as fused_launch
 
-    monkeypatch.setenv(lse_gemm.GEMM_ENV, "auto")
-    if not tma:
-        monkeypatch.setattr(lse_gemm, "tma_serves", lambda *operands: False)
+    monkeypatch.delenv(lse_gemm.GEMM_ENV, raising=False)
+    assert lse_gemm.logprobs_gemm() == "auto"
+    monkeypatch.setattr(lse_gemm, "auto_takes_tma", lambda weight: tma)
     probs = record_calls(monkeypatch, fused_launch, "probs_dlogits", lambda *a, **k: 1)
     hidden, weight, b, ids, mask, adv = make_batch(B=3, dtype=torch.float16, device=device, seed=31)
     with torch.no_grad():

@@ -1,13 +1,14 @@
 """When and how the log-prob pass uses the Triton GEMM with the log-sum-exp epilogue (`lse_gemm_kernels.py`).
 
-Opt-in, environment variables read on every call:
+Environment variables read on every call:
 
-    LAMBDA_KERNELS_LOGPROBS_GEMM     "cublas" (default): fp32 logits chunks from cuBLAS, then the row kernel
+    LAMBDA_KERNELS_LOGPROBS_GEMM     "auto" (default): "triton_tma" for a CUDA head TMA can load (NVIDIA Hopper or
+                                     newer, triton ≥ 3.6, 16-byte aligned rows), else "cublas" (`gemm_for`)
+                                     "cublas": fp32 logits chunks from cuBLAS, then the row kernel
                                      "triton": `lse_gemm_tiles_kernel` + `lse_gemm_merge_kernel`, no logits in memory
                                      "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one or two programs per
                                      SM) + the merge; where TMA cannot serve (rows not 16-byte aligned, not an NVIDIA
                                      Hopper-or-newer GPU, triton < 3.6) the "triton" kernel instead
-                                     "auto": "triton_tma" where TMA can serve the head, else "cublas" (`gemm_for`)
     LAMBDA_KERNELS_LSE_GEMM_CONFIG   "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,num_warps,num_stages" for either main loop
 
 It serves bf16/fp16 heads with the Triton row backend (fp32/fp64 heads keep cuBLAS: tl.dot would need tf32 or a slow
@@ -16,19 +17,17 @@ bit-identical whichever GEMM is chosen. The fused loss's one-pass token chunks t
 probability-emitting epilogue (`LseGemm` with emit; `fused_loss.launch.uses_probs_chunks`): their ℓ comes from the
 same tiles and merge, so old log-probs taken with `linear_logprobs` give on-policy ratios of exactly 1 there too,
 and a chunk holds 2 bytes per logit instead of 4 (twice the rows under the same budget). A backward whose rows' lse
-is known (`launch.logprobs_backward`: `linear_logprobs`' own, the fused loss's second pass) takes it for its token
-chunks too, with the DLOGITS epilogue (`run_dlogits`): dlogits written from the fp32 accumulator, softcap and the
-entropy's gradient included, 2 bytes a logit. Vocabulary slabs (the vocab plan, a split plan's tail) and the one-pass
-chunks under a softcap or an entropy bonus keep cuBLAS logits (their softmax uses this kernel's lse: Σp = 1 to GEMM
-summation-order noise).
+is known (`launch.logprobs_backward`: `linear_logprobs`' own, the fused loss's second pass, a split plan's tail, the
+vocab plan's slabs) takes it with the DLOGITS epilogue (`run_dlogits`; `launch.slab_dlogits_gemm`): dlogits written
+from the fp32 accumulator, softcap and the entropy's gradient included, 2 bytes a logit. Only the one-pass chunks
+under a softcap or an entropy bonus keep cuBLAS logits (their dlogits need each logit itself; their softmax uses
+this kernel's lse: Σp = 1 to GEMM summation-order noise).
 
-Not the default yet. Measured on an H100 (benchmarks/RESULTS.md, 2026-11-27), the log-prob pass with "triton_tma"
-and `mask=` took 0.86–0.99× the cuBLAS pass's time at the issue's four shapes (0.87–1.00× the 2·N·H·V floor, 0.03
-GiB of workspace instead of ~0.9); it stayed opt-in because the fused loss then computed ℓ from cuBLAS logits, and
-the exact on-policy ratio is a promise users rely on. The probability-emitting chunks (2026-11-27, after those runs)
-keep that promise, but are compiled (tests/sm90_compile.py: no spills, 16-byte stores) and interpreter-tested only,
-not timed on a GPU. "triton" (one program per tile) stays slower than cuBLAS (1.21–1.26× the floor masked, at these
-tiles).
+The default on Hopper since 2026-11-27: on an H100 (benchmarks/RESULTS.md) the TMA path met every target of issue 3
+at the four shapes where the cuBLAS chunks missed on-policy at 1.5B, and its log-prob pass with `mask=` took
+0.81–0.88× the 2·N·H·V floor with 0.02–0.03 GiB of workspace (cuBLAS: 0.88–1.17×, ~0.9 GiB). On the CPU (torch's
+GEMM; the interpreter's TMA is for tests) and on GPUs without TMA "auto" is cuBLAS: "triton" (one program per tile)
+stays slower than cuBLAS (1.21–1.26× the floor masked, at these tiles).
 """
 from __future__ import annotations
 
@@ -76,18 +75,24 @@ TMA_MIN_TRITON = (3, 6)  # the persistent kernel is compiled and checked (tests/
 
 
 def logprobs_gemm() -> str:
-    return env_choice(GEMM_ENV, GEMM_CHOICES, "cublas")
+    return env_choice(GEMM_ENV, GEMM_CHOICES, "auto")
 
 
 def gemm_for(weight: torch.Tensor) -> str:
-    """The GEMM a pass over a head weight [V, H] takes: LAMBDA_KERNELS_LOGPROBS_GEMM, with "auto" resolved to
-    "triton_tma" where TMA can load the head (`tma_serves`: Hopper or newer, triton ≥ 3.6, 16-byte aligned rows,
-    hence H-long rows of the hidden states too), else "cublas" (the per-tile kernel is slower than cuBLAS). It depends
-    on the device and the head only, so a log-prob pass and the fused loss's chunks over the same head choose alike."""
+    """The GEMM a pass over a head weight [V, H] takes: LAMBDA_KERNELS_LOGPROBS_GEMM, with "auto" (the default)
+    resolved to "triton_tma" for a CUDA head TMA can load (`tma_serves`: Hopper or newer, triton ≥ 3.6, 16-byte
+    aligned rows, hence H-long rows of the hidden states too), else "cublas" (the per-tile kernel is slower than
+    cuBLAS; on the CPU the interpreter's TMA is for tests, not speed). It depends on the device and the head only, so
+    a log-prob pass and the fused loss's chunks over the same head choose alike."""
     choice = logprobs_gemm()
     if choice != "auto":
         return choice
-    return "triton_tma" if tma_serves(weight) else "cublas"
+    return "triton_tma" if auto_takes_tma(weight) else "cublas"
+
+
+def auto_takes_tma(weight: torch.Tensor) -> bool:
+    """Whether "auto" takes the persistent TMA GEMM for this head: a CUDA head that TMA can load."""
+    return weight.is_cuda and tma_serves(weight)
 
 
 def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:
@@ -117,8 +122,8 @@ def quarter_epilogue(block_m: int, block_n: int, num_warps: int) -> bool:
 
 
 def use_lse_gemm(x: torch.Tensor, weight: torch.Tensor, rows_impl: str) -> bool:
-    """Whether this log-prob pass takes the Triton GEMM: opted in, Triton rows, a half-precision head, unit
-    stride along H (a strided head stays on cuBLAS rather than being copied)."""
+    """Whether this log-prob pass takes the Triton GEMM: chosen (`gemm_for`), Triton rows, a half-precision head,
+    unit stride along H (a strided head stays on cuBLAS rather than being copied)."""
     return (rows_impl == "triton" and weight.dtype in (torch.float16, torch.bfloat16) and weight.stride(1) == 1
             and gemm_for(weight) != "cublas")
 
