@@ -15,9 +15,10 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
   ours_on_softcap  ours_on with Gemma 2's final-logit soft-capping (softcap=30): what the tanh in the row kernels
                  costs (compare with ours_on)
   ours_on_entropy  ours_on with an entropy bonus (entropy_coef=0.01): what its gradient in the row kernels costs
-  ours_on_exposed  ours_on planned as if each chunk's fp32 dW read and write were not hidden at all
-                 (plan.DW_TRAFFIC_EXPOSED = 1 instead of 0.5; 2026-11-27's 1.5B profile showed it so): bigger
-                 chunks and a smaller V_t under the same budget; if faster, the constant should change
+  ours_on_half_exposed  ours_on planned as if half of each probability chunk's fp32 dW read and write were
+                 hidden behind its GEMM (plan.DW_TRAFFIC_EXPOSED_PROBS = 0.5, the constant before run 6 measured 1
+                 faster at 7B and 8B): smaller chunks and a larger V_t under the same budget (on a Hopper GPU: the
+                 cuBLAS chunks keep plan.DW_TRAFFIC_EXPOSED); if faster again, the constant should go back
   ours_on_tma / ours_off_tma  ours_on / ours_off with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (what "auto", the
                  default, takes on a Hopper GPU): the token chunks through the persistent TMA GEMM whose epilogue
                  stores fp16 probabilities (2 bytes a logit where cuBLAS chunks hold 4 of fp32 logits; a kernel turns
@@ -59,7 +60,7 @@ import torch
 import lambda_kernels as lk
 from lambda_kernels import reference as R
 from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
-from lambda_kernels.ops.linear_logprobs.lse_gemm import GEMM_ENV, gemm_for
+from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV, GPU_CONFIG, gemm_for
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
 
@@ -73,10 +74,10 @@ SHAPES = [
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
 OURS = ["ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
-        "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_exposed",
+        "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed",
         "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma", "ours_logprobs_masked_cublas"]
 FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
-              "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_exposed")
+              "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
 OFF_POLICY = ("ours_off", "ours_off_tma", "ours_off_cublas")  # fused providers given old log-probs
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
                  "ours_logprobs_masked_cublas")  # forward only: 2·N·H·V
@@ -91,7 +92,7 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_on_cublas": {GEMM_ENV: "cublas"}, "ours_off_cublas": {GEMM_ENV: "cublas"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 # planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
-PROVIDER_PLAN_CONSTANTS = {"ours_on_exposed": {"DW_TRAFFIC_EXPOSED": 1.0}}
+PROVIDER_PLAN_CONSTANTS = {"ours_on_half_exposed": {"DW_TRAFFIC_EXPOSED_PROBS": 0.5}}
 # options per provider beyond LOSS_OPTIONS (the entropy bonus: what its gradient adds to the row kernels)
 PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}, "ours_on_entropy": {"entropy_coef": 0.01}}
 BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
@@ -255,7 +256,7 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
     for name, old, provider in (("on", None, None), ("off", sub["old"], None),
                                  ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
                                  ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy"),
-                                 ("on_exposed", None, "ours_on_exposed"), ("on_tma", None, "ours_on_tma"),
+                                 ("on_half_exposed", None, "ours_on_half_exposed"), ("on_tma", None, "ours_on_tma"),
                                  ("off_tma", sub["old"], "ours_off_tma"), ("on_cublas", None, "ours_on_cublas"),
                                  ("off_cublas", sub["old"], "ours_off_cublas")):
         kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
@@ -317,17 +318,23 @@ def plan_note(p) -> str:
 def test_plan_note_and_table(monkeypatch):
     monkeypatch.delenv(MEMORY_BUDGET_ENV, raising=False)
 
-    def note(provider, N, V, H):
+    monkeypatch.setenv(CONFIG_ENV, ",".join(map(str, GPU_CONFIG)))  # (the GPU's tiles: its statistics' bytes)
+
+    def note(provider, N, V, H, probs=False):
         with provider_env(provider):
-            return plan_note(grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True))
+            return plan_note(grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True,
+                                       row_bytes=probs_row_bytes(V) if probs else None))
 
     # 7B: on-policy plans for all B·T = 8192 rows (it queues its first chunk before the real ones are counted)
     assert note("ours_on", 8192, 152064, 3584).startswith("split plan, 1024 rows, dW of ")
     assert note("ours_on_unbounded", 8192, 152064, 3584) == "tokens plan, 1664 rows"
     assert note("ours_on_vocab", 5734, 152064, 3584).startswith("vocab plan, 5734 rows × ")
-    # fully exposed dW traffic: fewer, bigger chunks under the same budget (and the constant restored after)
-    assert note("ours_on_exposed", 8192, 151936, 1536).startswith("split plan, 1024 rows, dW of 137472 ")
-    assert plan_module.DW_TRAFFIC_EXPOSED == 0.5
+    # chunks of 2-byte probabilities: twice the rows; planned as if half their dW traffic were hidden, smaller
+    # chunks and more dW rows in them (run 6's notes; the constant restored after)
+    assert note("ours_on", 8192, 152064, 3584, probs=True).startswith("split plan, 2048 rows, dW of 98304 ")
+    assert note("ours_on_half_exposed", 8192, 152064, 3584, probs=True).startswith(
+        "split plan, 1408 rows, dW of 113280 ")
+    assert plan_module.DW_TRAFFIC_EXPOSED_PROBS == 1.0
     row = dict(shape="s", provider="ours_on", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])

@@ -1,6 +1,6 @@
 """The LM-head pipelines: cuBLAS GEMMs per chunk of rows (and, in the vocab plan, per slab of the vocabulary), the
 row kernels on the fp32 logits chunk in between. Plans and budgets: plan.py; vocabulary-parallel heads:
-vocab_parallel.py; the opt-in Triton log-prob GEMM: lse_gemm.py.
+vocab_parallel.py; the Triton log-prob GEMM (the default on Hopper): lse_gemm.py.
 
 Per chunk of M rows (the token plan; M from the logits budget: `plan.chunk_rows`, `plan.log_prob_pieces`):
 

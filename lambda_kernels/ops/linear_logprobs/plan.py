@@ -68,10 +68,16 @@ PLAN_CHOICES = ("auto", "tokens", "vocab", "split")
 TOKEN_PLAN_MIN_ROWS = 512
 # The rates plans are rated by (`modelled_seconds`; only their ratios matter): an H100's bf16 matmul rate and copy
 # bandwidth (benchmarks/RESULTS.md, run 3), and the share of a chunk's fp32 dW read+write that its GEMM does not
-# hide (0.4–0.7 in run 3's profiles at 1.5B and 7B).
+# hide: 0.4–0.7 in run 3's profiles of the cuBLAS chunks at 1.5B and 7B (the model then reproduced their kernel
+# times within 7%). Chunks of 2-byte probabilities from the Triton GEMM (`GradPlan.row_bytes`) take their own
+# constant: cuBLAS's accumulating dW GEMM reads its fp32 tile after the main loop, and in run 6's 7B profile its
+# two halves took the sum of their matmul and traffic times (1.48 + 0.73 ms per 1280-row chunk); planned with 1
+# instead of 0.5, run 6 measured 3% (7B) and 7% (8B) less time, from fewer, bigger chunks (the 1.5B plans are the
+# same under both).
 MATMUL_RATE = 703e12
 COPY_RATE = 3.0e12
 DW_TRAFFIC_EXPOSED = 0.5
+DW_TRAFFIC_EXPOSED_PROBS = 1.0
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
 # id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
@@ -361,7 +367,8 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
     21.0 / 42.0)."""
-    F, B, exposed = MATMUL_RATE, COPY_RATE, DW_TRAFFIC_EXPOSED
+    F, B = MATMUL_RATE, COPY_RATE
+    exposed = DW_TRAFFIC_EXPOSED_PROBS if p.row_bytes else DW_TRAFFIC_EXPOSED
 
     def extra_pieces(rows: int) -> int:
         return max(-(-N // max(rows, 1)) - 1, 0)
