@@ -1,4 +1,4 @@
-"""The opt-in Triton GEMMs with a log-sum-exp epilogue for the log-prob pass (LAMBDA_KERNELS_LOGPROBS_GEMM=triton,
+"""The Triton GEMMs with a log-sum-exp epilogue for the log-prob pass (LAMBDA_KERNELS_LOGPROBS_GEMM=triton,
 one program per tile, and triton_tma, persistent with TMA loads): values against the fp64 oracle, gradients through
 them, bit-identity of the grad and no-grad paths, where they apply.
 
@@ -360,6 +360,19 @@ def test_auto_is_tma_on_a_hopper_head_only(device):
     assert lse_gemm.auto_takes_tma(w) == hopper
     assert not lse_gemm.auto_takes_tma(torch.zeros((64, 36), dtype=torch.float16, device=device)[:, :33])
     assert not lse_gemm.auto_takes_tma(w.cpu())
+
+
+@pytest.mark.parametrize("optin, fits", [(232448, True), (101376, False)])  # an H100's 227 KB; sm_120's 99 KB
+def test_auto_needs_the_tiles_to_fit_shared_memory(optin, fits, monkeypatch):
+    """The default persistent tiles need ~196 KB of shared memory for one program: "auto" takes them only on a GPU
+    whose blocks may have that much (a consumer Blackwell SM has ~100 KB: cuBLAS there)."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv(lse_gemm.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(lse_gemm, "interpreter_enabled", lambda: False)  # (the GPU's tiles, not the interpreter's)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(shared_memory_per_block_optin=optin))
+    assert lse_gemm.tma_config_fits(torch.device("cuda"), 2) == fits
 
 
 @pytest.mark.parametrize("tma", [True, False])

@@ -192,7 +192,7 @@ def test_fp32_heads_and_torch_rows_keep_cublas_chunks(device, probs_chunks):
     assert probs_chunks == []
 
 
-def test_two_byte_chunks_hold_twice_the_rows_and_fit_the_token_plan_at_1p5b(monkeypatch):
+def test_two_byte_chunks_hold_more_rows_and_rate_faster_at_1p5b(monkeypatch):
     """At Qwen2.5-1.5B's head (V 151936, H 1536) and 5,734 real tokens, fp32 logits chunks under the default 960 MiB
     budget leave only a split plan; 2-byte chunks hold the token plan's whole fp32 dW sum beside ≥ 1024-row chunks
     (which the planner weighs against split plans of bigger chunks: with the dW traffic fully exposed, as run 6

@@ -153,7 +153,7 @@ def test_fused_on_policy_log_probs_are_linear_logprobs(device):
 
 
 def test_lse_gemm_epilogue(device, monkeypatch):
-    """The opt-in Triton log-prob GEMM caps each logits tile in its epilogue (fp16 in the interpreter)."""
+    """The Triton log-prob GEMM caps each logits tile in its epilogue (fp16 in the interpreter)."""
     from lambda_kernels.ops.linear_logprobs import launch, lse_gemm
 
     from ._helpers import record_calls

@@ -267,7 +267,8 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
         lse_c = None if split else batch.empty()  # (each chunk's lse, where no tail keeps them)
 
-        def chunk_fn(sl, _cols, x_c, dl):
+        def chunk_fn(sl, cols, x_c, dl):
+            assert cols.start == 0 and cols.stop == weight.shape[0], cols  # (token chunks: the whole vocabulary)
             lse_s = (lse_v if split else lse_c)[sl]
             u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
             gemm.run(x_c, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl], u)
@@ -352,7 +353,8 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
     if probs:
         gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
 
-        def chunk_fn(sl, _cols, x_c, dl):
+        def chunk_fn(sl, cols, x_c, dl):
+            assert cols.start == 0 and cols.stop == weight.shape[0], cols  # (token chunks: the whole vocabulary)
             u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
             gemm.run(x_c, tgt[sl], lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl], u)
             probs_dlogits(gemm, u, dl, tgt[sl], lse_v[sl], lp_v[sl], token_grad(sl), None, None, 0.0, tf)

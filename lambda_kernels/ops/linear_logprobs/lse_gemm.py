@@ -3,7 +3,8 @@
 Environment variables read on every call:
 
     LAMBDA_KERNELS_LOGPROBS_GEMM     "auto" (default): "triton_tma" for a CUDA head TMA can load (NVIDIA Hopper or
-                                     newer, triton ≥ 3.6, 16-byte aligned rows), else "cublas" (`gemm_for`)
+                                     newer, triton ≥ 3.6, 16-byte aligned rows, the tiles' shared memory), else
+                                     "cublas" (`gemm_for`)
                                      "cublas": fp32 logits chunks from cuBLAS, then the row kernel
                                      "triton": `lse_gemm_tiles_kernel` + `lse_gemm_merge_kernel`, no logits in memory
                                      "triton_tma": `lse_gemm_persistent_kernel` (TMA loads, one or two programs per
@@ -23,11 +24,12 @@ from the fp32 accumulator, softcap and the entropy's gradient included, 2 bytes 
 under a softcap or an entropy bonus keep cuBLAS logits (their dlogits need each logit itself; their softmax uses
 this kernel's lse: Σp = 1 to GEMM summation-order noise).
 
-The default on Hopper since 2026-11-27: on an H100 (benchmarks/RESULTS.md) the TMA path met every target of issue 3
-at the four shapes where the cuBLAS chunks missed on-policy at 1.5B, and its log-prob pass with `mask=` took
-0.81–0.88× the 2·N·H·V floor with 0.02–0.03 GiB of workspace (cuBLAS: 0.88–1.17×, ~0.9 GiB). On the CPU (torch's
-GEMM; the interpreter's TMA is for tests) and on GPUs without TMA "auto" is cuBLAS: "triton" (one program per tile)
-stays slower than cuBLAS (1.21–1.26× the floor masked, at these tiles).
+The default on Hopper since 2026-11-27: on an H100 (benchmarks/RESULTS.md, run 6) the fused loss through it took
+1.02–1.08× the 6·N·H·V floor on-policy at the four benchmark shapes (one 1.5B measurement 1.13×), the cuBLAS chunks
+1.09–1.31×, and its log-prob pass with `mask=` 0.86–0.97× the 2·N·H·V floor with 0.02–0.03 GiB of workspace
+(cuBLAS: 0.97–1.25×, ~0.9 GiB). On the CPU (torch's GEMM; the interpreter's TMA is for tests), on GPUs without TMA
+and where the tiles do not fit (`tma_config_fits`) "auto" is cuBLAS: "triton" (one program per tile) stays slower
+than cuBLAS (1.21–1.26× the floor masked, at these tiles).
 """
 from __future__ import annotations
 
@@ -91,8 +93,21 @@ def gemm_for(weight: torch.Tensor) -> str:
 
 
 def auto_takes_tma(weight: torch.Tensor) -> bool:
-    """Whether "auto" takes the persistent TMA GEMM for this head: a CUDA head that TMA can load."""
-    return weight.is_cuda and tma_serves(weight)
+    """Whether "auto" takes the persistent TMA GEMM for this head: a CUDA head that TMA can load, on a GPU whose
+    shared memory holds one program of the default tiles."""
+    return weight.is_cuda and tma_serves(weight) and tma_config_fits(weight.device, weight.element_size())
+
+
+def tma_config_fits(device: torch.device, element_size: int) -> bool:
+    """Whether one program of the persistent kernel's tile configuration fits a block's shared memory on this GPU:
+    a Hopper SM's 227 KB hold the default's ~196 KB of pipeline buffers, an sm_120 SM's ~100 KB do not (forced
+    there, `triton_tma` would fail to launch; "auto" takes cuBLAS)."""
+    block_m, block_n, block_k, _, _, stages = tile_config(tma=True)
+    smem = stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
+                                                                          SMEM_PER_SM)
+    return smem <= limit
 
 
 def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:

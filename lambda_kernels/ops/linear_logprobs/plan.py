@@ -72,8 +72,9 @@ TOKEN_PLAN_MIN_ROWS = 512
 # times within 7%). Chunks of 2-byte probabilities from the Triton GEMM (`GradPlan.row_bytes`) take their own
 # constant: cuBLAS's accumulating dW GEMM reads its fp32 tile after the main loop, and in run 6's 7B profile its
 # two halves took the sum of their matmul and traffic times (1.48 + 0.73 ms per 1280-row chunk); planned with 1
-# instead of 0.5, run 6 measured 3% (7B) and 7% (8B) less time, from fewer, bigger chunks (the 1.5B plans are the
-# same under both).
+# instead of 0.5, run 6 measured 3% (7B) and 7% (8B) less time, from fewer, bigger chunks (the on-policy 1.5B
+# plans, for all 8192 rows, are the same under both; with fewer rows the choice between the token plan and a split
+# plan may move).
 MATMUL_RATE = 703e12
 COPY_RATE = 3.0e12
 DW_TRAFFIC_EXPOSED = 0.5
@@ -249,7 +250,8 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     backward after a log-prob pass), so the vocab plan needs no log-prob pass of its own and the split plan, which
     recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows); gathered: the
     bytes per row and hidden unit of a token chunk's gather buffers (`_token_reserve`; default: a half hidden's);
-    row_bytes: what a token chunk holds per row (default 4·V: fp32 logits; the vocab plan's slabs always hold those).
+    row_bytes: what a token chunk holds per row (default 4·V: fp32 logits; the vocab plan's slabs are sized for
+    those, also where the Triton GEMM writes 2-byte dlogits into them).
     Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
     plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
@@ -366,7 +368,9 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     a log-prob pass before the slabs costs 8, unless lse_known), each extra piece's fp32 dW read+write, fp32 dX sums
     per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
-    21.0 / 42.0)."""
+    21.0 / 42.0). Slabs (the vocab plan, a split plan's tail) through the Triton GEMM's DLOGITS epilogue are still
+    rated as cuBLAS slabs, 10 bytes a logit at MATMUL_RATE: run 6 measured them at 367 TFLOP/s with 2 bytes a
+    logit (7B tail: 1.16 ms a slab against 1.36 for cuBLAS logits and the row kernel); not re-fit."""
     F, B = MATMUL_RATE, COPY_RATE
     exposed = DW_TRAFFIC_EXPOSED_PROBS if p.row_bytes else DW_TRAFFIC_EXPOSED
 
