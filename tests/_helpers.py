@@ -54,11 +54,12 @@ def logits_gemm_shapes(monkeypatch) -> list:
     return record_calls(monkeypatch, Gemm, "logits", lambda self, x, out: tuple(out.shape))
 
 
-def set_chunk_rows(monkeypatch, rows: int, V: int = 123) -> None:
-    """A logits budget of exactly `rows` fp32 rows of V logits."""
+def set_chunk_rows(monkeypatch, rows: int, V: int = 123, row_bytes: int | None = None) -> None:
+    """A logits budget of exactly `rows` rows of a chunk: fp32 rows of V logits, or `row_bytes` a row (the Triton
+    GEMM's 2-byte chunks: `launch.probs_row_bytes`)."""
     from lambda_kernels.ops.linear_logprobs.plan import BUDGET_ENV
 
-    monkeypatch.setenv(BUDGET_ENV, str(4 * V * rows))
+    monkeypatch.setenv(BUDGET_ENV, str((row_bytes or 4 * V) * rows))
 
 
 # (plan, rows per chunk) for the fused loss's paths at the test shapes (B·T ≈ 68 rows, V = 123): "tokens" with chunks

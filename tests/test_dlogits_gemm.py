@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import lambda_kernels as lk
-from lambda_kernels.ops.linear_logprobs import lse_gemm, plan
+from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 from lambda_kernels.ops.linear_logprobs.logit_transform import LogitTransform
 
-from ._helpers import record_calls
+from ._helpers import record_calls, set_chunk_rows
 from ._lm_head import grads_of, make_batch, make_inputs, oracle, perturbed_old, reference_run, upstream
 
 # The interpreter evaluates both sides of tl.where on numpy arrays: 0·(−inf) on the discarded side warns there.
@@ -81,9 +81,10 @@ def test_linear_logprobs_backward_matches_oracle(grad_plan, rows, masked, device
     N, H, V = 70, 40, 300
     x, w, b, t = make_inputs(N, H, V, dtype=torch.float16, device=device)
     mask = torch.arange(N, device=device) % 4 != 1 if masked else None
-    monkeypatch.setenv(plan.BUDGET_ENV, str(rows * 2 * 304))  # chunks of `rows` 2-byte rows
+    row_bytes = launch.probs_row_bytes(V, with_stats=False)  # (2-byte dlogits rows)
+    set_chunk_rows(monkeypatch, rows, V, row_bytes)
     monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
-    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none" if grad_plan != "split" else str(rows * 2 * 304))
+    monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none" if grad_plan != "split" else str(rows * row_bytes))
     xs = x.detach().clone()
     if masked:
         xs[~mask] = float("nan")

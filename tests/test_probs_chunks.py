@@ -14,7 +14,7 @@ from lambda_kernels import reference as R
 from lambda_kernels.ops.fused_loss import launch as fused_launch
 from lambda_kernels.ops.linear_logprobs import launch, lse_gemm, plan
 
-from ._helpers import poisoned_outputs, record_calls
+from ._helpers import poisoned_outputs, record_calls, set_chunk_rows
 from ._lm_head import assert_loss_no_worse_than_naive, bf16_oracle_case, make_batch, perturbed_old, \
     reference_run
 
@@ -22,11 +22,6 @@ from ._lm_head import assert_loss_no_worse_than_naive, bf16_oracle_case, make_ba
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 
 V = 123
-
-
-def set_probs_chunk_rows(monkeypatch, rows: int, V: int = V) -> None:
-    """A logits budget of exactly `rows` rows of a probability chunk (2-byte rows and the GEMM's statistics)."""
-    monkeypatch.setenv(plan.BUDGET_ENV, str(rows * launch.probs_row_bytes(V)))
 
 
 @pytest.fixture(params=["triton", "triton_tma"])
@@ -69,7 +64,7 @@ def test_matches_oracle_as_closely_as_cublas_chunks(on_policy, grad_plan, rows, 
     hidden, weight, b, ids, mask, adv = make_batch(B=5, dtype=torch.float16, device=device, seed=21)
     kw = _kwargs(on_policy, hidden, weight, b, ids, kl_corrected)
     want = reference_run(hidden, weight, b, ids, mask, adv, **kw)
-    set_probs_chunk_rows(monkeypatch, rows)
+    set_chunk_rows(monkeypatch, rows, V, launch.probs_row_bytes(V))
     monkeypatch.setenv(plan.PLAN_ENV, grad_plan)
     # split: a budget of one chunk leaves the chunks the dW rows the gradient's own bytes hold, the tail the rest
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, str(rows * launch.probs_row_bytes(V)) if budget == "split" else budget)
@@ -99,7 +94,7 @@ def test_old_logprobs_from_linear_logprobs_give_ratios_of_exactly_one(device, pr
     merge of the log-prob pass, so old log-probs taken with `linear_logprobs` under no_grad give ratios of exactly
     1, and the loss of the on-policy call bit for bit."""
     hidden, weight, b, ids, mask, adv = make_batch(B=5, dtype=torch.float16, device=device, seed=22)
-    set_probs_chunk_rows(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40, V, launch.probs_row_bytes(V))
     with torch.no_grad():
         old = lk.linear_logprobs(hidden, weight, ids, bias=b, temperature=0.8, mask=mask)
     kw = dict(temperature=0.8, trace="both", lam=0.9, adv_clamp_min=-0.1)
@@ -128,7 +123,7 @@ def test_filler_rows_of_a_pass_run_ahead_with_a_strong_kl(kl_corrected, device, 
     with torch.no_grad():
         ref = R.linear_logprobs(hidden.double(), weight.double(), ids.clamp(min=0), bias=b.double()).float() - 0.5
     kw = dict(ref_logprobs=ref, beta=0.5, trace="both", lam=0.9, kl_bias_correction=kl_corrected)
-    set_probs_chunk_rows(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40, V, launch.probs_row_bytes(V))
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
     loss, _, grads = _run(dirty, weight, b, ids, mask, adv, **kw)
     assert probs_chunks == [40]  # one chunk, run ahead of the count: 30 real rows and 10 filler
@@ -147,7 +142,7 @@ def test_ranges_and_a_banned_range(config, vocab, device, probs_chunks, monkeypa
     tokens: u = 0, its max −3e38) and ranges wholly past V: against the oracle."""
     monkeypatch.setenv(lse_gemm.CONFIG_ENV, config)
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
-    set_probs_chunk_rows(monkeypatch, 24, vocab)
+    set_chunk_rows(monkeypatch, 24, vocab, launch.probs_row_bytes(vocab))
     hidden, weight, b, ids, mask, adv = make_batch(B=3, V=vocab, dtype=torch.float16, device=device, seed=23)
     with torch.no_grad():
         b[16:32] = float("-inf")
@@ -166,7 +161,7 @@ def test_ranges_and_a_banned_range(config, vocab, device, probs_chunks, monkeypa
 
 def test_every_buffer_written_under_nan_poison(device, probs_chunks, monkeypatch):
     hidden, weight, b, ids, mask, adv = make_batch(B=4, dtype=torch.float16, device=device, seed=24)
-    set_probs_chunk_rows(monkeypatch, 20)
+    set_chunk_rows(monkeypatch, 20, V, launch.probs_row_bytes(V))
     monkeypatch.setenv(plan.MEMORY_BUDGET_ENV, "none")
     clean = _run(hidden, weight, b, ids, mask, adv, return_entropy=True)
     with poisoned_outputs():
@@ -179,7 +174,7 @@ def test_every_buffer_written_under_nan_poison(device, probs_chunks, monkeypatch
 def test_softcap_and_entropy_bonus_keep_cublas_chunks(option, device, probs_chunks, monkeypatch):
     """Their dlogits need each logit itself, which the emitted probabilities hold only to fp16: the row kernels."""
     hidden, weight, b, ids, mask, adv = make_batch(B=3, dtype=torch.float16, device=device, seed=25)
-    set_probs_chunk_rows(monkeypatch, 40)
+    set_chunk_rows(monkeypatch, 40, V, launch.probs_row_bytes(V))
     loss, _, grads = _run(hidden, weight, b, ids, mask, adv, **option)
     assert probs_chunks == [] and torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 

@@ -1,9 +1,10 @@
-"""On-policy row kernel of the fused loss: log-prob and the logits' gradient of each row in one program.
+"""Row kernels of the fused loss's one-pass chunks: log-prob and the logits' gradient of each row in one program.
 
 On-policy the objective's per-token gradient is known before the log-probs (grpo_lambda.md §5), except the KL
 term β·n·(1 − exp(ℓ_ref − ℓ)) (β·n·(ℓ − ℓ_ref) for the ratio-weighted KL), which only needs this token's ℓ: so
-each program computes ℓ (same helper as the log-prob kernel, hence bit-identical), completes its token gradient and
-overwrites the row with dlogits.
+`onpolicy_rows_kernel` computes ℓ from a chunk of fp32 logits (same helper as the log-prob kernel, hence
+bit-identical), completes its token gradient (`token_grad`) and overwrites the row with dlogits; and
+`probs_dlogits_kernel` does the same from the probabilities the Triton LSE GEMM emitted (ℓ already merged).
 """
 import triton
 import triton.language as tl

@@ -71,6 +71,16 @@ def uses_probs_chunks(rows_impl: str, x, weight, tf: LogitTransform, g_ent) -> b
     return use_lse_gemm(x, weight, rows_impl) and not tf.capped and g_ent is None
 
 
+def emit_probs(gemm: LseGemm, cols: slice, x_c, dl, tgt, lp, lse, ent):
+    """u [m, V] fp16 over dl's bytes ← the probabilities of a token chunk (the whole vocabulary: cols), with its
+    rows' lp, lse (and ent) from the same tiles as the log-prob pass (`gemm.run` with emit); dlogits follow over u
+    (`probs_dlogits`)."""
+    assert cols.start == 0 and cols.stop == gemm.weight.shape[0], cols
+    u = dl.view(torch.float16)
+    gemm.run(x_c, tgt, lp, lse, ent, u)
+    return u
+
+
 def probs_dlogits(gemm: LseGemm, u, dl, tgt, lse, lp, g0, n, ref, beta: float, tf: LogitTransform,
                   kl_corrected: bool = False, g_out=None) -> None:
     """dl [m, V] ← the dlogits of a chunk whose probabilities `gemm.run` left in u [m, V] fp16 (dl may alias it),
@@ -268,10 +278,8 @@ def _onpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_en
         lse_c = None if split else batch.empty()  # (each chunk's lse, where no tail keeps them)
 
         def chunk_fn(sl, cols, x_c, dl):
-            assert cols.start == 0 and cols.stop == weight.shape[0], cols  # (token chunks: the whole vocabulary)
             lse_s = (lse_v if split else lse_c)[sl]
-            u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
-            gemm.run(x_c, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl], u)
+            u = emit_probs(gemm, cols, x_c, dl, tgt[sl], lp_v[sl], lse_s, None if ent_v is None else ent_v[sl])
             prepare_tokens()  # (after the first GEMM is queued, as in row_fn)
             n_v, ref_v = token["n"], token["ref"]
             probs_dlogits(gemm, u, dl, tgt[sl], lse_s, lp_v[sl], token["g0"][sl], None if n_v is None else n_v[sl],
@@ -354,9 +362,7 @@ def _offpolicy_one_pass(batch: _Batch, weight, bias, objective, beta, tf, with_e
         gemm = LseGemm(weight, bias, tf, ent_v is not None, _chunk_capacity(plan, batch), emit=True)
 
         def chunk_fn(sl, cols, x_c, dl):
-            assert cols.start == 0 and cols.stop == weight.shape[0], cols  # (token chunks: the whole vocabulary)
-            u = dl.view(torch.float16)  # (the probabilities, then dlogits over them)
-            gemm.run(x_c, tgt[sl], lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl], u)
+            u = emit_probs(gemm, cols, x_c, dl, tgt[sl], lp_v[sl], lse_v[sl], None if ent_v is None else ent_v[sl])
             probs_dlogits(gemm, u, dl, tgt[sl], lse_v[sl], lp_v[sl], token_grad(sl), None, None, 0.0, tf)
 
     pieces = [tokens for _, tokens in sequences]

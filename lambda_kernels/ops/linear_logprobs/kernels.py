@@ -107,17 +107,26 @@ def row_dlogits_store(row_ptr, bias_ptr, dl_row_ptr, tgt, lse, ent, g_lp, g_ent,
         m_v = o_v < V
         b_x = load_logits(row_ptr, bias_ptr, o_v, m_v, 1.0, HAS_BIAS, False)
         tl.debug_barrier()
-        b_dy = inv_t  # ∂z/∂x: 1/temperature, times 1 − tanh² when soft-capped
-        if SOFTCAP:
-            b_th = softcap_tanh(b_x, cap)
-            b_x = cap * b_th  # as load_logits computes it: the same z as the forward's
-            b_dy = inv_t * (1.0 - b_th * b_th)
-        b_lp = b_x * inv_t - lse
-        b_p = tl.exp(b_lp)
-        b_dz = g_lp * (tl.where(o_v == tgt, 1.0, 0.0) - b_p)
-        if WITH_ENT_GRAD:
-            b_dz -= tl.where(b_p > 0, g_ent * b_p * (b_lp + ent), 0.0)  # p = 0 at a −inf logit: 0, not NaN
-        tl.store(dl_row_ptr + o_v, (b_dz * b_dy).to(dl_row_ptr.dtype.element_ty), mask=m_v)
+        b_d = dlogits_of(b_x, o_v == tgt, lse, g_lp, ent, g_ent, inv_t, cap, SOFTCAP, WITH_ENT_GRAD)
+        tl.store(dl_row_ptr + o_v, b_d.to(dl_row_ptr.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def dlogits_of(b_x, is_target, lse, g_lp, ent, g_ent, inv_t, cap, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr):
+    """(g_lp·(1[target] − p) − g_ent·p·(log p + H))·∂z/∂x for the head's outputs b_x (bias added, not yet
+    soft-capped): the one formula of the row kernels (`row_dlogits_store`) and the LSE GEMM's DLOGITS epilogue,
+    whose operands come broadcast to the tile (lse, g_lp, ent, g_ent per row)."""
+    b_dy = inv_t  # ∂z/∂x: 1/temperature, times 1 − tanh² when soft-capped
+    if SOFTCAP:
+        b_th = softcap_tanh(b_x, cap)
+        b_x = cap * b_th  # as load_logits computes it: the same z as the forward's
+        b_dy = inv_t * (1.0 - b_th * b_th)
+    b_lp = b_x * inv_t - lse
+    b_p = tl.exp(b_lp)
+    b_dz = g_lp * (tl.where(is_target, 1.0, 0.0) - b_p)
+    if WITH_ENT_GRAD:
+        b_dz -= tl.where(b_p > 0, g_ent * b_p * (b_lp + ent), 0.0)  # p = 0 at a −inf logit: 0, not NaN
+    return b_dz * b_dy
 
 
 @triton.jit  # V and the strides specialised: divisible by 16 they give 16-byte loads (checked in the PTX)

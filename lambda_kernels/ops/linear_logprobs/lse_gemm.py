@@ -102,8 +102,7 @@ def tma_config_fits(device: torch.device, element_size: int) -> bool:
     """Whether one program of the persistent kernel's tile configuration fits a block's shared memory on this GPU:
     a Hopper SM's 227 KB hold the default's ~196 KB of pipeline buffers, an sm_120 SM's ~100 KB do not (forced
     there, `triton_tma` would fail to launch; "auto" takes cuBLAS)."""
-    block_m, block_n, block_k, _, _, stages = tile_config(tma=True)
-    smem = stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
+    smem = pipeline_smem(tile_config(tma=True), element_size)
     props = torch.cuda.get_device_properties(device)
     limit = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
                                                                           SMEM_PER_SM)
@@ -166,14 +165,19 @@ def tma_serves(*operands: torch.Tensor) -> bool:
                for t in operands)
 
 
+def pipeline_smem(config: tuple, element_size: int) -> int:
+    """Shared memory of one program of a tile configuration: its pipeline's X and W tiles, and SMEM_SLACK."""
+    block_m, block_n, block_k, _, _, stages = config
+    return stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
+
+
 def programs_per_sm(config: tuple, element_size: int, smem_per_sm: int = SMEM_PER_SM,
                     registers_per_sm: int = REGISTERS_PER_SM) -> int:
     """Persistent programs that fit on one SM at once: 2 when a tile's pipeline buffers take at most half the SM's
     shared memory and its warps at most half the register file at 255 registers a thread (so one program's epilogue
     can run beside the other's main loop), else 1. The limits default to Hopper's."""
-    block_m, block_n, block_k, _, warps, stages = config
-    smem = stages * (block_m + block_n) * block_k * element_size + SMEM_SLACK
-    regs = warps * 32 * MAX_REGISTERS_PER_THREAD
+    smem = pipeline_smem(config, element_size)
+    regs = config[4] * 32 * MAX_REGISTERS_PER_THREAD
     return 2 if 2 * smem <= smem_per_sm and 2 * regs <= registers_per_sm else 1
 
 

@@ -35,7 +35,13 @@ The interpreter computes bf16 dots on raw bits: UPCAST (set only under the inter
 import triton
 import triton.language as tl
 
-from .kernels import softcap_tanh
+from .kernels import dlogits_of, softcap_tanh
+
+
+@triton.jit
+def _column_halves(acc, HALF: tl.constexpr):
+    """acc [rows, 2·HALF] as its two column halves [rows, HALF] (the epilogues' quarter-by-quarter reductions)."""
+    return tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
 
 
 @triton.jit
@@ -110,7 +116,7 @@ def _halves_stats(acc, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr
                   WIDTH: tl.constexpr):
     """`_cols_stats` of the two column halves of acc [rows, WIDTH] one after the other, merged."""
     HALF: tl.constexpr = WIDTH // 2
-    z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
+    z_0, z_1 = _column_halves(acc, HALF)
     m_0, s_0, t_0, zt_0 = _cols_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
                                       stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
     m_1, s_1, t_1, zt_1 = _cols_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
@@ -138,7 +144,7 @@ def _store_tile_stats(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr,
     pick = tl.max(in_tile.to(tl.int32), 0) > 0  # one reduction over the rows per tile (true in ~1 in 10 at V 152k)
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
-        z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        z_0, z_1 = _column_halves(acc, HALF)
         m_0, s_0, t_0, zt_0 = _halves_stats(z_0, col0, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr, qm_ptr,
                                             stride_u, stride_qm, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, HALF)
         m_1, s_1, t_1, zt_1 = _halves_stats(z_1, col0 + HALF, bias_ptr, tgt, pick, V, inv_t, cap, o_m, m_m, u_ptr,
@@ -161,26 +167,18 @@ def _cols_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, WIDTH: tl.constexpr):
     """dlogits of acc [rows, WIDTH], the GEMM sums of vocabulary columns col0 … col0 + WIDTH − 1, stored at
     dl[o_m, columns] (rows masked by m_m; columns up to the row stride stride_dl ≥ V, those past V being padding):
-    `kernels.row_dlogits_store`'s arithmetic on a tile."""
+    the row kernels' formula (`kernels.dlogits_of`) on a tile."""
     o_v = col0 + tl.arange(0, WIDTH)
     b_x = acc
     if HAS_BIAS:
         b_x += tl.load(bias_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
-    b_dy = inv_t  # ∂z/∂x: 1/temperature, times 1 − tanh² when soft-capped
-    if SOFTCAP:
-        b_th = softcap_tanh(b_x, cap)
-        b_x = cap * b_th
-        b_dy = inv_t * (1.0 - b_th * b_th)
-    b_lp = b_x * inv_t - lse[:, None]
-    b_p = tl.exp(b_lp)
-    b_dz = g_lp[:, None] * (tl.where(o_v[None, :] == tgt[:, None], 1.0, 0.0) - b_p)
-    if WITH_ENT_GRAD:
-        b_dz -= tl.where(b_p > 0, g_ent[:, None] * b_p * (b_lp + ent[:, None]), 0.0)  # p = 0 at −inf: 0, not NaN
+    b_d = dlogits_of(b_x, o_v[None, :] == tgt[:, None], lse[:, None], g_lp[:, None], ent[:, None], g_ent[:, None],
+                     inv_t, cap, SOFTCAP, WITH_ENT_GRAD)
     # columns up to the row stride: those past V are the rows' padding (finite values from zero-filled W rows), and a
     # stride divisible by 16 lets the mask keep 16-byte stores (a branch on the last tile instead broke the persistent
     # loop's flattening in triton 3.6 here: a TritonGPUFuseNestedLoops failure)
     p_dl = dl_ptr + o_m[:, None] * stride_dl + o_v[None, :]
-    tl.store(p_dl, (b_dz * b_dy).to(dl_ptr.dtype.element_ty), mask=m_m[:, None] & (o_v < stride_dl)[None, :])
+    tl.store(p_dl, b_d.to(dl_ptr.dtype.element_ty), mask=m_m[:, None] & (o_v < stride_dl)[None, :])
 
 
 @triton.jit
@@ -188,7 +186,7 @@ def _halves_dlogits(acc, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, d
                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT_GRAD: tl.constexpr, WIDTH: tl.constexpr):
     """`_cols_dlogits` of the two column halves of acc [rows, WIDTH] one after the other."""
     HALF: tl.constexpr = WIDTH // 2
-    z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
+    z_0, z_1 = _column_halves(acc, HALF)
     _cols_dlogits(z_0, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
                   HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
     _cols_dlogits(z_1, col0 + HALF, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
@@ -216,7 +214,7 @@ def _store_tile_dlogits(acc, i_m, i_v, bias_ptr, tgt_ptr, stat_ptr, dl_ptr, M, V
     col0 = i_v * BLOCK_N
     if QUARTERS:
         HALF: tl.constexpr = BLOCK_N // 2
-        z_0, z_1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        z_0, z_1 = _column_halves(acc, HALF)
         _halves_dlogits(z_0, col0, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t, cap,
                         HAS_BIAS, SOFTCAP, WITH_ENT_GRAD, HALF)
         _halves_dlogits(z_1, col0 + HALF, bias_ptr, tgt, lse, g_lp, ent, g_ent, o_m, m_m, dl_ptr, stride_dl, V, inv_t,
