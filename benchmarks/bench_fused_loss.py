@@ -26,6 +26,11 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
                  to ours_logprobs_masked_tma's, and a split plan's tail slabs write dlogits from the same GEMM
   ours_on_cublas / ours_off_cublas / ours_logprobs_masked_cublas  with LAMBDA_KERNELS_LOGPROBS_GEMM=cublas (the
                  default before 2026-11-27, and on GPUs without TMA): fp32 logits chunks from cuBLAS, row kernels
+  ours_on_dw_tma / ours_off_dw_tma  ours_on / ours_off with LAMBDA_KERNELS_DW_GEMM=triton_tma (opt-in): the dW sums
+                 through the Triton GEMM whose tiles leave by asynchronous TMA reductions (`dw_gemm`), planned with
+                 plan.DW_TRAFFIC_EXPOSED_TRITON (a guess, 0.25: smaller chunks, more dW rows in them)
+  ours_on_dw_tma_exposed  ours_on_dw_tma planned as ours_on (DW_TRAFFIC_EXPOSED_TRITON = 1): the same chunks and
+                 tail as ours_on, so the difference is the dW GEMM alone
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -59,6 +64,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
+from lambda_kernels.ops.linear_logprobs.dw_gemm import DW_GEMM_ENV
 from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
 from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV, GPU_CONFIG, gemm_for
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
@@ -73,12 +79,12 @@ SHAPES = [
     ("llama3.1-8b", 16, 1024, 4096, 128256),
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
-OURS = ["ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
-        "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed",
-        "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma", "ours_logprobs_masked_cublas"]
 FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
-              "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
-OFF_POLICY = ("ours_off", "ours_off_tma", "ours_off_cublas")  # fused providers given old log-probs
+              "ours_on_dw_tma", "ours_off_dw_tma", "ours_on_dw_tma_exposed", "ours_on_unbounded", "ours_on_vocab",
+              "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
+OURS = [*FUSED_OURS, "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
+        "ours_logprobs_masked_cublas"]
+OFF_POLICY = ("ours_off", "ours_off_tma", "ours_off_cublas", "ours_off_dw_tma")  # fused providers given old log-probs
 LOGPROBS_ONLY = ("ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
                  "ours_logprobs_masked_cublas")  # forward only: 2·N·H·V
 MASKED = ("ours_logprobs_masked", "ours_logprobs_masked_tma", "ours_logprobs_masked_cublas")  # they pass mask=
@@ -89,10 +95,13 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_logprobs_masked_tma": {GEMM_ENV: "triton_tma"},
                 "ours_on_tma": {GEMM_ENV: "triton_tma"}, "ours_off_tma": {GEMM_ENV: "triton_tma"},
                 "ours_logprobs_masked_cublas": {GEMM_ENV: "cublas"},
-                "ours_on_cublas": {GEMM_ENV: "cublas"}, "ours_off_cublas": {GEMM_ENV: "cublas"}}
+                "ours_on_cublas": {GEMM_ENV: "cublas"}, "ours_off_cublas": {GEMM_ENV: "cublas"},
+                **{name: {DW_GEMM_ENV: "triton_tma"} for name in ("ours_on_dw_tma", "ours_off_dw_tma",
+                                                                  "ours_on_dw_tma_exposed")}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 # planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
-PROVIDER_PLAN_CONSTANTS = {"ours_on_half_exposed": {"DW_TRAFFIC_EXPOSED_PROBS": 0.5}}
+PROVIDER_PLAN_CONSTANTS = {"ours_on_half_exposed": {"DW_TRAFFIC_EXPOSED_PROBS": 0.5},
+                           "ours_on_dw_tma_exposed": {"DW_TRAFFIC_EXPOSED_TRITON": 1.0}}
 # options per provider beyond LOSS_OPTIONS (the entropy bonus: what its gradient adds to the row kernels)
 PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}, "ours_on_entropy": {"entropy_coef": 0.01}}
 BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
@@ -245,32 +254,36 @@ def make_step(provider: str, inp: dict):
     return step
 
 
-def check_correct(inp: dict, rows: int = 2, tokens: int = 1024) -> dict:
-    """Ours (on-, off-policy, on-policy under a memory budget; both log-prob GEMMs) against the fp32 reference on
-    the first `rows` × `tokens`: relative errors (loss and grads; log-probs, relative to their norm)."""
+def check_correct(inp: dict, rows: int = 2, tokens: int = 1024, providers=None) -> dict:
+    """Ours (each of our providers, or those named) against the fp32 reference on the first `rows` × `tokens`:
+    relative errors by provider less its "ours_" (loss and grads; log-probs, relative to their norm)."""
     sub = {k: (v[:rows, :tokens].detach() if k != "weight" and v.dim() >= 2 else v[:rows].detach())
            for k, v in inp.items() if k != "weight"}
     h = sub["hidden"].clone().requires_grad_()
     w = inp["weight"].detach().clone().requires_grad_()
-    out = {}
-    for name, old, provider in (("on", None, None), ("off", sub["old"], None),
-                                 ("on_unbounded", None, "ours_on_unbounded"), ("on_vocab", None, "ours_on_vocab"),
-                                 ("on_softcap", None, "ours_on_softcap"), ("on_entropy", None, "ours_on_entropy"),
-                                 ("on_half_exposed", None, "ours_on_half_exposed"), ("on_tma", None, "ours_on_tma"),
-                                 ("off_tma", sub["old"], "ours_off_tma"), ("on_cublas", None, "ours_on_cublas"),
-                                 ("off_cublas", sub["old"], "ours_off_cublas")):
-        kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **PROVIDER_OPTIONS.get(provider, {}))
+    out, references = {}, {}
+    for provider in FUSED_OURS:
+        if providers and provider not in providers:
+            continue
+        old = sub["old"] if provider in OFF_POLICY else None
+        options = PROVIDER_OPTIONS.get(provider, {})
+        kw = dict(old_logprobs=old, ref_logprobs=sub["ref"], **LOSS_OPTIONS, **options)
         with provider_env(provider):
             loss, _ = lk.fused_grpo_lambda_loss(h, w, sub["ids"], sub["mask"], sub["adv"], **kw)
             gh, gw = torch.autograd.grad(loss, (h, w))
-        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-        loss_r, _ = R.fused_grpo_lambda_loss(h32, w32, sub["ids"], sub["mask"], sub["adv"], **kw)
-        gh_r, gw_r = torch.autograd.grad(loss_r, (h32, w32))
-        out[name] = max(abs(loss.item() - loss_r.item()) / max(abs(loss_r.item()), 1e-6),
+        key = (old is None, tuple(sorted(options.items())))  # (providers differing in settings alone share one)
+        if key not in references:
+            h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+            loss_r, _ = R.fused_grpo_lambda_loss(h32, w32, sub["ids"], sub["mask"], sub["adv"], **kw)
+            references[key] = (loss_r, *torch.autograd.grad(loss_r, (h32, w32)))
+        loss_r, gh_r, gw_r = references[key]
+        out[provider.replace("ours_", "")] = max(abs(loss.item() - loss_r.item()) / max(abs(loss_r.item()), 1e-6),
                         ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
                         ((gw.float() - gw_r).norm() / gw_r.norm()).item())
     with torch.no_grad():
         for name in LOGPROBS_ONLY:
+            if providers and name not in providers:
+                continue
             mask = sub["mask"] if name in MASKED else None
             lp_r = R.linear_logprobs(h.detach().float(), w.detach().float(), sub["ids"], mask=mask)
             with provider_env(name):
@@ -335,6 +348,11 @@ def test_plan_note_and_table(monkeypatch):
     assert note("ours_on_half_exposed", 8192, 152064, 3584, probs=True).startswith(
         "split plan, 1408 rows, dW of 113280 ")
     assert plan_module.DW_TRAFFIC_EXPOSED_PROBS == 1.0
+    # the Triton dW sums: rated with their own constant; ours_on_dw_tma_exposed plans as ours_on
+    assert note("ours_on_dw_tma", 8192, 152064, 3584, probs=True).startswith("split plan, 1024 rows, dW of 122240 ")
+    assert note("ours_on_dw_tma_exposed", 8192, 152064, 3584, probs=True) == note("ours_on", 8192, 152064, 3584,
+                                                                                 probs=True)
+    assert plan_module.DW_TRAFFIC_EXPOSED_TRITON == 0.25
     row = dict(shape="s", provider="ours_on", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
@@ -393,7 +411,7 @@ def main(time_budget_s: float | None = None, shapes=None, providers=None) -> lis
         if shapes and shape not in shapes:
             continue
         inp = make_inputs(B, T, H, V, "cuda")
-        err = check_correct(inp)
+        err = check_correct(inp, providers=providers)
         print(f"# {shape}: correctness (rel err vs fp32 reference) "
               + " ".join(f"{k} {v:.2e}" for k, v in err.items()), flush=True)
         for provider in [p for p in OURS + BASELINES if not providers or p in providers]:

@@ -168,6 +168,14 @@ def scenarios():
             hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04, kl_bias_correction=True)[0]
         os.environ.pop("LAMBDA_KERNELS_GRAD_PLAN")
     os.environ.pop("LAMBDA_KERNELS_LOGPROBS_GEMM")
+    # the dW sums through the Triton GEMM with TMA reductions (opt-in): chunks of 128 rows, so that the first piece
+    # writes its sums and the next adds into them; the log-prob backward's and the fused loss's probability chunks
+    os.environ.update(LAMBDA_KERNELS_DW_GEMM="triton_tma", LAMBDA_KERNELS_LOGITS_BUDGET=str(4 * V * 128))
+    yield "linear_logprobs backward dw triton_tma", lambda: lk.linear_logprobs(hidden, weight, ids).sum()
+    os.environ["LAMBDA_KERNELS_LOGPROBS_GEMM"] = "triton_tma"
+    yield "fused on-policy probs dw triton_tma", lambda: lk.fused_grpo_lambda_loss(hidden, weight, ids, mask, adv)[0]
+    for name in ("LAMBDA_KERNELS_DW_GEMM", "LAMBDA_KERNELS_LOGITS_BUDGET", "LAMBDA_KERNELS_LOGPROBS_GEMM"):
+        os.environ.pop(name)
     x_long = torch.randn(2, 8192, generator=g).requires_grad_()
     mask_long = torch.ones(2, 8192)
     for style in ("recent", "both"):
@@ -216,6 +224,9 @@ def main() -> dict:
     lse_gemm.tma_serves = lambda *operands: True
     # an H100 SXM's 132 SMs
     lse_gemm.persistent_programs = lambda device, config, size: 132 * lse_gemm.programs_per_sm(config, size)
+    from lambda_kernels.ops.linear_logprobs import dw_gemm
+
+    dw_gemm._programs = lambda device: 132
     errors = {}
     for name, call in scenarios():
         try:
@@ -236,6 +247,7 @@ def main() -> dict:
             wgmma="warp_group_dot" in kernel.asm.get("ttgir", ""),
             cp_async=bool(re.search(r"cp\.async\.(ca|cg)", ptx)),  # per-thread async copies (Ampere style)
             tma="cp.async.bulk.tensor" in ptx,  # tensor-memory-accelerator copies (Hopper)
+            tma_reduce="cp.reduce.async.bulk.tensor" in ptx,  # TMA reductions into global memory
             vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx)),  # 16 bytes
             vector_stores=bool(re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx)), **ptxas_report(ptx)))
     return dict(triton=triton.__version__, errors=errors, kernels=kernels)

@@ -79,3 +79,12 @@ def test_failures_are_logged_as_they_happen(tmp_path, monkeypatch):
     assert failed_tests("1 passed", text) == ["FAILED tests/test_x.py::test_y[a-b] (call)"]
     summary = "FAILED tests/test_x.py::test_y[a-b] - AssertionError\n1 failed"
     assert failed_tests(summary, text) == ["FAILED tests/test_x.py::test_y[a-b] - AssertionError"]
+
+
+def test_gpu_check_fails_on_a_failed_test_only():
+    """A test stage stopped at its timeout without a failure is no failure of the check (its summary says what did
+    not run); a failure, stopped or not, is."""
+    from benchmarks.gpu_check import exit_code
+
+    assert [exit_code(dict(rc=rc, failures=[])) for rc in (0, 5, 124, 1)] == [0, 0, 0, 1]
+    assert exit_code(dict(rc=124, failures=["FAILED tests/test_x.py::test_y (call)"])) == 1

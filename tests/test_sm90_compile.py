@@ -105,6 +105,19 @@ def test_dlogits_epilogue_compiles_in_both_main_loops(report):
     assert all(k["vector_stores"] and k["wgmma"] and k["shared"] <= 227 * 1024 for k in dlogits)
 
 
+def test_dw_gemm_adds_its_tiles_by_tma_reductions(report):
+    """The opt-in dW GEMM (`dw_gemm`, the default tiles): TMA loads into wgmma, and a first piece that writes its sums
+    by TMA stores and later pieces that add by TMA reductions, one program per SM within the shared memory (the
+    epilogue's two fp32 halves through one staging buffer), spill-free as every kernel above."""
+    dw = [k for k in report["kernels"] if k["name"] == "dw_gemm_kernel"]
+    assert {k["constants"]["ACCUMULATE"] for k in dw} == {True, False}
+    for k in dw:
+        assert k["wgmma"] and k["tma"] and k["tma_reduce"] == k["constants"]["ACCUMULATE"]
+        tile = (k["constants"]["BLOCK_V"], k["constants"]["BLOCK_H"], k["constants"]["EPILOGUE_PIECES"])
+        assert tile == (128, 256, 2)
+        assert k["constants"]["NUM_PROGRAMS"] == 132 and k["shared"] <= 227 * 1024
+
+
 def test_split_plan_row_kernel_variant_compiles(report):
     """The on-policy row kernel that also stores lse and the token gradient (the split plan's chunks), spill-free
     (checked for every kernel above)."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import dw_gemm
+
 _CUDA_CAPS: dict[str, dict[str, bool]] = {}
 
 
@@ -47,7 +49,10 @@ class Gemm:
 
     SLAB_BYTES = 64 << 20  # temporaries of the fallbacks for CUDA builds without the fused forms
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, triton_dw: bool = False):
+        """triton_dw: the dW GEMMs may take the Triton GEMM (`dw_gemm`, opt-in), for callers whose row kernels are
+        Triton's (impl="torch" stays PyTorch throughout)."""
+        self.triton_dw = triton_dw
         self.dtype = weight.dtype
         self.half = weight.dtype not in (torch.float32, torch.float64)
         self.native = not self.half or weight.is_cuda
@@ -111,6 +116,9 @@ class Gemm:
     def dw_write(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) ← Dᵀ·x: the first piece of a dW sum, which then needs no zero fill (a
         4·V·H-byte write saved)."""
+        if self.triton_dw and dw_gemm.serves(acc, d, x):  # (opt-in: LAMBDA_KERNELS_DW_GEMM=triton_tma)
+            dw_gemm.run(acc, d, x, accumulate=False)
+            return
         if self.half and self.native and not self.caps["mm_out"]:
             self.dw_accumulate(acc.zero_(), d, x)
             return
@@ -119,6 +127,9 @@ class Gemm:
 
     def dw_accumulate(self, acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> None:
         """acc [V, H] fp32 (fp64 for fp64) += Dᵀ·x."""
+        if self.triton_dw and dw_gemm.serves(acc, d, x):
+            dw_gemm.run(acc, d, x, accumulate=True)
+            return
         if not (self.half and self.native) or self.caps["addmm_acc"]:
             a, b, kw = self._dw_operands(acc, d, x)
             torch.addmm(acc, a, b, out=acc, **kw)

@@ -246,7 +246,7 @@ def grad_pipeline(x, weight, bias, row_fn: RowGradFn, need_dx: bool, need_dw: bo
         buf = torch.empty((most * stride,), dtype=sdt if chunk_dlogits is None else x.dtype, device=x.device)
         logits = None
         for sv in slabs:
-            gemm = Gemm(weight[sv])
+            gemm = Gemm(weight[sv], triton_dw=rows_impl == "triton")
             cols = sv.stop - sv.start
             # (columns of the slab's dlogits, the fp32 sum of their dW rows)
             sums = []

@@ -79,6 +79,10 @@ MATMUL_RATE = 703e12
 COPY_RATE = 3.0e12
 DW_TRAFFIC_EXPOSED = 0.5
 DW_TRAFFIC_EXPOSED_PROBS = 1.0
+# dW sums through the Triton GEMM (`dw_gemm`, opt-in, either kind of chunk): its TMA reductions run beside the next
+# tiles' main loops, leaving each tile's copy into shared memory on the program's path. A quarter is a guess until a
+# GPU run measures it (benchmarks/RESULTS.md, "Not measured").
+DW_TRAFFIC_EXPOSED_TRITON = 0.25
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
 # id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
@@ -361,7 +365,7 @@ def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, l
 
 def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = False) -> float:
     """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
-    COPY_RATE, DW_TRAFFIC_EXPOSED): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
+    COPY_RATE, `dw_traffic_exposed`): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
     the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known,
     6 for a chunk of 2-byte probabilities, `GradPlan.row_bytes`, 2 for one of dlogits, with lse_known, whose GEMM
     is taken to run at cuBLAS's rate;
@@ -372,7 +376,7 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     rated as cuBLAS slabs, 10 bytes a logit at MATMUL_RATE: run 6 measured them at 367 TFLOP/s with 2 bytes a
     logit (7B tail: 1.16 ms a slab against 1.36 for cuBLAS logits and the row kernel); not re-fit."""
     F, B = MATMUL_RATE, COPY_RATE
-    exposed = DW_TRAFFIC_EXPOSED_PROBS if p.row_bytes else DW_TRAFFIC_EXPOSED
+    exposed = dw_traffic_exposed(bool(p.row_bytes))
 
     def extra_pieces(rows: int) -> int:
         return max(-(-N // max(rows, 1)) - 1, 0)
@@ -393,6 +397,16 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
         t += 4 * N * H * rest / F + 10 * N * rest / B + extra_pieces(p.tail.rows) * 8 * rest * H * exposed / B \
             + 6 * rest * H / B
     return t
+
+
+def dw_traffic_exposed(probs_chunks: bool) -> float:
+    """The share of an fp32 dW sum's read and write per piece that the plans are rated with: the Triton dW GEMM's
+    where it is chosen, else that of cuBLAS after chunks of 2-byte probabilities (`probs_chunks`) or fp32 logits."""
+    from .dw_gemm import dw_gemm  # (not at the top: dw_gemm imports this module through lse_gemm)
+
+    if dw_gemm() == "triton_tma":
+        return DW_TRAFFIC_EXPOSED_TRITON
+    return DW_TRAFFIC_EXPOSED_PROBS if probs_chunks else DW_TRAFFIC_EXPOSED
 
 
 def _slab_rows_bytes(N: int, H: int, dw_accumulator: bool, dx_accumulator: bool) -> int:

@@ -1,0 +1,90 @@
+"""When the dW sums of a half head take the Triton GEMM with the TMA-reduction epilogue (`dw_gemm_kernels.py`).
+
+Environment variables read on every call:
+
+    LAMBDA_KERNELS_DW_GEMM          "cublas" (default): torch.addmm into the fp32 sum
+                                    "triton_tma": `dw_gemm_kernel` wherever TMA can load the operands and store the
+                                    sum (a Hopper-or-newer NVIDIA GPU, triton ≥ 3.6, 16-byte aligned rows), cuBLAS
+                                    elsewhere
+    LAMBDA_KERNELS_DW_GEMM_CONFIG   "BLOCK_V,BLOCK_H,BLOCK_K,num_warps,num_stages,epilogue_pieces"
+
+Opt-in until a GPU run times it against cuBLAS (benchmarks/RESULTS.md, "Not measured"): what it should remove is the
+part of each chunk's dW time that run 6 measured beyond its matmul (the fp32 sum's read and write, ~1 ms per 7B
+chunk, ~0.6 ms per 1.5B chunk). Every dW GEMM of a half head goes through `Gemm.dw_write` / `Gemm.dw_accumulate`,
+hence here: the token and split plans' chunks (both halves of `HalfHeadGradSum`), the vocab plan's and the split
+tail's slabs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..._core.runtime import env_choice, interpreter_enabled
+from .dw_gemm_kernels import dw_gemm_kernel
+from . import lse_gemm
+
+DW_GEMM_ENV = "LAMBDA_KERNELS_DW_GEMM"
+DW_CONFIG_ENV = "LAMBDA_KERNELS_DW_GEMM_CONFIG"
+DW_GEMM_CHOICES = ("cublas", "triton_tma")
+# (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages, epilogue_pieces): the LSE GEMM's measured tile (128×256, 8 warps,
+# 64-deep bf16 stages) with 3 stages (144 KB) and the epilogue in two [128, 128] fp32 pieces through one 64-KB
+# staging buffer: 211 KB of shared memory compiled for sm_90 (triton 3.6; a whole-tile staging buffer would need
+# 272 KB), 154 registers, no spills. Not yet timed on a GPU.
+GPU_DW_CONFIG = (128, 256, 64, 8, 3, 2)
+INTERPRETER_DW_CONFIG = (32, 64, 32, 4, 1, 2)  # several tiles each way on the tests' small shapes
+
+
+def dw_gemm() -> str:
+    return env_choice(DW_GEMM_ENV, DW_GEMM_CHOICES, "cublas")
+
+
+def dw_config() -> tuple[int, int, int, int, int, int]:
+    """The tile configuration: DW_CONFIG_ENV where set, else the GPU's or the interpreter's default."""
+    raw = os.environ.get(DW_CONFIG_ENV, "").strip()
+    if not raw:
+        return INTERPRETER_DW_CONFIG if interpreter_enabled() else GPU_DW_CONFIG
+    try:
+        values = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        values = ()
+    if (len(values) != 6 or any(v <= 0 for v in values) or any(v < 16 or v & (v - 1) for v in values[:3])
+            or values[5] not in (1, 2)):
+        raise RuntimeError(f"{DW_CONFIG_ENV} must be six positive integers BLOCK_V,BLOCK_H,BLOCK_K,num_warps,"
+                           f"num_stages,epilogue_pieces (blocks powers of two ≥ 16, tl.dot's minimum; epilogue_pieces "
+                           f"1 or 2), e.g. 128,256,64,8,3,2; got {raw!r}.")
+    return values
+
+
+def serves(acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether acc [V, H] fp32 (+)= dᵀ·x takes the Triton GEMM: chosen, 2-byte operands of one dtype, and TMA can
+    load d [M, V] and x [M, H] and store acc (unit strides along V and H, 16-byte aligned starts and rows: a
+    column slice of d starting at a multiple of 8, as `plan.split_rows`)."""
+    return (dw_gemm() == "triton_tma" and d.dtype == x.dtype and d.dtype in (torch.float16, torch.bfloat16)
+            and acc.dtype == torch.float32 and tuple(acc.shape) == (d.shape[1], x.shape[1])
+            and d.shape[0] == x.shape[0] and lse_gemm.tma_serves(d, x, acc))
+
+
+def _programs(device: torch.device) -> int:
+    """One program per SM: a program's 211 KB of shared memory leave no room for a second."""
+    if interpreter_enabled():
+        return lse_gemm.INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def run(acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor, accumulate: bool) -> None:
+    """acc += dᵀ·x (accumulate) or acc = dᵀ·x, for operands `serves` accepts."""
+    M, H = x.shape
+    V = d.shape[1]
+    if M == 0:
+        if not accumulate:
+            acc.zero_()
+        return
+    block_v, block_h, block_k, warps, stages, pieces = dw_config()
+    descriptor = lse_gemm._tma_descriptor_class()
+    programs = _programs(x.device)
+    dw_gemm_kernel[(programs,)](
+        descriptor.from_tensor(d, [block_k, block_v]), descriptor.from_tensor(x, [block_k, block_h]),
+        descriptor.from_tensor(acc, [block_v, block_h // pieces]), M, V, H, ACCUMULATE=accumulate,
+        REDUCE=not interpreter_enabled(), UPCAST=interpreter_enabled(), BLOCK_V=block_v, BLOCK_H=block_h,
+        BLOCK_K=block_k, EPILOGUE_PIECES=pieces, NUM_PROGRAMS=programs, num_warps=warps, num_stages=stages)
