@@ -70,7 +70,7 @@ from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV, GP
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
 from lambda_kernels.ops.linear_logprobs.plan import MEMORY_BUDGET_ENV, PLAN_ENV, grad_plan, modelled_seconds
 
-from .harness import LOSS_OPTIONS, ceilings, do_bench, scoped_env
+from .harness import LOSS_OPTIONS, ceilings, do_bench, matmul_tflops, scoped_env
 
 # (name, B, T, H, V): the shapes, ~30% padding in the mask
 SHAPES = [
@@ -425,6 +425,14 @@ def main(time_budget_s: float | None = None, shapes=None, providers=None) -> lis
             print(format_row(row), flush=True)
         del inp
         torch.cuda.empty_cache()
+        # the card's rate right after the shape's cases (each ratio divides by the run's first measurement): drift
+        # in the clocks under sustained load shows here, not in the ratios
+        now = matmul_tflops()
+        for row in rows:
+            if row["shape"] == shape:
+                row["matmul_after_TFLOPs"] = now
+        print(f"# {shape}: bf16 matmul after its cases {now:.0f} TFLOP/s "
+              f"(the run's ceiling {ceilings()['bf16_matmul_TFLOPs']:.0f})", flush=True)
     return rows
 
 

@@ -227,6 +227,10 @@ def write_results(results: dict) -> None:
         f"not run: {results['stages'].get('fused_loss')}",
         "",
     ]
+    after = {r["shape"]: r["matmul_after_TFLOPs"] for r in results["fused_loss"] if "matmul_after_TFLOPs" in r}
+    if after:  # (the ratios divide by the run's first measurement; these show the clocks' drift under load)
+        lines += ["bf16 matmul rate on 8192³ measured again after each shape's cases: "
+                  + ", ".join(f"{shape} {rate:.0f}" for shape, rate in after.items()) + " TFLOP/s.", ""]
     if results["fused_loss"]:
         from benchmarks.bench_targets import markdown_table as targets_table
 

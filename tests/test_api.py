@@ -88,3 +88,23 @@ def test_gpu_check_fails_on_a_failed_test_only():
 
     assert [exit_code(dict(rc=rc, failures=[])) for rc in (0, 5, 124, 1)] == [0, 0, 0, 1]
     assert exit_code(dict(rc=124, failures=["FAILED tests/test_x.py::test_y (call)"])) == 1
+
+
+def test_gpu_check_report_shows_the_clocks_drift(tmp_path, monkeypatch):
+    """The written report: the run's ceiling, the fused-loss rows and targets, and the matmul rate measured again
+    after each shape's cases (the ratios keep dividing by the first)."""
+    from benchmarks import gpu_check
+
+    (tmp_path / "benchmarks").mkdir()
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.delenv("OUT", raising=False)
+    row = dict(shape="qwen2.5-7b", provider="ours_on", ms=38.0, peak_extra_gib=0.9, floor_ms=36.0, over_floor=1.06,
+               over_floor_valid=1.4, check_rel_err=2e-3, plan="split plan", matmul_after_TFLOPs=731.4)
+    results = dict(env=dict(device="H100", torch="2.11", triton="3.6", python="3.12"),
+                   ceilings=dict(bf16_matmul_TFLOPs=745.2, copy_TBps=2.9), total_s=300.0,
+                   tests=dict(summary="3 passed", failures=[]), fused_loss=[row], stages={"fused_loss": "ok"})
+    gpu_check.write_results(results)
+    text = (tmp_path / "benchmarks" / "RESULTS.md").read_text()
+    assert "bf16 matmul 745 TFLOP/s" in text and "| qwen2.5-7b | ours_on | 38.00 |" in text
+    assert "measured again after each shape's cases: qwen2.5-7b 731 TFLOP/s." in text
+    assert "| on-policy fwd+bwd | qwen2.5-7b | ours_on | 1.06 | ≤ 1.10 |" in text
