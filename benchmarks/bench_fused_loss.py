@@ -28,7 +28,7 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
                  default before 2026-11-27, and on GPUs without TMA): fp32 logits chunks from cuBLAS, row kernels
   ours_on_dw_tma / ours_off_dw_tma  ours_on / ours_off with LAMBDA_KERNELS_DW_GEMM=triton_tma (opt-in): the dW sums
                  through the Triton GEMM whose tiles leave by asynchronous TMA reductions (`dw_gemm`), planned with
-                 plan.DW_TRAFFIC_EXPOSED_TRITON (a guess, 0.25: smaller chunks, more dW rows in them)
+                 plan.DW_TRAFFIC_EXPOSED_TRITON (a guess, 0.5: smaller chunks, more dW rows in them)
   ours_on_dw_tma_exposed  ours_on_dw_tma planned as ours_on (DW_TRAFFIC_EXPOSED_TRITON = 1): the same chunks and
                  tail as ours_on, so the difference is the dW GEMM alone
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
@@ -64,7 +64,8 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
-from lambda_kernels.ops.linear_logprobs.dw_gemm import DW_GEMM_ENV
+from lambda_kernels.ops.linear_logprobs.dw_gemm import DW_GEMM_ENV, dw_gemm
+from lambda_kernels.ops.linear_logprobs.dw_gemm import takes as dw_takes
 from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
 from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV, GPU_CONFIG, gemm_for
 from lambda_kernels.ops.linear_logprobs import plan as plan_module
@@ -334,9 +335,10 @@ def test_plan_note_and_table(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, ",".join(map(str, GPU_CONFIG)))  # (the GPU's tiles: its statistics' bytes)
 
     def note(provider, N, V, H, probs=False):
-        with provider_env(provider):
+        with provider_env(provider):  # (the Triton dW GEMM as on a Hopper GPU where the provider opts in)
             return plan_note(grad_plan(N, V, H, dw_accumulator=True, dx_accumulator=True,
-                                       row_bytes=probs_row_bytes(V) if probs else None))
+                                       row_bytes=probs_row_bytes(V) if probs else None,
+                                       triton_dw=dw_gemm() == "triton_tma"))
 
     # 7B: on-policy plans for all B·T = 8192 rows (it queues its first chunk before the real ones are counted)
     assert note("ours_on", 8192, 152064, 3584).startswith("split plan, 1024 rows, dW of ")
@@ -349,10 +351,10 @@ def test_plan_note_and_table(monkeypatch):
         "split plan, 1408 rows, dW of 113280 ")
     assert plan_module.DW_TRAFFIC_EXPOSED_PROBS == 1.0
     # the Triton dW sums: rated with their own constant; ours_on_dw_tma_exposed plans as ours_on
-    assert note("ours_on_dw_tma", 8192, 152064, 3584, probs=True).startswith("split plan, 1024 rows, dW of 122240 ")
+    assert note("ours_on_dw_tma", 8192, 152064, 3584, probs=True).startswith("split plan, 1408 rows, dW of 113280 ")
     assert note("ours_on_dw_tma_exposed", 8192, 152064, 3584, probs=True) == note("ours_on", 8192, 152064, 3584,
                                                                                  probs=True)
-    assert plan_module.DW_TRAFFIC_EXPOSED_TRITON == 0.25
+    assert plan_module.DW_TRAFFIC_EXPOSED_TRITON == 0.5
     row = dict(shape="s", provider="ours_on", ms=1.0, peak_extra_gib=0.5, floor_ms=1.0, over_floor=1.0,
                check_rel_err=1e-3, plan="tokens plan, 896 rows")
     assert "check rel err 1.0e-03; tokens plan, 896 rows |" in markdown_table([row])
@@ -374,12 +376,15 @@ def run_case(shape: str, provider: str, inp: dict) -> dict:
         with provider_env(provider):
             # (token chunks of 2-byte probabilities where the provider's chunks take the Triton GEMM)
             probs = provider not in PROVIDER_OPTIONS and gemm_for(inp["weight"]) != "cublas"
-            chunk = dict(dw_accumulator=True, dx_accumulator=True, row_bytes=probs_row_bytes(V) if probs else None)
+            triton_dw = dw_takes(inp["weight"], "triton")
+            chunk = dict(dw_accumulator=True, dx_accumulator=True, row_bytes=probs_row_bytes(V) if probs else None,
+                         triton_dw=triton_dw)
             p = grad_plan(N if provider.startswith("ours_on") else n_valid, V, H, **chunk)
             if p.kind == "vocab":
                 p = grad_plan(n_valid, V, H, **chunk)
             # the planner's cost model of this plan's kernels (no host time), to check it against the measured time
-            row["plan"] = f"{plan_note(p)}; model {modelled_seconds(p, n_valid, V, H) * 1e3:.1f} ms"
+            model_ms = modelled_seconds(p, n_valid, V, H, triton_dw=triton_dw) * 1e3
+            row["plan"] = f"{plan_note(p)}; model {model_ms:.1f} ms" + ("; Triton dW" if triton_dw else "")
     rate = ceilings()["bf16_matmul_TFLOPs"] * 1e12
     flops = (2 if provider in LOGPROBS_ONLY + BASELINE_LOGPROBS else 6) * H * V
     try:

@@ -227,6 +227,7 @@ def main() -> dict:
     from lambda_kernels.ops.linear_logprobs import dw_gemm
 
     dw_gemm._programs = lambda device: 132
+    dw_gemm.config_fits = lambda device: dw_gemm.config_smem(dw_gemm.dw_config()) <= 227 * 1024  # (an H100's blocks)
     errors = {}
     for name, call in scenarios():
         try:

@@ -137,7 +137,7 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
     ahead = None
     if need_grad and shard is None and one_pass_on_policy and _runs_ahead(rows_impl, hidden):
         # for all B·T rows: the real ones are at most that many
-        ahead = plan_for(x, weight, need_dx, need_dw, probs=probs)
+        ahead = plan_for(x, weight, need_dx, need_dw, probs=probs, rows_impl=rows_impl)
         if ahead.kind not in ("tokens", "split") or B * T <= ahead.max_rows:
             ahead = None  # (one chunk holds them all: the pass waits, so that it is one chunk of the real rows)
     if ahead is not None:
@@ -148,8 +148,8 @@ def fused_loss_forward(hidden, weight, bias, ids, mask_f, adv, old, ref, pw, sca
         lp_v, ent_v = lp_v[:n], (None if ent_v is None else ent_v[:n])
     else:
         batch = _Batch(x, ids, tokens.rows(), (B, T), mask_f, adv, old, ref, pw, scales, sdt, g_ent)  # (waits: read)
-        plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n, probs=probs) if need_grad and shard is None \
-            else None
+        plan = plan_for(batch.x, weight, need_dx, need_dw, n=batch.n, probs=probs, rows_impl=rows_impl) \
+            if need_grad and shard is None else None
         chunked = plan is not None and plan.kind in ("tokens", "split")  # token chunks over the whole vocabulary
         sequences = whole_sequence_pieces(tokens.row_counts(), plan.max_rows) if chunked and not one_pass_on_policy \
             else None

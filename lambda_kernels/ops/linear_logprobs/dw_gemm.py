@@ -3,16 +3,18 @@
 Environment variables read on every call:
 
     LAMBDA_KERNELS_DW_GEMM          "cublas" (default): torch.addmm into the fp32 sum
-                                    "triton_tma": `dw_gemm_kernel` wherever TMA can load the operands and store the
-                                    sum (a Hopper-or-newer NVIDIA GPU, triton ≥ 3.6, 16-byte aligned rows), cuBLAS
-                                    elsewhere
+                                    "triton_tma": `dw_gemm_kernel` for the Triton row backend wherever TMA can load
+                                    the operands and store the sum (a Hopper-or-newer NVIDIA GPU, triton ≥ 3.6,
+                                    16-byte aligned rows) and a block's shared memory holds the tiles
+                                    (`config_fits`: not an sm_120 SM's ~100 KB); cuBLAS elsewhere, and always for
+                                    impl="torch"
     LAMBDA_KERNELS_DW_GEMM_CONFIG   "BLOCK_V,BLOCK_H,BLOCK_K,num_warps,num_stages,epilogue_pieces"
 
 Opt-in until a GPU run times it against cuBLAS (benchmarks/RESULTS.md, "Not measured"): what it should remove is the
-part of each chunk's dW time that run 6 measured beyond its matmul (the fp32 sum's read and write, ~1 ms per 7B
-chunk, ~0.6 ms per 1.5B chunk). Every dW GEMM of a half head goes through `Gemm.dw_write` / `Gemm.dw_accumulate`,
-hence here: the token and split plans' chunks (both halves of `HalfHeadGradSum`), the vocab plan's and the split
-tail's slabs.
+part of each chunk's dW time that run 6 measured beyond its matmul (the fp32 sum's read and write: ~1 ms per 7B
+chunk measured; ~0.6 ms per 1.5B chunk by the same bytes at the copy rate). Every dW GEMM of a half head goes
+through `Gemm.dw_write` / `Gemm.dw_accumulate`, hence here: the token and split plans' chunks (both halves of
+`HalfHeadGradSum`), the vocab plan's and the split tail's slabs.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ DW_GEMM_ENV = "LAMBDA_KERNELS_DW_GEMM"
 DW_CONFIG_ENV = "LAMBDA_KERNELS_DW_GEMM_CONFIG"
 DW_GEMM_CHOICES = ("cublas", "triton_tma")
 # (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages, epilogue_pieces): the LSE GEMM's measured tile (128×256, 8 warps,
-# 64-deep bf16 stages) with 3 stages (144 KB) and the epilogue in two [128, 128] fp32 pieces through one 64-KB
-# staging buffer: 211 KB of shared memory compiled for sm_90 (triton 3.6; a whole-tile staging buffer would need
-# 272 KB), 154 registers, no spills. Not yet timed on a GPU.
+# 64-deep bf16 stages) with 3 stages (144 KiB) and the epilogue in two [128, 128] fp32 pieces through one 64-KiB
+# staging buffer: 213,016 bytes of shared memory compiled for sm_90 (triton 3.6 and 3.7; with 3 stages a whole-tile
+# staging buffer would not fit), 154 registers, no spills. Not yet timed on a GPU; with 2 stages, or 32-deep ones,
+# a whole-tile epilogue (one piece, no wait between halves) would fit: candidates for a sweep.
 GPU_DW_CONFIG = (128, 256, 64, 8, 3, 2)
 INTERPRETER_DW_CONFIG = (32, 64, 32, 4, 1, 2)  # several tiles each way on the tests' small shapes
 
@@ -56,17 +59,44 @@ def dw_config() -> tuple[int, int, int, int, int, int]:
     return values
 
 
+def config_smem(config: tuple) -> int:
+    """Shared memory of one program of a tile configuration (2-byte operands): the pipeline's Dᵀ and X tiles, the
+    epilogue's fp32 staging buffer and `lse_gemm.SMEM_SLACK` (213,016 bytes compiled for the default, 217,088 by
+    this count)."""
+    block_v, block_h, block_k, _, stages, pieces = config
+    return stages * (block_v + block_h) * block_k * 2 + block_v * block_h // pieces * 4 + lse_gemm.SMEM_SLACK
+
+
+def config_fits(device: torch.device) -> bool:
+    """Whether one program of the tile configuration fits a block's shared memory on this GPU (an H100's 227 KB
+    hold the default; an sm_120 SM's ~100 KB do not: cuBLAS there). The interpreter has no such limit."""
+    if interpreter_enabled():
+        return True
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
+                                                                          lse_gemm.SMEM_PER_SM)
+    return config_smem(dw_config()) <= limit
+
+
+def takes(weight: torch.Tensor, rows_impl: str) -> bool:
+    """Whether a gradient pass of the `rows_impl` row backend over this [V, H] head takes the Triton dW GEMM, for
+    the planner (`plan.grad_plan(triton_dw=)`): chosen, Triton rows, a 2-byte head TMA can load (hence H-long rows
+    of the hidden states too) on a GPU where the tiles fit. Each GEMM still checks its own operands (`serves`)."""
+    return (rows_impl == "triton" and dw_gemm() == "triton_tma" and weight.dtype in (torch.float16, torch.bfloat16)
+            and lse_gemm.tma_serves(weight) and config_fits(weight.device))
+
+
 def serves(acc: torch.Tensor, d: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether acc [V, H] fp32 (+)= dᵀ·x takes the Triton GEMM: chosen, 2-byte operands of one dtype, and TMA can
+    """Whether acc [V, H] fp32 (+)= dᵀ·x takes the Triton GEMM: chosen, 2-byte operands of one dtype, TMA can
     load d [M, V] and x [M, H] and store acc (unit strides along V and H, 16-byte aligned starts and rows: a
-    column slice of d starting at a multiple of 8, as `plan.split_rows`)."""
+    column slice of d starting at a multiple of 8, as `plan.split_rows`), and the tiles fit the GPU."""
     return (dw_gemm() == "triton_tma" and d.dtype == x.dtype and d.dtype in (torch.float16, torch.bfloat16)
             and acc.dtype == torch.float32 and tuple(acc.shape) == (d.shape[1], x.shape[1])
-            and d.shape[0] == x.shape[0] and lse_gemm.tma_serves(d, x, acc))
+            and d.shape[0] == x.shape[0] and lse_gemm.tma_serves(d, x, acc) and config_fits(acc.device))
 
 
 def _programs(device: torch.device) -> int:
-    """One program per SM: a program's 211 KB of shared memory leave no room for a second."""
+    """One program per SM: a program's ~208 KiB of shared memory leave no room for a second."""
     if interpreter_enabled():
         return lse_gemm.INTERPRETER_PROGRAMS
     return torch.cuda.get_device_properties(device).multi_processor_count

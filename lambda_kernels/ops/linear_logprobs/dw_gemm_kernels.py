@@ -5,11 +5,12 @@ outlives the chunk. cuBLAS's accumulating GEMM reads C after its main loop and w
 benchmarks/RESULTS.md) that took its matmul time *plus* its 8·V·H bytes of traffic, ~1 ms per 7B chunk. Here a
 persistent program walks C's tiles (TMA loads of Dᵀ and X, the tile and K loops flattened into one software pipeline,
 as `lse_gemm_persistent_kernel`), and each finished tile leaves through an asynchronous TMA *reduction*
-(cp.reduce.async.bulk.tensor .add): the L2 adds it into C while the program's tensor cores run the next tile. Only
-the copy of the accumulator into shared memory stays on the program's path.
+(cp.reduce.async.bulk.tensor .add): the L2 reads C, adds the tile and writes it back while the program's tensor
+cores run the next tile. The epilogue itself stays on the program's path: the accumulator's copy into shared memory
+and, between pieces, the wait for the TMA engine to have read the previous piece (not for its global writes).
 
 The epilogue hands the tile over in EPILOGUE_PIECES column pieces, one shared-memory staging buffer reused: a whole
-[128, 256] fp32 tile would take 128 KB beside the pipeline's 144 KB.
+[128, 256] fp32 tile would take 128 KiB beside the pipeline's 144 KiB.
 
 Each element of C gets one addition per launch (no split K), so the sums are deterministic; ACCUMULATE false writes
 the first piece's product (no read of C, no zero fill). The interpreter has no TMA reductions: REDUCE false (set only

@@ -23,7 +23,7 @@ import triton
 
 from ..._core.runtime import interpreter_enabled
 from ..real_tokens import gather_rows
-from . import chunked_torch
+from . import chunked_torch, dw_gemm
 from .dw_sum import HalfHeadGradSum
 from .gemm import Gemm
 from .kernels import dlogits_rows_kernel, logprob_rows_kernel
@@ -145,15 +145,17 @@ def _cublas_pass(rows_impl: str, x, weight, bias, tgt, tf: LogitTransform, lp, l
 
 
 def plan_for(x, weight, need_dx: bool, need_dw: bool, fp32_dx: bool = False, lse_known: bool = False,
-             n: int | None = None, probs: bool = False) -> GradPlan:
+             n: int | None = None, probs: bool = False, rows_impl: str = "triton") -> GradPlan:
     """The gradient plan (`plan.grad_plan`) of a pass over n rows (default: all N) of x [N, H] and weight [V, H];
     probs: its token chunks hold 2-byte rows from the Triton GEMM (`probs_row_bytes`): the probabilities it emits
-    with their statistics, or with lse_known the dlogits it writes."""
+    with their statistics, or with lse_known the dlogits it writes; rows_impl: the row backend (whether the dW sums
+    may take the Triton dW GEMM, `dw_gemm.takes`)."""
     half = weight.dtype not in (torch.float32, torch.float64)
     return grad_plan(x.shape[0] if n is None else n, weight.shape[0], x.shape[1], dw_accumulator=need_dw and half,
                      dx_accumulator=need_dx and half, dx_sum_in_tokens=fp32_dx and need_dx and half,
                      lse_known=lse_known, gathered=x.element_size() * (2 if need_dx else 1), dw_forced=need_dw,
-                     row_bytes=probs_row_bytes(weight.shape[0], not lse_known) if probs else None)
+                     row_bytes=probs_row_bytes(weight.shape[0], not lse_known) if probs else None,
+                     triton_dw=need_dw and dw_gemm.takes(weight, rows_impl))
 
 
 def probs_row_stride(V: int) -> int:
@@ -379,7 +381,8 @@ def logprobs_backward(x, weight, bias, tgt, lse, ent, g_lp, g_ent, tf: LogitTran
         x, gather = x.index_select(0, rows), None
     # where the log-prob pass took the Triton GEMM, every piece and slab takes it too, its epilogue writing dlogits
     triton_chunks = shard is None and use_lse_gemm(x, weight, rows_impl)
-    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0], probs=triton_chunks)
+    plan = plan_for(x, weight, need_dx, need_dw, fp32_dx, lse_known=True, n=tgt.shape[0], probs=triton_chunks,
+                    rows_impl=rows_impl)
 
     row_fn = slab_dlogits(rows_impl, bias, tgt, lse, ent, g_lp, g_ent, tf)
     chunk_fn = slab_dlogits_gemm(weight, bias, tgt, lse, ent, g_lp, g_ent, tf) if triton_chunks else None

@@ -79,10 +79,11 @@ MATMUL_RATE = 703e12
 COPY_RATE = 3.0e12
 DW_TRAFFIC_EXPOSED = 0.5
 DW_TRAFFIC_EXPOSED_PROBS = 1.0
-# dW sums through the Triton GEMM (`dw_gemm`, opt-in, either kind of chunk): its TMA reductions run beside the next
-# tiles' main loops, leaving each tile's copy into shared memory on the program's path. A quarter is a guess until a
-# GPU run measures it (benchmarks/RESULTS.md, "Not measured").
-DW_TRAFFIC_EXPOSED_TRITON = 0.25
+# dW sums through the Triton GEMM (`dw_gemm`, opt-in, either kind of chunk; `grad_plan(triton_dw=)`): its TMA
+# reductions run beside the next tiles' main loops, its epilogue does not. Half is a guess until a GPU run measures it
+# (benchmarks/RESULTS.md, "Not measured"; a quarter halved the 7B chunks to 1024 rows, which would double the
+# passes over the sum and the epilogue's share of a tile).
+DW_TRAFFIC_EXPOSED_TRITON = 0.5
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
 # id check, so it must outlast that wait (512 rows: ~0.3 / 0.8 ms at H1536 / H3584, V152k on an H100), and it is
@@ -244,7 +245,7 @@ def plan_choice() -> str:
 
 def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: bool,
               dx_sum_in_tokens: bool = False, lse_known: bool = False, gathered: int | None = None,
-              dw_forced: bool = False, row_bytes: int | None = None) -> GradPlan:
+              dw_forced: bool = False, row_bytes: int | None = None, triton_dw: bool = False) -> GradPlan:
     """The plan of a gradient pass over N rows, a [V, H] head.
 
     dw_accumulator: dW is needed and the head is bf16/fp16 (its fp32 sum is not the gradient tensor itself);
@@ -255,7 +256,8 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
     recomputes more logits, wins only where the vocab plan's fp32 dX sum does not fit (long rows); gathered: the
     bytes per row and hidden unit of a token chunk's gather buffers (`_token_reserve`; default: a half hidden's);
     row_bytes: what a token chunk holds per row (default 4·V: fp32 logits; the vocab plan's slabs are sized for
-    those, also where the Triton GEMM writes 2-byte dlogits into them).
+    those, also where the Triton GEMM writes 2-byte dlogits into them); triton_dw: the dW sums take the Triton dW
+    GEMM (`dw_gemm.takes`), which the cost model rates by its own constant.
     Auto: the token plan without a memory budget, where a budget leaves no fp32 sum to hold (an fp32 or frozen
     head), or where it fits the budget with the logits budget's chunks; else the fastest by `modelled_seconds` of the
     plans that fit (token chunks of ≥ TOKEN_PLAN_MIN_ROWS rows, or the logits budget's if it allows fewer).
@@ -292,7 +294,7 @@ def grad_plan(N: int, V: int, H: int, *, dw_accumulator: bool, dx_accumulator: b
                if _held_bytes(p, N, V, H, dx_accumulator, gathered) <= memory]
     if not fitting:  # only a thin vocab plan can get close: it warns
         return _vocab_plan(N, V, H, memory, logits, dw_accumulator, dx_accumulator)
-    return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known))
+    return min(fitting, key=lambda p: modelled_seconds(p, N, V, H, lse_known, triton_dw))
 
 
 def _held_bytes(p: GradPlan, N: int, V: int, H: int, dx_accumulator: bool, gathered: int) -> int:
@@ -363,7 +365,7 @@ def _split_plan(N: int, V: int, H: int, chunk: GradPlan, dw_rows: int, memory, l
                     row_bytes=chunk.row_bytes)
 
 
-def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = False) -> float:
+def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = False, triton_dw: bool = False) -> float:
     """Time of a gradient pass with dX and a half head's dW under plan p by a model of an H100 (MATMUL_RATE,
     COPY_RATE, `dw_traffic_exposed`): GEMM FLOPs, the logits' bytes through the row kernels (GEMM write 4, reads and
     the 2-byte dlogits write: 14 per logit of a one-pass chunk, 10 per logit of a slab or of a chunk with lse_known,
@@ -374,9 +376,12 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
     21.0 / 42.0). Slabs (the vocab plan, a split plan's tail) through the Triton GEMM's DLOGITS epilogue are still
     rated as cuBLAS slabs, 10 bytes a logit at MATMUL_RATE: run 6 measured them at 367 TFLOP/s with 2 bytes a
-    logit (7B tail: 1.16 ms a slab against 1.36 for cuBLAS logits and the row kernel); not re-fit."""
+    logit (7B tail: 1.16 ms a slab against 1.36 for cuBLAS logits and the row kernel); not re-fit.
+    triton_dw: the dW sums take the Triton GEMM (`dw_gemm.takes`), whose traffic is rated by its own constant; the
+    vocab plan's fp32 dX sums stay cuBLAS's."""
     F, B = MATMUL_RATE, COPY_RATE
-    exposed = dw_traffic_exposed(bool(p.row_bytes))
+    exposed = dw_traffic_exposed(bool(p.row_bytes), triton_dw)
+    exposed_dx = dw_traffic_exposed(bool(p.row_bytes), False)
 
     def extra_pieces(rows: int) -> int:
         return max(-(-N // max(rows, 1)) - 1, 0)
@@ -384,7 +389,7 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     if p.kind == "vocab":
         slabs = -(-V // max(p.cols, 1))
         log_prob_pass = 0.0 if lse_known else 2 * N * H * V / F + 8 * N * V / B
-        return (log_prob_pass + 6 * N * H * V / F + 10 * N * V / B + slabs * 8 * N * H * exposed / B
+        return (log_prob_pass + 6 * N * H * V / F + 10 * N * V / B + slabs * 8 * N * H * exposed_dx / B
                 + extra_pieces(p.rows) * 8 * V * H * exposed / B + 6 * V * H / B)
     vt = p.dw_rows if p.kind == "split" else V
     # (a backward's chunks read the logits once, for dlogits; chunks of 2-byte probabilities from the Triton GEMM
@@ -399,12 +404,10 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     return t
 
 
-def dw_traffic_exposed(probs_chunks: bool) -> float:
-    """The share of an fp32 dW sum's read and write per piece that the plans are rated with: the Triton dW GEMM's
-    where it is chosen, else that of cuBLAS after chunks of 2-byte probabilities (`probs_chunks`) or fp32 logits."""
-    from .dw_gemm import dw_gemm  # (not at the top: dw_gemm imports this module through lse_gemm)
-
-    if dw_gemm() == "triton_tma":
+def dw_traffic_exposed(probs_chunks: bool, triton_dw: bool = False) -> float:
+    """The share of an fp32 sum's read and write per piece that the plans are rated with: the Triton dW GEMM's
+    (`triton_dw`), else that of cuBLAS after chunks of 2-byte probabilities (`probs_chunks`) or fp32 logits."""
+    if triton_dw:
         return DW_TRAFFIC_EXPOSED_TRITON
     return DW_TRAFFIC_EXPOSED_PROBS if probs_chunks else DW_TRAFFIC_EXPOSED
 
