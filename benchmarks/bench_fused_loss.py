@@ -31,6 +31,8 @@ Providers (forward + backward of a GRPO token loss from hidden [B, T, H] and an 
                  plan.DW_TRAFFIC_EXPOSED_TRITON (a guess, 0.5: smaller chunks, more dW rows in them)
   ours_on_dw_tma_exposed  ours_on_dw_tma planned as ours_on (DW_TRAFFIC_EXPOSED_TRITON = 1): the same chunks and
                  tail as ours_on, so the difference is the dW GEMM alone
+  ours_on_dw_tma_whole  ours_on_dw_tma_exposed with the dW tiles' whole-tile epilogue (LAMBDA_KERNELS_DW_GEMM_CONFIG
+                 128,256,32,8,4,1: 4 stages 32 deep, one 128-KiB staging buffer, no wait between halves)
   ours_logprobs  linear_logprobs under torch.no_grad (old/ref log-probs): ≈ 2·N·H·V FLOPs, forward only
   ours_logprobs_masked  the same with mask=completion_mask: only the real tokens' rows (what a trainer should call)
   ours_logprobs_masked_tma  ours_logprobs_masked with LAMBDA_KERNELS_LOGPROBS_GEMM=triton_tma (persistent TMA GEMM
@@ -64,7 +66,7 @@ import torch
 
 import lambda_kernels as lk
 from lambda_kernels import reference as R
-from lambda_kernels.ops.linear_logprobs.dw_gemm import DW_GEMM_ENV, dw_gemm
+from lambda_kernels.ops.linear_logprobs.dw_gemm import DW_CONFIG_ENV, DW_GEMM_ENV, dw_gemm
 from lambda_kernels.ops.linear_logprobs.dw_gemm import takes as dw_takes
 from lambda_kernels.ops.linear_logprobs.launch import probs_row_bytes
 from lambda_kernels.ops.linear_logprobs.lse_gemm import CONFIG_ENV, GEMM_ENV, GPU_CONFIG, gemm_for
@@ -81,7 +83,8 @@ SHAPES = [
     ("qwen2.5-1.5b-long", 1, 65536, 1536, 151936),
 ]
 FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
-              "ours_on_dw_tma", "ours_off_dw_tma", "ours_on_dw_tma_exposed", "ours_on_unbounded", "ours_on_vocab",
+              "ours_on_dw_tma", "ours_off_dw_tma", "ours_on_dw_tma_exposed", "ours_on_dw_tma_whole",
+              "ours_on_unbounded", "ours_on_vocab",
               "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
 OURS = [*FUSED_OURS, "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
         "ours_logprobs_masked_cublas"]
@@ -98,11 +101,13 @@ PROVIDER_ENV = {"ours_on_unbounded": {MEMORY_BUDGET_ENV: "none"},
                 "ours_logprobs_masked_cublas": {GEMM_ENV: "cublas"},
                 "ours_on_cublas": {GEMM_ENV: "cublas"}, "ours_off_cublas": {GEMM_ENV: "cublas"},
                 **{name: {DW_GEMM_ENV: "triton_tma"} for name in ("ours_on_dw_tma", "ours_off_dw_tma",
-                                                                  "ours_on_dw_tma_exposed")}}
+                                                                  "ours_on_dw_tma_exposed")},
+                "ours_on_dw_tma_whole": {DW_GEMM_ENV: "triton_tma", DW_CONFIG_ENV: "128,256,32,8,4,1"}}
 ENV_KEYS = sorted({k for env in PROVIDER_ENV.values() for k in env})
 # planner constants per provider (plan module attributes), patched inside its block like PROVIDER_ENV
 PROVIDER_PLAN_CONSTANTS = {"ours_on_half_exposed": {"DW_TRAFFIC_EXPOSED_PROBS": 0.5},
-                           "ours_on_dw_tma_exposed": {"DW_TRAFFIC_EXPOSED_TRITON": 1.0}}
+                           "ours_on_dw_tma_exposed": {"DW_TRAFFIC_EXPOSED_TRITON": 1.0},
+                           "ours_on_dw_tma_whole": {"DW_TRAFFIC_EXPOSED_TRITON": 1.0}}
 # options per provider beyond LOSS_OPTIONS (the entropy bonus: what its gradient adds to the row kernels)
 PROVIDER_OPTIONS = {"ours_on_softcap": {"softcap": 30.0}, "ours_on_entropy": {"entropy_coef": 0.01}}
 BASELINES = ["naive", "compiled", "liger", "cce", "trl", "trl_logprobs"]
