@@ -375,8 +375,9 @@ def modelled_seconds(p: GradPlan, N: int, V: int, H: int, lse_known: bool = Fals
     per slab, and the casts. Run 3 measured 15.9 / 35.6 ms of kernels for the token plan at 1.5B / 7B (model 16.9 /
     34.0), and ~20.1 / 42.3 ms for the vocab plan (its medians less the host time of the token plan's rows; model
     21.0 / 42.0). Slabs (the vocab plan, a split plan's tail) through the Triton GEMM's DLOGITS epilogue are still
-    rated as cuBLAS slabs, 10 bytes a logit at MATMUL_RATE: run 6 measured them at 367 TFLOP/s with 2 bytes a
-    logit (7B tail: 1.16 ms a slab against 1.36 for cuBLAS logits and the row kernel); not re-fit.
+    rated as cuBLAS slabs, 10 bytes a logit at MATMUL_RATE: run 6's 7B trace has their GEMM at 731 TFLOP/s with 2
+    bytes a logit (a 19392-column tail slab: 2.42 ms of kernels, modelled 2.95; a 1280-row chunk 6.46, modelled
+    6.92); not re-fit without a run to check the plans that would change.
     triton_dw: the dW sums take the Triton GEMM (`dw_gemm.takes`), whose traffic is rated by its own constant; the
     vocab plan's fp32 dX sums stay cuBLAS's."""
     F, B = MATMUL_RATE, COPY_RATE
