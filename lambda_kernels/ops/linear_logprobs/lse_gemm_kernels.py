@@ -63,6 +63,9 @@ def _range_stats(b_z, o_v, tgt, pick, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl
     in the range that holds V, the target only in tiles holding some row's target (both uniform branches)."""
     if col0 + WIDTH > V:  # the last range of the vocabulary: columns past V are no tokens
         b_z = tl.where((o_v < V)[None, :], b_z, float("-inf"))
+    b_zt = tl.zeros((b_z.shape[0],), tl.float32)
+    if pick:  # (first: z's last use is then b_d, not a branch after the exponentials, fewer registers live)
+        b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
     b_max = tl.maximum(tl.max(b_z, 1), -3.0e38)  # finite even for a range of −inf logits (a −inf bias, past V)
     b_d = b_z - b_max[:, None]  # −inf where z is
     b_e = tl.exp(b_d)
@@ -70,9 +73,6 @@ def _range_stats(b_z, o_v, tgt, pick, col0, V, WITH_ENT: tl.constexpr, WIDTH: tl
         b_t = tl.sum(tl.where(b_e > 0, b_e * b_d, 0.0), 1)  # not 0·(−inf)
     else:
         b_t = tl.zeros_like(b_max)
-    b_zt = tl.zeros_like(b_max)
-    if pick:
-        b_zt = tl.sum(tl.where(o_v[None, :] == tgt[:, None], b_z, 0.0), 1)
     return b_max, tl.sum(b_e, 1), b_t, b_zt, b_e
 
 
