@@ -84,8 +84,7 @@ SHAPES = [
 ]
 FUSED_OURS = ("ours_on", "ours_off", "ours_on_tma", "ours_off_tma", "ours_on_cublas", "ours_off_cublas",
               "ours_on_dw_tma", "ours_off_dw_tma", "ours_on_dw_tma_exposed", "ours_on_dw_tma_whole",
-              "ours_on_unbounded", "ours_on_vocab",
-              "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
+              "ours_on_unbounded", "ours_on_vocab", "ours_on_softcap", "ours_on_entropy", "ours_on_half_exposed")
 OURS = [*FUSED_OURS, "ours_logprobs", "ours_logprobs_masked", "ours_logprobs_masked_tma",
         "ours_logprobs_masked_cublas"]
 OFF_POLICY = ("ours_off", "ours_off_tma", "ours_off_cublas", "ours_off_dw_tma")  # fused providers given old log-probs
@@ -284,8 +283,8 @@ def check_correct(inp: dict, rows: int = 2, tokens: int = 1024, providers=None) 
             references[key] = (loss_r, *torch.autograd.grad(loss_r, (h32, w32)))
         loss_r, gh_r, gw_r = references[key]
         out[provider.replace("ours_", "")] = max(abs(loss.item() - loss_r.item()) / max(abs(loss_r.item()), 1e-6),
-                        ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
-                        ((gw.float() - gw_r).norm() / gw_r.norm()).item())
+                                                 ((gh.float() - gh_r).norm() / gh_r.norm()).item(),
+                                                 ((gw.float() - gw_r).norm() / gw_r.norm()).item())
     with torch.no_grad():
         for name in LOGPROBS_ONLY:
             if providers and name not in providers:

@@ -161,6 +161,9 @@ def scenarios():
         # turns its output into dlogits: on-policy with the KL (token plan, then split plan's stats), off-policy
         yield f"fused on-policy probs {gemm}", lambda: lk.fused_grpo_lambda_loss(
             hidden, weight, ids, mask, adv, bias=bias, ref_logprobs=lp, beta=0.04, return_entropy=True)[0]
+        # the benchmarks' and most models' variant: no bias, no entropy (it spilled before 2026-11-28)
+        yield f"fused on-policy probs {gemm} no bias", lambda: lk.fused_grpo_lambda_loss(
+            hidden, weight, ids, mask, adv, ref_logprobs=lp, beta=0.04)[0]
         yield f"fused off-policy probs {gemm}", lambda: lk.fused_grpo_lambda_loss(
             hidden, weight, ids, mask, adv, old_logprobs=lp, trace="both")[0]
         os.environ["LAMBDA_KERNELS_GRAD_PLAN"] = "split"

@@ -87,6 +87,8 @@ def test_probability_emitting_epilogue_stores_16_byte_vectors(report):
     off-policy variants."""
     emitting = [k for k in report["kernels"] if k["constants"].get("EMIT")]
     assert {k["name"] for k in emitting} == {"lse_gemm_tiles_kernel", "lse_gemm_persistent_kernel"}
+    assert {(k["name"], k["constants"]["HAS_BIAS"]) for k in emitting} >= {("lse_gemm_persistent_kernel", False),
+                                                                           ("lse_gemm_persistent_kernel", True)}
     assert all(k["vector_stores"] and k["wgmma"] and k["shared"] <= 227 * 1024 for k in emitting)
     finishing = [k for k in report["kernels"] if k["name"] == "probs_dlogits_kernel"]
     assert all(k["vector_loads"] and k["vector_stores"] for k in finishing)
