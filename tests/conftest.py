@@ -18,8 +18,8 @@ INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
 # that pytest ends on its own and reports what ran (a killed run reports nothing)
 DEADLINE = float(os.environ.get("LK_TEST_DEADLINE", "inf"))
 DEADLINE_REASON = "not run: the GPU check's time budget was spent"
-# files whose kernels the CPU cannot check (compiled code paths, bf16; the opt-in dW GEMM, which no GPU run has
-# checked yet, first), then the other kernel tests; the CPU-only sm_90 compile check last
+# files whose kernels the CPU cannot check (compiled code paths, bf16; the opt-in dW GEMM's first: its TMA
+# reductions run nowhere else), then the other kernel tests; the CPU-only sm_90 compile check last
 FIRST_FILES = ("test_dw_gemm.py", "test_fused_loss.py", "test_linear_logprobs.py", "test_softcap.py",
                "test_grad_plans.py", "test_lse_gemm.py", "test_dual_clip.py", "test_kl_bias_correction.py",
                "test_sequence_level.py", "test_policy_losses.py", "test_objective.py")

@@ -10,9 +10,10 @@ Environment variables read on every call:
                                     impl="torch"
     LAMBDA_KERNELS_DW_GEMM_CONFIG   "BLOCK_V,BLOCK_H,BLOCK_K,num_warps,num_stages,epilogue_pieces"
 
-Opt-in until a GPU run times it against cuBLAS (benchmarks/RESULTS.md, "Not measured"): what it should remove is the
-part of each chunk's dW time that run 6 measured beyond its matmul (the fp32 sum's read and write: ~1 ms per 7B
-chunk measured; ~0.6 ms per 1.5B chunk by the same bytes at the copy rate). Every dW GEMM of a half head goes
+It was meant to remove the part of each chunk's dW time that run 6 measured beyond its matmul (the fp32 sum's read
+and write: ~1 ms per 7B chunk measured; ~0.6 ms per 1.5B chunk by the same bytes at the copy rate). Run 7 measured
+it slower than cuBLAS on an H100 (benchmarks/RESULTS.md: 0.8–1.1 ms a step at the default's plans; the 1.5B step's
+dW 5.64 ms against cuBLAS's 5.44 in run 5), so it stays opt-in. Every dW GEMM of a half head goes
 through `Gemm.dw_write` / `Gemm.dw_accumulate`, hence here: the token and split plans' chunks (both halves of
 `HalfHeadGradSum`), the vocab plan's and the split tail's slabs.
 """
@@ -32,9 +33,9 @@ DW_GEMM_CHOICES = ("cublas", "triton_tma")
 # (BLOCK_V, BLOCK_H, BLOCK_K, num_warps, num_stages, epilogue_pieces): the LSE GEMM's measured tile (128×256, 8 warps,
 # 64-deep bf16 stages) with 3 stages (144 KiB) and the epilogue in two [128, 128] fp32 pieces through one 64-KiB
 # staging buffer: 213,016 bytes of shared memory compiled for sm_90 (triton 3.6 and 3.7; with 3 stages a whole-tile
-# staging buffer would not fit), 154 registers, no spills. Not yet timed on a GPU; with 2 stages, or 32-deep ones,
-# a whole-tile epilogue (one piece, no wait between halves) fits (DW_SMEM_SLACK), also spill-free: the bench
-# provider ours_on_dw_tma_whole times 128,256,32,8,4,1.
+# staging buffer would not fit), 154 registers, no spills; run 7 timed it on an H100, slower than cuBLAS. With 2
+# stages, or 32-deep ones, a whole-tile epilogue (one piece, no wait between halves) fits (DW_SMEM_SLACK), also
+# spill-free: the bench provider ours_on_dw_tma_whole times 128,256,32,8,4,1 (not yet run).
 GPU_DW_CONFIG = (128, 256, 64, 8, 3, 2)
 INTERPRETER_DW_CONFIG = (32, 64, 32, 4, 1, 2)  # several tiles each way on the tests' small shapes
 # shared memory beyond the pipeline's and the staging buffer's (`config_smem`): barriers, 24–40 bytes compiled for

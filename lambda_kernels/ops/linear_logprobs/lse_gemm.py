@@ -24,12 +24,13 @@ from the fp32 accumulator, softcap and the entropy's gradient included, 2 bytes 
 under a softcap or an entropy bonus keep cuBLAS logits (their dlogits need each logit itself; their softmax uses
 this kernel's lse: Σp = 1 to GEMM summation-order noise).
 
-The default on Hopper since 2026-11-27: on an H100 (benchmarks/RESULTS.md, run 6) the fused loss through it took
-1.02–1.08× the 6·N·H·V floor on-policy at the four benchmark shapes (one 1.5B measurement 1.13×), the cuBLAS chunks
-1.09–1.31×, and its log-prob pass with `mask=` 0.86–0.97× the 2·N·H·V floor with 0.02–0.03 GiB of workspace
-(cuBLAS: 0.97–1.25×, ~0.9 GiB). On the CPU (torch's GEMM; the interpreter's TMA is for tests), on GPUs without TMA
-and where the tiles do not fit (`tma_config_fits`) "auto" is cuBLAS: "triton" (one program per tile) stays slower
-than cuBLAS (1.21–1.26× the floor masked, at these tiles).
+The default on Hopper since 2026-11-27: on an H100 (benchmarks/RESULTS.md) the fused loss through it took 0.93–0.97×
+the 6·N·H·V floor on-policy at the four benchmark shapes in run 7 (1.02–1.08× in run 6, whose ceiling was measured
+from a shorter burst), the cuBLAS chunks 1.09–1.31× in run 6, and its log-prob pass with `mask=` 0.80–0.87× the
+2·N·H·V floor with 0.02–0.03 GiB of workspace in run 7 (run 6: 0.86–0.97×; cuBLAS 0.97–1.25×, ~0.9 GiB). On the
+CPU (torch's GEMM; the interpreter's TMA is for tests), on GPUs without TMA and where the tiles do not fit
+(`tma_config_fits`) "auto" is cuBLAS: "triton" (one program per tile) stays slower than cuBLAS (1.21–1.26× the floor
+masked, at these tiles).
 """
 from __future__ import annotations
 

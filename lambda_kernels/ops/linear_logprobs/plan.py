@@ -80,9 +80,9 @@ COPY_RATE = 3.0e12
 DW_TRAFFIC_EXPOSED = 0.5
 DW_TRAFFIC_EXPOSED_PROBS = 1.0
 # dW sums through the Triton GEMM (`dw_gemm`, opt-in, either kind of chunk; `grad_plan(triton_dw=)`): its TMA
-# reductions run beside the next tiles' main loops, its epilogue does not. Half is a guess until a GPU run measures it
-# (benchmarks/RESULTS.md, "Not measured"; a quarter halved the 7B chunks to 1024 rows, which would double the
-# passes over the sum and the epilogue's share of a tile).
+# reductions run beside the next tiles' main loops, its epilogue does not. Half is a guess (a quarter halved the 7B
+# chunks to 1024 rows); run 7 found the plans it picks at 7B and 8B (1408 / 1664-row chunks) slower than the
+# default's (benchmarks/RESULTS.md), and the GEMM itself slower than cuBLAS's, so it was not fit further.
 DW_TRAFFIC_EXPOSED_TRITON = 0.5
 MIN_SLAB_COLS = 128  # narrower slabs make GEMMs too thin; the vocab plan then cuts rows as well
 # A log-prob pass's first piece when it has several (`log_prob_pieces`): its GEMM runs while the host waits for the
