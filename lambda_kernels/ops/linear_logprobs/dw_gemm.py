@@ -76,12 +76,7 @@ def config_smem(config: tuple) -> int:
 def config_fits(device: torch.device) -> bool:
     """Whether one program of the tile configuration fits a block's shared memory on this GPU (an H100's 227 KB
     hold the default; an sm_120 SM's ~100 KB do not: cuBLAS there). The interpreter has no such limit."""
-    if interpreter_enabled():
-        return True
-    props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
-                                                                          lse_gemm.SMEM_PER_SM)
-    return config_smem(dw_config()) <= limit
+    return interpreter_enabled() or config_smem(dw_config()) <= lse_gemm.block_smem_limit(device)
 
 
 def takes(weight: torch.Tensor, rows_impl: str) -> bool:

@@ -19,7 +19,7 @@ there) adds by a TMA load and store instead. UPCAST: the interpreter's bf16 dots
 import triton
 import triton.language as tl
 
-from .lse_gemm_kernels import _column_halves
+from .lse_gemm_kernels import _column_halves, _dot
 
 
 @triton.jit
@@ -54,10 +54,7 @@ def dw_gemm_kernel(d_desc, x_desc, c_desc, M, V, H, ACCUMULATE: tl.constexpr, RE
         for kk in range(k_tiles):
             b_d = d_desc.load([kk * BLOCK_K, i_v * BLOCK_V])
             b_x = x_desc.load([kk * BLOCK_K, i_h * BLOCK_H])
-            if UPCAST:
-                b_d = b_d.to(tl.float32)
-                b_x = b_x.to(tl.float32)
-            acc = tl.dot(b_d.T, b_x, acc)
+            acc = _dot(b_d.T, b_x, acc, UPCAST)
         row0 = i_v * BLOCK_V
         col0 = i_h * BLOCK_H
         if EPILOGUE_PIECES == 2:

@@ -103,11 +103,14 @@ def tma_config_fits(device: torch.device, element_size: int) -> bool:
     """Whether one program of the persistent kernel's tile configuration fits a block's shared memory on this GPU:
     a Hopper SM's 227 KB hold the default's ~196 KB of pipeline buffers, an sm_120 SM's ~100 KB do not (forced
     there, `triton_tma` would fail to launch; "auto" takes cuBLAS)."""
-    smem = pipeline_smem(tile_config(tma=True), element_size)
+    return pipeline_smem(tile_config(tma=True), element_size) <= block_smem_limit(device)
+
+
+def block_smem_limit(device: torch.device) -> int:
+    """The shared memory one block may have on this GPU (its opt-in limit where torch reports it)."""
     props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
-                                                                          SMEM_PER_SM)
-    return smem <= limit
+    return getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_multiprocessor",
+                                                                         SMEM_PER_SM)
 
 
 def tile_config(tma: bool = False) -> tuple[int, int, int, int, int, int]:

@@ -39,6 +39,16 @@ from .kernels import dlogits_of, softcap_tanh
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a·b for the main loops (tensor cores on a GPU); UPCAST: operands in fp32 (the interpreter's bf16 dots
+    are wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _column_halves(acc, HALF: tl.constexpr):
     """acc [rows, 2·HALF] as its two column halves [rows, HALF] (the epilogues' quarter-by-quarter reductions)."""
     return tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, HALF)), (0, 2, 1)))
@@ -274,10 +284,7 @@ def lse_gemm_tiles_kernel(x_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_p
             m_k = (k0 + o_k) < K
             b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
             b_w = tl.load(p_w, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        if UPCAST:
-            b_x = b_x.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        acc = tl.dot(b_x, b_w, acc)
+        acc = _dot(b_x, b_w, acc, UPCAST)
         p_x += BLOCK_K
         p_w += BLOCK_K
     _epilogue(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat, stride_col,
@@ -306,10 +313,7 @@ def lse_gemm_persistent_kernel(x_desc, w_desc, bias_ptr, tgt_ptr, part_ptr, zt_p
         for kk in range(k_tiles):
             b_x = x_desc.load([i_m * BLOCK_M, kk * BLOCK_K])
             b_w = w_desc.load([i_v * BLOCK_N, kk * BLOCK_K])
-            if UPCAST:
-                b_x = b_x.to(tl.float32)
-                b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_x, b_w.T, acc)
+            acc = _dot(b_x, b_w.T, acc, UPCAST)
         _epilogue(acc, i_m, i_v, bias_ptr, tgt_ptr, part_ptr, zt_ptr, u_ptr, qm_ptr, M, V, stride_stat, stride_col,
                   stride_u, stride_qm, inv_t, cap, HAS_BIAS, SOFTCAP, WITH_ENT, EMIT, DLOGITS, BLOCK_M, BLOCK_N,
                   QUARTERS)
